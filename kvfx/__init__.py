@@ -1,0 +1,24 @@
+"""kvfx: low-rank KV-cache compression for any torch.compile'd transformer, as an FX graph pass.
+
+    projections = kvfx.calibrate(model, batches, method="kqsvd", rank=0.5)
+    model = kvfx.compress(torch.compile(model), projections)
+"""
+from .cache import LowRankCache
+from .compress import compress, decompress, make_cache
+from .explain import Explanation, explain
+from .passes.counters import counters
+from .projections import Projections, ProjectionError, SiteProjection, SiteShape
+
+__version__ = "0.1.0"
+
+
+def calibrate(*args, **kwargs):
+    """See kvfx.calib.collect.calibrate."""
+    from .calib.collect import calibrate as _calibrate
+    return _calibrate(*args, **kwargs)
+
+
+
+
+__all__ = ["Projections", "SiteProjection", "SiteShape", "ProjectionError", "LowRankCache", "calibrate",
+           "compress", "decompress", "explain", "make_cache", "counters"]

@@ -1,0 +1,78 @@
+"""Low-rank KV cache for transformers' generate: stores k·A and v·C (rank R), returns K̃·Bᵀ and Ṽ·Dᵀ.
+
+Like transformers' QuantizedCache, each layer stores a compressed form and hands the model's Python code a
+shape-consistent reconstruction, so Dynamo traces it with ordinary shapes. kvfx's graph pass then
+reassociates SDPA(q, K̃·Bᵀ, Ṽ·Dᵀ) into SDPA(q·B, K̃, Ṽ)·Dᵀ: compiled code never materialises d-wide keys.
+In eager mode the reconstruction is real and the result is the same low-rank attention.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
+
+from .projections import Projections, SiteProjection
+
+
+class _LowRankLayerMixin:
+    """Projection on write, reconstruction on read. Attribute names carry the `kvfx_` tag the matcher looks for."""
+
+    def _init_projection(self, proj: SiteProjection, dtype, device) -> None:
+        cast = lambda t: t.to(dtype=dtype, device=device).contiguous()  # noqa: E731
+        self.kvfx_key_down = cast(proj.key_down)                        # [h, d, Rk]
+        self.kvfx_key_up = cast(proj.key_up.transpose(1, 2))            # [h, Rk, d]  (Bᵀ)
+        self.kvfx_value_down = cast(proj.value_down)                    # [h, d, Rv]
+        self.kvfx_value_up = cast(proj.value_up.transpose(1, 2))        # [h, Rv, d]  (Dᵀ)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        k = torch.matmul(key_states, self.kvfx_key_down)
+        v = torch.matmul(value_states, self.kvfx_value_down)
+        keys, values = super().update(k, v, *args, **kwargs)
+        return torch.matmul(keys, self.kvfx_key_up), torch.matmul(values, self.kvfx_value_up)
+
+
+class LowRankDynamicLayer(_LowRankLayerMixin, DynamicLayer):
+    """Growing rank-R cache layer (torch.cat), the default for generate."""
+
+    def __init__(self, proj: SiteProjection, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        self._init_projection(proj, dtype, device)
+
+
+class LowRankStaticLayer(_LowRankLayerMixin, StaticLayer):
+    """Preallocated rank-R cache layer ([batch, kv_heads, max_cache_len, R]) for CUDA graphs."""
+
+    def __init__(self, proj: SiteProjection, max_cache_len: int, dtype=torch.float32, device="cpu"):
+        super().__init__(max_cache_len=max_cache_len)
+        self._init_projection(proj, dtype, device)
+
+
+class LowRankCache(Cache):
+    """One low-rank layer per attention site, in model order (= transformers' layer_idx)."""
+
+    def __init__(self, projections: Projections, kind: str = "dynamic", max_cache_len: int | None = None,
+                 dtype=torch.float32, device="cpu"):
+        if kind not in ("dynamic", "static"):
+            raise ValueError(f"cache kind must be 'dynamic' or 'static', got {kind!r}.")
+        if kind == "static" and not max_cache_len:
+            raise ValueError("a static low-rank cache needs max_cache_len (prompt + new tokens).")
+        sites = list(projections.sites.values())
+        if kind == "dynamic":
+            layers = [LowRankDynamicLayer(p, dtype, device) for p in sites]
+        else:
+            layers = [LowRankStaticLayer(p, max_cache_len, dtype, device) for p in sites]
+        super().__init__(layers=layers)
+        self.kind = kind
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached keys and values (what the cache exists to shrink)."""
+        total = 0
+        for layer in self.layers:
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes of cached keys/values of any transformers Cache (for side-by-side comparisons)."""
+    return LowRankCache.nbytes(cache)

@@ -1,0 +1,87 @@
+"""`kvfx.calibrate`: collect Gram statistics through the observer pass, then fit a calibrator per site."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..passes.observe import insert_observers
+from ..projections import Projections, SiteShape, resolve_rank
+from .base import get_calibrator
+from .stats import SiteStats
+
+
+class StatsCollector:
+    """A torch.compile backend that accumulates SiteStats for every attention site it sees."""
+
+    def __init__(self):
+        self.stats: dict[str, SiteStats] = {}
+        self.order: list[str] = []
+
+    def _on_site(self, site, w_rows) -> None:
+        if site.name not in self.stats:
+            st = SiteStats.empty(site.num_heads, site.num_kv_heads, site.head_dim)
+            if w_rows is not None:
+                st.set_output_weight(w_rows)
+            self.stats[site.name] = st
+            self.order.append(site.name)
+
+    def record(self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.stats[name].add(q, k, v)
+
+    def __call__(self, gm, example_inputs):
+        return insert_observers(gm, example_inputs, self.record, self._on_site).forward
+
+
+def collect_stats(model: torch.nn.Module, batches: Iterable, progress: bool = True) -> dict[str, SiteStats]:
+    """Run `model` on each batch (input_ids tensors or kwargs dicts) and return per-site statistics."""
+    collector = StatsCollector()
+    fn = torch.compile(model.forward, backend=collector, dynamic=False)
+    batches = list(batches)
+    with torch.no_grad():
+        for batch in tqdm(batches, desc="kvfx calibrate", disable=not progress):
+            kwargs = dict(batch) if isinstance(batch, dict) else {"input_ids": batch}
+            if "use_cache" in _params(model):
+                kwargs.setdefault("use_cache", False)
+            fn(**kwargs)
+    if not collector.stats:
+        raise ValueError("calibration found no attention sites (no scaled_dot_product_attention call) in this "
+                         "model; kvfx needs SDPA attention (for transformers: attn_implementation='sdpa').")
+    return {n: collector.stats[n] for n in collector.order}
+
+
+def _params(model) -> set[str]:
+    import inspect
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def fit(stats: dict[str, SiteStats], method: str = "kqsvd", rank: int | float | dict = 0.5,
+        value_rank: int | float | None = None, **options) -> Projections:
+    """Projections from collected statistics. rank: keep fraction or int (keys; values use `value_rank`
+    or the same); a dict maps site name -> rank or (key_rank, value_rank)."""
+    cal = get_calibrator(method, **options)
+    sites, shapes, report = {}, {}, {}
+    for name, st in stats.items():
+        r = rank.get(name) if isinstance(rank, dict) else rank
+        if r is None:
+            raise ValueError(f"rank mapping has no entry for site '{name}'.")
+        rk, rv = r if isinstance(r, (tuple, list)) else (r, value_rank if value_rank is not None else r)
+        rk, rv = resolve_rank(rk, st.head_dim), resolve_rank(rv, st.head_dim)
+        sites[name], report[name] = cal.fit(st, rk, rv)
+        shapes[name] = SiteShape(st.heads, st.kv_heads, st.head_dim)
+    return Projections(sites, shapes, method, {"sites": report, "tokens": max(s.tokens for s in stats.values())})
+
+
+def calibrate(model: torch.nn.Module, batches: Iterable, method: str = "kqsvd", rank: int | float | dict = 0.5,
+              value_rank: int | float | None = None, progress: bool = True, **options) -> Projections:
+    """Calibrate projections for every attention site of `model` on `batches` of real text."""
+    from ..passes.compile import options_of
+    model, _ = options_of(model)
+    if getattr(model, "_kvfx", None) is not None:
+        raise ValueError("calibrate the original model, not one already compressed by kvfx.")
+    stats = collect_stats(model, batches, progress=progress)
+    return fit(stats, method, rank, value_rank, **options)

@@ -1,0 +1,76 @@
+"""Streaming float64 Gram statistics per attention site (memory O(h·d²), independent of token count).
+
+Per site and kv head g (query head i belongs to group g = i // (heads / kv_heads)):
+    key       G_K[g]  = Σ_tokens kᵀk            (post-RoPE keys, as SDPA reads them)
+    query     G_Q[g]  = Σ_{i∈g} Σ_tokens q_iᵀq_i (group-summed Grams: the per-head GQA objective)
+    query_sum G_S[g]  = Σ_tokens (Σ_{i∈g} q_i)ᵀ(Σ_{i∈g} q_i)  (the seed's summed-query variant)
+    value     G_V[g]  = Σ_tokens vᵀv
+    output    G_O[g]  = Σ_{i∈g} W_O,i W_O,iᵀ    (W_O,i: the d rows of W_O that read head i)
+Stats from several processes add up (see `SiteStats.merge` / `all_reduce`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_FIELDS = ("key", "query", "query_sum", "value", "output")
+
+
+@dataclass
+class SiteStats:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    key: torch.Tensor        # [h, d, d] float64
+    query: torch.Tensor
+    query_sum: torch.Tensor
+    value: torch.Tensor
+    output: torch.Tensor
+    tokens: int = 0
+
+    @classmethod
+    def empty(cls, heads: int, kv_heads: int, head_dim: int) -> "SiteStats":
+        z = lambda: torch.zeros(kv_heads, head_dim, head_dim, dtype=torch.float64)  # noqa: E731
+        return cls(heads, kv_heads, head_dim, z(), z(), z(), z(), z())
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+    def add(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Accumulate one batch: q [b, H, n, d], k/v [b, h, N, d] (before any repeat_kv)."""
+        b, H, n, d = q.shape
+        h = k.shape[1]
+        q = q.detach().to(torch.float64).reshape(b, h, self.group, n, d)
+        k = k.detach().to(torch.float64)
+        v = v.detach().to(torch.float64)
+        self.key += torch.einsum("bhnd,bhne->hde", k, k)
+        self.value += torch.einsum("bhnd,bhne->hde", v, v)
+        self.query += torch.einsum("bhgnd,bhgne->hde", q, q)
+        qs = q.sum(2)
+        self.query_sum += torch.einsum("bhnd,bhne->hde", qs, qs)
+        self.tokens += b * k.shape[2]
+
+    def set_output_weight(self, w_rows: torch.Tensor) -> None:
+        """w_rows [H, d, hidden]: the rows of W_O (in x·W_O form) that read each query head."""
+        w = w_rows.detach().to(torch.float64).reshape(self.kv_heads, self.group, self.head_dim, -1)
+        self.output = torch.einsum("hgdo,hgeo->hde", w, w)
+
+    def merge(self, other: "SiteStats") -> None:
+        for f in _FIELDS[:4]:
+            getattr(self, f).add_(getattr(other, f))
+        self.tokens += other.tokens
+
+    def all_reduce(self, group=None) -> None:
+        """Sum the token statistics over torch.distributed ranks (W_O Grams are identical everywhere)."""
+        import torch.distributed as dist
+        for f in _FIELDS[:4]:
+            dist.all_reduce(getattr(self, f), group=group)
+        t = torch.tensor([self.tokens], dtype=torch.float64)
+        dist.all_reduce(t, group=group)
+        self.tokens = int(t.item())
+
+    def state_dict(self) -> dict:
+        return {f: getattr(self, f) for f in _FIELDS} | {
+            "meta": torch.tensor([self.heads, self.kv_heads, self.head_dim, self.tokens])}

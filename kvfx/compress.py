@@ -1,0 +1,113 @@
+"""`kvfx.compress(torch.compile(model), projections)`: the one entry point that applies projections."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .cache import LowRankCache
+from .passes.compile import CompileOptions, KvfxBackend, options_of
+from .projections import Projections, ProjectionError
+
+
+@dataclass
+class CompressState:
+    """What compress changed on the module, so it can be checked and undone."""
+    projections: Projections
+    backend: KvfxBackend
+    options: CompileOptions
+    cache: str
+    original_forward: object
+    had_generate: bool
+
+
+def _check_model(module: torch.nn.Module, projections: Projections) -> None:
+    if not isinstance(projections, Projections):
+        raise TypeError(f"projections must be kvfx.Projections (from kvfx.calibrate or Projections.load), "
+                        f"got {type(projections).__name__}.")
+    projections.validate()
+    if getattr(module, "_kvfx", None) is not None:
+        raise ProjectionError("This model is already compressed by kvfx; compress the original model once "
+                              "(kvfx.decompress(model) undoes it).")
+    names = dict(module.named_modules())
+    missing = [n for n in projections.sites if not n.startswith("sdpa") and n not in names]
+    if missing:
+        raise ProjectionError(f"The model has no module '{missing[0]}' (and {len(missing) - 1} more) that these "
+                              "projections were calibrated for: they come from another model. Recalibrate.")
+    cfg = getattr(module, "config", None)
+    if cfg is not None and hasattr(cfg, "num_attention_heads"):
+        shapes = {s.as_list()[0] for s in projections.shapes.values()}
+        heads = cfg.num_attention_heads
+        if shapes and heads not in shapes:
+            raise ProjectionError(f"The model has {heads} attention heads but the projections were made for "
+                                  f"{sorted(shapes)}: another model. Recalibrate.")
+        n_layers = getattr(cfg, "num_hidden_layers", None)
+        if n_layers is not None and n_layers != len(projections.sites):
+            raise ProjectionError(f"The model has {n_layers} layers but the projections cover "
+                                  f"{len(projections.sites)} attention sites: another model. Recalibrate.")
+
+
+def _param_info(module: torch.nn.Module):
+    p = next(module.parameters(), None)
+    return (p.dtype, p.device) if p is not None else (torch.float32, torch.device("cpu"))
+
+
+def make_cache(model: torch.nn.Module, kind: str | None = None, max_cache_len: int | None = None) -> LowRankCache:
+    """A fresh low-rank cache for a compressed model (what generate gets by default)."""
+    state: CompressState = getattr(model, "_kvfx", None)
+    if state is None:
+        raise ProjectionError("make_cache needs a model returned by kvfx.compress.")
+    dtype, device = _param_info(model)
+    return LowRankCache(state.projections, kind or state.cache, max_cache_len, dtype=dtype, device=device)
+
+
+def _generate_with_cache(model, generate, *args, **kwargs):
+    if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+        max_len = None
+        if model._kvfx.cache == "static":
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            max_len = ids.shape[-1] + kwargs.get("max_new_tokens", 20)
+        kwargs["past_key_values"] = make_cache(model, max_cache_len=max_len)
+    return generate(*args, **kwargs)
+
+
+def compress(model: torch.nn.Module, projections: Projections, *, cache: str = "dynamic",
+             fold: bool = True) -> torch.nn.Module:
+    """Apply `projections` to every attention site of `model` (plain or torch.compile'd).
+
+    Returns the original module with its forward compiled through kvfx's backend (the user's compile
+    options kept) and `generate` using the compiled forward and a low-rank cache (`cache="dynamic"` or
+    `"static"`). Checks everything first: on error the model is left exactly as it was.
+    """
+    module, opts = options_of(model)
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"compress needs a torch.nn.Module or torch.compile(module), got {type(model).__name__}.")
+    if cache not in ("dynamic", "static"):
+        raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}.")
+    _check_model(module, projections)
+    dtype, device = _param_info(module)
+    projections = projections.to(dtype=torch.float32)
+    backend = KvfxBackend(projections, opts, fold=fold)
+    original_forward = module.__dict__.get("forward")
+    compiled = torch.compile(module.forward, backend=backend, dynamic=opts.dynamic, fullgraph=opts.fullgraph)
+    module._kvfx = CompressState(projections, backend, opts, cache, original_forward, "generate" in module.__dict__)
+    module.forward = compiled
+    if hasattr(module, "generate"):
+        module.generate = functools.partial(_generate_with_cache, module, module.generate)
+    return module
+
+
+def decompress(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo compress: the module's own forward and generate again."""
+    state: CompressState = getattr(model, "_kvfx", None)
+    if state is None:
+        raise ProjectionError("This model is not compressed by kvfx.")
+    if state.original_forward is None:
+        del model.forward
+    else:
+        model.forward = state.original_forward
+    if "generate" in model.__dict__ and not state.had_generate:
+        del model.generate
+    del model._kvfx
+    return model

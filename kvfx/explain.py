@@ -1,0 +1,79 @@
+"""`kvfx.explain(model, example_inputs)`: one row per attention site the graph pass finds, and why not."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .passes.compile import options_of
+from .passes.match import AttentionSite, find_sites
+
+
+@dataclass
+class SiteRow:
+    site: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rope: bool
+    foldable: str
+    cache: str
+    status: str
+    notes: str = ""
+    ranks: str = ""
+
+
+@dataclass
+class Explanation:
+    rows: list[SiteRow] = field(default_factory=list)
+    graphs: int = 0
+    graph_breaks: int = 0
+    break_reasons: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        cols = ["site", "heads", "kv_heads", "head_dim", "rope", "foldable", "cache", "ranks", "status"]
+        table = [cols] + [[str(getattr(r, c)) for c in cols] for r in self.rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        for r in self.rows:
+            if r.notes:
+                lines.append(f"note {r.site}: {r.notes}")
+        lines.append(f"{len(self.rows)} attention sites in {self.graphs} graph(s), {self.graph_breaks} graph break(s)")
+        lines += [f"graph break: {b}" for b in self.break_reasons]
+        return "\n".join(lines)
+
+
+def _row(site: AttentionSite, projections) -> SiteRow:
+    fold = "".join(x for x, p in (("q", site.q), ("k", site.k), ("v", site.v)) if p.foldable)
+    fold += "o" if site.out_source is not None else ""
+    ranks = ""
+    if projections is not None and site.name in projections.sites:
+        p = projections.sites[site.name]
+        ranks = f"{p.key_rank}/{p.value_rank}"
+    return SiteRow(site.name, site.num_heads, site.num_kv_heads, site.head_dim, site.rope, fold or "-",
+                   site.k.cache, site.status, "; ".join(site.notes), ranks)
+
+
+def explain(model, *args, print_table: bool = True, **kwargs) -> Explanation:
+    """Trace `model(*args, **kwargs)` and report every SDPA site (matched or not, with the reason)."""
+    module, _ = options_of(model)
+    state = getattr(module, "_kvfx", None)
+    fn = state.original_forward if state is not None and state.original_forward is not None else None
+    forward = fn or type(module).forward.__get__(module)
+    result = Explanation()
+    projections = state.projections if state is not None else None
+
+    def backend(gm, example_inputs):
+        result.rows += [_row(s, projections) for s in find_sites(gm)]
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        info = torch._dynamo.explain(forward)(*args, **kwargs)
+        torch.compile(forward, backend=backend)(*args, **kwargs)
+    result.graphs, result.graph_breaks = info.graph_count, info.graph_break_count
+    result.break_reasons = [str(getattr(b, "reason", b)) for b in info.break_reasons]
+    if print_table:
+        print(result)
+    return result

@@ -1,0 +1,113 @@
+"""Pass 4 — compile: the Dynamo backend that runs match → rewrite → fold, then the user's compiler.
+
+Why a backend (and not Inductor's pre_grad_custom_pass): a backend sees Dynamo's torch-IR graph with
+the real parameters in `example_inputs`, so folds can compute W·A once from real weights, new tensors
+can enter as extra inputs, and it works whatever the inner compiler is (Inductor with any mode, "eager",
+or a user backend) — `mode="lite"` and FX-graph-cache rules for custom passes do not apply.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from ..projections import Projections, ProjectionError, SiteShape
+from .constants import GraphConstants, fresh_copy
+from .counters import counters
+from .fold import fold_sites
+from .match import find_sites
+from .rewrite import rewrite_sites
+
+
+class UnsupportedAttention(ProjectionError):
+    """An SDPA call kvfx cannot rewrite (the message says why)."""
+
+
+@dataclass
+class CompileOptions:
+    """What the user asked torch.compile for; kvfx keeps it."""
+    backend: str | Callable = "inductor"
+    mode: str | None = None
+    options: dict = field(default_factory=dict)   # inductor config patches (resolved mode + options=)
+    kwargs: dict = field(default_factory=dict)    # extra kwargs of a non-inductor backend
+    dynamic: bool | None = None
+    fullgraph: bool = False
+
+
+def options_of(compiled: Any) -> tuple[torch.nn.Module, CompileOptions]:
+    """(original module, compile options) of a torch.compile'd module; private torch API, kept here only."""
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule, innermost_backend
+        if not isinstance(compiled, OptimizedModule):
+            return compiled, CompileOptions()
+        ctx = compiled.dynamo_ctx
+        inner = innermost_backend(ctx.callback)
+        opts = CompileOptions(dynamic=getattr(ctx, "_dynamic", None), fullgraph=bool(getattr(ctx, "fullgraph", False)))
+        if type(inner).__name__ == "_TorchCompileInductorWrapper":
+            opts.backend, opts.options = "inductor", dict(inner.config)
+        elif type(inner).__name__ == "_TorchCompileWrapper":
+            opts.backend, opts.kwargs = inner.compiler_fn, dict(inner.kwargs)
+            opts.mode = opts.kwargs.get("mode")
+        else:
+            opts.backend = inner
+        return compiled._orig_mod, opts
+    except AttributeError as e:  # torch internals moved
+        raise RuntimeError(
+            f"kvfx could not read torch.compile's options from {type(compiled).__name__} ({e}); this torch "
+            f"({torch.__version__}) changed its internals. Pass the plain module to kvfx.compress instead.") from e
+
+
+def inner_compiler(opts: CompileOptions) -> Callable:
+    if opts.backend == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+        patches = dict(opts.options)
+        return lambda gm, ex: compile_fx(gm, ex, config_patches=patches or None)
+    if isinstance(opts.backend, str):
+        from torch._dynamo.backends.registry import lookup_backend
+        fn = lookup_backend(opts.backend)
+    else:
+        fn = opts.backend
+    return lambda gm, ex: fn(gm, ex, **opts.kwargs)
+
+
+class KvfxBackend:
+    """torch.compile backend: apply `projections` to every attention site, then compile with `opts`."""
+
+    def __init__(self, projections: Projections, opts: CompileOptions | None = None, fold: bool = True):
+        self.projections, self.opts, self.fold = projections, opts or CompileOptions(), fold
+        self.compile = inner_compiler(self.opts)
+        self.graphs: list[fx.GraphModule] = []   # rewritten graphs, for tests and explain
+
+    def transform(self, gm: fx.GraphModule, example_inputs) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+        sites = find_sites(gm)
+        bad = [s for s in sites if s.status != "ok"]
+        if bad:
+            raise UnsupportedAttention("; ".join(f"{s.name}: {s.status}" for s in bad) +
+                                       ". Run kvfx.explain(model, inputs) for the full table.")
+        for s in sites:  # check everything before touching anything
+            self.projections.check_site(s.name, SiteShape(s.num_heads, s.num_kv_heads, s.head_dim))
+        if not sites:
+            return gm, []
+        new = fresh_copy(gm)
+        sites = find_sites(new)
+        consts = GraphConstants(new, example_inputs)
+        rewrite_sites(new, sites, {s.name: self.projections.sites[s.name] for s in sites}, consts)
+        if self.fold:
+            fold_sites(new, sites, consts)
+        new.graph.lint()
+        new.recompile()
+        counters["kvfx"]["graphs"] += 1
+        self.graphs.append(new)
+        return new, consts.tensors
+
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        new, extra = self.transform(gm, example_inputs)
+        compiled = self.compile(new, list(example_inputs) + extra)
+        if not extra:
+            return compiled
+
+        def run(*args):
+            return compiled(*args, *extra)
+        return run

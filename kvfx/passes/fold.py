@@ -1,0 +1,150 @@
+"""Pass 3 — fold: absorb the rank-space matmuls into the neighbouring linear weights.
+
+    linear(x, W, b) -> view(.., h, d) -> transpose -> matmul(·, P)   ==>   linear(x, W', b') -> view(.., h, R) -> transpose
+      with W'_h = P_hᵀ·W_h and b'_h = b_h·P_h per head h      (A into W_K, B into W_Q, C into W_V)
+    matmul(o, Dᵀ) -> transpose -> reshape(.., H·d) -> linear(·, W_O)   ==>   ... reshape(.., H·R) -> linear(·, W_O')
+      with W_O' reading head i through D_i
+
+Only where nothing but layout ops lies between the linear and the matmul (no RoPE, no cache concat):
+keys and queries of RoPE models keep their matmul; values and W_O always fold. Fused QKV (GPT-2's
+Conv1D c_attn) folds chunk by chunk and its split sizes are rewritten. Folded weights are computed once,
+from the real weights, in float64.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from . import graph_utils as gu
+from .constants import GraphConstants
+from .counters import counters
+from .match import AttentionSite, InputPath, LinearSource
+from .rewrite import retarget_last_dim
+
+
+def _single_use(nodes) -> bool:
+    return all(len(n.users) == 1 for n in nodes)
+
+
+def _split_sizes(split: fx.Node, total: int) -> list[int]:
+    size = split.args[1] if len(split.args) > 1 else split.kwargs.get("split_size")
+    if isinstance(size, int):
+        return [min(size, total - i) for i in range(0, total, size)]
+    return list(size)
+
+
+class Folder:
+    def __init__(self, gm: fx.GraphModule, consts: GraphConstants):
+        self.gm, self.g, self.consts = gm, gm.graph, consts
+
+    # ------------------------------------------------------------ q / k / v
+    def _item(self, path: InputPath, mm: fx.Node):
+        """(chain to retarget, P [h, d, R]) if this projection can fold into its linear, else None."""
+        if mm is None or not path.foldable or path.source is None:
+            return None
+        chain = path.nodes[path.cache_at:] if path.cache == "lowrank" else path.nodes
+        if path.cache == "lowrank" and mm is not path.down:
+            return None
+        if path.cache == "none" and (mm.args[0] is not (chain[0] if chain else None) or path.repeat_kv is not None):
+            return None
+        if path.source.split is not None:
+            cut = next(i for i, n in enumerate(chain) if gu.is_getitem(n) and n.args[0] is path.source.split)
+            own, shared = chain[:cut + 1], chain[cut + 2:]
+        else:
+            own, shared = chain, []
+        if not _single_use(own) or not _single_use(shared + [path.source.node]):
+            return None
+        p = self.consts.value_of(mm.args[1])
+        return own, shared, p
+
+    def fold_inputs(self, sites: list[AttentionSite]) -> None:
+        groups: dict[fx.Node, list] = {}
+        for site in sites:
+            for label in ("q", "k", "v"):
+                path: InputPath = getattr(site, label)
+                item = self._item(path, site.proj.get(label))
+                if item is not None:
+                    groups.setdefault(path.source.node, []).append((site, label, path, site.proj[label], item))
+        for lin, items in groups.items():
+            self._fold_linear(items[0][2].source, items)
+
+    def _fold_linear(self, src: LinearSource, items) -> None:
+        w = self.consts.value_of(src.weight)
+        b = self.consts.value_of(src.bias) if isinstance(src.bias, fx.Node) else None
+        if w is None:
+            return
+        wo = (w.t() if src.transposed else w).to(torch.float64)  # [out, in]
+        bo = b.to(torch.float64) if b is not None else None
+        total = wo.shape[0]
+        sizes = _split_sizes(src.split, total) if src.split is not None else [total]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        by_chunk = {(it[2].source.split_index or 0): it for it in items}
+        new_w, new_b, new_sizes = [], [], []
+        for i, (c0, size) in enumerate(zip(starts, sizes)):
+            wc, bc = wo[c0:c0 + size], (bo[c0:c0 + size] if bo is not None else None)
+            if i in by_chunk:
+                p = by_chunk[i][4][2].to(torch.float64)
+                h, d, r = p.shape
+                wc = torch.einsum("hdr,hdi->hri", p, wc.reshape(h, d, -1)).reshape(h * r, -1)
+                if bc is not None:
+                    bc = torch.einsum("hd,hdr->hr", bc.reshape(h, d), p).reshape(-1)
+            new_w.append(wc)
+            new_b.append(bc)
+            new_sizes.append(wc.shape[0])
+        wn = torch.cat(new_w).to(w.dtype)
+        wn = wn.t().contiguous() if src.transposed else wn
+        name = gu.module_path(src.weight) or "linear"
+        lin = src.node
+        weight_idx = 2 if src.transposed else 1
+        args = list(lin.args)
+        args[weight_idx] = self.consts.add(f"{name}_folded_weight", wn)
+        if bo is not None:
+            bias_node = self.consts.add(f"{name}_folded_bias", torch.cat(new_b).to(b.dtype))
+            if src.transposed:
+                args[0] = bias_node
+            elif len(args) > 2:
+                args[2] = bias_node
+            else:
+                lin.kwargs = {**lin.kwargs, "bias": bias_node}
+        lin.args = tuple(args)
+        if src.split is not None:
+            shared = items[0][4][1]
+            retarget_last_dim(shared, total, sum(new_sizes))
+            src.split.args = (src.split.args[0], new_sizes, *src.split.args[2:])
+        for site, label, path, mm, (own, _, p) in items:
+            h, d, r = p.shape
+            retarget_last_dim(own, d, r, heads=h)
+            mm.replace_all_uses_with(mm.args[0])
+            self.g.erase_node(mm)
+            site.proj[label] = None
+            counters["kvfx"][f"folded_{label}"] += 1
+
+    # ------------------------------------------------------------ W_O
+    def fold_output(self, site: AttentionSite) -> None:
+        mm, src = site.proj.get("o"), site.out_source
+        if mm is None or src is None or not _single_use([site.sdpa, mm, *site.out_nodes]):
+            return
+        w = self.consts.value_of(src.weight)
+        dt = self.consts.value_of(mm.args[1])  # [H, Rv, d]
+        if w is None or dt is None:
+            return
+        wi = (w if src.transposed else w.t()).to(torch.float64)  # [H·d, hidden]
+        hh, r, d = dt.shape
+        wn = torch.einsum("hrd,hdo->hro", dt.to(torch.float64), wi.reshape(hh, d, -1)).reshape(hh * r, -1)
+        wn = (wn if src.transposed else wn.t()).contiguous().to(w.dtype)
+        node = self.consts.add(f"{site.name}_o_folded_weight", wn)
+        args = list(src.node.args)
+        args[2 if src.transposed else 1] = node
+        src.node.args = tuple(args)
+        retarget_last_dim(site.out_nodes, d, r, heads=hh)
+        mm.replace_all_uses_with(site.sdpa)
+        self.g.erase_node(mm)
+        site.proj["o"] = None
+        counters["kvfx"]["folded_o"] += 1
+
+
+def fold_sites(gm: fx.GraphModule, sites: list[AttentionSite], consts: GraphConstants) -> None:
+    folder = Folder(gm, consts)
+    folder.fold_inputs(sites)
+    for site in sites:
+        folder.fold_output(site)

@@ -1,0 +1,279 @@
+"""Pass 1 — match: find every SDPA attention site in a Dynamo-captured graph.
+
+For each `scaled_dot_product_attention` node we walk its query/key/value inputs back to the projection
+linear through layout ops (view/reshape/transpose/contiguous), RoPE (mul/add with cos/sin), cache
+concatenation, repeat_kv (expand + reshape) and the low-rank cache's reconstruction, and its output
+forward to W_O. Nothing here changes the graph; `explain` prints what was found.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from . import graph_utils as gu
+
+KVFX_TAG = "kvfx_"  # attribute prefix the low-rank cache uses for its projection tensors
+
+
+@dataclass
+class LinearSource:
+    """The projection that produces q, k or v (or consumes the attention output, for W_O)."""
+    node: fx.Node            # linear(x, W, b) or addmm(b, x, W) (Conv1D: W stored [in, out])
+    weight: fx.Node
+    bias: fx.Node | None
+    transposed: bool         # True for addmm/Conv1D (W is [in, out])
+    split: fx.Node | None = None   # fused QKV: the split node ...
+    split_index: int | None = None  # ... and which chunk this path reads
+
+    @property
+    def module(self) -> str | None:
+        path = gu.module_path(self.weight)
+        return path
+
+
+@dataclass
+class InputPath:
+    """How one SDPA input (q, k or v) is produced."""
+    nodes: list[fx.Node]            # from the SDPA input back towards the source (exclusive)
+    source: LinearSource | None
+    rope: bool = False
+    cache: str = "none"             # none | cat | lowrank
+    repeat_kv: fx.Node | None = None  # the expand of repeat_kv, if any
+    base: fx.Node | None = None     # the tensor before repeat_kv (kv heads)
+    latent: fx.Node | None = None   # low-rank cache: the rank-R cached tensor ...
+    up: fx.Node | None = None       # ... and the [h, R, d] reconstruction matrix it is multiplied by
+    down: fx.Node | None = None     # low-rank cache: the matmul(new, down) that writes the cache
+    recon: fx.Node | None = None    # low-rank cache: the matmul(latent, up) reconstruction
+    cache_at: int = 0               # nodes[:cache_at] lie between the reconstruction and SDPA
+    reason: str | None = None       # why the walk stopped before a linear
+
+    @property
+    def foldable(self) -> bool:
+        """Only layout ops between the linear and SDPA (so a right-multiplication commutes into W)."""
+        chain = self.nodes[self.cache_at:]  # for the low-rank cache: linear -> cache write
+        return self.source is not None and not self.rope and self.cache in ("none", "lowrank") and all(
+            gu.is_layout(n) or gu.is_getitem(n) or gu.is_method(n, "split") for n in chain)
+
+
+@dataclass
+class AttentionSite:
+    name: str
+    sdpa: fx.Node
+    q: InputPath
+    k: InputPath
+    v: InputPath
+    out_nodes: list[fx.Node]
+    out_source: LinearSource | None
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    value_dim: int
+    scale: float
+    status: str = "ok"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def rope(self) -> bool:
+        return self.q.rope or self.k.rope
+
+    @property
+    def lowrank_cache(self) -> bool:
+        return self.k.cache == "lowrank" and self.v.cache == "lowrank"
+
+
+def _tag(node: fx.Node) -> str | None:
+    name = gu.source_name(node) or ""
+    return name if KVFX_TAG in name else None
+
+
+def _is_empty_tensor(node) -> bool:
+    shape = gu.shape_of(node)
+    return shape is not None and math.prod(shape) == 0
+
+
+def _find_down(graph: fx.Graph, up: fx.Node) -> fx.Node | None:
+    """The cache-write matmul(new, down) that pairs with reconstruction matrix `up`."""
+    want = (_tag(up) or "").replace("kvfx_key_up", "kvfx_key_down").replace("kvfx_value_up", "kvfx_value_down")
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is torch.matmul and isinstance(n.args[1], fx.Node):
+            if _tag(n.args[1]) == want:
+                return n
+    return None
+
+
+def trace_input(node: fx.Node, graph: fx.Graph) -> InputPath:
+    """Walk one SDPA input back to its projection linear."""
+    path = InputPath(nodes=[], source=None)
+    n = node
+    for _ in range(64):
+        if gu.is_linear(n):
+            w = n.args[1]
+            b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+            path.source = LinearSource(n, w, b, transposed=False)
+            break
+        if gu.is_addmm(n):
+            path.source = LinearSource(n, n.args[2], n.args[0], transposed=True)
+            break
+        if n.op == "call_function" and n.target is torch.matmul and _tag(n.args[1]) and "_up" in _tag(n.args[1]):
+            path.cache, path.latent, path.up, path.recon = "lowrank", n.args[0], n.args[1], n
+            path.cache_at = len(path.nodes)
+            path.down = _find_down(graph, n.args[1])
+            if path.down is None:
+                path.reason = "low-rank cache write not found in this graph"
+                break
+            n = path.down.args[0]
+            continue
+        if n.op == "call_method" and n.target == "expand" or (n.op == "call_function" and n.target is torch.Tensor.expand):
+            path.repeat_kv = n
+            path.nodes.append(n)
+            n = n.args[0]
+            continue
+        if gu.is_getitem(n):
+            base = n.args[0]
+            if gu.is_method(base, "split") or (base.op == "call_function" and base.target is torch.split):
+                if path.source is None:
+                    path.nodes += [n, base]
+                    split, idx = base, n.args[1]
+                    n = base.args[0]
+                    # continue to the linear; remember the chunk once we get there
+                    sub = trace_input(n, graph)
+                    path.nodes += sub.nodes
+                    path.source = sub.source
+                    if path.source is not None:
+                        path.source.split, path.source.split_index = split, idx
+                    path.reason = sub.reason
+                    path.rope = path.rope or sub.rope
+                    return _finish(path, node)
+            idx = n.args[1]
+            if path.repeat_kv is not None and isinstance(idx, tuple) and None in idx:
+                path.base = base  # repeat_kv's x[:, :, None, :, :]
+            path.nodes.append(n)
+            n = base
+            continue
+        if gu.is_layout(n):
+            path.nodes.append(n)
+            n = n.args[0]
+            continue
+        if n.op == "call_function" and n.target is torch.cat:
+            tensors = list(n.args[0])
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+            if dim in (-2, 2) and len(tensors) >= 2:
+                if path.cache == "none":
+                    path.cache = "cat" if not all(_is_empty_tensor(t) for t in tensors[:-1]) else path.cache
+                path.nodes.append(n)
+                n = tensors[-1]
+                continue
+            path.reason = f"unexpected cat along dim {dim}"
+            break
+        if n.op == "call_function" and n.target in (operator.add, torch.add) and all(
+                isinstance(a, fx.Node) for a in n.args[:2]):
+            path.rope = True
+            path.nodes.append(n)
+            n = n.args[0]
+            continue
+        if n.op == "call_function" and n.target in (operator.mul, torch.mul):
+            a, b = n.args[:2]
+            if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+                trig_a = gu.depends_on(a, gu.is_trig, limit=12)
+                trig_b = gu.depends_on(b, gu.is_trig, limit=12)
+                path.rope = path.rope or trig_a or trig_b
+                nxt = a if trig_b and not trig_a else b if trig_a and not trig_b else a
+            else:
+                nxt = a if isinstance(a, fx.Node) else b
+            path.nodes.append(n)
+            path.rope = path.rope or isinstance(a, fx.Node) and isinstance(b, fx.Node)
+            n = nxt
+            continue
+        path.reason = f"stopped at {n.op} {getattr(n.target, '__name__', n.target)}"
+        break
+    return _finish(path, node)
+
+
+def _finish(path: InputPath, node: fx.Node) -> InputPath:
+    if path.base is None:
+        path.base = node if path.repeat_kv is None else path.repeat_kv.args[0]
+    return path
+
+
+def trace_output(sdpa: fx.Node) -> tuple[list[fx.Node], LinearSource | None]:
+    """Follow the SDPA output through layout ops to the output projection."""
+    nodes, n = [], sdpa
+    while len(n.users) == 1:
+        (u,) = n.users
+        if gu.is_linear(u) and u.args[0] is n:
+            b = u.args[2] if len(u.args) > 2 else u.kwargs.get("bias")
+            return nodes, LinearSource(u, u.args[1], b, transposed=False)
+        if gu.is_addmm(u) and u.args[1] is n:
+            return nodes, LinearSource(u, u.args[2], u.args[0], transposed=True)
+        if not gu.is_layout(u):
+            break
+        nodes.append(u)
+        n = u
+    return nodes, None
+
+
+def _site_name(q: InputPath, o: LinearSource | None, index: int) -> str:
+    paths = [p for p in ((q.source and q.source.module), (o and o.module)) if p]
+    if not paths:
+        return f"sdpa{index}"
+    if len(paths) == 1:
+        return paths[0].rsplit(".", 1)[0] if "." in paths[0] else paths[0]
+    a, b = paths[0].split("."), paths[1].split(".")
+    common = []
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        common.append(x)
+    return ".".join(common) or f"sdpa{index}"
+
+
+def match_site(gm: fx.GraphModule, sdpa: fx.Node, index: int) -> AttentionSite:
+    args = gu.sdpa_args(sdpa)
+    q, k, v = (trace_input(args[x], gm.graph) for x in ("query", "key", "value"))
+    out_nodes, o = trace_output(sdpa)
+    qs, kbase, vbase = gu.shape_of(args["query"]), gu.shape_of(k.base), gu.shape_of(v.base)
+    if k.cache == "lowrank":
+        kbase = gu.shape_of(k.latent)[:-1] + (gu.shape_of(k.up)[-1],)
+    if v.cache == "lowrank":
+        vbase = gu.shape_of(v.latent)[:-1] + (gu.shape_of(v.up)[-1],)
+    site = AttentionSite(
+        name=_site_name(q, o, index), sdpa=sdpa, q=q, k=k, v=v, out_nodes=out_nodes, out_source=o,
+        num_heads=qs[1] if qs else -1, num_kv_heads=kbase[1] if kbase else -1,
+        head_dim=qs[-1] if qs else -1, value_dim=vbase[-1] if vbase else -1, scale=0.0)
+    scale = args.get("scale")
+    site.scale = float(scale) if scale is not None else 1.0 / math.sqrt(site.head_dim)
+    site.status = _check(site, qs, kbase, vbase)
+    return site
+
+
+def _check(site: AttentionSite, qs, ks, vs) -> str:
+    if qs is None or ks is None or vs is None or len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
+        return "unsupported: q/k/v are not 4-D [batch, heads, tokens, head_dim] tensors"
+    if ks[-1] != qs[-1]:
+        return f"unsupported: key width {ks[-1]} != query width {qs[-1]}"
+    if vs[1] != ks[1]:
+        return f"unsupported: {vs[1]} value heads vs {ks[1]} key heads"
+    if site.num_heads % site.num_kv_heads:
+        return f"unsupported: {site.num_heads} query heads not a multiple of {site.num_kv_heads} kv heads"
+    if site.k.repeat_kv is not None and site.k.base is site.k.repeat_kv.args[0] and site.k.cache != "lowrank":
+        site.notes.append("repeat_kv")
+    for label, p in (("q", site.q), ("k", site.k), ("v", site.v)):
+        if p.source is None:
+            site.notes.append(f"{label}: no projection linear found ({p.reason})")
+    if gu.sdpa_args(site.sdpa).get("dropout_p", 0.0) not in (0, 0.0):
+        site.notes.append("dropout_p > 0")
+    return "ok"
+
+
+def find_sites(gm: fx.GraphModule) -> list[AttentionSite]:
+    """Every SDPA node of `gm`, matched (status 'ok') or with the reason it is unsupported."""
+    nodes = [n for n in gm.graph.nodes if gu.is_sdpa(n)]
+    return [match_site(gm, n, i) for i, n in enumerate(nodes)]

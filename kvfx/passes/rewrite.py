@@ -1,0 +1,114 @@
+"""Pass 2 — rewrite: run each matched attention site in rank space.
+
+    SDPA(q, k, v, scale=s)  ->  SDPA(q·B, k·A, v·C, scale=s) · Dᵀ      (s stays the ORIGINAL 1/sqrt(d))
+
+Two forms of input are handled:
+  * plain keys/values (no cache, or transformers' own cache): the four matmuls are inserted around SDPA;
+  * kvfx's low-rank cache: the cache already wrote K̃ = k·A and hands SDPA the reconstruction K̃·Bᵀ.
+    The pass reassociates SDPA(q, K̃·Bᵀ, Ṽ·Dᵀ) into SDPA(q·B, K̃, Ṽ)·Dᵀ so full-width keys never exist,
+    moving repeat_kv's expand/reshape onto the rank-R tensors.
+The inserted `matmul(x, P)` nodes are recorded on the site (`site.proj`) for the fold pass.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..projections import SiteProjection
+from . import graph_utils as gu
+from .constants import GraphConstants
+from .counters import counters
+from .match import AttentionSite
+
+
+def _dtype_of(node: fx.Node) -> torch.dtype:
+    val = node.meta.get("example_value")
+    return val.dtype if isinstance(val, torch.Tensor) else torch.float32
+
+
+def _device_of(node: fx.Node) -> torch.device:
+    val = node.meta.get("example_value")
+    return val.device if isinstance(val, torch.Tensor) else torch.device("cpu")
+
+
+def retarget_last_dim(nodes, old: int, new: int, heads: int | None = None) -> None:
+    """Change view/reshape/expand sizes whose last entry is the feature width `old` (or heads·old)."""
+    for n in nodes:
+        if not (gu.is_method(n, "view", "reshape", "expand") or n.target is torch.reshape):
+            continue
+        sizes = list(n.args[1:]) if n.op == "call_method" else list(n.args[1])
+        packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
+        seq = list(sizes[0]) if packed else sizes
+        if not seq:
+            continue
+        last = gu.static_int(seq[-1]) if not isinstance(seq[-1], fx.Node) else None
+        if last == old:
+            seq[-1] = new
+        elif heads and last == heads * old:
+            seq[-1] = heads * new
+        else:
+            continue
+        sizes = [tuple(seq)] if packed else seq
+        n.args = (n.args[0], *sizes) if n.op == "call_method" else (n.args[0], tuple(seq))
+
+
+class RankSpaceRewrite:
+    """Rewrites one site given its projection; constants go through `consts`."""
+
+    def __init__(self, gm: fx.GraphModule, consts: GraphConstants):
+        self.gm, self.g, self.consts = gm, gm.graph, consts
+
+    def _const(self, site, label, tensor, like: fx.Node) -> fx.Node:
+        return self.consts.add(f"{site.name}_{label}", tensor.to(dtype=_dtype_of(like), device=_device_of(like)))
+
+    def _mm(self, x: fx.Node, p: fx.Node, before: fx.Node) -> fx.Node:
+        with self.g.inserting_before(before):
+            return self.g.call_function(torch.matmul, (x, p))
+
+    def __call__(self, site: AttentionSite, proj: SiteProjection) -> None:
+        args = gu.sdpa_args(site.sdpa)
+        q, k, v = args["query"], args["key"], args["value"]
+        g = site.group
+        sdpa = site.sdpa
+        b_q = proj.key_up.repeat_interleave(g, 0)                        # [H, d, Rk]
+        d_t = proj.value_up.transpose(1, 2).repeat_interleave(g, 0)      # [H, Rv, d]
+        site.proj = {}
+        site.proj["q"] = q2 = self._mm(q, self._const(site, "key_up", b_q, q), sdpa)
+        if site.lowrank_cache:
+            k2 = self._reassociate(site, site.k, proj.key_down, "key_down")
+            v2 = self._reassociate(site, site.v, proj.value_down, "value_down")
+            site.proj["k"], site.proj["v"] = site.k.down, site.v.down  # the cache writes: fold targets
+            counters["kvfx"]["reassociated"] += 1
+        else:
+            k2 = self._plain(site, site.k, k, proj.key_down, "key_down")
+            v2 = self._plain(site, site.v, v, proj.value_down, "value_down")
+            site.proj["k"], site.proj["v"] = k2, v2
+        gu.set_sdpa_args(sdpa, query=q2, key=k2, value=v2, scale=site.scale)
+        with self.g.inserting_after(sdpa):
+            out = self.g.call_function(torch.matmul, (sdpa, None))
+        sdpa.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+        out.args = (sdpa, self._const(site, "value_up_t", d_t, q))
+        site.proj["o"] = out
+        counters["kvfx"]["rewritten"] += 1
+
+    def _plain(self, site, path, x: fx.Node, down: torch.Tensor, label: str) -> fx.Node:
+        heads = gu.shape_of(x)[1]
+        p = down.repeat_interleave(heads // down.shape[0], 0)  # repeat_kv'd inputs carry query heads
+        return self._mm(x, self._const(site, label, p, x), site.sdpa)
+
+    def _reassociate(self, site, path, down: torch.Tensor, label: str) -> fx.Node:
+        """Cache path: feed SDPA the rank-R cache directly; use our constant for the cache write."""
+        path.down.args = (path.down.args[0], self._const(site, label, down, path.down.args[0]))
+        recon = path.recon
+        between = path.nodes[: path.cache_at]  # repeat_kv between reconstruction and SDPA: now rank R
+        d, r = gu.shape_of(recon)[-1], down.shape[-1]
+        retarget_last_dim(between, d, r)
+        recon.replace_all_uses_with(path.latent)
+        self.g.erase_node(recon)
+        return gu.sdpa_args(site.sdpa)["key" if label == "key_down" else "value"]
+
+
+def rewrite_sites(gm, sites, projections, consts) -> None:
+    rw = RankSpaceRewrite(gm, consts)
+    for site in sites:
+        rw(site, projections[site.name])

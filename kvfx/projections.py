@@ -1,0 +1,176 @@
+"""Projections: the per-site rank-R matrices kvfx applies, with versioned safetensors serialization.
+
+For attention site s with kv heads h, head dim d and ranks (R_k, R_v):
+    key_down   A [h, d, R_k]   cached key      k -> k·A
+    key_up     B [h, d, R_k]   query           q -> q·B   (one B per kv group, shared by its query heads)
+    value_down C [h, d, R_v]   cached value    v -> v·C
+    value_up   D [h, d, R_v]   attention out   o -> o·Dᵀ  (folded into W_O)
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+_KINDS = ("key_down", "key_up", "value_down", "value_up")
+
+
+class ProjectionError(ValueError):
+    """Projections that cannot be applied (wrong model, bad ranks, corrupt file, NaN...)."""
+
+
+@dataclass(frozen=True)
+class SiteShape:
+    """What a projection must agree with: one attention site of the model."""
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    def as_list(self) -> list[int]:
+        return [self.heads, self.kv_heads, self.head_dim]
+
+
+@dataclass
+class SiteProjection:
+    key_down: torch.Tensor
+    key_up: torch.Tensor
+    value_down: torch.Tensor
+    value_up: torch.Tensor
+
+    @property
+    def key_rank(self) -> int:
+        return self.key_down.shape[-1]
+
+    @property
+    def value_rank(self) -> int:
+        return self.value_down.shape[-1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in _KINDS}
+
+    @classmethod
+    def identity(cls, kv_heads: int, head_dim: int, dtype=torch.float32) -> "SiteProjection":
+        eye = torch.eye(head_dim, dtype=dtype).expand(kv_heads, head_dim, head_dim).clone()
+        return cls(eye, eye.clone(), eye.clone(), eye.clone())
+
+
+@dataclass
+class Projections:
+    """Rank-R projections for every attention site of one model, keyed by the site's module path."""
+    sites: dict[str, SiteProjection]
+    shapes: dict[str, SiteShape]
+    method: str = "custom"
+    report: dict = field(default_factory=dict)  # calibration report (per-site error, ε gap, ...)
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---------------------------------------------------------------- checks
+    def validate(self) -> None:
+        if not self.sites:
+            raise ProjectionError("Projections hold no attention sites; calibrate on a model with attention first.")
+        if set(self.sites) != set(self.shapes):
+            raise ProjectionError("Projections: every site needs a shape entry (heads, kv heads, head dim).")
+        for name, p in self.sites.items():
+            shp = self.shapes[name]
+            for kind, t in p.tensors().items():
+                if not isinstance(t, torch.Tensor) or t.dim() != 3:
+                    raise ProjectionError(f"{name}.{kind}: expected a [kv_heads, head_dim, rank] tensor.")
+                h, d, r = t.shape
+                if (h, d) != (shp.kv_heads, shp.head_dim):
+                    raise ProjectionError(
+                        f"{name}.{kind}: shape {tuple(t.shape)} does not fit {shp.kv_heads} kv heads × "
+                        f"head_dim {shp.head_dim}; these projections were made for another model.")
+                if not 1 <= r <= d:
+                    raise ProjectionError(f"{name}.{kind}: rank {r} is outside 1..{d} (head_dim); pick a rank in range.")
+                if not t.is_floating_point() or not torch.isfinite(t).all():
+                    raise ProjectionError(f"{name}.{kind}: contains NaN/inf or is not floating point; recalibrate.")
+            if p.key_up.shape != p.key_down.shape or p.value_up.shape != p.value_down.shape:
+                raise ProjectionError(f"{name}: key/value up and down projections must have the same shape.")
+
+    def check_site(self, name: str, shape: SiteShape) -> SiteProjection:
+        if name not in self.sites:
+            raise ProjectionError(
+                f"No projection for attention site '{name}' (have: {', '.join(list(self.sites)[:4])}...). "
+                "These projections were calibrated on another model; recalibrate with kvfx.calibrate(model, ...).")
+        if self.shapes[name] != shape:
+            raise ProjectionError(
+                f"Site '{name}' has heads/kv heads/head_dim {shape.as_list()} but the projections were made for "
+                f"{self.shapes[name].as_list()}: another model. Recalibrate with kvfx.calibrate(model, ...).")
+        return self.sites[name]
+
+    # ---------------------------------------------------------------- summary
+    @property
+    def ranks(self) -> dict[str, list[int]]:
+        return {n: [p.key_rank, p.value_rank] for n, p in self.sites.items()}
+
+    def kv_fraction(self) -> float:
+        """Cached numbers per token after / before (keys and values together)."""
+        after = sum(self.shapes[n].kv_heads * (p.key_rank + p.value_rank) for n, p in self.sites.items())
+        before = sum(2 * s.kv_heads * s.head_dim for s in self.shapes.values())
+        return after / before
+
+    def to(self, dtype=None, device=None) -> "Projections":
+        sites = {n: SiteProjection(**{k: t.to(dtype=dtype, device=device) for k, t in p.tensors().items()})
+                 for n, p in self.sites.items()}
+        return Projections(sites, dict(self.shapes), self.method, dict(self.report))
+
+    # ---------------------------------------------------------------- files
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+        tensors = {f"{n}/{k}": t.detach().contiguous().cpu() for n, p in self.sites.items() for k, t in p.tensors().items()}
+        meta = {
+            "format": "kvfx.projections", "format_version": str(FORMAT_VERSION), "method": self.method,
+            "sites": json.dumps(list(self.sites)),
+            "fingerprint": json.dumps({n: s.as_list() for n, s in self.shapes.items()}),
+            "ranks": json.dumps(self.ranks), "report": json.dumps(self.report, default=float),
+        }
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Projections":
+        from safetensors import safe_open
+        path = Path(path)
+        if not path.is_file():
+            raise ProjectionError(f"Projections file not found: {path}. Save one with projections.save(path).")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt files
+            raise ProjectionError(f"Projections file {path} is corrupt or not a safetensors file ({e}).") from e
+        if meta.get("format") != "kvfx.projections":
+            raise ProjectionError(f"{path} is not a kvfx projections file (no kvfx metadata).")
+        version = int(meta.get("format_version", "0"))
+        if version > FORMAT_VERSION:
+            raise ProjectionError(f"{path} has format version {version}; this kvfx reads up to {FORMAT_VERSION}. Upgrade kvfx.")
+        try:
+            names = json.loads(meta["sites"])
+            fp = json.loads(meta["fingerprint"])
+            sites = {n: SiteProjection(**{k: tensors[f"{n}/{k}"] for k in _KINDS}) for n in names}
+            shapes = {n: SiteShape(*fp[n]) for n in names}
+        except (KeyError, json.JSONDecodeError, TypeError) as e:
+            raise ProjectionError(f"{path}: metadata and tensors disagree ({e}); the file is corrupt.") from e
+        return cls(sites, shapes, meta.get("method", "custom"), json.loads(meta.get("report", "{}")))
+
+    def __repr__(self) -> str:
+        ranks = sorted({tuple(r) for r in self.ranks.values()})
+        return f"Projections(method={self.method!r}, sites={len(self.sites)}, ranks(k,v)={ranks}, kv_fraction={self.kv_fraction():.3f})"
+
+
+def resolve_rank(rank: int | float, head_dim: int) -> int:
+    """A keep fraction in (0, 1] or an int rank in 1..head_dim, as an int rank."""
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise ProjectionError(f"rank must be a keep fraction in (0, 1] or an int in 1..{head_dim}, got {rank!r}.")
+    if isinstance(rank, float) and not rank.is_integer() or (isinstance(rank, float) and rank <= 1.0):
+        if not 0.0 < rank <= 1.0 or math.isnan(rank):
+            raise ProjectionError(f"rank fraction {rank} must be in (0, 1].")
+        return max(1, round(rank * head_dim))
+    r = int(rank)
+    if not 1 <= r <= head_dim:
+        raise ProjectionError(f"rank {r} is outside 1..{head_dim} (head_dim); use a fraction or an int in range.")
+    return r
