@@ -1,0 +1,32 @@
+"""Eigen Attention: one orthonormal basis for keys and queries, found from their trace-normalised Grams.
+
+Per kv head: A = B = top-R eigenvectors of G_K/tr(G_K) + G_Q/tr(G_Q) (a subspace good for both sides of
+q·kᵀ, each side weighted equally); values as in Eigen Attention use V alone: C = D = top-R eigenvectors
+of G_V. P = A Bᵀ is an orthogonal projector.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import finish, ranks, register_calibrator
+from .linalg import top_eigh
+from .stats import SiteStats
+
+
+def _normalised(g: torch.Tensor) -> torch.Tensor:
+    tr = g.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
+    return torch.where(tr > 0, g / tr.clamp_min(1e-300), torch.zeros_like(g))
+
+
+@register_calibrator("eigen")
+@dataclass
+class Eigen:
+    name = "eigen"
+
+    def fit(self, stats: SiteStats, key_rank, value_rank):
+        rk, rv = ranks(stats, key_rank, value_rank)
+        _, u = top_eigh(_normalised(stats.key) + _normalised(stats.query), rk)
+        _, w = top_eigh(stats.value, rv)
+        return finish(stats, u, u, w, w)

@@ -1,0 +1,24 @@
+"""PCA (K-only / V-only SVD): keep the top-R principal directions of the cached keys and values.
+
+Per kv head: A = B = top-R eigenvectors of G_K = KᵀK, C = D = top-R eigenvectors of G_V = VᵀV, so
+P = A Bᵀ is the orthogonal projector minimising ‖K − K P‖²_F (queries and W_O are ignored).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import finish, ranks, register_calibrator
+from .linalg import top_eigh
+from .stats import SiteStats
+
+
+@register_calibrator("pca")
+@dataclass
+class PCA:
+    name = "pca"
+
+    def fit(self, stats: SiteStats, key_rank, value_rank):
+        rk, rv = ranks(stats, key_rank, value_rank)
+        _, u = top_eigh(stats.key, rk)
+        _, w = top_eigh(stats.value, rv)
+        return finish(stats, u, u, w, w)
