@@ -1,0 +1,108 @@
+"""Quality benchmark: WikiText-2 perplexity of SmolLM2-135M under kvfx, every calibrator × keep fraction.
+
+Protocol (DESIGN-NOTES): calibrate on the first 8 windows of 512 tokens of wiki.valid.tokens; evaluate on
+the first 16 windows of 512 tokens of wiki.test.raw; K and V at the same rank. Every compressed row runs
+through `kvfx.compress(torch.compile(model), projections)` — the product path, Inductor included.
+
+    python benchmarks/quality.py                      # full table (prints markdown)
+    python benchmarks/quality.py --write              # ... and records it in benchmarks/RESULTS.md
+    python benchmarks/quality.py --eval-windows 2 --calib-windows 2 --keep 0.5 --methods kqsvd   # quick
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import kvfx  # noqa: E402
+from kvfx.calib.collect import collect_stats, fit  # noqa: E402
+from kvfx.data import perplexity, wikitext_calibration_windows, wikitext_test_windows  # noqa: E402
+from kvfx.models import load_default_model  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def evaluate(model, windows) -> float:
+    return perplexity(lambda ids: model(input_ids=ids, use_cache=False).logits, windows, progress=False)
+
+
+def run(args) -> str:
+    torch.manual_seed(0)
+    t0 = time.time()
+    model, tok = load_default_model(torch.float32)
+    calib = wikitext_calibration_windows(tok, args.calib_windows, args.window)
+    test = wikitext_test_windows(tok, args.eval_windows, args.window)
+    print(f"loaded model + data in {time.time() - t0:.0f}s", flush=True)
+
+    t0 = time.time()
+    stats = collect_stats(model, calib.split(1))
+    print(f"calibration statistics over {calib.numel()} tokens in {time.time() - t0:.0f}s", flush=True)
+
+    rows = []
+    t0 = time.time()
+    base = evaluate(torch.compile(model), test)
+    torch._dynamo.reset()
+    rows.append(("baseline (torch.compile)", "1.00", "-", base, time.time() - t0))
+    print(f"baseline ppl {base:.2f}", flush=True)
+    for method in args.methods:
+        name, opts = (method, {}) if method != "kqsvd-summed" else ("kqsvd", {"query": "summed"})
+        for keep in args.keep:
+            t0 = time.time()
+            proj = fit(stats, name, keep, **opts)
+            model_c = kvfx.compress(torch.compile(model), proj)
+            ppl = evaluate(model_c, test)
+            kvfx.decompress(model_c)
+            torch._dynamo.reset()
+            err = sum(r["key_err"] for r in proj.report["sites"].values()) / len(proj.report["sites"])
+            rows.append((method, f"{keep:.2f}", f"{err:.3f}", ppl, time.time() - t0))
+            print(f"{method:13s} keep {keep:.2f}: ppl {ppl:8.2f}  (mean key logit err {err:.3f}, {time.time() - t0:.0f}s)",
+                  flush=True)
+    return table(rows, args)
+
+
+def table(rows, args) -> str:
+    lines = ["| method | keep (R/d) | mean rel. key-logit error | ppl | time (s) |", "|---|---|---|---|---|"]
+    lines += [f"| {m} | {k} | {e} | {p:.2f} | {t:.0f} |" for m, k, e, p, t in rows]
+    head = (f"Command: `python benchmarks/quality.py{' --write' if args.write else ''}` "
+            f"(eval {args.eval_windows}×{args.window} tokens of wiki.test.raw, calibration "
+            f"{args.calib_windows}×{args.window} tokens of wiki.valid.tokens, K and V at the same rank)\n"
+            f"Machine: {platform.machine()} CPU ×{torch.get_num_threads()} threads; torch {torch.__version__}, "
+            f"transformers {__import__('transformers').__version__}, Python {platform.python_version()}\n")
+    return head + "\n" + "\n".join(lines) + "\n"
+
+
+def write_results(text: str) -> None:
+    begin, end = "<!-- quality:begin -->", "<!-- quality:end -->"
+    body = RESULTS.read_text() if RESULTS.exists() else "# kvfx benchmark results\n"
+    block = f"{begin}\n{text}{end}"
+    if begin in body:
+        pre, rest = body.split(begin, 1)
+        body = pre + block + rest.split(end, 1)[1]
+    else:
+        body = body.rstrip() + "\n\n## Quality: SmolLM2-135M-Instruct, WikiText-2 perplexity\n\n" + block + "\n"
+    RESULTS.write_text(body)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", type=lambda s: s.split(","), default=["pca", "eigen", "kqsvd", "kqsvd-summed"])
+    p.add_argument("--keep", type=lambda s: [float(x) for x in s.split(",")], default=[0.75, 0.5, 0.25])
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--calib-windows", type=int, default=8)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+    text = run(args)
+    print(text)
+    if args.write:
+        write_results(text)
+
+
+if __name__ == "__main__":
+    main()
