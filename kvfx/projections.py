@@ -114,6 +114,16 @@ class Projections:
         before = sum(2 * s.kv_heads * s.head_dim for s in self.shapes.values())
         return after / before
 
+    def report_table(self) -> str:
+        """Per-site calibration report: ranks, relative key-logit / value-output error, ε gap (kqsvd)."""
+        rows = ["site                                  Rk  Rv  key_err  value_err  eps(K-only SVD excess)"]
+        for name, p in self.sites.items():
+            r = self.report.get("sites", {}).get(name, {})
+            eps = f"{r['eps']:.4g}" if "eps" in r else "-"
+            rows.append(f"{name:36s} {p.key_rank:3d} {p.value_rank:3d}  {r.get('key_err', float('nan')):7.4f}  "
+                        f"{r.get('value_err', float('nan')):9.4f}  {eps}")
+        return "\n".join(rows)
+
     def to(self, dtype=None, device=None) -> "Projections":
         sites = {n: SiteProjection(**{k: t.to(dtype=dtype, device=device) for k, t in p.tensors().items()})
                  for n, p in self.sites.items()}
