@@ -1,7 +1,9 @@
 """Quality benchmark: WikiText-2 perplexity of SmolLM2-135M under kvfx, every calibrator × keep fraction.
 
 Protocol (DESIGN-NOTES): calibrate on the first 8 windows of 512 tokens of wiki.valid.tokens; evaluate on
-the first 16 windows of 512 tokens of wiki.test.raw; K and V at the same rank. Every compressed row runs
+the first 16 windows of 512 tokens of wiki.test.raw; K and V at the same rank (plus keys-only / values-only rows).
+Methods: per-head pca / eigen / kqsvd / kqsvd-summed (the seed's summed-query variant) and joint cross-head
+latents ('@layer', one rank-R latent per layer shared by all query heads; keep is then a fraction of h·d). Every compressed row runs
 through `kvfx.compress(torch.compile(model), projections)` — the product path, Inductor included.
 
     python benchmarks/quality.py                      # full table (prints markdown)
@@ -48,30 +50,35 @@ def run(args) -> str:
     t0 = time.time()
     base = evaluate(torch.compile(model), test)
     torch._dynamo.reset()
-    rows.append(("baseline (torch.compile)", "1.00", "-", base, time.time() - t0))
+    rows.append(("baseline (torch.compile)", "1.00", "1.000", "-", base, time.time() - t0))
     print(f"baseline ppl {base:.2f}", flush=True)
-    for method in args.methods:
-        name, opts = (method, {}) if method != "kqsvd-summed" else ("kqsvd", {"query": "summed"})
-        for keep in args.keep:
-            t0 = time.time()
-            proj = fit(stats, name, keep, **opts)
-            model_c = kvfx.compress(torch.compile(model), proj)
-            ppl = evaluate(model_c, test)
-            kvfx.decompress(model_c)
-            torch._dynamo.reset()
-            err = sum(r["key_err"] for r in proj.report["sites"].values()) / len(proj.report["sites"])
-            rows.append((method, f"{keep:.2f}", f"{err:.3f}", ppl, time.time() - t0))
-            print(f"{method:13s} keep {keep:.2f}: ppl {ppl:8.2f}  (mean key logit err {err:.3f}, {time.time() - t0:.0f}s)",
-                  flush=True)
+    configs = [(m, keep, None) for m in args.methods for keep in args.keep]
+    configs += [(m, keep, part) for m in args.split_methods for keep in args.split_keep for part in ("keys", "values")]
+    for method, keep, part in configs:
+        name, gran = method.split("@") if "@" in method else (method, "head")
+        name, opts = (name, {}) if name != "kqsvd-summed" else ("kqsvd", {"query": "summed"})
+        rk, rv = {None: (keep, keep), "keys": (keep, 1.0), "values": (1.0, keep)}[part]
+        t0 = time.time()
+        proj = fit(stats, name, rk, value_rank=rv, granularity=gran, **opts)
+        model_c = kvfx.compress(torch.compile(model), proj)
+        ppl = evaluate(model_c, test)
+        kvfx.decompress(model_c)
+        torch._dynamo.reset()
+        err = sum(r["key_err"] for r in proj.report["sites"].values()) / len(proj.report["sites"])
+        label = method + (f" ({part} only)" if part else "")
+        rows.append((label, f"{keep:.2f}", f"{proj.kv_fraction():.3f}", f"{err:.3f}", ppl, time.time() - t0))
+        print(f"{label:28s} keep {keep:.2f}: ppl {ppl:8.2f}  (KV bytes {proj.kv_fraction():.3f}, "
+              f"mean key logit err {err:.3f}, {time.time() - t0:.0f}s)", flush=True)
     return table(rows, args)
 
 
 def table(rows, args) -> str:
-    lines = ["| method | keep (R/d) | mean rel. key-logit error | ppl | time (s) |", "|---|---|---|---|---|"]
-    lines += [f"| {m} | {k} | {e} | {p:.2f} | {t:.0f} |" for m, k, e, p, t in rows]
+    lines = ["| method | keep (R/d) | KV bytes vs baseline | mean rel. key-logit error | ppl | time (s) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {m} | {k} | {f} | {e} | {p:.2f} | {t:.0f} |" for m, k, f, e, p, t in rows]
     head = (f"Command: `python benchmarks/quality.py{' --write' if args.write else ''}` "
             f"(eval {args.eval_windows}×{args.window} tokens of wiki.test.raw, calibration "
-            f"{args.calib_windows}×{args.window} tokens of wiki.valid.tokens, K and V at the same rank)\n"
+            f"{args.calib_windows}×{args.window} tokens of wiki.valid.tokens, K and V at the same rank unless marked)\n"
             f"Machine: {platform.machine()} CPU ×{torch.get_num_threads()} threads; torch {torch.__version__}, "
             f"transformers {__import__('transformers').__version__}, Python {platform.python_version()}\n")
     return head + "\n" + "\n".join(lines) + "\n"
@@ -91,7 +98,12 @@ def write_results(text: str) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", type=lambda s: s.split(","), default=["pca", "eigen", "kqsvd", "kqsvd-summed"])
+    p.add_argument("--methods", type=lambda s: s.split(","),
+                   default=["pca", "eigen", "kqsvd", "kqsvd-summed", "pca@layer", "kqsvd@layer"],
+                   help="calibrators; '@layer' = joint cross-head latent (granularity='layer')")
+    p.add_argument("--split-methods", type=lambda s: s.split(",") if s else [], default=["kqsvd@layer"],
+                   help="also run these with only keys / only values compressed")
+    p.add_argument("--split-keep", type=lambda s: [float(x) for x in s.split(",")], default=[0.5])
     p.add_argument("--keep", type=lambda s: [float(x) for x in s.split(",")], default=[0.75, 0.5, 0.25])
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--calib-windows", type=int, default=8)

@@ -18,14 +18,22 @@ class _LowRankLayerMixin:
 
     def _init_projection(self, proj: SiteProjection, dtype, device) -> None:
         cast = lambda t: t.to(dtype=dtype, device=device).contiguous()  # noqa: E731
-        self.kvfx_key_down = cast(proj.key_down)                        # [h, d, Rk]
+        # joint latent: down is [h·d, R] (2-D) and the cache holds one latent "head" [b, 1, N, R]
+        down = lambda t: t[0] if t.shape[0] == 1 and t.shape[1] != proj.key_up.shape[1] else t  # noqa: E731
+        self.kvfx_key_down = cast(down(proj.key_down))                  # [h, d, Rk] or [h·d, Rk]
         self.kvfx_key_up = cast(proj.key_up.transpose(1, 2))            # [h, Rk, d]  (Bᵀ)
-        self.kvfx_value_down = cast(proj.value_down)                    # [h, d, Rv]
+        self.kvfx_value_down = cast(down(proj.value_down))              # [h, d, Rv] or [h·d, Rv]
         self.kvfx_value_up = cast(proj.value_up.transpose(1, 2))        # [h, Rv, d]  (Dᵀ)
 
+    @staticmethod
+    def _down(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        if p.dim() == 2:  # joint: [b, h, n, d] -> [b, n, h·d] -> [b, 1, n, R]
+            return torch.matmul(x.transpose(1, 2).flatten(2), p).unsqueeze(1)
+        return torch.matmul(x, p)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        k = torch.matmul(key_states, self.kvfx_key_down)
-        v = torch.matmul(value_states, self.kvfx_value_down)
+        k = self._down(key_states, self.kvfx_key_down)
+        v = self._down(value_states, self.kvfx_value_down)
         keys, values = super().update(k, v, *args, **kwargs)
         return torch.matmul(keys, self.kvfx_key_up), torch.matmul(values, self.kvfx_value_up)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import LowRankCache
-from .passes.compile import CompileOptions, KvfxBackend, options_of
+from .passes.compile import CompileOptions, KvfxBackend, UnsupportedAttention, compile_isolated, options_of
 from .projections import Projections, ProjectionError
 
 
@@ -42,6 +42,14 @@ def _check_model(module: torch.nn.Module, projections: Projections) -> None:
         if shapes and heads not in shapes:
             raise ProjectionError(f"The model has {heads} attention heads but the projections were made for "
                                   f"{sorted(shapes)}: another model. Recalibrate.")
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or getattr(cfg, "hidden_size", 0) // heads
+        want = [heads, kv_heads, head_dim]
+        other = next((n for n, s in projections.shapes.items() if head_dim and s.as_list() != want), None)
+        if other is not None:
+            raise ProjectionError(f"The model's attention has heads/kv heads/head_dim {want} but the projections for "
+                                  f"'{other}' were made for {projections.shapes[other].as_list()}: another model. "
+                                  "Recalibrate with kvfx.calibrate(model, ...).")
         n_layers = getattr(cfg, "num_hidden_layers", None)
         if n_layers is not None and n_layers != len(projections.sites):
             raise ProjectionError(f"The model has {n_layers} layers but the projections cover "
@@ -66,10 +74,37 @@ def _generate_with_cache(model, generate, *args, **kwargs):
     if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
         max_len = None
         if model._kvfx.cache == "static":
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            max_len = ids.shape[-1] + kwargs.get("max_new_tokens", 20)
+            ids = next((kwargs[k] for k in ("input_ids", "inputs", "inputs_embeds") if kwargs.get(k) is not None),
+                       args[0] if args else None)
+            config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+            new = kwargs.get("max_new_tokens") or getattr(config, "max_new_tokens", None)
+            total = kwargs.get("max_length") or getattr(config, "max_length", None) or 20
+            max_len = ids.shape[1] + new if new else max(total, ids.shape[1] + 1)
         kwargs["past_key_values"] = make_cache(model, max_cache_len=max_len)
     return generate(*args, **kwargs)
+
+
+def _first_forward(module, compiled, *args, **kwargs):
+    """The first call of a compressed forward is when kvfx sees the model's graphs. If a projection does not fit
+    an attention site, or no attention site was found at all (nothing would be compressed), undo compress (the
+    model is as before) and raise kvfx's error; afterwards the compiled forward is called directly."""
+    if torch.compiler.is_compiling():  # traced by an outer compile / torch._dynamo.explain
+        return compiled(*args, **kwargs)
+    try:
+        out = compiled(*args, **kwargs)
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        if isinstance(e.inner_exception, ProjectionError):
+            decompress(module)
+            raise e.inner_exception from None
+        raise
+    if not module._kvfx.backend.graphs:
+        decompress(module)
+        raise UnsupportedAttention(
+            "kvfx found no attention site in the compiled forward: the model calls no scaled_dot_product_attention "
+            "(or torch.compile did not capture it), so nothing would be compressed. Check kvfx.explain(model, inputs); "
+            "compress has been undone.")
+    module.forward = compiled
+    return out
 
 
 def compress(model: torch.nn.Module, projections: Projections, *, cache: str = "dynamic",
@@ -90,9 +125,10 @@ def compress(model: torch.nn.Module, projections: Projections, *, cache: str = "
     projections = projections.to(dtype=torch.float32)
     backend = KvfxBackend(projections, opts, fold=fold)
     original_forward = module.__dict__.get("forward")
-    compiled = torch.compile(module.forward, backend=backend, dynamic=opts.dynamic, fullgraph=opts.fullgraph)
+    compiled = compile_isolated(module.forward, backend=backend, dynamic=opts.dynamic, fullgraph=opts.fullgraph)
     module._kvfx = CompressState(projections, backend, opts, cache, original_forward, "generate" in module.__dict__)
-    module.forward = compiled
+    module.forward = functools.update_wrapper(functools.partial(_first_forward, module, compiled), module.forward,
+                                              updated=())  # the forward's name and signature, for generate
     if hasattr(module, "generate"):
         module.generate = functools.partial(_generate_with_cache, module, module.generate)
     return module

@@ -5,6 +5,8 @@ For attention site s with kv heads h, head dim d and ranks (R_k, R_v):
     key_up     B [h, d, R_k]   query           q -> q·B   (one B per kv group, shared by its query heads)
     value_down C [h, d, R_v]   cached value    v -> v·C
     value_up   D [h, d, R_v]   attention out   o -> o·Dᵀ  (folded into W_O)
+Joint cross-head latent (granularity "layer", MLA-like): key_down / value_down are [1, h·d, R] and project
+the concatenated kv heads into one latent per layer; the up matrices stay [h, d, R] (one block per group).
 """
 from __future__ import annotations
 
@@ -40,6 +42,16 @@ class SiteProjection:
     key_up: torch.Tensor
     value_down: torch.Tensor
     value_up: torch.Tensor
+
+    @property
+    def joint(self) -> bool:
+        """One latent for all kv heads of the site (down matrices [1, h·d, R])."""
+        return self.key_down.shape[0] == 1 and self.key_down.shape[1] != self.key_up.shape[1]
+
+    @property
+    def cached_per_token(self) -> int:
+        """Numbers the cache holds per token for this site (keys + values)."""
+        return self.key_down.shape[0] * self.key_rank + self.value_down.shape[0] * self.value_rank
 
     @property
     def key_rank(self) -> int:
@@ -81,16 +93,20 @@ class Projections:
                 if not isinstance(t, torch.Tensor) or t.dim() != 3:
                     raise ProjectionError(f"{name}.{kind}: expected a [kv_heads, head_dim, rank] tensor.")
                 h, d, r = t.shape
-                if (h, d) != (shp.kv_heads, shp.head_dim):
+                joint = kind.endswith("_down") and (h, d) == (1, shp.kv_heads * shp.head_dim)
+                if (h, d) != (shp.kv_heads, shp.head_dim) and not joint:
                     raise ProjectionError(
                         f"{name}.{kind}: shape {tuple(t.shape)} does not fit {shp.kv_heads} kv heads × "
                         f"head_dim {shp.head_dim}; these projections were made for another model.")
-                if not 1 <= r <= d:
-                    raise ProjectionError(f"{name}.{kind}: rank {r} is outside 1..{d} (head_dim); pick a rank in range.")
                 if not t.is_floating_point() or not torch.isfinite(t).all():
                     raise ProjectionError(f"{name}.{kind}: contains NaN/inf or is not floating point; recalibrate.")
-            if p.key_up.shape != p.key_down.shape or p.value_up.shape != p.value_down.shape:
-                raise ProjectionError(f"{name}: key/value up and down projections must have the same shape.")
+            for label, down, up in (("key", p.key_down, p.key_up), ("value", p.value_down, p.value_up)):
+                width = down.shape[1]
+                if not 1 <= down.shape[-1] <= width:
+                    raise ProjectionError(f"{name}.{label}: rank {down.shape[-1]} is outside 1..{width} "
+                                          "(the projected width); pick a rank in range.")
+                if up.shape[-1] != down.shape[-1]:
+                    raise ProjectionError(f"{name}.{label}: up and down projections differ in rank.")
 
     def check_site(self, name: str, shape: SiteShape) -> SiteProjection:
         if name not in self.sites:
@@ -110,7 +126,7 @@ class Projections:
 
     def kv_fraction(self) -> float:
         """Cached numbers per token after / before (keys and values together)."""
-        after = sum(self.shapes[n].kv_heads * (p.key_rank + p.value_rank) for n, p in self.sites.items())
+        after = sum(p.cached_per_token for p in self.sites.values())
         before = sum(2 * s.kv_heads * s.head_dim for s in self.shapes.values())
         return after / before
 

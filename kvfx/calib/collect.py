@@ -6,8 +6,9 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
+from ..passes.compile import compile_isolated
 from ..passes.observe import insert_observers
-from ..projections import Projections, SiteShape, resolve_rank
+from ..projections import Projections, SiteProjection, SiteShape, resolve_rank
 from .base import get_calibrator
 from .stats import SiteStats
 
@@ -37,7 +38,7 @@ class StatsCollector:
 def collect_stats(model: torch.nn.Module, batches: Iterable, progress: bool = True) -> dict[str, SiteStats]:
     """Run `model` on each batch (input_ids tensors or kwargs dicts) and return per-site statistics."""
     collector = StatsCollector()
-    fn = torch.compile(model.forward, backend=collector, dynamic=False)
+    fn = compile_isolated(model.forward, backend=collector, dynamic=False)
     batches = list(batches)
     with torch.no_grad():
         for batch in tqdm(batches, desc="kvfx calibrate", disable=not progress):
@@ -59,29 +60,48 @@ def _params(model) -> set[str]:
         return set()
 
 
+GRANULARITIES = ("head", "layer")
+
+
+def _unjoin(proj: SiteProjection, st: SiteStats) -> SiteProjection:
+    """Joint-view projection ([1, h·d, R] everywhere) -> down [1, h·d, R], up split per kv head [h, d, R]."""
+    split = lambda t: t[0].reshape(st.kv_heads, st.head_dim, t.shape[-1])  # noqa: E731
+    return SiteProjection(proj.key_down, split(proj.key_up), proj.value_down, split(proj.value_up))
+
+
 def fit(stats: dict[str, SiteStats], method: str = "kqsvd", rank: int | float | dict = 0.5,
-        value_rank: int | float | None = None, **options) -> Projections:
-    """Projections from collected statistics. rank: keep fraction or int (keys; values use `value_rank`
-    or the same); a dict maps site name -> rank or (key_rank, value_rank)."""
+        value_rank: int | float | None = None, granularity: str = "head", **options) -> Projections:
+    """Projections from collected statistics.
+
+    rank: keep fraction in (0, 1] or int (keys; values use `value_rank` or the same); a dict maps site name
+    -> rank or (key_rank, value_rank). granularity: "head" (one projection per kv head) or "layer" (one joint
+    latent over the concatenated kv heads of a site, MLA-like; fractions are then of h·d).
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
     cal = get_calibrator(method, **options)
     sites, shapes, report = {}, {}, {}
     for name, st in stats.items():
         r = rank.get(name) if isinstance(rank, dict) else rank
         if r is None:
             raise ValueError(f"rank mapping has no entry for site '{name}'.")
+        view = st.joint() if granularity == "layer" else st
         rk, rv = r if isinstance(r, (tuple, list)) else (r, value_rank if value_rank is not None else r)
-        rk, rv = resolve_rank(rk, st.head_dim), resolve_rank(rv, st.head_dim)
-        sites[name], report[name] = cal.fit(st, rk, rv)
+        rk, rv = resolve_rank(rk, view.head_dim), resolve_rank(rv, view.head_dim)
+        proj, report[name] = cal.fit(view, rk, rv)
+        sites[name] = _unjoin(proj, st) if granularity == "layer" else proj
         shapes[name] = SiteShape(st.heads, st.kv_heads, st.head_dim)
-    return Projections(sites, shapes, method, {"sites": report, "tokens": max(s.tokens for s in stats.values())})
+    return Projections(sites, shapes, method, {"sites": report, "granularity": granularity,
+                                               "tokens": max(s.tokens for s in stats.values())})
 
 
 def calibrate(model: torch.nn.Module, batches: Iterable, method: str = "kqsvd", rank: int | float | dict = 0.5,
-              value_rank: int | float | None = None, progress: bool = True, **options) -> Projections:
+              value_rank: int | float | None = None, granularity: str = "head", progress: bool = True,
+              **options) -> Projections:
     """Calibrate projections for every attention site of `model` on `batches` of real text."""
     from ..passes.compile import options_of
     model, _ = options_of(model)
     if getattr(model, "_kvfx", None) is not None:
         raise ValueError("calibrate the original model, not one already compressed by kvfx.")
     stats = collect_stats(model, batches, progress=progress)
-    return fit(stats, method, rank, value_rank, **options)
+    return fit(stats, method, rank, value_rank, granularity, **options)

@@ -6,7 +6,8 @@ Per site and kv head g (query head i belongs to group g = i // (heads / kv_heads
     query_sum G_S[g]  = Σ_tokens (Σ_{i∈g} q_i)ᵀ(Σ_{i∈g} q_i)  (the seed's summed-query variant)
     value     G_V[g]  = Σ_tokens vᵀv
     output    G_O[g]  = Σ_{i∈g} W_O,i W_O,iᵀ    (W_O,i: the d rows of W_O that read head i)
-Stats from several processes add up (see `SiteStats.merge` / `all_reduce`).
+Cross-head Grams of the concatenated kv heads (key_joint, value_joint: [h·d, h·d]) serve the joint latent
+(`granularity="layer"`, see `joint()`). Stats from several processes add up (see `SiteStats.merge` / `all_reduce`).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-_FIELDS = ("key", "query", "query_sum", "value", "output")
+_FIELDS = ("key", "query", "query_sum", "value", "key_joint", "value_joint", "output")
+_SUMMED = _FIELDS[:-1]  # accumulated over tokens (W_O Grams are not)
 
 
 @dataclass
@@ -27,12 +29,15 @@ class SiteStats:
     query_sum: torch.Tensor
     value: torch.Tensor
     output: torch.Tensor
+    key_joint: torch.Tensor | None = None    # [h·d, h·d]
+    value_joint: torch.Tensor | None = None
     tokens: int = 0
 
     @classmethod
     def empty(cls, heads: int, kv_heads: int, head_dim: int) -> "SiteStats":
         z = lambda: torch.zeros(kv_heads, head_dim, head_dim, dtype=torch.float64)  # noqa: E731
-        return cls(heads, kv_heads, head_dim, z(), z(), z(), z(), z())
+        j = lambda: torch.zeros(kv_heads * head_dim, kv_heads * head_dim, dtype=torch.float64)  # noqa: E731
+        return cls(heads, kv_heads, head_dim, z(), z(), z(), z(), z(), j(), j())
 
     @property
     def group(self) -> int:
@@ -50,6 +55,10 @@ class SiteStats:
         self.query += torch.einsum("bhgnd,bhgne->hde", q, q)
         qs = q.sum(2)
         self.query_sum += torch.einsum("bhnd,bhne->hde", qs, qs)
+        if self.key_joint is not None:
+            kj, vj = k.transpose(1, 2).reshape(-1, h * d), v.transpose(1, 2).reshape(-1, h * d)
+            self.key_joint += kj.T @ kj
+            self.value_joint += vj.T @ vj
         self.tokens += b * k.shape[2]
 
     def set_output_weight(self, w_rows: torch.Tensor) -> None:
@@ -57,16 +66,27 @@ class SiteStats:
         w = w_rows.detach().to(torch.float64).reshape(self.kv_heads, self.group, self.head_dim, -1)
         self.output = torch.einsum("hgdo,hgeo->hde", w, w)
 
+    def joint(self) -> "SiteStats":
+        """The same statistics seen as ONE head of width h·d (the joint cross-head latent): cross-head key and
+        value Grams, block-diagonal query and output Grams (each query head reads only its own kv head)."""
+        if self.key_joint is None:
+            raise ValueError("these statistics have no cross-head Grams; collect them again with this kvfx.")
+        bd = lambda g: torch.block_diag(*g)[None]  # noqa: E731
+        return SiteStats(self.heads, 1, self.kv_heads * self.head_dim, self.key_joint[None], bd(self.query),
+                         bd(self.query_sum), self.value_joint[None], bd(self.output), tokens=self.tokens)
+
     def merge(self, other: "SiteStats") -> None:
-        for f in _FIELDS[:4]:
-            getattr(self, f).add_(getattr(other, f))
+        for f in _SUMMED:
+            if getattr(self, f) is not None:
+                getattr(self, f).add_(getattr(other, f))
         self.tokens += other.tokens
 
     def all_reduce(self, group=None) -> None:
         """Sum the token statistics over torch.distributed ranks (W_O Grams are identical everywhere)."""
         import torch.distributed as dist
-        for f in _FIELDS[:4]:
-            dist.all_reduce(getattr(self, f), group=group)
+        for f in _SUMMED:
+            if getattr(self, f) is not None:
+                dist.all_reduce(getattr(self, f), group=group)
         t = torch.tensor([self.tokens], dtype=torch.float64)
         dist.all_reduce(t, group=group)
         self.tokens = int(t.item())

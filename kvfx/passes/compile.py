@@ -72,6 +72,17 @@ def inner_compiler(opts: CompileOptions) -> Callable:
     return lambda gm, ex: fn(gm, ex, **opts.kwargs)
 
 
+def compile_isolated(fn: Callable, **kwargs) -> Callable:
+    """torch.compile with its own recompile budget where torch supports it (2.13+: isolate_recompiles).
+
+    transformers wraps every model's forward in one shared function, so without isolation the compiled
+    entries of all models (and of kvfx's calibration observer) share Dynamo's recompile_limit of 8."""
+    import inspect
+    if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+        kwargs["isolate_recompiles"] = True
+    return torch.compile(fn, **kwargs)
+
+
 class KvfxBackend:
     """torch.compile backend: apply `projections` to every attention site, then compile with `opts`."""
 

@@ -55,6 +55,8 @@ class Folder:
         if not _single_use(own) or not _single_use(shared + [path.source.node]):
             return None
         p = self.consts.value_of(mm.args[1])
+        if p is None or p.dim() != 3:  # joint latents mix heads: nothing per-head to fold
+            return None
         return own, shared, p
 
     def fold_inputs(self, sites: list[AttentionSite]) -> None:

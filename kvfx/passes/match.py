@@ -235,15 +235,20 @@ def _site_name(q: InputPath, o: LinearSource | None, index: int) -> str:
     return ".".join(common) or f"sdpa{index}"
 
 
+def _recon_shape(path: InputPath) -> tuple[int, ...]:
+    lat, up = gu.shape_of(path.latent), gu.shape_of(path.up)
+    return (lat[0], up[0], lat[2], up[-1])
+
+
 def match_site(gm: fx.GraphModule, sdpa: fx.Node, index: int) -> AttentionSite:
     args = gu.sdpa_args(sdpa)
     q, k, v = (trace_input(args[x], gm.graph) for x in ("query", "key", "value"))
     out_nodes, o = trace_output(sdpa)
     qs, kbase, vbase = gu.shape_of(args["query"]), gu.shape_of(k.base), gu.shape_of(v.base)
-    if k.cache == "lowrank":
-        kbase = gu.shape_of(k.latent)[:-1] + (gu.shape_of(k.up)[-1],)
+    if k.cache == "lowrank":  # heads and width from the reconstruction matrix [h, R, d]
+        kbase = _recon_shape(k)
     if v.cache == "lowrank":
-        vbase = gu.shape_of(v.latent)[:-1] + (gu.shape_of(v.up)[-1],)
+        vbase = _recon_shape(v)
     site = AttentionSite(
         name=_site_name(q, o, index), sdpa=sdpa, q=q, k=k, v=v, out_nodes=out_nodes, out_source=o,
         num_heads=qs[1] if qs else -1, num_kv_heads=kbase[1] if kbase else -1,
@@ -261,6 +266,8 @@ def _check(site: AttentionSite, qs, ks, vs) -> str:
         return f"unsupported: key width {ks[-1]} != query width {qs[-1]}"
     if vs[1] != ks[1]:
         return f"unsupported: {vs[1]} value heads vs {ks[1]} key heads"
+    if vs[-1] != ks[-1]:  # projections are [h, head_dim, R] for keys and values alike (no MLA-style v_head_dim)
+        return f"unsupported: value width {vs[-1]} != key width {ks[-1]}"
     if site.num_heads % site.num_kv_heads:
         return f"unsupported: {site.num_heads} query heads not a multiple of {site.num_kv_heads} kv heads"
     if site.k.repeat_kv is not None and site.k.base is site.k.repeat_kv.args[0] and site.k.cache != "lowrank":

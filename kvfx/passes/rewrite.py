@@ -52,6 +52,10 @@ def retarget_last_dim(nodes, old: int, new: int, heads: int | None = None) -> No
         n.args = (n.args[0], *sizes) if n.op == "call_method" else (n.args[0], tuple(seq))
 
 
+def _is_joint(down: torch.Tensor, site: AttentionSite) -> bool:
+    return down.shape[0] == 1 and down.shape[1] == site.num_kv_heads * site.head_dim and site.num_kv_heads > 1
+
+
 class RankSpaceRewrite:
     """Rewrites one site given its projection; constants go through `consts`."""
 
@@ -83,7 +87,11 @@ class RankSpaceRewrite:
             k2 = self._plain(site, site.k, k, proj.key_down, "key_down")
             v2 = self._plain(site, site.v, v, proj.value_down, "value_down")
             site.proj["k"], site.proj["v"] = k2, v2
-        gu.set_sdpa_args(sdpa, query=q2, key=k2, value=v2, scale=site.scale)
+        changes = dict(query=q2, key=k2, value=v2, scale=site.scale)
+        if proj.key_down.shape[1] != proj.key_up.shape[1] or proj.value_down.shape[1] != proj.value_up.shape[1]:
+            changes["enable_gqa"] = True  # joint latent: one kv "head" serves every query head
+            counters["kvfx"]["joint"] += 1
+        gu.set_sdpa_args(sdpa, **changes)
         with self.g.inserting_after(sdpa):
             out = self.g.call_function(torch.matmul, (sdpa, None))
         sdpa.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
@@ -92,12 +100,19 @@ class RankSpaceRewrite:
         counters["kvfx"]["rewritten"] += 1
 
     def _plain(self, site, path, x: fx.Node, down: torch.Tensor, label: str) -> fx.Node:
+        if _is_joint(down, site):  # [b, h, N, d] -> [b, N, h·d] · A -> [b, 1, N, R]
+            base = path.base
+            with self.g.inserting_before(site.sdpa):
+                flat = self.g.call_method("flatten", (self.g.call_method("transpose", (base, 1, 2)), 2))
+                mm = self.g.call_function(torch.matmul, (flat, self._const(site, label, down[0], x)))
+                return self.g.call_method("unsqueeze", (mm, 1))
         heads = gu.shape_of(x)[1]
         p = down.repeat_interleave(heads // down.shape[0], 0)  # repeat_kv'd inputs carry query heads
         return self._mm(x, self._const(site, label, p, x), site.sdpa)
 
     def _reassociate(self, site, path, down: torch.Tensor, label: str) -> fx.Node:
         """Cache path: feed SDPA the rank-R cache directly; use our constant for the cache write."""
+        down = down[0] if _is_joint(down, site) else down
         path.down.args = (path.down.args[0], self._const(site, label, down, path.down.args[0]))
         recon = path.recon
         between = path.nodes[: path.cache_at]  # repeat_kv between reconstruction and SDPA: now rank R
