@@ -54,18 +54,21 @@ def run(args) -> str:
     print(f"baseline ppl {base:.2f}", flush=True)
     configs = [(m, keep, None) for m in args.methods for keep in args.keep]
     configs += [(m, keep, part) for m in args.split_methods for keep in args.split_keep for part in ("keys", "values")]
+    configs += [(m, keep, "budget") for m in args.budget_methods for keep in args.keep]
     for method, keep, part in configs:
         name, gran = method.split("@") if "@" in method else (method, "head")
         name, opts = (name, {}) if name != "kqsvd-summed" else ("kqsvd", {"query": "summed"})
-        rk, rv = {None: (keep, keep), "keys": (keep, 1.0), "values": (1.0, keep)}[part]
         t0 = time.time()
+        rk, rv = {None: (keep, keep), "keys": (keep, 1.0), "values": (1.0, keep),
+                  "budget": (kvfx.Budget(keep), None)}[part]
         proj = fit(stats, name, rk, value_rank=rv, granularity=gran, **opts)
         model_c = kvfx.compress(torch.compile(model), proj)
         ppl = evaluate(model_c, test)
         kvfx.decompress(model_c)
         torch._dynamo.reset()
         err = sum(r["key_err"] for r in proj.report["sites"].values()) / len(proj.report["sites"])
-        label = method + (f" ({part} only)" if part else "")
+        label = method + {None: "", "keys": " (keys only)", "values": " (values only)",
+                          "budget": " + budget allocation"}[part]
         rows.append((label, f"{keep:.2f}", f"{proj.kv_fraction():.3f}", f"{err:.3f}", ppl, time.time() - t0))
         print(f"{label:28s} keep {keep:.2f}: ppl {ppl:8.2f}  (KV bytes {proj.kv_fraction():.3f}, "
               f"mean key logit err {err:.3f}, {time.time() - t0:.0f}s)", flush=True)
@@ -76,7 +79,7 @@ def table(rows, args) -> str:
     lines = ["| method | keep (R/d) | KV bytes vs baseline | mean rel. key-logit error | ppl | time (s) |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {m} | {k} | {f} | {e} | {p:.2f} | {t:.0f} |" for m, k, f, e, p, t in rows]
-    head = (f"Command: `python benchmarks/quality.py{' --write' if args.write else ''}` "
+    head = (f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}` "
             f"(eval {args.eval_windows}×{args.window} tokens of wiki.test.raw, calibration "
             f"{args.calib_windows}×{args.window} tokens of wiki.valid.tokens, K and V at the same rank unless marked)\n"
             f"Machine: {platform.machine()} CPU ×{torch.get_num_threads()} threads; torch {torch.__version__}, "
@@ -84,15 +87,15 @@ def table(rows, args) -> str:
     return head + "\n" + "\n".join(lines) + "\n"
 
 
-def write_results(text: str) -> None:
-    begin, end = "<!-- quality:begin -->", "<!-- quality:end -->"
+def write_results(text: str, section: str = "quality") -> None:
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     body = RESULTS.read_text() if RESULTS.exists() else "# kvfx benchmark results\n"
     block = f"{begin}\n{text}{end}"
     if begin in body:
         pre, rest = body.split(begin, 1)
         body = pre + block + rest.split(end, 1)[1]
     else:
-        body = body.rstrip() + "\n\n## Quality: SmolLM2-135M-Instruct, WikiText-2 perplexity\n\n" + block + "\n"
+        body = body.rstrip() + f"\n\n## {section}: SmolLM2-135M-Instruct, WikiText-2 perplexity\n\n" + block + "\n"
     RESULTS.write_text(body)
 
 
@@ -103,6 +106,9 @@ def main(argv=None) -> None:
                    help="calibrators; '@layer' = joint cross-head latent (granularity='layer')")
     p.add_argument("--split-methods", type=lambda s: s.split(",") if s else [], default=["kqsvd@layer"],
                    help="also run these with only keys / only values compressed")
+    p.add_argument("--budget-methods", type=lambda s: s.split(",") if s else [], default=[],
+                   help="also run these with ranks allocated per layer and K/V under a KV-bytes budget = keep")
+    p.add_argument("--section", default="quality", help="RESULTS.md section the table is written to")
     p.add_argument("--split-keep", type=lambda s: [float(x) for x in s.split(",")], default=[0.5])
     p.add_argument("--keep", type=lambda s: [float(x) for x in s.split(",")], default=[0.75, 0.5, 0.25])
     p.add_argument("--eval-windows", type=int, default=16)
@@ -113,7 +119,7 @@ def main(argv=None) -> None:
     text = run(args)
     print(text)
     if args.write:
-        write_results(text)
+        write_results(text, args.section)
 
 
 if __name__ == "__main__":

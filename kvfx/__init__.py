@@ -4,6 +4,7 @@
     model = kvfx.compress(torch.compile(model), projections)
 """
 from .cache import LowRankCache
+from .calib.allocate import Budget
 from .compress import compress, decompress, make_cache
 from .explain import Explanation, explain
 from .passes.counters import counters
@@ -20,5 +21,5 @@ def calibrate(*args, **kwargs):
 
 
 
-__all__ = ["Projections", "SiteProjection", "SiteShape", "ProjectionError", "LowRankCache", "calibrate",
+__all__ = ["Budget", "Projections", "SiteProjection", "SiteShape", "ProjectionError", "LowRankCache", "calibrate",
            "compress", "decompress", "explain", "make_cache", "counters"]

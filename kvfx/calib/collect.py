@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 from ..passes.compile import compile_isolated
 from ..passes.observe import insert_observers
 from ..projections import Projections, SiteProjection, SiteShape, resolve_rank
+from .allocate import Budget, allocate
 from .base import get_calibrator
 from .stats import SiteStats
 
@@ -74,13 +75,18 @@ def fit(stats: dict[str, SiteStats], method: str = "kqsvd", rank: int | float | 
     """Projections from collected statistics.
 
     rank: keep fraction in (0, 1] or int (keys; values use `value_rank` or the same); a dict maps site name
-    -> rank or (key_rank, value_rank). granularity: "head" (one projection per kv head) or "layer" (one joint
+    -> rank or (key_rank, value_rank); a `Budget(kv_fraction)` allocates ranks per site and separately for
+    keys and values from error-rank profiles (see allocate.py). granularity: "head" (one projection per kv head) or "layer" (one joint
     latent over the concatenated kv heads of a site, MLA-like; fractions are then of h·d).
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
     cal = get_calibrator(method, **options)
     sites, shapes, report = {}, {}, {}
+    allocation = None
+    if isinstance(rank, Budget):
+        views = {n: st.joint() if granularity == "layer" else st for n, st in stats.items()}
+        rank, allocation = allocate(cal, views, rank)
     for name, st in stats.items():
         r = rank.get(name) if isinstance(rank, dict) else rank
         if r is None:
@@ -91,8 +97,10 @@ def fit(stats: dict[str, SiteStats], method: str = "kqsvd", rank: int | float | 
         proj, report[name] = cal.fit(view, rk, rv)
         sites[name] = _unjoin(proj, st) if granularity == "layer" else proj
         shapes[name] = SiteShape(st.heads, st.kv_heads, st.head_dim)
-    return Projections(sites, shapes, method, {"sites": report, "granularity": granularity,
-                                               "tokens": max(s.tokens for s in stats.values())})
+    meta = {"sites": report, "granularity": granularity, "tokens": max(s.tokens for s in stats.values())}
+    if allocation is not None:
+        meta["allocation"] = allocation
+    return Projections(sites, shapes, method, meta)
 
 
 def calibrate(model: torch.nn.Module, batches: Iterable, method: str = "kqsvd", rank: int | float | dict = 0.5,

@@ -1,0 +1,85 @@
+"""Rank allocation under a KV-cache budget: per site and separately for keys and values.
+
+`Budget(kv_fraction=0.5)` asks for cached bytes = 0.5 × the uncompressed cache (keys and values of every
+site together). From each site's error-vs-rank profile (the calibrator's own relative key-logit and
+value-output errors, fitted at every rank), ranks are lowered greedily: each step removes the rank unit
+with the smallest increase of error per cached number saved, until the budget is met. Keys and values
+compete for the same bytes, so the cheaper side (keys, on SmolLM2) is compressed further.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+from .base import Calibrator
+from .stats import SiteStats
+
+
+@dataclass(frozen=True)
+class Budget:
+    kv_fraction: float          # cached numbers after / before, keys and values of all sites together
+    multiple: int = 1           # ranks stay multiples of this (e.g. 8 or 16 for GPU kernels)
+    min_rank: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.kv_fraction, (int, float)) or math.isnan(self.kv_fraction) or \
+                not 0.0 < self.kv_fraction <= 1.0:
+            raise ValueError(f"Budget kv_fraction must be in (0, 1], got {self.kv_fraction!r}.")
+        if self.multiple < 1 or self.min_rank < 1:
+            raise ValueError("Budget multiple and min_rank must be >= 1.")
+
+
+def profiles(cal: Calibrator, stats: dict[str, SiteStats], ranks: list[int]) -> dict:
+    """{(site, 'key'|'value'): {rank: relative error}} from fitting the calibrator at each rank."""
+    out = {}
+    for name, st in stats.items():
+        for r in ranks:
+            _, rep = cal.fit(st, r, r)
+            out.setdefault((name, "key"), {})[r] = float(rep["key_err"])
+            out.setdefault((name, "value"), {})[r] = float(rep["value_err"])
+    return out
+
+
+def allocate(cal: Calibrator, stats: dict[str, SiteStats], budget: Budget) -> tuple[dict, dict]:
+    """({site: (key_rank, value_rank)}, report) meeting `budget`, with stats already in the wanted view."""
+    width = {n: st.head_dim for n, st in stats.items()}
+    heads = {n: st.kv_heads for n, st in stats.items()}
+    d = max(width.values())
+    step = budget.multiple
+    grid = sorted({r for r in range(step, d + 1, step)} | {min(w, d) for w in width.values()} |
+                  {budget.min_rank})
+    prof = profiles(cal, stats, [r for r in grid if r <= d])
+    rank = {key: width[key[0]] for key in prof}
+    total = sum(heads[n] * 2 * width[n] for n in width)
+    target = budget.kv_fraction * total
+    used = float(total)
+
+    def next_step(key):
+        r = rank[key]
+        lower = [x for x in prof[key] if budget.min_rank <= x < r]
+        if not lower:
+            return None
+        r2 = max(lower)
+        cost = (prof[key][r2] - prof[key][r]) / (heads[key[0]] * (r - r2))
+        return cost, r2
+
+    heap = []
+    for key in prof:
+        nxt = next_step(key)
+        if nxt:
+            heapq.heappush(heap, (nxt[0], key, nxt[1]))
+    while used > target + 1e-9 and heap:
+        _, key, r2 = heapq.heappop(heap)
+        used -= heads[key[0]] * (rank[key] - r2)
+        rank[key] = r2
+        nxt = next_step(key)
+        if nxt:
+            heapq.heappush(heap, (nxt[0], key, nxt[1]))
+    if used > target + 1e-9:
+        raise ValueError(f"cannot meet a KV budget of {budget.kv_fraction}: even rank {budget.min_rank} "
+                         f"everywhere keeps {used / total:.3f} of the cache. Raise the budget or lower min_rank.")
+    ranks = {n: (rank[(n, "key")], rank[(n, "value")]) for n in width}
+    err = {n: (prof[(n, "key")][ranks[n][0]], prof[(n, "value")][ranks[n][1]]) for n in width}
+    return ranks, {"budget": budget.kv_fraction, "achieved": used / total, "multiple": step,
+                   "predicted_err": err}
