@@ -43,7 +43,8 @@ def run(args) -> str:
     print(f"loaded model + data in {time.time() - t0:.0f}s", flush=True)
 
     t0 = time.time()
-    stats = collect_stats(model, calib.split(1))
+    learned = any(m.startswith("stiefel") for m in args.methods + args.split_methods + args.budget_methods)
+    stats = collect_stats(model, calib.split(1), samples=2 if learned else 0)
     print(f"calibration statistics over {calib.numel()} tokens in {time.time() - t0:.0f}s", flush=True)
 
     rows = []

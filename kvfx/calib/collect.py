@@ -17,13 +17,15 @@ from .stats import SiteStats
 class StatsCollector:
     """A torch.compile backend that accumulates SiteStats for every attention site it sees."""
 
-    def __init__(self):
+    def __init__(self, samples: int = 0):
+        self.samples = samples
         self.stats: dict[str, SiteStats] = {}
         self.order: list[str] = []
 
     def _on_site(self, site, w_rows) -> None:
         if site.name not in self.stats:
             st = SiteStats.empty(site.num_heads, site.num_kv_heads, site.head_dim)
+            st.sample_limit = self.samples
             if w_rows is not None:
                 st.set_output_weight(w_rows)
             self.stats[site.name] = st
@@ -36,9 +38,11 @@ class StatsCollector:
         return insert_observers(gm, example_inputs, self.record, self._on_site).forward
 
 
-def collect_stats(model: torch.nn.Module, batches: Iterable, progress: bool = True) -> dict[str, SiteStats]:
-    """Run `model` on each batch (input_ids tensors or kwargs dicts) and return per-site statistics."""
-    collector = StatsCollector()
+def collect_stats(model: torch.nn.Module, batches: Iterable, progress: bool = True,
+                  samples: int = 0) -> dict[str, SiteStats]:
+    """Run `model` on each batch (input_ids tensors or kwargs dicts) and return per-site statistics
+    (plus the first `samples` sequences of q/k/v per site, for learned calibrators)."""
+    collector = StatsCollector(samples)
     fn = compile_isolated(model.forward, backend=collector, dynamic=False)
     batches = list(batches)
     with torch.no_grad():
@@ -111,5 +115,6 @@ def calibrate(model: torch.nn.Module, batches: Iterable, method: str = "kqsvd", 
     model, _ = options_of(model)
     if getattr(model, "_kvfx", None) is not None:
         raise ValueError("calibrate the original model, not one already compressed by kvfx.")
-    stats = collect_stats(model, batches, progress=progress)
+    samples = getattr(get_calibrator(method, **options), "samples_needed", 0)
+    stats = collect_stats(model, batches, progress=progress, samples=samples)
     return fit(stats, method, rank, value_rank, granularity, **options)

@@ -11,7 +11,7 @@ Cross-head Grams of the concatenated kv heads (key_joint, value_joint: [h·d, h�
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,10 @@ class SiteStats:
     key_joint: torch.Tensor | None = None    # [h·d, h·d]
     value_joint: torch.Tensor | None = None
     tokens: int = 0
+    # learned calibrators (stiefel) also need a few whole sequences and W_O itself, not only Grams
+    sample_limit: int = 0                    # keep the first `sample_limit` sequences of q/k/v
+    samples: list = field(default_factory=list)
+    w_rows: torch.Tensor | None = None       # [H, d, hidden], float32
 
     @classmethod
     def empty(cls, heads: int, kv_heads: int, head_dim: int) -> "SiteStats":
@@ -47,6 +51,8 @@ class SiteStats:
         """Accumulate one batch: q [b, H, n, d], k/v [b, h, N, d] (before any repeat_kv)."""
         b, H, n, d = q.shape
         h = k.shape[1]
+        for i in range(min(b, self.sample_limit - len(self.samples))):
+            self.samples.append(tuple(t[i].detach().float().clone() for t in (q, k, v)))
         q = q.detach().to(torch.float64).reshape(b, h, self.group, n, d)
         k = k.detach().to(torch.float64)
         v = v.detach().to(torch.float64)
@@ -63,6 +69,7 @@ class SiteStats:
 
     def set_output_weight(self, w_rows: torch.Tensor) -> None:
         """w_rows [H, d, hidden]: the rows of W_O (in x·W_O form) that read each query head."""
+        self.w_rows = w_rows.detach().float().clone()
         w = w_rows.detach().to(torch.float64).reshape(self.kv_heads, self.group, self.head_dim, -1)
         self.output = torch.einsum("hgdo,hgeo->hde", w, w)
 

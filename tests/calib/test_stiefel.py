@@ -1,0 +1,54 @@
+"""StiefAttention-style calibrator: orthonormal, lowers its own objective, deterministic, NaN-safe."""
+import pytest
+import torch
+
+from kvfx.calib.stats import SiteStats
+from kvfx.calib.stiefel import Stiefel
+
+
+@pytest.fixture(scope="module")
+def stats():
+    g = torch.Generator().manual_seed(0)
+    st = SiteStats.empty(4, 2, 8)
+    st.sample_limit = 2
+    for _ in range(2):
+        q = torch.randn(1, 4, 24, 8, generator=g)
+        k = torch.randn(1, 2, 24, 8, generator=g) * torch.linspace(2, 0.2, 8)
+        v = torch.randn(1, 2, 24, 8, generator=g) * torch.linspace(1, 0.5, 8)
+        st.add(q, k, v)
+    st.set_output_weight(torch.randn(4, 8, 16, generator=g))
+    return st
+
+
+def test_orthonormal_and_improves(stats):
+    proj, rep = Stiefel(steps=30, lr=2e-2).fit(stats, 4, 4)
+    eye = torch.eye(4).expand(2, 4, 4)
+    assert torch.allclose(proj.key_down.transpose(1, 2) @ proj.key_down, eye, atol=1e-5)
+    assert torch.equal(proj.key_down, proj.key_up) and torch.equal(proj.value_down, proj.value_up)
+    assert rep["final_loss"] < rep["init_loss"] and rep["fallback"] == 0.0
+    # the reported loss is the loss of the returned projection
+    assert Stiefel().loss(stats, proj.key_down, proj.value_down).item() == pytest.approx(rep["final_loss"], rel=1e-4)
+
+
+def test_deterministic(stats):
+    a = Stiefel(steps=5).fit(stats, 3, 3)[0]
+    b = Stiefel(steps=5).fit(stats, 3, 3)[0]
+    assert torch.equal(a.key_down, b.key_down)
+
+
+def test_nan_loss_falls_back_to_init(stats, monkeypatch):
+    calls = {"n": 0}
+    real = Stiefel.loss
+
+    def flaky(self, st, a, c):
+        calls["n"] += 1
+        return real(self, st, a, c) if calls["n"] == 1 else torch.tensor(float("nan"), requires_grad=True)
+    monkeypatch.setattr(Stiefel, "loss", flaky)
+    proj, rep = Stiefel(steps=5).fit(stats, 4, 4)
+    assert rep["fallback"] == 1.0 and torch.isfinite(proj.key_down).all()
+
+
+def test_needs_samples():
+    st = SiteStats.empty(4, 2, 8)
+    with pytest.raises(ValueError, match="calibration sequences"):
+        Stiefel().fit(st, 4, 4)
