@@ -100,7 +100,8 @@ def _first_forward(module, compiled, *args, **kwargs):
     if not module._kvfx.backend.graphs:
         decompress(module)
         raise UnsupportedAttention(
-            "kvfx found no attention site in the compiled forward: the model calls no scaled_dot_product_attention "
+            "unsupported: kvfx found no attention site in the compiled forward: the model calls no "
+            "scaled_dot_product_attention "
             "(or torch.compile did not capture it), so nothing would be compressed. Check kvfx.explain(model, inputs); "
             "compress has been undone.")
     module.forward = compiled

@@ -9,6 +9,11 @@ from .passes.compile import options_of
 from .passes.match import AttentionSite, find_sites
 
 
+NO_SDPA = ("unsupported: no scaled_dot_product_attention call found, so kvfx has nothing to rewrite (attention "
+           "written as matmul -> softmax -> matmul, or a transformers model not loaded with "
+           "attn_implementation='sdpa')")
+
+
 @dataclass
 class SiteRow:
     site: str
@@ -40,6 +45,8 @@ class Explanation:
             if r.notes:
                 lines.append(f"note {r.site}: {r.notes}")
         lines.append(f"{len(self.rows)} attention sites in {self.graphs} graph(s), {self.graph_breaks} graph break(s)")
+        if not self.rows:
+            lines.append(NO_SDPA)
         lines += [f"graph break: {b}" for b in self.break_reasons]
         return "\n".join(lines)
 

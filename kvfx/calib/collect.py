@@ -52,8 +52,8 @@ def collect_stats(model: torch.nn.Module, batches: Iterable, progress: bool = Tr
                 kwargs.setdefault("use_cache", False)
             fn(**kwargs)
     if not collector.stats:
-        raise ValueError("calibration found no attention sites (no scaled_dot_product_attention call) in this "
-                         "model; kvfx needs SDPA attention (for transformers: attn_implementation='sdpa').")
+        raise ValueError("unsupported: calibration found no attention sites (no scaled_dot_product_attention call) "
+                         "in this model; kvfx needs SDPA attention (for transformers: attn_implementation='sdpa').")
     return {n: collector.stats[n] for n in collector.order}
 
 
@@ -109,12 +109,22 @@ def fit(stats: dict[str, SiteStats], method: str = "kqsvd", rank: int | float | 
 
 def calibrate(model: torch.nn.Module, batches: Iterable, method: str = "kqsvd", rank: int | float | dict = 0.5,
               value_rank: int | float | None = None, granularity: str = "head", progress: bool = True,
-              **options) -> Projections:
-    """Calibrate projections for every attention site of `model` on `batches` of real text."""
+              distributed: bool | None = None, **options) -> Projections:
+    """Calibrate projections for every attention site of `model` on `batches` of real text.
+
+    distributed: None (default) sums the statistics over torch.distributed ranks when a process group with
+    more than one rank is initialized (each rank passes its own shard of the batches; see calib/distributed.py);
+    False keeps each rank's statistics local; True requires an initialized process group."""
     from ..passes.compile import options_of
+    from .distributed import is_distributed, reduce_stats
     model, _ = options_of(model)
     if getattr(model, "_kvfx", None) is not None:
         raise ValueError("calibrate the original model, not one already compressed by kvfx.")
+    if distributed and not is_distributed():
+        raise ValueError("calibrate(distributed=True) needs torch.distributed initialized with more than one rank "
+                         "(torchrun ... and dist.init_process_group).")
     samples = getattr(get_calibrator(method, **options), "samples_needed", 0)
     stats = collect_stats(model, batches, progress=progress, samples=samples)
+    if distributed is not False:
+        reduce_stats(stats)  # a no-op unless torch.distributed runs with more than one rank
     return fit(stats, method, rank, value_rank, granularity, **options)

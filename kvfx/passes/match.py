@@ -72,7 +72,7 @@ class AttentionSite:
     num_kv_heads: int
     head_dim: int
     value_dim: int
-    scale: float
+    scale: float | fx.Node   # SDPA's scale as given (a graph node when Dynamo made it a dynamic input)
     status: str = "ok"
     notes: list[str] = field(default_factory=list)
 
@@ -109,6 +109,18 @@ def _find_down(graph: fx.Graph, up: fx.Node) -> fx.Node | None:
     return None
 
 
+def _is_head_repeat_interleave(n: fx.Node) -> bool:
+    """x.repeat_interleave(g, dim=1) on a [b, h, N, d] tensor: GQA's grouping (query head i uses kv head i // g)."""
+    if not (n.op == "call_method" and n.target == "repeat_interleave" or
+            n.op == "call_function" and n.target in (torch.repeat_interleave, torch.Tensor.repeat_interleave)):
+        return False
+    reps = n.args[1] if len(n.args) > 1 else n.kwargs.get("repeats")
+    dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+    src, out = gu.shape_of(n.args[0]), gu.shape_of(n)
+    return (isinstance(reps, int) and dim in (1, -3) and src is not None and out is not None and len(src) == 4
+            and out == (src[0], src[1] * reps, *src[2:]))
+
+
 def trace_input(node: fx.Node, graph: fx.Graph) -> InputPath:
     """Walk one SDPA input back to its projection linear."""
     path = InputPath(nodes=[], source=None)
@@ -132,6 +144,11 @@ def trace_input(node: fx.Node, graph: fx.Graph) -> InputPath:
             n = path.down.args[0]
             continue
         if n.op == "call_method" and n.target == "expand" or (n.op == "call_function" and n.target is torch.Tensor.expand):
+            path.repeat_kv = n
+            path.nodes.append(n)
+            n = n.args[0]
+            continue
+        if _is_head_repeat_interleave(n):  # hand-written GQA: k.repeat_interleave(g, dim=1), head i reads i // g
             path.repeat_kv = n
             path.nodes.append(n)
             n = n.args[0]
@@ -172,6 +189,9 @@ def trace_input(node: fx.Node, graph: fx.Graph) -> InputPath:
                 n = tensors[-1]
                 continue
             path.reason = f"unexpected cat along dim {dim}"
+            # partial RoPE (GPT-NeoX, Phi): cat([rotated, pass-through], -1) ends the walk; still report RoPE
+            path.rope = path.rope or any(isinstance(t, fx.Node) and gu.depends_on(t, gu.is_trig, limit=32)
+                                         for t in tensors)
             break
         if n.op == "call_function" and n.target in (operator.add, torch.add) and all(
                 isinstance(a, fx.Node) for a in n.args[:2]):
@@ -254,7 +274,10 @@ def match_site(gm: fx.GraphModule, sdpa: fx.Node, index: int) -> AttentionSite:
         num_heads=qs[1] if qs else -1, num_kv_heads=kbase[1] if kbase else -1,
         head_dim=qs[-1] if qs else -1, value_dim=vbase[-1] if vbase else -1, scale=0.0)
     scale = args.get("scale")
-    site.scale = float(scale) if scale is not None else 1.0 / math.sqrt(site.head_dim)
+    if isinstance(scale, fx.Node):  # dynamic=True: Dynamo passes Python floats (module.scaling) as graph inputs
+        site.scale = scale          # kept as the node: the rewrite hands SDPA the same runtime value
+    else:
+        site.scale = float(scale) if scale is not None else 1.0 / math.sqrt(site.head_dim)
     site.status = _check(site, qs, kbase, vbase)
     return site
 

@@ -1,0 +1,216 @@
+"""The rewritten graph around attention, as documentation that fails when the rewrite changes.
+
+Each test compresses a tiny model (rank 4 of head_dim 8, inner compiler "eager") and shows the lines of the
+rewritten graph from layer 0's first q/k/v projection to its output projection. Names are shortened:
+`q_proj.weight` is the model's parameter, `kvfx_*` are constants kvfx added (projections, folded weights).
+Regenerate with `EXPECTTEST_ACCEPT=1 python -m pytest tests/passes/test_rewrite_expect.py` and READ the diff.
+"""
+import expecttest
+import torch
+
+import kvfx
+from helpers import graph_excerpt, hand_model, model_inputs, random_projections, tiny_gpt2, tiny_llama
+
+
+def rewritten(model, *args, **kwargs):
+    cm = kvfx.compress(torch.compile(model, backend="eager"), random_projections(model, rank=4))
+    with torch.no_grad():
+        cm(*args, **kwargs)
+    return cm._kvfx.backend.graphs
+
+
+def decode_graph(kind):
+    m = tiny_llama(1)
+    cm = kvfx.compress(torch.compile(m, backend="eager"), random_projections(m, rank=4), cache=kind)
+    with torch.no_grad():
+        cm.generate(model_inputs(m, tokens=5), max_new_tokens=2, do_sample=False)
+    return cm._kvfx.backend.graphs[-1]  # prefill, then the first decode step
+
+
+class TestRewriteExpect(expecttest.TestCase):
+    def test_llama_rope_gqa(self):
+        m = tiny_llama(1)
+        (gm,) = rewritten(m, model_inputs(m), use_cache=False)
+        # Look for: RoPE blocks folding q/k, so matmul(q_embed, key_up) and matmul(key, key_down) follow it (and
+        # matmul(value, value_down), as repeat_kv blocks the v fold); scale stays 1/sqrt(8); output 4 wide, o folded.
+        self.assertExpectedInline(graph_excerpt(gm, "linear(", "o_folded_weight"), """\
+linear = torch._C._nn.linear(hidden_states_2, q_proj.weight, None)
+view = linear.view((1, 6, -1, 8))
+query_states = view.transpose(1, 2)
+linear_1 = torch._C._nn.linear(hidden_states_2, k_proj.weight, None)
+view_1 = linear_1.view((1, 6, -1, 8))
+key_states = view_1.transpose(1, 2)
+linear_2 = torch._C._nn.linear(hidden_states_2, v_proj.weight, None)
+view_2 = linear_2.view((1, 6, -1, 8))
+value_states = view_2.transpose(1, 2)
+cos_3 = cos_2.unsqueeze(1)
+sin_3 = sin_2.unsqueeze(1)
+mul_5 = query_states * cos_3
+x1 = query_states[(Ellipsis, slice(None, 4, None))]
+x2 = query_states[(Ellipsis, slice(4, None, None))]
+neg = -x2
+cat_1 = torch.cat((neg, x1), dim = -1)
+mul_6 = cat_1 * sin_3
+q_embed = mul_5 + mul_6
+mul_7 = key_states * cos_3
+x1_1 = key_states[(Ellipsis, slice(None, 4, None))]
+x2_1 = key_states[(Ellipsis, slice(4, None, None))]
+neg_1 = -x2_1
+cat_2 = torch.cat((neg_1, x1_1), dim = -1)
+mul_8 = cat_2 * sin_3
+k_embed = mul_7 + mul_8
+getitem_14 = k_embed[(slice(None, None, None), slice(None, None, None), None, slice(None, None, None), slice(None, None, None))]
+hidden_states_3 = getitem_14.expand(1, 2, 2, 6, 8)
+key = hidden_states_3.reshape(1, 4, 6, 8)
+getitem_15 = value_states[(slice(None, None, None), slice(None, None, None), None, slice(None, None, None), slice(None, None, None))]
+hidden_states_4 = getitem_15.expand(1, 2, 2, 6, 8)
+value = hidden_states_4.reshape(1, 4, 6, 8)
+matmul = torch.matmul(q_embed, kvfx_key_up)
+matmul_1 = torch.matmul(key, kvfx_key_down)
+matmul_2 = torch.matmul(value, kvfx_value_down)
+attn_output = torch._C._nn.scaled_dot_product_attention(matmul, matmul_1, matmul_2, attn_mask = attention_mask, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = False)
+attn_output_1 = attn_output.reshape(1, -1, 6, 4)
+transpose_3 = attn_output_1.transpose(1, 2)
+attn_output_2 = transpose_3.contiguous()
+reshape_3 = attn_output_2.reshape(1, 6, -1)
+attn_output_3 = reshape_3.contiguous()
+attn_output_4 = torch._C._nn.linear(attn_output_3, kvfx_o_folded_weight, None)""")
+
+    def test_gpt2_fused_qkv(self):
+        m = tiny_gpt2(1)
+        (gm,) = rewritten(m, model_inputs(m), use_cache=False)
+        # Look for: all folded, no matmul left; c_attn's fused weight/bias replaced (48 = q, k, v × 4 heads × rank 4),
+        # split [16, 16, 16], heads viewed 4 wide, c_proj reads a folded weight.
+        self.assertExpectedInline(graph_excerpt(gm, "addmm(", "o_folded_weight"), """\
+x = torch.addmm(kvfx_c_attn_folded_bias, view_1, kvfx_c_attn_folded_weight)
+x_1 = x.view((1, 6, 48))
+split = x_1.split([16, 16, 16], dim = 2)
+query_states = split[0]
+key_states = split[1]
+value_states = split[2]
+view_3 = key_states.view((1, 6, -1, 4))
+key_states_1 = view_3.transpose(1, 2)
+view_4 = value_states.view((1, 6, -1, 4))
+value_states_1 = view_4.transpose(1, 2)
+view_5 = query_states.view((1, 6, -1, 4))
+query_states_1 = view_5.transpose(1, 2)
+attn_output = torch._C._nn.scaled_dot_product_attention(query_states_1, key_states_1, value_states_1, attn_mask = attention_mask, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = False)
+attn_output_1 = attn_output.reshape(1, -1, 6, 4)
+transpose_3 = attn_output_1.transpose(1, 2)
+attn_output_2 = transpose_3.contiguous()
+reshape_1 = attn_output_2.reshape(1, 6, -1)
+attn_output_3 = reshape_1.contiguous()
+view_6 = attn_output_3.view(-1, 16)
+x_2 = torch.addmm(c_proj.bias, view_6, kvfx_o_folded_weight)""")
+
+    def test_hand_written_sdpa(self):
+        m = hand_model(1)
+        (gm,) = rewritten(m, model_inputs(m))
+        # Look for: q/k/v weights and biases folded, views 4 wide, scale set to the ORIGINAL 1/sqrt(8), o folded.
+        self.assertExpectedInline(graph_excerpt(gm, "linear(", "o_folded_weight"), """\
+linear = torch._C._nn.linear(l_x_, kvfx_q_proj_folded_weight, kvfx_q_proj_folded_bias)
+view = linear.view(1, 6, 4, 4)
+q = view.transpose(1, 2)
+linear_1 = torch._C._nn.linear(l_x_, kvfx_k_proj_folded_weight, kvfx_k_proj_folded_bias)
+view_1 = linear_1.view(1, 6, 4, 4)
+k = view_1.transpose(1, 2)
+linear_2 = torch._C._nn.linear(l_x_, kvfx_v_proj_folded_weight, kvfx_v_proj_folded_bias)
+view_2 = linear_2.view(1, 6, 4, 4)
+v = view_2.transpose(1, 2)
+o = torch._C._nn.scaled_dot_product_attention(q, k, v, is_causal = True, scale = 0.35355339059327373)
+transpose_3 = o.transpose(1, 2)
+reshape = transpose_3.reshape(1, 6, 16)
+linear_3 = torch._C._nn.linear(reshape, kvfx_o_folded_weight, None)""")
+
+    def test_llama_decode_dynamic_cache(self):
+        gm = decode_graph("dynamic")
+        # Look for: cache write matmul(k_embed, key_down), v_proj folded (values 4 wide), SDPA reading the rank-4
+        # `keys`/`values` cats directly (no reconstruction matmul) with query q·key_up; o folded.
+        self.assertExpectedInline(graph_excerpt(gm, "linear(", "o_folded_weight"), """\
+linear = torch._C._nn.linear(hidden_states_2, q_proj.weight, None)
+view = linear.view((1, 1, -1, 8))
+query_states = view.transpose(1, 2)
+linear_1 = torch._C._nn.linear(hidden_states_2, k_proj.weight, None)
+view_1 = linear_1.view((1, 1, -1, 8))
+key_states = view_1.transpose(1, 2)
+linear_2 = torch._C._nn.linear(hidden_states_2, kvfx_v_proj_folded_weight, None)
+view_2 = linear_2.view((1, 1, -1, 4))
+value_states = view_2.transpose(1, 2)
+cos_3 = cos_2.unsqueeze(1)
+sin_3 = sin_2.unsqueeze(1)
+mul_5 = query_states * cos_3
+x1 = query_states[(Ellipsis, slice(None, 4, None))]
+x2 = query_states[(Ellipsis, slice(4, None, None))]
+neg = -x2
+cat_1 = torch.cat((neg, x1), dim = -1)
+mul_6 = cat_1 * sin_3
+q_embed = mul_5 + mul_6
+mul_7 = key_states * cos_3
+x1_1 = key_states[(Ellipsis, slice(None, 4, None))]
+x2_1 = key_states[(Ellipsis, slice(4, None, None))]
+neg_1 = -x2_1
+cat_2 = torch.cat((neg_1, x1_1), dim = -1)
+mul_8 = cat_2 * sin_3
+k_embed = mul_7 + mul_8
+k = torch.matmul(k_embed, kvfx_key_down)
+keys = torch.cat([l_kwargs_past_key_values_layers_0_keys, k], dim = -2)
+values = torch.cat([l_kwargs_past_key_values_layers_0_values, value_states], dim = -2)
+matmul = torch.matmul(q_embed, kvfx_key_up)
+attn_output = torch._C._nn.scaled_dot_product_attention(matmul, keys, values, attn_mask = None, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = False, enable_gqa = True)
+attn_output_1 = attn_output.reshape(1, -1, 1, 4)
+transpose_3 = attn_output_1.transpose(1, 2)
+attn_output_2 = transpose_3.contiguous()
+reshape_1 = attn_output_2.reshape(1, 1, -1)
+attn_output_3 = reshape_1.contiguous()
+attn_output_4 = torch._C._nn.linear(attn_output_3, kvfx_o_folded_weight, None)""")
+
+    def test_llama_decode_static_cache(self):
+        gm = decode_graph("static")
+        # Look for: index_copy_ of rank-4 k / value_states into the cache, repeat_kv's expand/reshape retargeted
+        # to width 4 on the cache tensors, SDPA reading them; o folded.
+        self.assertExpectedInline(graph_excerpt(gm, "linear(", "o_folded_weight"), """\
+linear = torch._C._nn.linear(hidden_states_2, q_proj.weight, None)
+view = linear.view((1, 1, -1, 8))
+query_states = view.transpose(1, 2)
+linear_1 = torch._C._nn.linear(hidden_states_2, k_proj.weight, None)
+view_1 = linear_1.view((1, 1, -1, 8))
+key_states = view_1.transpose(1, 2)
+linear_2 = torch._C._nn.linear(hidden_states_2, kvfx_v_proj_folded_weight, None)
+view_2 = linear_2.view((1, 1, -1, 4))
+value_states = view_2.transpose(1, 2)
+cos_3 = cos_2.unsqueeze(1)
+sin_3 = sin_2.unsqueeze(1)
+mul_5 = query_states * cos_3
+x1 = query_states[(Ellipsis, slice(None, 4, None))]
+x2 = query_states[(Ellipsis, slice(4, None, None))]
+neg = -x2
+cat_1 = torch.cat((neg, x1), dim = -1)
+mul_6 = cat_1 * sin_3
+q_embed = mul_5 + mul_6
+mul_7 = key_states * cos_3
+x1_1 = key_states[(Ellipsis, slice(None, 4, None))]
+x2_1 = key_states[(Ellipsis, slice(4, None, None))]
+neg_1 = -x2_1
+cat_2 = torch.cat((neg_1, x1_1), dim = -1)
+mul_8 = cat_2 * sin_3
+k_embed = mul_7 + mul_8
+k = torch.matmul(k_embed, kvfx_key_down)
+arange = torch.arange(1, device = device(type='cpu'))
+cache_position = arange + l_kwargs_past_key_values_layers_0_cumulative_length
+add_ = l_kwargs_past_key_values_layers_0_cumulative_length.add_(1)
+index_copy_ = l_kwargs_past_key_values_layers_0_keys.index_copy_(2, cache_position, k)
+index_copy__1 = l_kwargs_past_key_values_layers_0_values.index_copy_(2, cache_position, value_states)
+getitem_5 = l_kwargs_past_key_values_layers_0_keys[(slice(None, None, None), slice(None, None, None), None, slice(None, None, None), slice(None, None, None))]
+hidden_states_3 = getitem_5.expand(1, 2, 2, 7, 4)
+key = hidden_states_3.reshape(1, 4, 7, 4)
+getitem_6 = l_kwargs_past_key_values_layers_0_values[(slice(None, None, None), slice(None, None, None), None, slice(None, None, None), slice(None, None, None))]
+hidden_states_4 = getitem_6.expand(1, 2, 2, 7, 4)
+value = hidden_states_4.reshape(1, 4, 7, 4)
+matmul = torch.matmul(q_embed, kvfx_key_up)
+attn_output = torch._C._nn.scaled_dot_product_attention(matmul, key, value, attn_mask = l_kwargs_attention_mask_, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = False)
+attn_output_1 = attn_output.reshape(1, -1, 1, 4)
+transpose_3 = attn_output_1.transpose(1, 2)
+attn_output_2 = transpose_3.contiguous()
+reshape_3 = attn_output_2.reshape(1, 1, -1)
+attn_output_3 = reshape_3.contiguous()
+attn_output_4 = torch._C._nn.linear(attn_output_3, kvfx_o_folded_weight, None)""")
