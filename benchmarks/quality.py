@@ -13,6 +13,7 @@ through `kvfx.compress(torch.compile(model), projections)` — the product path,
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -43,13 +44,14 @@ def run(args) -> str:
     print(f"loaded model + data in {time.time() - t0:.0f}s", flush=True)
 
     t0 = time.time()
-    learned = any(m.startswith("stiefel") for m in args.methods + args.split_methods + args.budget_methods)
-    stats = collect_stats(model, calib.split(1), samples=2 if learned else 0)
+    names = {m.split("@")[0].replace("kqsvd-summed", "kqsvd") for m in args.methods + args.split_methods + args.budget_methods}
+    samples = max(getattr(kvfx.calib.get_calibrator(n), "samples_needed", 0) for n in names)
+    stats = collect_stats(model, calib.split(1), samples=samples)
     print(f"calibration statistics over {calib.numel()} tokens in {time.time() - t0:.0f}s", flush=True)
 
     rows = []
     t0 = time.time()
-    base = evaluate(torch.compile(model), test)
+    base = evaluate(torch.compile(model, backend=args.backend), test)
     torch._dynamo.reset()
     rows.append(("baseline (torch.compile)", "1.00", "1.000", "-", base, time.time() - t0))
     print(f"baseline ppl {base:.2f}", flush=True)
@@ -63,7 +65,7 @@ def run(args) -> str:
         rk, rv = {None: (keep, keep), "keys": (keep, 1.0), "values": (1.0, keep),
                   "budget": (kvfx.Budget(keep), None)}[part]
         proj = fit(stats, name, rk, value_rank=rv, granularity=gran, **opts)
-        model_c = kvfx.compress(torch.compile(model), proj)
+        model_c = kvfx.compress(torch.compile(model, backend=args.backend), proj)
         ppl = evaluate(model_c, test)
         kvfx.decompress(model_c)
         torch._dynamo.reset()
@@ -73,6 +75,8 @@ def run(args) -> str:
         rows.append((label, f"{keep:.2f}", f"{proj.kv_fraction():.3f}", f"{err:.3f}", ppl, time.time() - t0))
         print(f"{label:28s} keep {keep:.2f}: ppl {ppl:8.2f}  (KV bytes {proj.kv_fraction():.3f}, "
               f"mean key logit err {err:.3f}, {time.time() - t0:.0f}s)", flush=True)
+    if args.write:
+        write_json(rows, args, args.section)
     return table(rows, args)
 
 
@@ -86,6 +90,17 @@ def table(rows, args) -> str:
             f"Machine: {platform.machine()} CPU ×{torch.get_num_threads()} threads; torch {torch.__version__}, "
             f"transformers {__import__('transformers').__version__}, Python {platform.python_version()}\n")
     return head + "\n" + "\n".join(lines) + "\n"
+
+
+def write_json(rows, args, section: str) -> Path:
+    """The rows as data (for benchmarks/plot_quality.py), beside RESULTS.md."""
+    out = RESULTS.parent / "results" / f"quality-{section}.json"
+    out.parent.mkdir(exist_ok=True)
+    keys = ("method", "keep", "kv_fraction", "key_err", "ppl", "seconds")
+    out.write_text(json.dumps({"command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]),
+                               "eval_windows": args.eval_windows, "calib_windows": args.calib_windows,
+                               "rows": [dict(zip(keys, r)) for r in rows]}, indent=1) + "\n")
+    return out
 
 
 def write_results(text: str, section: str = "quality") -> None:
@@ -115,6 +130,9 @@ def main(argv=None) -> None:
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--calib-windows", type=int, default=8)
     p.add_argument("--window", type=int, default=512)
+    p.add_argument("--backend", default="inductor",
+                   help="torch.compile backend under kvfx's passes ('eager' skips Inductor's ~1 min compile per row; "
+                        "the rewritten graph is the same)")
     p.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     text = run(args)

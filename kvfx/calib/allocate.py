@@ -1,7 +1,8 @@
 """Rank allocation under a KV-cache budget: per site and separately for keys and values.
 
 `Budget(kv_fraction=0.5)` asks for cached bytes = 0.5 × the uncompressed cache (keys and values of every
-site together). From each site's error-vs-rank profile (the calibrator's own relative key-logit and
+site together); `Budget(max_error=0.02)` instead asks for the smallest cache whose mean relative error (over
+sites, keys and values) stays within 0.02. From each site's error-vs-rank profile (the calibrator's own relative key-logit and
 value-output errors, fitted at every rank), ranks are lowered greedily: each step removes the rank unit
 with the smallest increase of error per cached number saved, until the budget is met. Keys and values
 compete for the same bytes, so the cheaper side (keys, on SmolLM2) is compressed further.
@@ -12,26 +13,46 @@ import heapq
 import math
 from dataclasses import dataclass
 
-from .base import Calibrator
+from .base import Calibrator, get_calibrator
 from .stats import SiteStats
 
 
 @dataclass(frozen=True)
 class Budget:
-    kv_fraction: float          # cached numbers after / before, keys and values of all sites together
+    """What the allocation must meet: a KV-bytes fraction, or an error budget, not both.
+
+    kv_fraction: cached numbers after / before, keys and values of all sites together (e.g. 0.5).
+    max_error: the mean, over sites and over keys/values, of the calibrator's relative error (key-logit error
+        for keys, value-output error for values) may not exceed this; the cache is made as small as the greedy
+        order allows within it.
+    """
+    kv_fraction: float | None = None
     multiple: int = 1           # ranks stay multiples of this (e.g. 8 or 16 for GPU kernels)
     min_rank: int = 1
+    max_error: float | None = None
 
     def __post_init__(self):
-        if not isinstance(self.kv_fraction, (int, float)) or math.isnan(self.kv_fraction) or \
-                not 0.0 < self.kv_fraction <= 1.0:
+        if (self.kv_fraction is None) == (self.max_error is None):
+            raise ValueError("Budget needs exactly one of kv_fraction (e.g. Budget(0.5)) or max_error "
+                             "(e.g. Budget(max_error=0.02)).")
+        if self.kv_fraction is not None and (not isinstance(self.kv_fraction, (int, float)) or
+                                             math.isnan(self.kv_fraction) or not 0.0 < self.kv_fraction <= 1.0):
             raise ValueError(f"Budget kv_fraction must be in (0, 1], got {self.kv_fraction!r}.")
+        if self.max_error is not None and (not isinstance(self.max_error, (int, float)) or
+                                           math.isnan(self.max_error) or self.max_error < 0):
+            raise ValueError(f"Budget max_error must be a number >= 0, got {self.max_error!r}.")
         if self.multiple < 1 or self.min_rank < 1:
             raise ValueError("Budget multiple and min_rank must be >= 1.")
 
 
 def profiles(cal: Calibrator, stats: dict[str, SiteStats], ranks: list[int]) -> dict:
-    """{(site, 'key'|'value'): {rank: relative error}} from fitting the calibrator at each rank."""
+    """{(site, 'key'|'value'): {rank: relative error}} from fitting the calibrator at each rank.
+
+    A calibrator whose fit is expensive per rank (a trained one) may name a closed-form `profile_proxy`
+    calibrator whose profiles stand in for its own."""
+    proxy = getattr(cal, "profile_proxy", None)
+    if proxy:
+        cal = get_calibrator(proxy)
     out = {}
     for name, st in stats.items():
         for r in ranks:
@@ -52,7 +73,6 @@ def allocate(cal: Calibrator, stats: dict[str, SiteStats], budget: Budget) -> tu
     prof = profiles(cal, stats, [r for r in grid if r <= d])
     rank = {key: width[key[0]] for key in prof}
     total = sum(heads[n] * 2 * width[n] for n in width)
-    target = budget.kv_fraction * total
     used = float(total)
 
     def next_step(key):
@@ -64,22 +84,33 @@ def allocate(cal: Calibrator, stats: dict[str, SiteStats], budget: Budget) -> tu
         cost = (prof[key][r2] - prof[key][r]) / (heads[key[0]] * (r - r2))
         return cost, r2
 
+    n_err = len(prof)
+    mean_err = sum(p[rank[key]] for key, p in prof.items()) / n_err
+
+    def more(cost_key, r2) -> bool:
+        if budget.kv_fraction is not None:
+            return used > target + 1e-9
+        return mean_err + (prof[cost_key][r2] - prof[cost_key][rank[cost_key]]) / n_err <= budget.max_error + 1e-12
+
+    target = budget.kv_fraction * total if budget.kv_fraction is not None else 0.0
     heap = []
     for key in prof:
         nxt = next_step(key)
         if nxt:
             heapq.heappush(heap, (nxt[0], key, nxt[1]))
-    while used > target + 1e-9 and heap:
+    while heap and more(heap[0][1], heap[0][2]):
         _, key, r2 = heapq.heappop(heap)
+        mean_err += (prof[key][r2] - prof[key][rank[key]]) / n_err
         used -= heads[key[0]] * (rank[key] - r2)
         rank[key] = r2
         nxt = next_step(key)
         if nxt:
             heapq.heappush(heap, (nxt[0], key, nxt[1]))
-    if used > target + 1e-9:
+    if budget.kv_fraction is not None and used > target + 1e-9:
         raise ValueError(f"cannot meet a KV budget of {budget.kv_fraction}: even rank {budget.min_rank} "
                          f"everywhere keeps {used / total:.3f} of the cache. Raise the budget or lower min_rank.")
     ranks = {n: (rank[(n, "key")], rank[(n, "value")]) for n in width}
     err = {n: (prof[(n, "key")][ranks[n][0]], prof[(n, "value")][ranks[n][1]]) for n in width}
-    return ranks, {"budget": budget.kv_fraction, "achieved": used / total, "multiple": step,
+    return ranks, {"budget": budget.kv_fraction, "max_error": budget.max_error, "achieved": used / total,
+                   "mean_err": mean_err, "multiple": step,
                    "predicted_err": err}

@@ -79,7 +79,7 @@ def fit(stats: dict[str, SiteStats], method: str = "kqsvd", rank: int | float | 
     """Projections from collected statistics.
 
     rank: keep fraction in (0, 1] or int (keys; values use `value_rank` or the same); a dict maps site name
-    -> rank or (key_rank, value_rank); a `Budget(kv_fraction)` allocates ranks per site and separately for
+    -> rank or (key_rank, value_rank); a `Budget(kv_fraction)` or `Budget(max_error=...)` allocates ranks per site and separately for
     keys and values from error-rank profiles (see allocate.py). granularity: "head" (one projection per kv head) or "layer" (one joint
     latent over the concatenated kv heads of a site, MLA-like; fractions are then of h·d).
     """

@@ -66,6 +66,7 @@ def reduce_stats(stats: dict[str, SiteStats], group=None) -> dict[str, SiteStats
         offset += t.numel()
     for st, tokens in zip(stats.values(), flat[offset:].tolist()):
         st.tokens = int(round(tokens))
+        getattr(st, "memo", {}).clear()  # results derived from the local statistics are stale now
     _gather_samples(stats, group, world)
     return stats
 

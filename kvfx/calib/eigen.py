@@ -15,7 +15,7 @@ from .linalg import top_eigh
 from .stats import SiteStats
 
 
-def _normalised(g: torch.Tensor) -> torch.Tensor:
+def normalised(g: torch.Tensor) -> torch.Tensor:
     tr = g.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
     return torch.where(tr > 0, g / tr.clamp_min(1e-300), torch.zeros_like(g))
 
@@ -27,6 +27,6 @@ class Eigen:
 
     def fit(self, stats: SiteStats, key_rank, value_rank):
         rk, rv = ranks(stats, key_rank, value_rank)
-        _, u = top_eigh(_normalised(stats.key) + _normalised(stats.query), rk)
+        _, u = top_eigh(normalised(stats.key) + normalised(stats.query), rk)
         _, w = top_eigh(stats.value, rv)
         return finish(stats, u, u, w, w)

@@ -32,10 +32,13 @@ class SiteStats:
     key_joint: torch.Tensor | None = None    # [h·d, h·d]
     value_joint: torch.Tensor | None = None
     tokens: int = 0
-    # learned calibrators (stiefel) also need a few whole sequences and W_O itself, not only Grams
+    # learned calibrators (stiefel, matryoshka) also need a few whole sequences and W_O itself, not only Grams
     sample_limit: int = 0                    # keep the first `sample_limit` sequences of q/k/v
     samples: list = field(default_factory=list)
     w_rows: torch.Tensor | None = None       # [H, d, hidden], float32
+    # derived results that calibrators memoise on these statistics (reference attention outputs, matryoshka's
+    # trained bases); emptied whenever the statistics change (add / merge / all_reduce / set_output_weight)
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def empty(cls, heads: int, kv_heads: int, head_dim: int) -> "SiteStats":
@@ -49,6 +52,7 @@ class SiteStats:
 
     def add(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Accumulate one batch: q [b, H, n, d], k/v [b, h, N, d] (before any repeat_kv)."""
+        self.memo.clear()
         b, H, n, d = q.shape
         h = k.shape[1]
         for i in range(min(b, self.sample_limit - len(self.samples))):
@@ -69,6 +73,7 @@ class SiteStats:
 
     def set_output_weight(self, w_rows: torch.Tensor) -> None:
         """w_rows [H, d, hidden]: the rows of W_O (in x·W_O form) that read each query head."""
+        self.memo.clear()
         self.w_rows = w_rows.detach().float().clone()
         w = w_rows.detach().to(torch.float64).reshape(self.kv_heads, self.group, self.head_dim, -1)
         self.output = torch.einsum("hgdo,hgeo->hde", w, w)
@@ -83,6 +88,7 @@ class SiteStats:
                          bd(self.query_sum), self.value_joint[None], bd(self.output), tokens=self.tokens)
 
     def merge(self, other: "SiteStats") -> None:
+        self.memo.clear()
         for f in _SUMMED:
             if getattr(self, f) is not None:
                 getattr(self, f).add_(getattr(other, f))
@@ -91,6 +97,7 @@ class SiteStats:
     def all_reduce(self, group=None) -> None:
         """Sum the token statistics over torch.distributed ranks (W_O Grams are identical everywhere)."""
         import torch.distributed as dist
+        self.memo.clear()
         for f in _SUMMED:
             if getattr(self, f) is not None:
                 dist.all_reduce(getattr(self, f), group=group)

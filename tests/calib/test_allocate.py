@@ -65,3 +65,27 @@ def test_joint_view_budget(stats):
     assert proj.kv_fraction() <= 0.5 + 1e-9
     p = next(iter(proj.sites.values()))
     assert p.joint and p.key_down.shape[:2] == (1, 16) and p.key_up.shape[:2] == (2, 8)
+
+
+@pytest.mark.parametrize("max_error", [0.0, 0.01, 0.05, 0.2])
+def test_error_budget_met_and_smallest_cache_grows_with_it(stats, max_error):
+    proj = fit(stats, "kqsvd", Budget(max_error=max_error))
+    rep = proj.report["allocation"]
+    errs = [e for pair in rep["predicted_err"].values() for e in pair]
+    assert sum(errs) / len(errs) <= max_error + 1e-9
+    assert rep["mean_err"] == pytest.approx(sum(errs) / len(errs))
+    assert rep["max_error"] == max_error and rep["budget"] is None
+    if max_error == 0.0:
+        assert proj.kv_fraction() > 0.5     # only lossless cuts (rank-deficient directions) are allowed
+    looser = fit(stats, "kqsvd", Budget(max_error=max_error + 0.05))
+    assert looser.kv_fraction() <= proj.kv_fraction()
+
+
+def test_budget_needs_exactly_one_target():
+    with pytest.raises(ValueError, match="exactly one"):
+        Budget()
+    with pytest.raises(ValueError, match="exactly one"):
+        Budget(0.5, max_error=0.1)
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="max_error"):
+            Budget(max_error=bad)

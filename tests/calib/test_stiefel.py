@@ -2,13 +2,15 @@
 import pytest
 import torch
 
+from kvfx.calib.allocate import Budget, allocate
+from kvfx.calib.base import get_calibrator
+from kvfx.calib.collect import fit
 from kvfx.calib.stats import SiteStats
 from kvfx.calib.stiefel import Stiefel
 
 
-@pytest.fixture(scope="module")
-def stats():
-    g = torch.Generator().manual_seed(0)
+def _site(seed: int) -> SiteStats:
+    g = torch.Generator().manual_seed(seed)
     st = SiteStats.empty(4, 2, 8)
     st.sample_limit = 2
     for _ in range(2):
@@ -18,6 +20,11 @@ def stats():
         st.add(q, k, v)
     st.set_output_weight(torch.randn(4, 8, 16, generator=g))
     return st
+
+
+@pytest.fixture(scope="module")
+def stats():
+    return _site(0)
 
 
 def test_orthonormal_and_improves(stats):
@@ -40,9 +47,9 @@ def test_nan_loss_falls_back_to_init(stats, monkeypatch):
     calls = {"n": 0}
     real = Stiefel.loss
 
-    def flaky(self, st, a, c):
+    def flaky(self, st, a, c, rows=None):
         calls["n"] += 1
-        return real(self, st, a, c) if calls["n"] == 1 else torch.tensor(float("nan"), requires_grad=True)
+        return real(self, st, a, c, rows) if calls["n"] == 1 else torch.tensor(float("nan"), requires_grad=True)
     monkeypatch.setattr(Stiefel, "loss", flaky)
     proj, rep = Stiefel(steps=5).fit(stats, 4, 4)
     assert rep["fallback"] == 1.0 and torch.isfinite(proj.key_down).all()
@@ -52,3 +59,13 @@ def test_needs_samples():
     st = SiteStats.empty(4, 2, 8)
     with pytest.raises(ValueError, match="calibration sequences"):
         Stiefel().fit(st, 4, 4)
+
+
+def test_budget_allocates_from_proxy_profiles_then_trains_at_those_ranks():
+    """Under a Budget, stiefel takes kqsvd's error-rank profiles (not one training per candidate rank)."""
+    stats = {"a": _site(0), "b": _site(1)}
+    ranks_s, _ = allocate(get_calibrator("stiefel", steps=2), stats, Budget(0.5))
+    ranks_k, _ = allocate(get_calibrator("kqsvd"), stats, Budget(0.5))
+    assert ranks_s == ranks_k
+    proj = fit(stats, "stiefel", Budget(0.5), steps=2)
+    assert {n: tuple(r) for n, r in proj.ranks.items()} == ranks_k and proj.kv_fraction() <= 0.5 + 1e-9
