@@ -1,35 +1,48 @@
-"""Plot perplexity vs KV-cache bytes kept, one line per method, from the JSON rows that
-`benchmarks/quality.py --write` leaves in benchmarks/results/quality-*.json.
+"""Plot perplexity vs KV-cache bytes kept, one line per method, from the quality tables that
+`benchmarks/quality.py --write` records in benchmarks/RESULTS.md.
 
     python benchmarks/plot_quality.py            # -> benchmarks/quality.png
 """
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
 
-def load_rows(paths: list[Path]) -> tuple[float | None, dict[str, list[tuple[float, float]]]]:
-    """(baseline ppl, {method label: [(KV bytes fraction, ppl), ...]}) over all result files."""
+def load_rows(text: str) -> tuple[float | None, dict[str, list[tuple[float, float]]]]:
+    """(baseline ppl, {method label: [(KV bytes fraction, ppl), ...]}) from the quality tables in RESULTS.md
+    (every table quality.py wrote; the KV-bytes column, when absent, is the keep fraction)."""
     base, lines = None, defaultdict(list)
-    for path in paths:
-        for row in json.loads(path.read_text())["rows"]:
-            if row["method"].startswith("baseline"):
-                base = row["ppl"]
-                continue
-            lines[row["method"]].append((float(row["kv_fraction"]), float(row["ppl"])))
+    header = None
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else None
+        if not cells:
+            header = None
+            continue
+        if cells[0] == "method":
+            header = cells
+            continue
+        if header is None or set(cells[0]) <= set("-"):
+            continue
+        row = dict(zip(header, cells))
+        ppl = float(row["ppl"])
+        if row["method"].startswith("baseline"):
+            base = ppl
+            continue
+        frac = float(row.get("KV bytes vs baseline", row["keep (R/d)"]))
+        if (frac, ppl) not in lines[row["method"]]:
+            lines[row["method"]].append((frac, ppl))
     return base, lines
 
 
-def plot(paths: list[Path], out: Path) -> Path:
+def plot(results: Path, out: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    base, lines = load_rows(paths)
+    base, lines = load_rows(results.read_text())
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for label, pts in sorted(lines.items()):
         if len(pts) < 2:      # single-point rows (keys-only / values-only) as markers
@@ -54,13 +67,10 @@ def plot(paths: list[Path], out: Path) -> Path:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("files", nargs="*", type=Path, help="result JSON files (default: benchmarks/results/quality-*.json)")
+    p.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     p.add_argument("--out", type=Path, default=HERE / "quality.png")
     args = p.parse_args(argv)
-    files = args.files or sorted((HERE / "results").glob("quality-*.json"))
-    if not files:
-        raise SystemExit("no results: run `python benchmarks/quality.py --write` first")
-    print(plot(files, args.out))
+    print(plot(args.results, args.out))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ through `kvfx.compress(torch.compile(model), projections)` — the product path,
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -75,8 +74,6 @@ def run(args) -> str:
         rows.append((label, f"{keep:.2f}", f"{proj.kv_fraction():.3f}", f"{err:.3f}", ppl, time.time() - t0))
         print(f"{label:28s} keep {keep:.2f}: ppl {ppl:8.2f}  (KV bytes {proj.kv_fraction():.3f}, "
               f"mean key logit err {err:.3f}, {time.time() - t0:.0f}s)", flush=True)
-    if args.write:
-        write_json(rows, args, args.section)
     return table(rows, args)
 
 
@@ -90,17 +87,6 @@ def table(rows, args) -> str:
             f"Machine: {platform.machine()} CPU ×{torch.get_num_threads()} threads; torch {torch.__version__}, "
             f"transformers {__import__('transformers').__version__}, Python {platform.python_version()}\n")
     return head + "\n" + "\n".join(lines) + "\n"
-
-
-def write_json(rows, args, section: str) -> Path:
-    """The rows as data (for benchmarks/plot_quality.py), beside RESULTS.md."""
-    out = RESULTS.parent / "results" / f"quality-{section}.json"
-    out.parent.mkdir(exist_ok=True)
-    keys = ("method", "keep", "kv_fraction", "key_err", "ppl", "seconds")
-    out.write_text(json.dumps({"command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]),
-                               "eval_windows": args.eval_windows, "calib_windows": args.calib_windows,
-                               "rows": [dict(zip(keys, r)) for r in rows]}, indent=1) + "\n")
-    return out
 
 
 def write_results(text: str, section: str = "quality") -> None:
