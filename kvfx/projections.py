@@ -98,6 +98,9 @@ class Projections:
                     raise ProjectionError(
                         f"{name}.{kind}: shape {tuple(t.shape)} does not fit {shp.kv_heads} kv heads × "
                         f"head_dim {shp.head_dim}; these projections were made for another model.")
+                if t.is_meta:
+                    raise ProjectionError(f"{name}.{kind}: is on the meta device (shapes only, no values); "
+                                          "load or calibrate the projections on cpu/cuda.")
                 if not t.is_floating_point() or not torch.isfinite(t).all():
                     raise ProjectionError(f"{name}.{kind}: contains NaN/inf or is not floating point; recalibrate.")
             for label, down, up in (("key", p.key_down, p.key_up), ("value", p.value_down, p.value_up)):

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from kvfx.projections import Projections, SiteProjection, SiteShape
 
+from archs import lowrank_attention  # noqa: F401  (tests/coverage/archs.py: the one plain-torch reference)
+
 VOCAB = 64
 
 
@@ -146,30 +148,6 @@ def random_projections(model, rank: int | None = None, kind: str = "orthonormal"
 
 
 # ---------------------------------------------------------------------------------------------- reference
-def lowrank_attention(q, k, v, proj: SiteProjection, scale: float | None = None, causal: bool = True):
-    """softmax((q·B_i)(k·A)ᵀ·scale + causal mask)·(v·C)·D_iᵀ, written out with einsum, float64.
-
-    q: [b, H, n, d]; k, v: [b, h, m, d] (kv heads, no repeat_kv); query head i uses kv group i // (H/h).
-    The causal mask is bottom-right aligned (query j sits at position m - n + j). Returns [b, H, n, d].
-    """
-    b, H, n, d = q.shape
-    h, m = k.shape[1], k.shape[2]
-    g = H // h
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    A, B, C, D = (t.to(torch.float64) for t in (proj.key_down, proj.key_up, proj.value_down, proj.value_up))
-    B, D = B.repeat_interleave(g, 0), D.repeat_interleave(g, 0)
-    qd, kd, vd = (t.to(torch.float64) for t in (q, k, v))
-    k_lat = torch.einsum("bhmd,hdr->bhmr", kd, A).repeat_interleave(g, 1)    # [b, H, m, Rk]
-    v_lat = torch.einsum("bhmd,hdr->bhmr", vd, C).repeat_interleave(g, 1)    # [b, H, m, Rv]
-    q_lat = torch.einsum("bHnd,Hdr->bHnr", qd, B)
-    scores = torch.einsum("bHnr,bHmr->bHnm", q_lat, k_lat) * scale
-    if causal:
-        pos_q = torch.arange(n)[:, None] + (m - n)
-        scores = scores.masked_fill(torch.arange(m)[None, :] > pos_q, float("-inf"))
-    out = torch.einsum("bHnm,bHmr->bHnr", scores.softmax(-1), v_lat)
-    return torch.einsum("bHnr,Hdr->bHnd", out, D).to(q.dtype)
-
-
 def kvfx_ref_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function (AttentionInterface) computing kvfx's low-rank math in plain torch.
 

@@ -5,10 +5,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kvfx
-from helpers import (HandAttention, forward_of, hand_model, hand_reference, identity_projections, model_inputs,
+from helpers import (HandAttention, hand_model, hand_reference, identity_projections, model_inputs,
                      random_projections, rel_err, run, tiny_gpt2, tiny_llama)
 from kvfx.passes.compile import UnsupportedAttention
-from kvfx.projections import Projections, ProjectionError, SiteProjection, SiteShape
+from kvfx.projections import ProjectionError, SiteProjection, SiteShape
 
 
 def snapshot(m, x):
@@ -318,3 +318,28 @@ def test_explain_counts_graph_breaks():
     e = kvfx.explain(Breaks().eval(), torch.randn(1, 4, 32), print_table=False)
     assert [r.site for r in e.rows] == ["a.attn", "b.attn"]
     assert (e.graphs, e.graph_breaks) == (2, 1) and len(e.break_reasons) == 1
+
+
+# ---------------------------------------------------------------------------------------------- dtypes / devices
+@pytest.mark.parametrize("model_dtype,proj_dtype", [(torch.float64, torch.float16), (torch.bfloat16, torch.float64)])
+def test_projection_dtype_follows_model(model_dtype, proj_dtype):
+    """Projections of another float dtype are cast to the model's dtype (the folds are computed in float64)."""
+    m = hand_model(1).to(model_dtype)
+    x = model_inputs(m).to(model_dtype)
+    p = random_projections(m, rank=4)
+    expected = hand_reference(m.double(), x.double(), p).to(model_dtype)
+    m.to(model_dtype)
+    out = run(kvfx.compress(torch.compile(m, backend="eager"), p.to(dtype=proj_dtype)), x)
+    assert out.dtype == model_dtype
+    tol = 1e-2 if torch.bfloat16 in (model_dtype, proj_dtype) else 2e-3   # float16 projections: ~1e-3 rounding
+    assert rel_err(out.double(), expected.double()) < tol
+
+
+def test_projections_on_meta_device_refused():
+    """Projections on the meta device carry no values: refused with a clear error, model untouched."""
+    m = hand_model(1)
+    x = model_inputs(m)
+    before = snapshot(m, x)
+    with pytest.raises(ProjectionError, match="meta device"):
+        kvfx.compress(torch.compile(m, backend="eager"), random_projections(m, rank=4).to(device="meta"))
+    assert_untouched(m, x, before)

@@ -54,6 +54,13 @@ def collect_stats(model: torch.nn.Module, batches: Iterable, progress: bool = Tr
     if not collector.stats:
         raise ValueError("unsupported: calibration found no attention sites (no scaled_dot_product_attention call) "
                          "in this model; kvfx needs SDPA attention (for transformers: attn_implementation='sdpa').")
+    modules = dict(model.named_modules())
+    stray = [n for n in collector.order if n not in modules]
+    if stray:
+        raise ValueError(f"unsupported: attention site(s) {stray[:3]} are not module paths of this model, so "
+                         "graph breaks split the forward into per-layer graphs (e.g. accelerate's device_map hooks, "
+                         "which torch.compile does not trace) and layers cannot be told apart. Calibrate the model "
+                         "on one device without dispatch hooks (see README, Distributed calibration).")
     return {n: collector.stats[n] for n in collector.order}
 
 

@@ -56,10 +56,11 @@ class SiteStats:
         b, H, n, d = q.shape
         h = k.shape[1]
         for i in range(min(b, self.sample_limit - len(self.samples))):
-            self.samples.append(tuple(t[i].detach().float().clone() for t in (q, k, v)))
-        q = q.detach().to(torch.float64).reshape(b, h, self.group, n, d)
-        k = k.detach().to(torch.float64)
-        v = v.detach().to(torch.float64)
+            self.samples.append(tuple(t[i].detach().float().cpu().clone() for t in (q, k, v)))
+        dev = self.key.device    # statistics stay where they were made (CPU); activations may be on a GPU
+        q = q.detach().to(dev, torch.float64).reshape(b, h, self.group, n, d)
+        k = k.detach().to(dev, torch.float64)
+        v = v.detach().to(dev, torch.float64)
         self.key += torch.einsum("bhnd,bhne->hde", k, k)
         self.value += torch.einsum("bhnd,bhne->hde", v, v)
         self.query += torch.einsum("bhgnd,bhgne->hde", q, q)
@@ -74,8 +75,8 @@ class SiteStats:
     def set_output_weight(self, w_rows: torch.Tensor) -> None:
         """w_rows [H, d, hidden]: the rows of W_O (in x·W_O form) that read each query head."""
         self.memo.clear()
-        self.w_rows = w_rows.detach().float().clone()
-        w = w_rows.detach().to(torch.float64).reshape(self.kv_heads, self.group, self.head_dim, -1)
+        self.w_rows = w_rows.detach().float().cpu().clone()
+        w = w_rows.detach().to(self.key.device, torch.float64).reshape(self.kv_heads, self.group, self.head_dim, -1)
         self.output = torch.einsum("hgdo,hgeo->hde", w, w)
 
     def joint(self) -> "SiteStats":

@@ -256,7 +256,6 @@ def _lowrank_sdpa_interface(module, query, key, value, attention_mask, scaling=N
 
 def attention_modules(model) -> list[nn.Module]:
     """The modules that call transformers' attention interface, in layer order."""
-    from transformers.modeling_utils import PreTrainedModel  # noqa: F401
     mods = [m for _, m in model.named_modules() if hasattr(m, "is_causal") and hasattr(m, "config")
             and any(isinstance(c, nn.Linear) or type(c).__name__ == "Conv1D" for c in m.children())]
     return mods
