@@ -45,6 +45,7 @@ def run(args) -> str:
     t0 = time.time()
     names = {m.split("@")[0].replace("kqsvd-summed", "kqsvd") for m in args.methods + args.split_methods + args.budget_methods}
     samples = max(getattr(kvfx.calib.get_calibrator(n), "samples_needed", 0) for n in names)
+    samples = max(samples, 2 if args.budget_methods and args.budget_measure == "output" else 0)
     stats = collect_stats(model, calib.split(1), samples=samples)
     print(f"calibration statistics over {calib.numel()} tokens in {time.time() - t0:.0f}s", flush=True)
 
@@ -62,7 +63,7 @@ def run(args) -> str:
         name, opts = (name, {}) if name != "kqsvd-summed" else ("kqsvd", {"query": "summed"})
         t0 = time.time()
         rk, rv = {None: (keep, keep), "keys": (keep, 1.0), "values": (1.0, keep),
-                  "budget": (kvfx.Budget(keep), None)}[part]
+                  "budget": (kvfx.Budget(keep, measure=args.budget_measure), None)}[part]
         proj = fit(stats, name, rk, value_rank=rv, granularity=gran, **opts)
         model_c = kvfx.compress(torch.compile(model, backend=args.backend), proj)
         ppl = evaluate(model_c, test)
@@ -70,7 +71,7 @@ def run(args) -> str:
         torch._dynamo.reset()
         err = sum(r["key_err"] for r in proj.report["sites"].values()) / len(proj.report["sites"])
         label = method + {None: "", "keys": " (keys only)", "values": " (values only)",
-                          "budget": " + budget allocation"}[part]
+                          "budget": f" + budget ({args.budget_measure} error)"}[part]
         rows.append((label, f"{keep:.2f}", f"{proj.kv_fraction():.3f}", f"{err:.3f}", ppl, time.time() - t0))
         print(f"{label:28s} keep {keep:.2f}: ppl {ppl:8.2f}  (KV bytes {proj.kv_fraction():.3f}, "
               f"mean key logit err {err:.3f}, {time.time() - t0:.0f}s)", flush=True)
@@ -103,13 +104,15 @@ def write_results(text: str, section: str = "quality") -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", type=lambda s: s.split(","),
+    p.add_argument("--methods", type=lambda s: s.split(",") if s else [],
                    default=["pca", "eigen", "kqsvd", "kqsvd-summed", "pca@layer", "kqsvd@layer"],
                    help="calibrators; '@layer' = joint cross-head latent (granularity='layer')")
     p.add_argument("--split-methods", type=lambda s: s.split(",") if s else [], default=["kqsvd@layer"],
                    help="also run these with only keys / only values compressed")
     p.add_argument("--budget-methods", type=lambda s: s.split(",") if s else [], default=[],
                    help="also run these with ranks allocated per layer and K/V under a KV-bytes budget = keep")
+    p.add_argument("--budget-measure", default="calibrator", choices=["calibrator", "output"],
+                   help="error-rank profiles the budget allocation compares (see kvfx.Budget)")
     p.add_argument("--section", default="quality", help="RESULTS.md section the table is written to")
     p.add_argument("--split-keep", type=lambda s: [float(x) for x in s.split(",")], default=[0.5])
     p.add_argument("--keep", type=lambda s: [float(x) for x in s.split(",")], default=[0.75, 0.5, 0.25])

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import heapq
 import math
+
+import torch
 from dataclasses import dataclass
 
 from .base import Calibrator, get_calibrator
@@ -30,6 +32,10 @@ class Budget:
     multiple: int = 1           # ranks stay multiples of this (e.g. 8 or 16 for GPU kernels)
     min_rank: int = 1
     max_error: float | None = None
+    # "calibrator": each side's own relative error (key-logit error for keys, value-output error for values);
+    # "output": one currency for both, the relative attention-output error through softmax and W_O on the
+    # calibration sequences with only that side projected (needs samples: kvfx.calibrate keeps them)
+    measure: str = "calibrator"
 
     def __post_init__(self):
         if (self.kv_fraction is None) == (self.max_error is None):
@@ -41,8 +47,26 @@ class Budget:
         if self.max_error is not None and (not isinstance(self.max_error, (int, float)) or
                                            math.isnan(self.max_error) or self.max_error < 0):
             raise ValueError(f"Budget max_error must be a number >= 0, got {self.max_error!r}.")
+        if self.measure not in ("calibrator", "output"):
+            raise ValueError(f"Budget measure must be 'calibrator' or 'output', got {self.measure!r}.")
         if self.multiple < 1 or self.min_rank < 1:
             raise ValueError("Budget multiple and min_rank must be >= 1.")
+
+
+def output_profiles(cal: Calibrator, stats: dict[str, SiteStats], ranks: list[int]) -> dict:
+    """Like `profiles`, measured as relative attention-output error (distill.output_loss) with only keys
+    (values) projected at each rank: keys and values, and all layers, in one currency."""
+    from .distill import output_loss, require_samples
+    out = {}
+    for name, st in stats.items():
+        require_samples(st, "Budget(measure='output')")
+        eye = torch.eye(st.head_dim).expand(st.kv_heads, -1, -1)
+        with torch.no_grad():
+            for r in ranks:
+                p, _ = cal.fit(st, r, r)
+                out.setdefault((name, "key"), {})[r] = float(output_loss(st, p.key_down, eye, b=p.key_up))
+                out.setdefault((name, "value"), {})[r] = float(output_loss(st, eye, p.value_down, d=p.value_up))
+    return out
 
 
 def profiles(cal: Calibrator, stats: dict[str, SiteStats], ranks: list[int]) -> dict:
@@ -50,9 +74,6 @@ def profiles(cal: Calibrator, stats: dict[str, SiteStats], ranks: list[int]) -> 
 
     A calibrator whose fit is expensive per rank (a trained one) may name a closed-form `profile_proxy`
     calibrator whose profiles stand in for its own."""
-    proxy = getattr(cal, "profile_proxy", None)
-    if proxy:
-        cal = get_calibrator(proxy)
     out = {}
     for name, st in stats.items():
         for r in ranks:
@@ -70,7 +91,9 @@ def allocate(cal: Calibrator, stats: dict[str, SiteStats], budget: Budget) -> tu
     step = budget.multiple
     grid = sorted({r for r in range(step, d + 1, step)} | {min(w, d) for w in width.values()} |
                   {budget.min_rank})
-    prof = profiles(cal, stats, [r for r in grid if r <= d])
+    if getattr(cal, "profile_proxy", None):   # e.g. stiefel: one training per candidate rank would be too slow
+        cal = get_calibrator(cal.profile_proxy)
+    prof = (output_profiles if budget.measure == "output" else profiles)(cal, stats, [r for r in grid if r <= d])
     rank = {key: width[key[0]] for key in prof}
     total = sum(heads[n] * 2 * width[n] for n in width)
     used = float(total)
@@ -111,6 +134,6 @@ def allocate(cal: Calibrator, stats: dict[str, SiteStats], budget: Budget) -> tu
                          f"everywhere keeps {used / total:.3f} of the cache. Raise the budget or lower min_rank.")
     ranks = {n: (rank[(n, "key")], rank[(n, "value")]) for n in width}
     err = {n: (prof[(n, "key")][ranks[n][0]], prof[(n, "value")][ranks[n][1]]) for n in width}
-    return ranks, {"budget": budget.kv_fraction, "max_error": budget.max_error, "achieved": used / total,
+    return ranks, {"budget": budget.kv_fraction, "max_error": budget.max_error, "measure": budget.measure, "achieved": used / total,
                    "mean_err": mean_err, "multiple": step,
                    "predicted_err": err}

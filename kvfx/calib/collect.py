@@ -131,6 +131,8 @@ def calibrate(model: torch.nn.Module, batches: Iterable, method: str = "kqsvd", 
         raise ValueError("calibrate(distributed=True) needs torch.distributed initialized with more than one rank "
                          "(torchrun ... and dist.init_process_group).")
     samples = getattr(get_calibrator(method, **options), "samples_needed", 0)
+    if isinstance(rank, Budget) and rank.measure == "output":
+        samples = max(samples, 2)
     stats = collect_stats(model, batches, progress=progress, samples=samples)
     if distributed is not False:
         reduce_stats(stats)  # a no-op unless torch.distributed runs with more than one rank

@@ -85,12 +85,15 @@ def reference(stats: SiteStats) -> list[torch.Tensor]:
     return stats.memo[_REF]
 
 
-def output_loss(stats: SiteStats, a: torch.Tensor, c: torch.Tensor, rows: list | None = None) -> torch.Tensor:
+def output_loss(stats: SiteStats, a: torch.Tensor, c: torch.Tensor, rows: list | None = None,
+                b: torch.Tensor | None = None, d: torch.Tensor | None = None) -> torch.Tensor:
     """Relative attention-output error of keys/queries in basis a [h, d, Rk] and values in c [h, d, Rv];
-    with `rows` (one sorted index tensor or None per sample) only on those query positions."""
+    with `rows` (one sorted index tensor or None per sample) only on those query positions. Oblique
+    projections pass their other factors too: b (query side, default a) and d (output side, default c)."""
     g, scale = stats.group, stats.head_dim ** -0.5
-    ab = a.repeat_interleave(g, 0)
-    cw = c.repeat_interleave(g, 0).transpose(1, 2) @ stats.w_rows      # [H, Rv, hidden]: Cᵀ W_O,i
+    b, d = a if b is None else b, c if d is None else d
+    ab = b.repeat_interleave(g, 0)
+    cw = d.repeat_interleave(g, 0).transpose(1, 2) @ stats.w_rows      # [H, Rv, hidden]: Dᵀ W_O,i
     num = den = 0.0
     for i, ((q, k, v), ref) in enumerate(zip(stats.samples, reference(stats))):
         r = None if rows is None else rows[i]

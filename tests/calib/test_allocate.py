@@ -89,3 +89,31 @@ def test_budget_needs_exactly_one_target():
     for bad in (-0.1, float("nan")):
         with pytest.raises(ValueError, match="max_error"):
             Budget(max_error=bad)
+
+
+def _sampled(seed):
+    g = torch.Generator().manual_seed(seed)
+    st = SiteStats.empty(4, 2, 8)
+    st.sample_limit = 2
+    for _ in range(2):
+        q = torch.randn(1, 4, 16, 8, generator=g)
+        k = torch.randn(1, 2, 16, 8, generator=g) * torch.exp(-2.0 * torch.arange(8.0))
+        v = torch.randn(1, 2, 16, 8, generator=g) * torch.exp(-0.3 * torch.arange(8.0))
+        st.add(q, k, v)
+    st.set_output_weight(torch.randn(4, 8, 16, generator=g))
+    return st
+
+
+def test_output_measure_profiles_and_budget():
+    """measure='output': keys and values priced by the same attention-output error; zero at full rank."""
+    from kvfx.calib.allocate import output_profiles
+    stats = {f"layer{i}": _sampled(i) for i in range(2)}
+    prof = output_profiles(get_calibrator("kqsvd"), stats, [2, 4, 8])
+    for p in prof.values():
+        assert p[8] == pytest.approx(0.0, abs=1e-6) and p[2] >= p[4] >= p[8]
+    proj = fit(stats, "kqsvd", Budget(0.5, measure="output"))
+    assert proj.kv_fraction() <= 0.5 + 1e-9 and proj.report["allocation"]["measure"] == "output"
+    with pytest.raises(ValueError, match="calibration sequences"):
+        fit({"x": _stats(0)}, "kqsvd", Budget(0.5, measure="output"))
+    with pytest.raises(ValueError, match="measure"):
+        Budget(0.5, measure="ppl")
