@@ -44,6 +44,7 @@ def plot(results: Path, out: Path) -> Path:
     import matplotlib.pyplot as plt
     base, lines = load_rows(results.read_text())
     fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for label, pts in sorted(lines.items()):
         if len(pts) < 2:      # single-point rows (keys-only / values-only) as markers
             ax.scatter(*zip(*pts), marker="x", label=label)
