@@ -165,6 +165,11 @@ def test_load_truncated(tmp_path, keep):
         Projections.load(path)
 
 
+def file_tensors(p: Projections) -> dict:
+    """The tensors of a projections file, as Projections.save names them."""
+    return {f"{n}/{k}": t for n, s in p.sites.items() for k, t in s.tensors().items()}
+
+
 def test_load_not_kvfx(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({"weight": torch.zeros(2, 2)}, str(path), metadata={"format": "pt"})
@@ -175,7 +180,7 @@ def test_load_not_kvfx(tmp_path):
 def test_load_future_version(tmp_path):
     path = tmp_path / "p.safetensors"
     p = make()
-    tensors = {f"{n}/{k}": t for n, s in p.sites.items() for k, t in s.tensors().items()}
+    tensors = file_tensors(p)
     save_file(tensors, str(path), metadata={"format": "kvfx.projections", "format_version": str(FORMAT_VERSION + 1),
                                             "sites": json.dumps(NAMES)})
     with pytest.raises(ProjectionError, match=f"format version {FORMAT_VERSION + 1}.*Upgrade kvfx"):
@@ -185,7 +190,7 @@ def test_load_future_version(tmp_path):
 def test_load_metadata_disagrees(tmp_path):
     path = tmp_path / "p.safetensors"
     p = make()
-    tensors = {f"{n}/{k}": t for n, s in p.sites.items() for k, t in s.tensors().items()}
+    tensors = file_tensors(p)
     del tensors[f"{NAMES[1]}/value_up"]
     meta = {"format": "kvfx.projections", "format_version": "1", "sites": json.dumps(NAMES),
             "fingerprint": json.dumps({n: [H, HKV, D] for n in NAMES})}
@@ -198,7 +203,7 @@ def test_load_validates_contents(tmp_path):
     """A well-formed file whose tensors are bad (NaN) is refused on load, not at compress time."""
     path = tmp_path / "p.safetensors"
     p = make()
-    tensors = {f"{n}/{k}": t for n, s in p.sites.items() for k, t in s.tensors().items()}
+    tensors = file_tensors(p)
     tensors[f"{NAMES[0]}/key_up"] = torch.full((HKV, D, 4), float("nan"))
     meta = {"format": "kvfx.projections", "format_version": "1", "sites": json.dumps(NAMES),
             "fingerprint": json.dumps({n: [H, HKV, D] for n in NAMES})}

@@ -21,7 +21,7 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 
 from ..projections import SiteProjection, resolve_rank
-from .linalg import proj_error
+from .linalg import proj_error, top_eigh
 from .stats import SiteStats
 
 __all__ = ["Calibrator", "CALIBRATORS", "register_calibrator", "get_calibrator", "finish", "site_errors"]
@@ -93,3 +93,11 @@ def finish(stats: SiteStats, a, b, c, d, **extra: float) -> tuple[SiteProjection
     """Cast float64 factors to a float32 `SiteProjection` and build the report (errors + `extra`)."""
     proj = SiteProjection(*(t.to(torch.float32).contiguous() for t in (a, b, c, d)))
     return proj, site_errors(stats, proj) | {k: float(v) for k, v in extra.items()}
+
+
+def symmetric_fit(stats: SiteStats, key_gram: torch.Tensor, key_rank, value_rank) -> tuple[SiteProjection, dict]:
+    """A = B = top eigenvectors of `key_gram`, C = D = top eigenvectors of the value Gram (pca, eigen)."""
+    rk, rv = ranks(stats, key_rank, value_rank)
+    _, u = top_eigh(key_gram, rk)
+    _, w = top_eigh(stats.value, rv)
+    return finish(stats, u, u, w, w)

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import finish, ranks, register_calibrator
-from .linalg import top_eigh
+from .base import register_calibrator, symmetric_fit
 from .stats import SiteStats
 
 
@@ -26,7 +25,4 @@ class Eigen:
     name = "eigen"
 
     def fit(self, stats: SiteStats, key_rank, value_rank):
-        rk, rv = ranks(stats, key_rank, value_rank)
-        _, u = top_eigh(normalised(stats.key) + normalised(stats.query), rk)
-        _, w = top_eigh(stats.value, rv)
-        return finish(stats, u, u, w, w)
+        return symmetric_fit(stats, normalised(stats.key) + normalised(stats.query), key_rank, value_rank)

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import finish, ranks, register_calibrator
-from .linalg import top_eigh
+from .base import register_calibrator, symmetric_fit
 from .stats import SiteStats
 
 
@@ -18,7 +17,4 @@ class PCA:
     name = "pca"
 
     def fit(self, stats: SiteStats, key_rank, value_rank):
-        rk, rv = ranks(stats, key_rank, value_rank)
-        _, u = top_eigh(stats.key, rk)
-        _, w = top_eigh(stats.value, rv)
-        return finish(stats, u, u, w, w)
+        return symmetric_fit(stats, stats.key, key_rank, value_rank)
