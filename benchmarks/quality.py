@@ -43,7 +43,8 @@ def run(args) -> str:
     print(f"loaded model + data in {time.time() - t0:.0f}s", flush=True)
 
     t0 = time.time()
-    names = {m.split("@")[0].replace("kqsvd-summed", "kqsvd") for m in args.methods + args.split_methods + args.budget_methods}
+    names = {m.split("@")[0].replace("kqsvd-summed", "kqsvd")
+             for m in args.methods + args.split_methods + args.budget_methods + args.refine_methods}
     samples = max(getattr(kvfx.calib.get_calibrator(n), "samples_needed", 0) for n in names)
     samples = max(samples, 2 if args.budget_methods and args.budget_measure == "output" else 0)
     stats = collect_stats(model, calib.split(1), samples=samples)
@@ -75,7 +76,59 @@ def run(args) -> str:
         rows.append((label, f"{keep:.2f}", f"{proj.kv_fraction():.3f}", f"{err:.3f}", ppl, time.time() - t0))
         print(f"{label:28s} keep {keep:.2f}: ppl {ppl:8.2f}  (KV bytes {proj.kv_fraction():.3f}, "
               f"mean key logit err {err:.3f}, {time.time() - t0:.0f}s)", flush=True)
+    rows += refine_rows(args, model, tok, stats, test)
     return table(rows, args)
+
+
+def _row(label, keep, proj, ppl, seconds):
+    err = sum(r.get("key_err", float("nan")) for r in proj.report["sites"].values()) / len(proj.report["sites"])
+    print(f"{label:28s} keep {keep:.2f}: ppl {ppl:8.2f}  (KV bytes {proj.kv_fraction():.3f}, {seconds:.0f}s)", flush=True)
+    return (label, f"{keep:.2f}", f"{proj.kv_fraction():.3f}", f"{err:.3f}", ppl, seconds)
+
+
+def _evaluate_projections(args, model, proj, test) -> float:
+    model_c = kvfx.compress(torch.compile(model, backend=args.backend), proj)
+    ppl = evaluate(model_c, test)
+    kvfx.decompress(model_c)
+    torch._dynamo.reset()
+    return ppl
+
+
+def refine_rows(args, model, tok, stats, test) -> list:
+    """End-to-end distilled projections (kvfx.refine): per keep, or once nested over every keep (Matryoshka)."""
+    if not args.refine_methods:
+        return []
+    from kvfx.calib.matryoshka import truncate
+    windows = wikitext_calibration_windows(tok, args.refine_windows, args.window)
+    rows = []
+    for method in args.refine_methods:
+        name, gran = method.split("@") if "@" in method else (method, "head")
+        t0 = time.time()
+        if args.refine_nested:
+            start = fit(stats, name, 1.0, granularity=gran)
+            cfg = kvfx.Refine(steps=args.refine_steps, lr=args.refine_lr, rank_set=tuple(args.keep))
+            trained = kvfx.refine(model, start, windows, cfg)
+            train_s = time.time() - t0
+            for keep in args.keep:
+                t1 = time.time()
+                proj = truncate(trained, keep)
+                label = f"{method} + refine nested ({_refine_note(trained)})"
+                rows.append(_row(label, keep, proj, _evaluate_projections(args, model, proj, test),
+                                 train_s + time.time() - t1))
+            continue
+        for keep in args.keep:
+            t0 = time.time()
+            start = fit(stats, name, keep, granularity=gran)
+            proj = kvfx.refine(model, start, windows, kvfx.Refine(steps=args.refine_steps, lr=args.refine_lr))
+            label = f"{method} + refine ({_refine_note(proj)})"
+            rows.append(_row(label, keep, proj, _evaluate_projections(args, model, proj, test), time.time() - t0))
+    return rows
+
+
+def _refine_note(proj) -> str:
+    r = proj.report["refine"]
+    return (f"{r['steps']} steps, {r['train_tokens']} tokens, KL {r['kl_before']:.3f}→{r['kl_after']:.3f}"
+            + (", fell back" if r["fallback"] else ""))
 
 
 def table(rows, args) -> str:
@@ -113,6 +166,13 @@ def main(argv=None) -> None:
                    help="also run these with ranks allocated per layer and K/V under a KV-bytes budget = keep")
     p.add_argument("--budget-measure", default="calibrator", choices=["calibrator", "output"],
                    help="error-rank profiles the budget allocation compares (see kvfx.Budget)")
+    p.add_argument("--refine-methods", type=lambda s: s.split(",") if s else [], default=[],
+                   help="also run these refined end to end (kvfx.refine: logit-KL distillation through the model)")
+    p.add_argument("--refine-steps", type=int, default=60)
+    p.add_argument("--refine-lr", type=float, default=1e-3)
+    p.add_argument("--refine-windows", type=int, default=16, help="calibration windows refine trains on (last 2 held out)")
+    p.add_argument("--refine-nested", action="store_true",
+                   help="train once at full rank over the nested set --keep (Matryoshka), then truncate per keep")
     p.add_argument("--section", default="quality", help="RESULTS.md section the table is written to")
     p.add_argument("--split-keep", type=lambda s: [float(x) for x in s.split(",")], default=[0.5])
     p.add_argument("--keep", type=lambda s: [float(x) for x in s.split(",")], default=[0.75, 0.5, 0.25])

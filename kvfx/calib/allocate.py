@@ -15,7 +15,8 @@ import math
 import torch
 from dataclasses import dataclass
 
-from .base import Calibrator, get_calibrator
+from ..projections import SiteProjection
+from .base import Calibrator, get_calibrator, site_errors
 from .stats import SiteStats
 
 
@@ -53,6 +54,19 @@ class Budget:
             raise ValueError("Budget multiple and min_rank must be >= 1.")
 
 
+def fits_at(cal: Calibrator, st: SiteStats, ranks: list[int]):
+    """(rank, projection, report) for each rank (K and V at that rank). A `nested` calibrator fits once at
+    full rank and is sliced (report: key_err / value_err of the slice); others fit at every rank."""
+    if not getattr(cal, "nested", False):
+        for r in ranks:
+            yield (r, *cal.fit(st, r, r))
+        return
+    full, _ = cal.fit(st, st.head_dim, st.head_dim)
+    for r in ranks:
+        p = SiteProjection(*(t[..., :r] for t in (full.key_down, full.key_up, full.value_down, full.value_up)))
+        yield r, p, site_errors(st, p)
+
+
 def output_profiles(cal: Calibrator, stats: dict[str, SiteStats], ranks: list[int]) -> dict:
     """Like `profiles`, measured as relative attention-output error (distill.output_loss) with only keys
     (values) projected at each rank: keys and values, and all layers, in one currency."""
@@ -62,8 +76,7 @@ def output_profiles(cal: Calibrator, stats: dict[str, SiteStats], ranks: list[in
         require_samples(st, "Budget(measure='output')")
         eye = torch.eye(st.head_dim).expand(st.kv_heads, -1, -1)
         with torch.no_grad():
-            for r in ranks:
-                p, _ = cal.fit(st, r, r)
+            for r, p, _ in fits_at(cal, st, ranks):
                 out.setdefault((name, "key"), {})[r] = float(output_loss(st, p.key_down, eye, b=p.key_up))
                 out.setdefault((name, "value"), {})[r] = float(output_loss(st, eye, p.value_down, d=p.value_up))
     return out
@@ -76,8 +89,7 @@ def profiles(cal: Calibrator, stats: dict[str, SiteStats], ranks: list[int]) -> 
     calibrator whose profiles stand in for its own."""
     out = {}
     for name, st in stats.items():
-        for r in ranks:
-            _, rep = cal.fit(st, r, r)
+        for r, _, rep in fits_at(cal, st, ranks):
             out.setdefault((name, "key"), {})[r] = float(rep["key_err"])
             out.setdefault((name, "value"), {})[r] = float(rep["value_err"])
     return out

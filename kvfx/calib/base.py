@@ -8,6 +8,9 @@ report of floats. Every built-in report carries, under the per-head GQA objectiv
     value_err = the same with G_V, G_O and P_g = C_g D_gᵀ            (relative attention-output error)
     key_total, value_total = the denominators (so absolute gaps such as kqsvd's ε can be normalised).
 
+A calibrator may set `nested = True` when its rank-r projection is the leading r columns of its full-rank one
+(pca, eigen, kqsvd, matryoshka): error-rank profiles for budgets then fit once per site and slice.
+
 Register your own with::
 
     @register_calibrator("mine")

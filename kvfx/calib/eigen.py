@@ -23,6 +23,7 @@ def normalised(g: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Eigen:
     name = "eigen"
+    nested = True  # the rank-r fit is the leading r columns of the full-rank fit
 
     def fit(self, stats: SiteStats, key_rank, value_rank):
         return symmetric_fit(stats, normalised(stats.key) + normalised(stats.query), key_rank, value_rank)

@@ -33,6 +33,7 @@ class KQSVD:
     query: str = "per_head"
     floor: float = 1e-6   # singular values of K (V) below floor·S_max are clamped before inverting
     name = "kqsvd"
+    nested = True         # rank r = the top-r eigenvectors of M: the leading columns of the full-rank fit
 
     def __post_init__(self):
         if self.query not in _QUERY:

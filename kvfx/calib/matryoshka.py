@@ -48,6 +48,7 @@ class Matryoshka(Distilled):
     rank_set: tuple = (1 / 8, 2 / 8, 3 / 8, 4 / 8, 5 / 8, 6 / 8, 7 / 8)  # fractions of d in (0, 1] or int ranks
     key_init: str = "pca"
     name = "matryoshka"
+    nested = True
 
     def __post_init__(self):
         self.rank_set = tuple(self.rank_set)

@@ -15,6 +15,7 @@ from .stats import SiteStats
 @dataclass
 class PCA:
     name = "pca"
+    nested = True  # the rank-r fit is the leading r columns of the full-rank fit
 
     def fit(self, stats: SiteStats, key_rank, value_rank):
         return symmetric_fit(stats, stats.key, key_rank, value_rank)

@@ -86,12 +86,18 @@ def compile_isolated(fn: Callable, **kwargs) -> Callable:
 class KvfxBackend:
     """torch.compile backend: apply `projections` to every attention site, then compile with `opts`."""
 
-    def __init__(self, projections: Projections, opts: CompileOptions | None = None, fold: bool = True):
-        self.projections, self.opts, self.fold = projections, opts or CompileOptions(), fold
+    def __init__(self, projections: Projections, opts: CompileOptions | None = None, fold: bool = True,
+                 live: bool = False):
+        """live=True (end-to-end distillation): the graphs read the projection tensors at every call (rather
+        than copies frozen at compile time), so assigning new tensors to `projections.sites[..]` — or training
+        them in place — takes effect and gradients reach them. Folding is off in live mode."""
+        if live and fold:
+            raise ValueError("KvfxBackend(live=True) cannot fold: folded weights are computed once; pass fold=False.")
+        self.projections, self.opts, self.fold, self.live = projections, opts or CompileOptions(), fold, live
         self.compile = inner_compiler(self.opts)
         self.graphs: list[fx.GraphModule] = []   # rewritten graphs, for tests and explain
 
-    def transform(self, gm: fx.GraphModule, example_inputs) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+    def transform(self, gm: fx.GraphModule, example_inputs) -> tuple[fx.GraphModule, GraphConstants | None]:
         sites = find_sites(gm)
         bad = [s for s in sites if s.status != "ok"]
         if bad:
@@ -100,7 +106,7 @@ class KvfxBackend:
         for s in sites:  # check everything before touching anything
             self.projections.check_site(s.name, SiteShape(s.num_heads, s.num_kv_heads, s.head_dim))
         if not sites:
-            return gm, []
+            return gm, None
         new = fresh_copy(gm)
         sites = find_sites(new)
         consts = GraphConstants(new, example_inputs)
@@ -110,14 +116,21 @@ class KvfxBackend:
         new.graph.lint()
         new.recompile()
         counters["kvfx"]["graphs"] += 1
+        if self.live:
+            counters["kvfx"]["live_graphs"] += 1
         self.graphs.append(new)
-        return new, consts.tensors
+        return new, consts
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        new, extra = self.transform(gm, example_inputs)
+        new, consts = self.transform(gm, example_inputs)
+        extra = consts.tensors if consts is not None else []
         compiled = self.compile(new, list(example_inputs) + extra)
         if not extra:
             return compiled
+        if self.live:
+            def run_live(*args):
+                return compiled(*args, *consts.live())
+            return run_live
 
         def run(*args):
             return compiled(*args, *extra)

@@ -5,8 +5,14 @@ so kvfx copies the captured graph into a fresh GraphModule, appends one placehol
 (projection matrices, folded weights), and the backend calls the compiled graph with those tensors
 appended to the runtime arguments. Placeholders that held real tensors in `example_inputs` can be read
 back with `value_of`, which is how folds compute W·A from the real weights.
+
+Each constant may carry a `recipe` (a zero-argument function that recomputes it from the projection
+tensors). A backend in live mode (`KvfxBackend(live=True)`, used by end-to-end distillation) calls the
+recipes at every run instead of passing the frozen tensors, so gradients reach the projections.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -26,13 +32,15 @@ class GraphConstants:
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self._values = dict(zip(self.placeholders, example_inputs))
         self.tensors: list[torch.Tensor] = []
+        self.recipes: list[Callable[[], torch.Tensor] | None] = []
 
     def value_of(self, node: fx.Node) -> torch.Tensor | None:
         val = self._values.get(node)
         return val if isinstance(val, torch.Tensor) else None
 
-    def add(self, name: str, tensor: torch.Tensor) -> fx.Node:
-        """Append a placeholder carrying `tensor` (a constant for this compiled graph)."""
+    def add(self, name: str, tensor: torch.Tensor, recipe: Callable[[], torch.Tensor] | None = None) -> fx.Node:
+        """Append a placeholder carrying `tensor` (a constant for this compiled graph); `recipe()` recomputes it
+        from live (trainable) tensors."""
         last = [n for n in self.gm.graph.nodes if n.op == "placeholder"][-1]
         with self.gm.graph.inserting_after(last):
             node = self.gm.graph.placeholder(f"kvfx_{name}".replace(".", "_"))
@@ -40,4 +48,9 @@ class GraphConstants:
         node.meta["example_value"] = tensor
         self._values[node] = tensor
         self.tensors.append(tensor)
+        self.recipes.append(recipe)
         return node
+
+    def live(self) -> list[torch.Tensor]:
+        """The constants recomputed from their recipes now (with autograd); frozen ones as they are."""
+        return [t if r is None else r() for t, r in zip(self.tensors, self.recipes)]

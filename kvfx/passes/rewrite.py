@@ -62,8 +62,13 @@ class RankSpaceRewrite:
     def __init__(self, gm: fx.GraphModule, consts: GraphConstants):
         self.gm, self.g, self.consts = gm, gm.graph, consts
 
-    def _const(self, site, label, tensor, like: fx.Node) -> fx.Node:
-        return self.consts.add(f"{site.name}_{label}", tensor.to(dtype=_dtype_of(like), device=_device_of(like)))
+    def _const(self, site, label, make, like: fx.Node) -> fx.Node:
+        """A graph constant `make()` (a function of the site's projection tensors, kept as its recipe)."""
+        dtype, device = _dtype_of(like), _device_of(like)
+
+        def recipe():
+            return make().to(dtype=dtype, device=device)
+        return self.consts.add(f"{site.name}_{label}", recipe(), recipe)
 
     def _mm(self, x: fx.Node, p: fx.Node, before: fx.Node) -> fx.Node:
         with self.g.inserting_before(before):
@@ -74,18 +79,18 @@ class RankSpaceRewrite:
         q, k, v = args["query"], args["key"], args["value"]
         g = site.group
         sdpa = site.sdpa
-        b_q = proj.key_up.repeat_interleave(g, 0)                        # [H, d, Rk]
-        d_t = proj.value_up.transpose(1, 2).repeat_interleave(g, 0)      # [H, Rv, d]
+        b_q = lambda: proj.key_up.repeat_interleave(g, 0)                        # [H, d, Rk]  # noqa: E731
+        d_t = lambda: proj.value_up.transpose(1, 2).repeat_interleave(g, 0)      # [H, Rv, d]  # noqa: E731
         site.proj = {}
         site.proj["q"] = q2 = self._mm(q, self._const(site, "key_up", b_q, q), sdpa)
         if site.lowrank_cache:
-            k2 = self._reassociate(site, site.k, proj.key_down, "key_down")
-            v2 = self._reassociate(site, site.v, proj.value_down, "value_down")
+            k2 = self._reassociate(site, site.k, proj, "key_down")
+            v2 = self._reassociate(site, site.v, proj, "value_down")
             site.proj["k"], site.proj["v"] = site.k.down, site.v.down  # the cache writes: fold targets
             counters["kvfx"]["reassociated"] += 1
         else:
-            k2 = self._plain(site, site.k, k, proj.key_down, "key_down")
-            v2 = self._plain(site, site.v, v, proj.value_down, "value_down")
+            k2 = self._plain(site, site.k, k, proj, "key_down")
+            v2 = self._plain(site, site.v, v, proj, "value_down")
             site.proj["k"], site.proj["v"] = k2, v2
         changes = dict(query=q2, key=k2, value=v2, scale=site.scale)
         if proj.key_down.shape[1] != proj.key_up.shape[1] or proj.value_down.shape[1] != proj.value_up.shape[1]:
@@ -99,21 +104,26 @@ class RankSpaceRewrite:
         site.proj["o"] = out
         counters["kvfx"]["rewritten"] += 1
 
-    def _plain(self, site, path, x: fx.Node, down: torch.Tensor, label: str) -> fx.Node:
+    def _plain(self, site, path, x: fx.Node, proj: SiteProjection, label: str) -> fx.Node:
+        down = getattr(proj, label)
         if _is_joint(down, site):  # [b, h, N, d] -> [b, N, h·d] · A -> [b, 1, N, R]
             base = path.base
             with self.g.inserting_before(site.sdpa):
                 flat = self.g.call_method("flatten", (self.g.call_method("transpose", (base, 1, 2)), 2))
-                mm = self.g.call_function(torch.matmul, (flat, self._const(site, label, down[0], x)))
+                const = self._const(site, label, lambda: getattr(proj, label)[0], x)
+                mm = self.g.call_function(torch.matmul, (flat, const))
                 return self.g.call_method("unsqueeze", (mm, 1))
-        heads = gu.shape_of(x)[1]
-        p = down.repeat_interleave(heads // down.shape[0], 0)  # repeat_kv'd inputs carry query heads
-        return self._mm(x, self._const(site, label, p, x), site.sdpa)
+        reps = gu.shape_of(x)[1] // down.shape[0]  # repeat_kv'd inputs carry query heads
+        const = self._const(site, label, lambda: getattr(proj, label).repeat_interleave(reps, 0), x)
+        return self._mm(x, const, site.sdpa)
 
-    def _reassociate(self, site, path, down: torch.Tensor, label: str) -> fx.Node:
+    def _reassociate(self, site, path, proj: SiteProjection, label: str) -> fx.Node:
         """Cache path: feed SDPA the rank-R cache directly; use our constant for the cache write."""
-        down = down[0] if _is_joint(down, site) else down
-        path.down.args = (path.down.args[0], self._const(site, label, down, path.down.args[0]))
+        down = getattr(proj, label)
+        joint = _is_joint(down, site)
+        down = down[0] if joint else down
+        make = (lambda: getattr(proj, label)[0]) if joint else (lambda: getattr(proj, label))
+        path.down.args = (path.down.args[0], self._const(site, label, make, path.down.args[0]))
         recon = path.recon
         between = path.nodes[: path.cache_at]  # repeat_kv between reconstruction and SDPA: now rank R
         d, r = gu.shape_of(recon)[-1], down.shape[-1]

@@ -117,3 +117,14 @@ def test_output_measure_profiles_and_budget():
         fit({"x": _stats(0)}, "kqsvd", Budget(0.5, measure="output"))
     with pytest.raises(ValueError, match="measure"):
         Budget(0.5, measure="ppl")
+
+
+@pytest.mark.parametrize("method", ["pca", "eigen", "kqsvd"])
+def test_nested_profiles_equal_fitting_every_rank(stats, method):
+    """Nested calibrators profile from one full-rank fit; the slices give the errors of a fit at each rank."""
+    cal = get_calibrator(method)
+    assert cal.nested
+    fast = profiles(cal, stats, [1, 3, 5, 8])
+    for (name, side), prof in fast.items():
+        for r, err in prof.items():
+            assert err == pytest.approx(cal.fit(stats[name], r, r)[1][f"{side}_err"], rel=1e-6, abs=1e-9)

@@ -1,0 +1,291 @@
+"""`kvfx.refine`: end-to-end distillation of projections through the whole model (logit KL).
+
+The closed-form and per-site calibrators fit each attention site on its own; the errors of 30 sites then add
+up through the residual stream. `refine` trains the projections of every site together against the
+uncompressed model's next-token distribution:
+
+    loss = mean over tokens of KL(p_teacher ‖ p_student),   p = softmax(logits)
+
+where the student is the model compressed with the projections being trained — the same kvfx passes
+(match → rewrite, folding off) in a live mode whose graph constants are recomputed from the trainable
+tensors at every call, so no per-model code is involved. The model's own weights are frozen; teacher
+log-probabilities are computed once (kept in bfloat16).
+
+Parametrisation (`Refine.orthonormal`):
+  * False — A, B, C, D free (oblique), started from the given projections (e.g. kqsvd's oblique fit);
+  * True  — A = B and C = D orthonormal (the Q factor of an unconstrained matrix; a QR retraction inside the
+    forward), started from tied projections (pca, eigen, stiefel, matryoshka); None picks True exactly when
+    the start is tied.
+Nested (Matryoshka) training (`Refine.rank_set`, arXiv 2410.14731): every step draws a key rank and a value
+rank per site from the nested set and trains the leading columns only (the others are masked to zero, which
+equals truncation and keeps one graph for every draw), so every leading sub-basis stays a good projection:
+start from full-rank projections (`rank=1.0`) and cut the result with `kvfx.calib.matryoshka.truncate`.
+
+Bad runs never return silently wrong projections: a NaN/inf loss stops training (logged) and the start is
+returned with `fallback: 1` in the report, as it is when training did not lower the held-out KL.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..passes.compile import CompileOptions, KvfxBackend, compile_isolated, options_of
+from ..projections import Projections, SiteProjection, resolve_rank
+from .distill import orth
+
+log = logging.getLogger("kvfx.calib")
+
+
+@dataclass
+class Refine:
+    """Options of `kvfx.refine` (end-to-end distillation)."""
+    steps: int = 100
+    lr: float = 1e-3
+    warmup: int = 10                  # steps of linear warm-up; then cosine decay to lr/10
+    orthonormal: bool | None = None   # None: True when the start is tied (down == up), else False
+    rank_set: tuple | None = None     # nested (Matryoshka) training over these ranks (fractions or ints)
+    batch: int = 1                    # sequences per step
+    eval_sequences: int = 2           # held-out sequences (the last ones given) for the before/after KL
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or self.steps < 0 or not self.lr > 0 or self.eval_sequences < 0:
+            raise ValueError(f"Refine: steps and eval_sequences must be ints >= 0 and lr > 0, got "
+                             f"{self.steps!r}, {self.eval_sequences!r}, {self.lr!r}.")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"Refine: warmup (steps) must be an int >= 0, got {self.warmup!r}.")
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise ValueError(f"Refine: batch (sequences per step) must be an int >= 1, got {self.batch!r}.")
+        if self.rank_set is not None:
+            self.rank_set = tuple(self.rank_set)
+            bad = [r for r in self.rank_set if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0]
+            if not self.rank_set or bad:
+                raise ValueError(f"Refine: rank_set must hold fractions in (0, 1] or int ranks, got {self.rank_set!r}.")
+
+
+def _tied(p: SiteProjection) -> bool:
+    up_k = p.key_up.reshape(p.key_down.shape) if p.joint else p.key_up
+    up_v = p.value_up.reshape(p.value_down.shape) if p.joint else p.value_up
+    return torch.equal(p.key_down, up_k) and torch.equal(p.value_down, up_v)
+
+
+class _Student:
+    """Trainable tensors per site and the live SiteProjections built from them at every step."""
+
+    def __init__(self, start: Projections, orthonormal: bool, device):
+        self.orthonormal = orthonormal
+        self.params: dict[str, dict[str, torch.Tensor]] = {}
+        self.masks: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        for name, p in start.sites.items():
+            kinds = ("key_down", "value_down") if orthonormal else ("key_down", "key_up", "value_down", "value_up")
+            self.params[name] = {k: getattr(p, k).detach().to(device, torch.float32).clone().requires_grad_(True)
+                                 for k in kinds}
+            self.masks[name] = (None, None)
+        self.shapes = start.shapes
+        self.live = Projections({n: self._site(n) for n in start.sites}, dict(start.shapes), start.method)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for site in self.params.values() for t in site.values()]
+
+    def _site(self, name: str) -> SiteProjection:
+        t, (mk, mv) = self.params[name], self.masks[name]
+        if self.orthonormal:
+            kd, vd = orth(t["key_down"]), orth(t["value_down"])
+            ku, vu = kd, vd
+            if kd.shape[0] == 1:  # joint latent: the up blocks are the basis split per kv head
+                shape = self.shapes[name]
+                ku, vu = (x[0].reshape(shape.kv_heads, shape.head_dim, x.shape[-1]) for x in (kd, vd))
+        else:
+            kd, ku, vd, vu = t["key_down"], t["key_up"], t["value_down"], t["value_up"]
+        if mk is not None:  # nested training: columns beyond the drawn rank are masked (= truncation)
+            kd, vd = kd * mk, vd * mv
+        return SiteProjection(kd, ku, vd, vu)
+
+    def rebuild(self) -> None:
+        """Recompute every live projection from the parameters (call before each forward). The SiteProjection
+        objects are updated in place: the compiled graphs' recipes hold them."""
+        for name in self.params:
+            new, old = self._site(name), self.live.sites[name]
+            for kind, tensor in new.tensors().items():
+                setattr(old, kind, tensor)
+
+    def set_ranks(self, ranks: dict[str, tuple[int, int]] | None) -> None:
+        """Mask every column beyond (key_rank, value_rank) per site; None: all columns."""
+        for name, t in self.params.items():
+            if ranks is None:
+                self.masks[name] = (None, None)
+                continue
+            rk, rv = ranks[name]
+            wk, wv = t["key_down"].shape[-1], t["value_down"].shape[-1]
+            dev = t["key_down"].device
+            self.masks[name] = ((torch.arange(wk, device=dev) < rk).float(), (torch.arange(wv, device=dev) < rv).float())
+
+    def result(self, start: Projections) -> Projections:
+        self.set_ranks(None)
+        with torch.no_grad():
+            self.rebuild()
+            sites = {n: SiteProjection(**{k: v.detach().to(getattr(start.sites[n], k).dtype)
+                                          for k, v in p.tensors().items()}) for n, p in self.live.sites.items()}
+        return Projections(sites, dict(start.shapes), start.method, dict(start.report))
+
+
+def _sequences(batches: Iterable) -> torch.Tensor:
+    rows = []
+    for b in batches:
+        ids = b["input_ids"] if isinstance(b, dict) else b
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.dim() not in (1, 2):
+            raise ValueError("refine: batches must be LongTensors of token ids [n, T] (or dicts with input_ids).")
+        rows.extend(ids.reshape(-1, ids.shape[-1]).unbind(0))
+    if not rows:
+        raise ValueError("refine: no calibration sequences given; pass a few windows of real text.")
+    if len({r.shape[0] for r in rows}) != 1:
+        raise ValueError("refine: calibration sequences must all have the same length (cut them into windows).")
+    return torch.stack(rows)
+
+
+def _kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher ‖ student)."""
+    s = F.log_softmax(student_logits.float().flatten(0, -2), -1)
+    t = teacher_logp.float().flatten(0, -2)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def _check_start(start: Projections, orthonormal: bool) -> None:
+    if not isinstance(start, Projections):
+        raise TypeError(f"refine needs kvfx.Projections to start from (from kvfx.calibrate), got {type(start).__name__}.")
+    start.validate()
+    if orthonormal and not all(_tied(p) for p in start.sites.values()):
+        raise ValueError("refine(orthonormal=True) needs tied projections (down == up: pca, eigen, stiefel, "
+                         "matryoshka); kqsvd's are oblique — use orthonormal=False (or None).")
+
+
+def refine(model: torch.nn.Module, projections: Projections, batches: Iterable, config: Refine | None = None,
+           progress: bool = True) -> Projections:
+    """Projections trained end to end (logit KL to the uncompressed model), started from `projections`.
+
+    batches: calibration windows (LongTensor [n, T] or dicts with input_ids); the last `eval_sequences` are held
+    out to compare the KL before and after training. Returns new Projections (method "<start>+refine") whose
+    report["refine"] records steps, tokens, seconds, KL before/after and any fallback; the model is unchanged."""
+    cfg = config or Refine()
+    module, _ = options_of(model)
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"refine needs a torch.nn.Module, got {type(module).__name__}.")
+    if getattr(module, "_kvfx", None) is not None:
+        raise ValueError("refine the original model, not one already compressed by kvfx (kvfx.decompress(model)).")
+    orthonormal = cfg.orthonormal
+    if orthonormal is None:
+        orthonormal = isinstance(projections, Projections) and all(_tied(p) for p in projections.sites.values())
+    _check_start(projections, orthonormal)
+    seqs = _sequences(batches)
+    n_eval = min(cfg.eval_sequences, len(seqs) - 1)
+    train = seqs[: len(seqs) - n_eval]
+    p0 = next(module.parameters(), None)
+    device = p0.device if p0 is not None else torch.device("cpu")
+    t0 = time.time()
+
+    frozen = [p for p in module.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            teacher = [F.log_softmax(module(input_ids=s[None].to(device), use_cache=False).logits.float(), -1)
+                       .to(torch.bfloat16) for s in seqs]
+        student = _Student(projections, orthonormal, device)
+        backend = KvfxBackend(student.live, CompileOptions(backend="eager"), fold=False, live=True)
+        forward = compile_isolated(module.forward, backend=backend, dynamic=False)
+
+        def kl(idx: list[int]) -> torch.Tensor:
+            student.rebuild()
+            logits = forward(input_ids=seqs[idx].to(device), use_cache=False).logits
+            return _kl(logits, torch.stack([teacher[i] for i in idx]))
+
+        eval_ranks = _eval_ranks(cfg, projections)
+
+        def held_out() -> float:
+            idx = list(range(len(train), len(seqs))) or [0]
+            with torch.no_grad():
+                total = 0.0
+                for ranks in eval_ranks:
+                    student.set_ranks(ranks)
+                    total += sum(float(kl([i])) for i in idx) / len(idx)
+                student.set_ranks(None)
+            return total / len(eval_ranks)
+
+        before = held_out()
+        trained = _train(cfg, student, kl, len(train), projections, progress)
+        after = held_out() if trained else float("nan")
+    finally:
+        torch._dynamo.reset()
+        for p in frozen:
+            p.requires_grad_(True)
+    fallback = not after < before
+    if fallback:
+        log.warning("kvfx refine: %s; returning the starting projections", "training loss became NaN/inf"
+                    if not trained else f"training did not lower the held-out KL ({after:.4g} vs {before:.4g})")
+    out = projections if fallback else student.result(projections)
+    report = dict(projections.report)
+    report["refine"] = {**{k: v for k, v in asdict(cfg).items() if k != "rank_set"},
+                        "rank_set": list(cfg.rank_set) if cfg.rank_set else None, "orthonormal": orthonormal,
+                        "train_tokens": int(train.numel()), "seconds": round(time.time() - t0, 1),
+                        "kl_before": before, "kl_after": before if fallback else after, "fallback": float(fallback)}
+    return Projections(dict(out.sites), dict(out.shapes), projections.method + "+refine", report)
+
+
+def _site_ranks(start: Projections, pick) -> dict[str, tuple[int, int]]:
+    out = {}
+    for name, p in start.sites.items():
+        wk, wv = p.key_down.shape[-1], p.value_down.shape[-1]
+        out[name] = (min(wk, resolve_rank(pick(), p.key_down.shape[1])), min(wv, resolve_rank(pick(), p.value_down.shape[1])))
+    return out
+
+
+def _eval_ranks(cfg: Refine, start: Projections) -> list:
+    """Rank settings the held-out KL averages over: the full projections, or each entry of the nested set."""
+    if not cfg.rank_set:
+        return [None]
+    return [_site_ranks(start, lambda r=r: r) for r in cfg.rank_set]
+
+
+def _schedule(i: int, steps: int, warmup: int) -> float:
+    """Learning-rate factor of step i: linear warm-up over `warmup` steps, then cosine from 1 to 0.1."""
+    if i < warmup:
+        return (i + 1) / (warmup + 1)
+    t = (i - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * t))
+
+
+def _train(cfg: Refine, student: _Student, kl, n_train: int, start: Projections, progress: bool) -> bool:
+    """Adam over the student's parameters; False at the first non-finite loss (logged)."""
+    rng = random.Random(cfg.seed)
+    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _schedule(i, cfg.steps, cfg.warmup))
+    order: list[int] = []
+    bar = tqdm(range(cfg.steps), desc="kvfx refine", disable=not progress)
+    with torch.enable_grad():
+        for step in bar:
+            if len(order) < cfg.batch:
+                order = list(range(n_train))
+                rng.shuffle(order)
+            if cfg.rank_set:
+                student.set_ranks(_site_ranks(start, lambda: rng.choice(cfg.rank_set)))
+            opt.zero_grad()
+            loss = kl([order.pop() for _ in range(min(cfg.batch, n_train))])
+            if not torch.isfinite(loss):
+                log.warning("kvfx refine: non-finite loss at step %d of %d; training stopped", step, cfg.steps)
+                return False
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            bar.set_postfix(kl=f"{loss.item():.4f}")
+    student.set_ranks(None)
+    return True
