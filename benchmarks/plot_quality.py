@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,8 +34,9 @@ def load_rows(text: str) -> tuple[float | None, dict[str, list[tuple[float, floa
             base = ppl
             continue
         frac = float(row.get("KV bytes vs baseline", row["keep (R/d)"]))
-        if (frac, ppl) not in lines[row["method"]]:
-            lines[row["method"]].append((frac, ppl))
+        label = re.sub(r" \(\d+ steps[^)]*\)", "", row["method"])  # refine rows: one line whatever the KL note
+        if (frac, ppl) not in lines[label]:
+            lines[label].append((frac, ppl))
     return base, lines
 
 

@@ -56,34 +56,41 @@ def run(args) -> str:
     torch._dynamo.reset()
     rows.append(("baseline (torch.compile)", "1.00", "1.000", "-", base, time.time() - t0))
     print(f"baseline ppl {base:.2f}", flush=True)
-    configs = [(m, keep, None) for m in args.methods for keep in args.keep]
+    configs = [(m, keep, None if share == 0.5 else share) for m in args.methods for keep in args.keep
+               for share in args.key_shares]
     configs += [(m, keep, part) for m in args.split_methods for keep in args.split_keep for part in ("keys", "values")]
     configs += [(m, keep, "budget") for m in args.budget_methods for keep in args.keep]
     for method, keep, part in configs:
         name, gran = method.split("@") if "@" in method else (method, "head")
         name, opts = (name, {}) if name != "kqsvd-summed" else ("kqsvd", {"query": "summed"})
         t0 = time.time()
-        rk, rv = {None: (keep, keep), "keys": (keep, 1.0), "values": (1.0, keep),
-                  "budget": (kvfx.Budget(keep, measure=args.budget_measure), None)}[part]
+        if isinstance(part, float):  # keys get `part` of the kept bytes, values the rest
+            rk, rv = split_keep(keep, part)
+        else:
+            rk, rv = {None: (keep, keep), "keys": (keep, 1.0), "values": (1.0, keep),
+                      "budget": (kvfx.Budget(keep, measure=args.budget_measure), None)}[part]
         proj = fit(stats, name, rk, value_rank=rv, granularity=gran, **opts)
-        model_c = kvfx.compress(torch.compile(model, backend=args.backend), proj)
-        ppl = evaluate(model_c, test)
-        kvfx.decompress(model_c)
-        torch._dynamo.reset()
-        err = sum(r["key_err"] for r in proj.report["sites"].values()) / len(proj.report["sites"])
-        label = method + {None: "", "keys": " (keys only)", "values": " (values only)",
-                          "budget": f" + budget ({args.budget_measure} error)"}[part]
-        rows.append((label, f"{keep:.2f}", f"{proj.kv_fraction():.3f}", f"{err:.3f}", ppl, time.time() - t0))
-        print(f"{label:28s} keep {keep:.2f}: ppl {ppl:8.2f}  (KV bytes {proj.kv_fraction():.3f}, "
-              f"mean key logit err {err:.3f}, {time.time() - t0:.0f}s)", flush=True)
+        label = method + ({None: "", "keys": " (keys only)", "values": " (values only)",
+                           "budget": f" + budget ({args.budget_measure} error)"}[part]
+                          if not isinstance(part, float) else f" (keys {part:.0%} of kept bytes)")
+        rows.append(_row(label, keep, proj, _evaluate_projections(args, model, proj, test), time.time() - t0))
     rows += refine_rows(args, model, tok, stats, test)
     return table(rows, args)
 
 
+def split_keep(keep: float, key_share: float) -> tuple[float, float]:
+    """(key keep, value keep) spending `keep` of the KV bytes with `key_share` of them on keys."""
+    rk, rv = 2 * keep * key_share, 2 * keep * (1 - key_share)
+    if not (0 < rk <= 1 and 0 < rv <= 1):
+        raise SystemExit(f"key share {key_share} cannot split keep {keep}: keys {rk:.2f}, values {rv:.2f} of d")
+    return rk, rv
+
+
 def _row(label, keep, proj, ppl, seconds):
-    err = sum(r.get("key_err", float("nan")) for r in proj.report["sites"].values()) / len(proj.report["sites"])
+    sites = proj.report.get("sites", {})  # refined projections keep no per-site calibration error
+    err = f"{sum(r['key_err'] for r in sites.values()) / len(sites):.3f}" if sites else "-"
     print(f"{label:28s} keep {keep:.2f}: ppl {ppl:8.2f}  (KV bytes {proj.kv_fraction():.3f}, {seconds:.0f}s)", flush=True)
-    return (label, f"{keep:.2f}", f"{proj.kv_fraction():.3f}", f"{err:.3f}", ppl, seconds)
+    return (label, f"{keep:.2f}", f"{proj.kv_fraction():.3f}", err, ppl, seconds)
 
 
 def _evaluate_projections(args, model, proj, test) -> float:
@@ -109,6 +116,7 @@ def refine_rows(args, model, tok, stats, test) -> list:
             cfg = kvfx.Refine(steps=args.refine_steps, lr=args.refine_lr, rank_set=tuple(args.keep))
             trained = kvfx.refine(model, start, windows, cfg)
             train_s = time.time() - t0
+            _keep_artefact(trained, f"{method}-nested")
             for keep in args.keep:
                 t1 = time.time()
                 proj = truncate(trained, keep)
@@ -118,11 +126,21 @@ def refine_rows(args, model, tok, stats, test) -> list:
             continue
         for keep in args.keep:
             t0 = time.time()
-            start = fit(stats, name, keep, granularity=gran)
+            rk, rv = split_keep(keep, args.refine_key_share)
+            start = fit(stats, name, rk, value_rank=rv, granularity=gran)
             proj = kvfx.refine(model, start, windows, kvfx.Refine(steps=args.refine_steps, lr=args.refine_lr))
+            _keep_artefact(proj, f"{method}-{keep}")
             label = f"{method} + refine ({_refine_note(proj)})"
             rows.append(_row(label, keep, proj, _evaluate_projections(args, model, proj, test), time.time() - t0))
     return rows
+
+
+def _keep_artefact(proj, tag: str) -> None:
+    """Save trained projections (benchmarks/results/, git-ignored) and print their training report."""
+    path = RESULTS.parent / "results" / f"refine-{tag}.safetensors"
+    path.parent.mkdir(exist_ok=True)
+    proj.save(path)
+    print(f"refined {tag}: {proj.report['refine']} -> {path}", flush=True)
 
 
 def _refine_note(proj) -> str:
@@ -171,9 +189,12 @@ def main(argv=None) -> None:
     p.add_argument("--refine-steps", type=int, default=60)
     p.add_argument("--refine-lr", type=float, default=1e-3)
     p.add_argument("--refine-windows", type=int, default=16, help="calibration windows refine trains on (last 2 held out)")
+    p.add_argument("--refine-key-share", type=float, default=0.5, help="share of the kept bytes spent on keys")
     p.add_argument("--refine-nested", action="store_true",
                    help="train once at full rank over the nested set --keep (Matryoshka), then truncate per keep")
     p.add_argument("--section", default="quality", help="RESULTS.md section the table is written to")
+    p.add_argument("--key-shares", type=lambda s: [float(x) for x in s.split(",")], default=[0.5],
+                   help="for --methods rows: share of the kept KV bytes spent on keys (0.5: K and V at the same rank)")
     p.add_argument("--split-keep", type=lambda s: [float(x) for x in s.split(",")], default=[0.5])
     p.add_argument("--keep", type=lambda s: [float(x) for x in s.split(",")], default=[0.75, 0.5, 0.25])
     p.add_argument("--eval-windows", type=int, default=16)

@@ -47,7 +47,8 @@ def require_samples(stats: SiteStats, method: str) -> None:
     if not stats.samples or stats.w_rows is None:
         raise ValueError(f"{method} needs calibration sequences and W_O: calibrate with method={method!r} "
                          "(kvfx.calibrate keeps them; with collect_stats pass samples=N) and granularity='head' "
-                         "(the joint cross-head latent, granularity='layer', is not supported by learned calibrators).")
+                         "(the joint cross-head latent, granularity='layer', is not supported by the per-site learned calibrators: "
+                         "calibrate it with pca/kqsvd and train it end to end with kvfx.refine).")
 
 
 def attention(q, k, v, scale, rows=None):

@@ -19,6 +19,11 @@ rank (key_err / value_err of the truncated trained basis, as for every calibrato
 slices afterwards. To keep the artefact on disk, save `fit(stats, "matryoshka", 1.0)` (the full bases) and
 slice it later with `truncate(projections, rank)`.
 
+This calibrator distils each site on its own (the local objective above, cheap). MatryoshkaKV's end-to-end
+objective — the KL of the whole compressed model's next-token distribution, every site trained together with a
+nested rank drawn per site each step — is `kvfx.refine(model, projections, windows, Refine(rank_set=...))`
+started from full-rank projections (these, or pca / kqsvd at rank 1.0); see refine.py.
+
 Report: `init_loss` / `final_loss` = the distillation loss averaged over the rank set (keys and values at the
 same rank) for the PCA start and the returned bases; `fallback: 1` when the PCA start is returned instead of
 the trained bases — training met a NaN/inf loss (logged, training stops there) or did not improve the mean

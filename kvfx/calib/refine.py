@@ -174,7 +174,8 @@ def refine(model: torch.nn.Module, projections: Projections, batches: Iterable, 
 
     batches: calibration windows (LongTensor [n, T] or dicts with input_ids); the last `eval_sequences` are held
     out to compare the KL before and after training. Returns new Projections (method "<start>+refine") whose
-    report["refine"] records steps, tokens, seconds, KL before/after and any fallback; the model is unchanged."""
+    report["refine"] records steps, tokens, seconds, KL before/after and any fallback (the start's per-site
+    errors move to report["start_sites"]: they do not describe the trained result); the model is unchanged."""
     cfg = config or Refine()
     module, _ = options_of(model)
     if not isinstance(module, torch.nn.Module):
@@ -232,7 +233,11 @@ def refine(model: torch.nn.Module, projections: Projections, batches: Iterable, 
         log.warning("kvfx refine: %s; returning the starting projections", "training loss became NaN/inf"
                     if not trained else f"training did not lower the held-out KL ({after:.4g} vs {before:.4g})")
     out = projections if fallback else student.result(projections)
-    report = dict(projections.report)
+    report = {k: v for k, v in projections.report.items() if k != "sites"}
+    if not fallback and "sites" in projections.report:  # per-site errors describe the start, not the result
+        report["start_sites"] = projections.report["sites"]
+    elif "sites" in projections.report:
+        report["sites"] = projections.report["sites"]
     report["refine"] = {**{k: v for k, v in asdict(cfg).items() if k != "rank_set"},
                         "rank_set": list(cfg.rank_set) if cfg.rank_set else None, "orthonormal": orthonormal,
                         "train_tokens": int(train.numel()), "seconds": round(time.time() - t0, 1),

@@ -92,6 +92,7 @@ def test_refine_lowers_held_out_kl_and_compresses_to_it(setup, method, granulari
     assert rep["fallback"] == 0.0 and rep["kl_after"] < 0.9 * rep["kl_before"]
     assert rep["orthonormal"] == (method == "pca") and rep["train_tokens"] == (len(ids) - HELD) * 24
     assert out.method == f"{method}+refine" and out.ranks == start.ranks
+    assert "sites" not in out.report and out.report["start_sites"] == start.report["sites"]  # errors of the start
     # the trained projections, applied by the ordinary (folded, frozen) compress path, give the reported KL
     assert _compressed_kl(m, out, ids) == pytest.approx(rep["kl_after"], rel=2e-3)
     assert _compressed_kl(m, start, ids) == pytest.approx(rep["kl_before"], rel=2e-3)
@@ -114,6 +115,16 @@ def test_nested_training_serves_every_rank(setup):
     assert out.ranks == start.ranks  # full bases; truncate() serves each rank
     gains = [_compressed_kl(m, truncate(out, r), ids) < _compressed_kl(m, truncate(start, r), ids) for r in (0.25, 0.5, 0.75)]
     assert sum(gains) >= 2
+
+
+def test_saved_and_loaded(setup, tmp_path):
+    m, ids = setup
+    start = kvfx.calibrate(m, ids.split(1), method="kqsvd", rank=0.5, granularity="layer", progress=False)
+    out = refine(m, start, ids, Refine(steps=2, lr=1e-3), progress=False)
+    out.save(tmp_path / "p.safetensors")
+    back = kvfx.Projections.load(tmp_path / "p.safetensors")
+    assert back.method == "kqsvd+refine" and back.report["refine"]["steps"] == 2
+    assert all(torch.equal(back.sites[n].value_up, out.sites[n].value_up) for n in out.sites)
 
 
 def test_deterministic(setup):
