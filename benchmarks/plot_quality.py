@@ -48,7 +48,7 @@ def plot(results: Path, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for label, pts in sorted(lines.items()):
-        if len(pts) < 2:      # single-point rows (keys-only / values-only) as markers
+        if len({x for x, _ in pts}) < len(pts) or len(pts) < 2:  # single points / variants at one size: markers
             ax.scatter(*zip(*pts), marker="x", label=label)
             continue
         pts.sort()
