@@ -191,6 +191,11 @@ class Projections:
         return f"Projections(method={self.method!r}, sites={len(self.sites)}, ranks(k,v)={ranks}, kv_fraction={self.kv_fraction():.3f})"
 
 
+def split_joint(t: torch.Tensor, shape: SiteShape) -> torch.Tensor:
+    """A joint-latent factor [1, h·d, R] as per-kv-head blocks [h, d, R] (the layout of the up matrices)."""
+    return t[0].reshape(shape.kv_heads, shape.head_dim, t.shape[-1])
+
+
 def resolve_rank(rank: int | float, head_dim: int) -> int:
     """A keep fraction in (0, 1] or an int rank in 1..head_dim, as an int rank."""
     if isinstance(rank, bool) or not isinstance(rank, (int, float)):

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from ..passes.compile import compile_isolated
 from ..passes.observe import insert_observers
-from ..projections import Projections, SiteProjection, SiteShape, resolve_rank
+from ..projections import Projections, SiteProjection, SiteShape, resolve_rank, split_joint
 from .allocate import Budget, allocate
 from .base import get_calibrator
 from .stats import SiteStats
@@ -77,8 +77,9 @@ GRANULARITIES = ("head", "layer")
 
 def _unjoin(proj: SiteProjection, st: SiteStats) -> SiteProjection:
     """Joint-view projection ([1, h·d, R] everywhere) -> down [1, h·d, R], up split per kv head [h, d, R]."""
-    split = lambda t: t[0].reshape(st.kv_heads, st.head_dim, t.shape[-1])  # noqa: E731
-    return SiteProjection(proj.key_down, split(proj.key_up), proj.value_down, split(proj.value_up))
+    shape = SiteShape(st.heads, st.kv_heads, st.head_dim)
+    return SiteProjection(proj.key_down, split_joint(proj.key_up, shape), proj.value_down,
+                          split_joint(proj.value_up, shape))
 
 
 def fit(stats: dict[str, SiteStats], method: str = "kqsvd", rank: int | float | dict = 0.5,

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..passes.compile import CompileOptions, KvfxBackend, compile_isolated, options_of
-from ..projections import Projections, SiteProjection, resolve_rank
+from ..projections import Projections, SiteProjection, resolve_rank, split_joint
 from .distill import orth
 
 log = logging.getLogger("kvfx.calib")
@@ -102,8 +102,7 @@ class _Student:
             kd, vd = orth(t["key_down"]), orth(t["value_down"])
             ku, vu = kd, vd
             if kd.shape[0] == 1:  # joint latent: the up blocks are the basis split per kv head
-                shape = self.shapes[name]
-                ku, vu = (x[0].reshape(shape.kv_heads, shape.head_dim, x.shape[-1]) for x in (kd, vd))
+                ku, vu = split_joint(kd, self.shapes[name]), split_joint(vd, self.shapes[name])
         else:
             kd, ku, vd, vu = t["key_down"], t["key_up"], t["value_down"], t["value_up"]
         if mk is not None:  # nested training: columns beyond the drawn rank are masked (= truncation)
@@ -129,13 +128,13 @@ class _Student:
             dev = t["key_down"].device
             self.masks[name] = ((torch.arange(wk, device=dev) < rk).float(), (torch.arange(wv, device=dev) < rv).float())
 
-    def result(self, start: Projections) -> Projections:
+    def result(self, start: Projections) -> dict[str, SiteProjection]:
+        """The trained projections at full rank, detached, in the start's dtypes."""
         self.set_ranks(None)
         with torch.no_grad():
             self.rebuild()
-            sites = {n: SiteProjection(**{k: v.detach().to(getattr(start.sites[n], k).dtype)
-                                          for k, v in p.tensors().items()}) for n, p in self.live.sites.items()}
-        return Projections(sites, dict(start.shapes), start.method, dict(start.report))
+            return {n: SiteProjection(**{k: v.detach().to(getattr(start.sites[n], k).dtype)
+                                         for k, v in p.tensors().items()}) for n, p in self.live.sites.items()}
 
 
 def _sequences(batches: Iterable) -> torch.Tensor:
@@ -212,7 +211,7 @@ def refine(model: torch.nn.Module, projections: Projections, batches: Iterable, 
         eval_ranks = _eval_ranks(cfg, projections)
 
         def held_out() -> float:
-            idx = list(range(len(train), len(seqs))) or [0]
+            idx = list(range(len(train), len(seqs))) or [0]  # eval_sequences=0: a training sequence
             with torch.no_grad():
                 total = 0.0
                 for ranks in eval_ranks:
@@ -225,24 +224,21 @@ def refine(model: torch.nn.Module, projections: Projections, batches: Iterable, 
         trained = _train(cfg, student, kl, len(train), projections, progress)
         after = held_out() if trained else float("nan")
     finally:
-        torch._dynamo.reset()
         for p in frozen:
             p.requires_grad_(True)
     fallback = not after < before
     if fallback:
         log.warning("kvfx refine: %s; returning the starting projections", "training loss became NaN/inf"
                     if not trained else f"training did not lower the held-out KL ({after:.4g} vs {before:.4g})")
-    out = projections if fallback else student.result(projections)
-    report = {k: v for k, v in projections.report.items() if k != "sites"}
-    if not fallback and "sites" in projections.report:  # per-site errors describe the start, not the result
-        report["start_sites"] = projections.report["sites"]
-    elif "sites" in projections.report:
-        report["sites"] = projections.report["sites"]
+    sites = projections.sites if fallback else student.result(projections)
+    report = dict(projections.report)
+    if not fallback and "sites" in report:  # per-site errors describe the start, not the result
+        report["start_sites"] = report.pop("sites")
     report["refine"] = {**{k: v for k, v in asdict(cfg).items() if k != "rank_set"},
                         "rank_set": list(cfg.rank_set) if cfg.rank_set else None, "orthonormal": orthonormal,
                         "train_tokens": int(train.numel()), "seconds": round(time.time() - t0, 1),
                         "kl_before": before, "kl_after": before if fallback else after, "fallback": float(fallback)}
-    return Projections(dict(out.sites), dict(out.shapes), projections.method + "+refine", report)
+    return Projections(dict(sites), dict(projections.shapes), projections.method + "+refine", report)
 
 
 def _site_ranks(start: Projections, pick) -> dict[str, tuple[int, int]]:
