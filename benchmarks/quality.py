@@ -44,7 +44,8 @@ def run(args) -> str:
 
     t0 = time.time()
     names = {m.split("@")[0].replace("kqsvd-summed", "kqsvd")
-             for m in args.methods + args.split_methods + args.budget_methods + args.refine_methods}
+             for m in args.methods + args.split_methods + args.budget_methods + args.refine_methods
+             + [m for m in args.measured_methods if not m.endswith(".safetensors")]}
     samples = max(getattr(kvfx.calib.get_calibrator(n), "samples_needed", 0) for n in names)
     samples = max(samples, 2 if args.budget_methods and args.budget_measure == "output" else 0)
     stats = collect_stats(model, calib.split(1), samples=samples)
@@ -75,6 +76,7 @@ def run(args) -> str:
                           if not isinstance(part, float) else f" (keys {part:.0%} of kept bytes)")
         rows.append(_row(label, keep, proj, _evaluate_projections(args, model, proj, test), time.time() - t0))
     rows += refine_rows(args, model, tok, stats, test)
+    rows += measured_rows(args, model, tok, stats, test)
     return table(rows, args)
 
 
@@ -135,6 +137,43 @@ def refine_rows(args, model, tok, stats, test) -> list:
     return rows
 
 
+def measured_rows(args, model, tok, stats, test) -> list:
+    """Ranks per site and K/V from measured model-KL profiles (kvfx.sensitivity → kvfx.allocate), for a method
+    fitted at full rank or a saved nested artefact (e.g. a nested refine); optionally refined from there."""
+    if not args.measured_methods:
+        return []
+    import json
+    windows = wikitext_calibration_windows(tok, args.sensitivity_windows, args.window)
+    rows = []
+    for method in args.measured_methods:
+        t0 = time.time()
+        if method.endswith(".safetensors"):
+            full, tag = kvfx.Projections.load(method), Path(method).stem
+        else:
+            name, gran = method.split("@") if "@" in method else (method, "head")
+            full, tag = fit(stats, name, 1.0, granularity=gran), method
+        prof = kvfx.sensitivity(model, full, windows, steps=args.sensitivity_steps)
+        path = RESULTS.parent / "results" / f"sensitivity-{tag}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(prof, indent=1))
+        print(f"sensitivity of {tag}: {prof['tokens']} tokens, {prof['seconds']:.0f}s -> {path}", flush=True)
+        profile_s = time.time() - t0
+        for keep in args.keep:
+            t1 = time.time()
+            proj = kvfx.allocate(full, prof, kvfx.Budget(keep))
+            label = f"{tag} + measured budget ({args.sensitivity_windows}×{args.window} tokens)"
+            rows.append(_row(label, keep, proj, _evaluate_projections(args, model, proj, test),
+                             profile_s + time.time() - t1))
+            if args.measured_refine_steps:
+                t1 = time.time()
+                cfg = kvfx.Refine(steps=args.measured_refine_steps, lr=args.refine_lr)
+                proj = kvfx.refine(model, proj, wikitext_calibration_windows(tok, args.refine_windows, args.window), cfg)
+                _keep_artefact(proj, f"{tag}-measured-{keep}")
+                rows.append(_row(f"{label} + refine ({_refine_note(proj)})", keep, proj,
+                                 _evaluate_projections(args, model, proj, test), profile_s + time.time() - t1))
+    return rows
+
+
 def _keep_artefact(proj, tag: str) -> None:
     """Save trained projections (benchmarks/results/, git-ignored) and print their training report."""
     path = RESULTS.parent / "results" / f"refine-{tag}.safetensors"
@@ -192,6 +231,13 @@ def main(argv=None) -> None:
     p.add_argument("--refine-key-share", type=float, default=0.5, help="share of the kept bytes spent on keys")
     p.add_argument("--refine-nested", action="store_true",
                    help="train once at full rank over the nested set --keep (Matryoshka), then truncate per keep")
+    p.add_argument("--measured-methods", type=lambda s: s.split(",") if s else [], default=[],
+                   help="also run these (methods fitted at full rank, or saved nested .safetensors artefacts) with ranks "
+                        "allocated per site and K/V from measured model-KL profiles (kvfx.sensitivity + kvfx.allocate)")
+    p.add_argument("--sensitivity-windows", type=int, default=2, help="calibration windows the profiles are measured on")
+    p.add_argument("--sensitivity-steps", type=int, default=8, help="rank grid per site: multiples of width/steps")
+    p.add_argument("--measured-refine-steps", type=int, default=0,
+                   help="also refine each measured allocation this many steps (kvfx.refine, --refine-lr/--refine-windows)")
     p.add_argument("--section", default="quality", help="RESULTS.md section the table is written to")
     p.add_argument("--key-shares", type=lambda s: [float(x) for x in s.split(",")], default=[0.5],
                    help="for --methods rows: share of the kept KV bytes spent on keys (0.5: K and V at the same rank)")

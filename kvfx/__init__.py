@@ -6,6 +6,7 @@
 from .cache import LowRankCache
 from .calib.allocate import Budget
 from .calib.refine import Refine, refine
+from .calib.sensitivity import allocate, sensitivity
 from .compress import compress, decompress, make_cache
 from .explain import Explanation, explain
 from .passes.counters import counters
@@ -20,5 +21,5 @@ def calibrate(*args, **kwargs):
     return _calibrate(*args, **kwargs)
 
 
-__all__ = ["Budget", "Refine", "refine", "Projections", "SiteProjection", "SiteShape", "ProjectionError", "LowRankCache", "calibrate",
+__all__ = ["Budget", "Refine", "refine", "sensitivity", "allocate", "Projections", "SiteProjection", "SiteShape", "ProjectionError", "LowRankCache", "calibrate",
            "compress", "decompress", "explain", "make_cache", "counters"]

@@ -106,9 +106,22 @@ def allocate(cal: Calibrator, stats: dict[str, SiteStats], budget: Budget) -> tu
     if getattr(cal, "profile_proxy", None):   # e.g. stiefel: one training per candidate rank would be too slow
         cal = get_calibrator(cal.profile_proxy)
     prof = (output_profiles if budget.measure == "output" else profiles)(cal, stats, [r for r in grid if r <= d])
+    ranks, used, total_err = greedy(prof, width, heads, budget, scale=1.0 / len(prof))
+    err = {n: (prof[(n, "key")][ranks[n][0]], prof[(n, "value")][ranks[n][1]]) for n in width}
+    return ranks, {"budget": budget.kv_fraction, "max_error": budget.max_error, "measure": budget.measure,
+                   "achieved": used, "mean_err": total_err / len(prof), "multiple": step, "predicted_err": err}
+
+
+def greedy(prof: dict, width: dict, heads: dict, budget: Budget, scale: float = 1.0, base: float = 0.0):
+    """Lower ranks from full width, one profile step at a time, cheapest error increase per cached number first.
+
+    prof: {(site, 'key'|'value'): {rank: error}} (each holding the site's full width); width / heads: per site.
+    Stops when the KV fraction reaches budget.kv_fraction, or before base + scale·(summed error) would pass
+    budget.max_error. Returns ({site: (key_rank, value_rank)}, KV fraction kept, summed error)."""
     rank = {key: width[key[0]] for key in prof}
     total = sum(heads[n] * 2 * width[n] for n in width)
     used = float(total)
+    err = sum(p[rank[key]] for key, p in prof.items())
 
     def next_step(key):
         r = rank[key]
@@ -116,18 +129,13 @@ def allocate(cal: Calibrator, stats: dict[str, SiteStats], budget: Budget) -> tu
         if not lower:
             return None
         r2 = max(lower)
-        cost = (prof[key][r2] - prof[key][r]) / (heads[key[0]] * (r - r2))
-        return cost, r2
+        return (prof[key][r2] - prof[key][r]) / (heads[key[0]] * (r - r2)), r2
 
-    n_err = len(prof)
-    mean_err = sum(p[rank[key]] for key, p in prof.items()) / n_err
-
-    def more(cost_key, r2) -> bool:
+    def more(key, r2) -> bool:
         if budget.kv_fraction is not None:
-            return used > target + 1e-9
-        return mean_err + (prof[cost_key][r2] - prof[cost_key][rank[cost_key]]) / n_err <= budget.max_error + 1e-12
+            return used > budget.kv_fraction * total + 1e-9
+        return base + scale * (err + prof[key][r2] - prof[key][rank[key]]) <= budget.max_error + 1e-12
 
-    target = budget.kv_fraction * total if budget.kv_fraction is not None else 0.0
     heap = []
     for key in prof:
         nxt = next_step(key)
@@ -135,17 +143,13 @@ def allocate(cal: Calibrator, stats: dict[str, SiteStats], budget: Budget) -> tu
             heapq.heappush(heap, (nxt[0], key, nxt[1]))
     while heap and more(heap[0][1], heap[0][2]):
         _, key, r2 = heapq.heappop(heap)
-        mean_err += (prof[key][r2] - prof[key][rank[key]]) / n_err
+        err += prof[key][r2] - prof[key][rank[key]]
         used -= heads[key[0]] * (rank[key] - r2)
         rank[key] = r2
         nxt = next_step(key)
         if nxt:
             heapq.heappush(heap, (nxt[0], key, nxt[1]))
-    if budget.kv_fraction is not None and used > target + 1e-9:
+    if budget.kv_fraction is not None and used > budget.kv_fraction * total + 1e-9:
         raise ValueError(f"cannot meet a KV budget of {budget.kv_fraction}: even rank {budget.min_rank} "
                          f"everywhere keeps {used / total:.3f} of the cache. Raise the budget or lower min_rank.")
-    ranks = {n: (rank[(n, "key")], rank[(n, "value")]) for n in width}
-    err = {n: (prof[(n, "key")][ranks[n][0]], prof[(n, "value")][ranks[n][1]]) for n in width}
-    return ranks, {"budget": budget.kv_fraction, "max_error": budget.max_error, "measure": budget.measure, "achieved": used / total,
-                   "mean_err": mean_err, "multiple": step,
-                   "predicted_err": err}
+    return {n: (rank[(n, "key")], rank[(n, "value")]) for n in width}, used / total, err

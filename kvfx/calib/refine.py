@@ -34,12 +34,10 @@ from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..passes.compile import CompileOptions, KvfxBackend, compile_isolated, options_of
-from ..projections import Projections, SiteProjection, resolve_rank, split_joint
-from .distill import orth
+from ..projections import Projections, resolve_rank
+from .live import LiveModel, Student, frozen, original_module, sequences, tied
 
 log = logging.getLogger("kvfx.calib")
 
@@ -72,97 +70,11 @@ class Refine:
                 raise ValueError(f"Refine: rank_set must hold fractions in (0, 1] or int ranks, got {self.rank_set!r}.")
 
 
-def _tied(p: SiteProjection) -> bool:
-    up_k = p.key_up.reshape(p.key_down.shape) if p.joint else p.key_up
-    up_v = p.value_up.reshape(p.value_down.shape) if p.joint else p.value_up
-    return torch.equal(p.key_down, up_k) and torch.equal(p.value_down, up_v)
-
-
-class _Student:
-    """Trainable tensors per site and the live SiteProjections built from them at every step."""
-
-    def __init__(self, start: Projections, orthonormal: bool, device):
-        self.orthonormal = orthonormal
-        self.params: dict[str, dict[str, torch.Tensor]] = {}
-        self.masks: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
-        for name, p in start.sites.items():
-            kinds = ("key_down", "value_down") if orthonormal else ("key_down", "key_up", "value_down", "value_up")
-            self.params[name] = {k: getattr(p, k).detach().to(device, torch.float32).clone().requires_grad_(True)
-                                 for k in kinds}
-            self.masks[name] = (None, None)
-        self.shapes = start.shapes
-        self.live = Projections({n: self._site(n) for n in start.sites}, dict(start.shapes), start.method)
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [t for site in self.params.values() for t in site.values()]
-
-    def _site(self, name: str) -> SiteProjection:
-        t, (mk, mv) = self.params[name], self.masks[name]
-        if self.orthonormal:
-            kd, vd = orth(t["key_down"]), orth(t["value_down"])
-            ku, vu = kd, vd
-            if kd.shape[0] == 1:  # joint latent: the up blocks are the basis split per kv head
-                ku, vu = split_joint(kd, self.shapes[name]), split_joint(vd, self.shapes[name])
-        else:
-            kd, ku, vd, vu = t["key_down"], t["key_up"], t["value_down"], t["value_up"]
-        if mk is not None:  # nested training: columns beyond the drawn rank are masked (= truncation)
-            kd, vd = kd * mk, vd * mv
-        return SiteProjection(kd, ku, vd, vu)
-
-    def rebuild(self) -> None:
-        """Recompute every live projection from the parameters (call before each forward). The SiteProjection
-        objects are updated in place: the compiled graphs' recipes hold them."""
-        for name in self.params:
-            new, old = self._site(name), self.live.sites[name]
-            for kind, tensor in new.tensors().items():
-                setattr(old, kind, tensor)
-
-    def set_ranks(self, ranks: dict[str, tuple[int, int]] | None) -> None:
-        """Mask every column beyond (key_rank, value_rank) per site; None: all columns."""
-        for name, t in self.params.items():
-            if ranks is None:
-                self.masks[name] = (None, None)
-                continue
-            rk, rv = ranks[name]
-            wk, wv = t["key_down"].shape[-1], t["value_down"].shape[-1]
-            dev = t["key_down"].device
-            self.masks[name] = ((torch.arange(wk, device=dev) < rk).float(), (torch.arange(wv, device=dev) < rv).float())
-
-    def result(self, start: Projections) -> dict[str, SiteProjection]:
-        """The trained projections at full rank, detached, in the start's dtypes."""
-        self.set_ranks(None)
-        with torch.no_grad():
-            self.rebuild()
-            return {n: SiteProjection(**{k: v.detach().to(getattr(start.sites[n], k).dtype)
-                                         for k, v in p.tensors().items()}) for n, p in self.live.sites.items()}
-
-
-def _sequences(batches: Iterable) -> torch.Tensor:
-    rows = []
-    for b in batches:
-        ids = b["input_ids"] if isinstance(b, dict) else b
-        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.dim() not in (1, 2):
-            raise ValueError("refine: batches must be LongTensors of token ids [n, T] (or dicts with input_ids).")
-        rows.extend(ids.reshape(-1, ids.shape[-1]).unbind(0))
-    if not rows:
-        raise ValueError("refine: no calibration sequences given; pass a few windows of real text.")
-    if len({r.shape[0] for r in rows}) != 1:
-        raise ValueError("refine: calibration sequences must all have the same length (cut them into windows).")
-    return torch.stack(rows)
-
-
-def _kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher ‖ student)."""
-    s = F.log_softmax(student_logits.float().flatten(0, -2), -1)
-    t = teacher_logp.float().flatten(0, -2)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean")
-
-
 def _check_start(start: Projections, orthonormal: bool) -> None:
     if not isinstance(start, Projections):
         raise TypeError(f"refine needs kvfx.Projections to start from (from kvfx.calibrate), got {type(start).__name__}.")
     start.validate()
-    if orthonormal and not all(_tied(p) for p in start.sites.values()):
+    if orthonormal and not all(tied(p) for p in start.sites.values()):
         raise ValueError("refine(orthonormal=True) needs tied projections (down == up: pca, eigen, stiefel, "
                          "matryoshka); kqsvd's are oblique — use orthonormal=False (or None).")
 
@@ -176,56 +88,33 @@ def refine(model: torch.nn.Module, projections: Projections, batches: Iterable, 
     report["refine"] records steps, tokens, seconds, KL before/after and any fallback (the start's per-site
     errors move to report["start_sites"]: they do not describe the trained result); the model is unchanged."""
     cfg = config or Refine()
-    module, _ = options_of(model)
-    if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"refine needs a torch.nn.Module, got {type(module).__name__}.")
-    if getattr(module, "_kvfx", None) is not None:
-        raise ValueError("refine the original model, not one already compressed by kvfx (kvfx.decompress(model)).")
+    module = original_module(model, "refine")
     orthonormal = cfg.orthonormal
     if orthonormal is None:
-        orthonormal = isinstance(projections, Projections) and all(_tied(p) for p in projections.sites.values())
+        orthonormal = isinstance(projections, Projections) and all(tied(p) for p in projections.sites.values())
     _check_start(projections, orthonormal)
-    seqs = _sequences(batches)
+    seqs = sequences(batches, "refine")
     n_eval = min(cfg.eval_sequences, len(seqs) - 1)
     train = seqs[: len(seqs) - n_eval]
-    p0 = next(module.parameters(), None)
-    device = p0.device if p0 is not None else torch.device("cpu")
     t0 = time.time()
-
-    frozen = [p for p in module.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        with torch.no_grad():
-            teacher = [F.log_softmax(module(input_ids=s[None].to(device), use_cache=False).logits.float(), -1)
-                       .to(torch.bfloat16) for s in seqs]
-        student = _Student(projections, orthonormal, device)
-        backend = KvfxBackend(student.live, CompileOptions(backend="eager"), fold=False, live=True)
-        forward = compile_isolated(module.forward, backend=backend, dynamic=False)
-
-        def kl(idx: list[int]) -> torch.Tensor:
-            student.rebuild()
-            logits = forward(input_ids=seqs[idx].to(device), use_cache=False).logits
-            return _kl(logits, torch.stack([teacher[i] for i in idx]))
-
+    with frozen(module):
+        p0 = next(module.parameters(), None)
+        student = Student(projections, orthonormal, p0.device if p0 is not None else torch.device("cpu"))
+        live = LiveModel(module, student, seqs)
         eval_ranks = _eval_ranks(cfg, projections)
 
         def held_out() -> float:
             idx = list(range(len(train), len(seqs))) or [0]  # eval_sequences=0: a training sequence
-            with torch.no_grad():
-                total = 0.0
-                for ranks in eval_ranks:
-                    student.set_ranks(ranks)
-                    total += sum(float(kl([i])) for i in idx) / len(idx)
-                student.set_ranks(None)
+            total = 0.0
+            for ranks in eval_ranks:
+                student.set_ranks(ranks)
+                total += live.mean_kl(idx)
+            student.set_ranks(None)
             return total / len(eval_ranks)
 
         before = held_out()
-        trained = _train(cfg, student, kl, len(train), projections, progress)
+        trained = _train(cfg, student, live.kl, len(train), projections, progress)
         after = held_out() if trained else float("nan")
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
     fallback = not after < before
     if fallback:
         log.warning("kvfx refine: %s; returning the starting projections", "training loss became NaN/inf"
@@ -264,7 +153,7 @@ def _schedule(i: int, steps: int, warmup: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * t))
 
 
-def _train(cfg: Refine, student: _Student, kl, n_train: int, start: Projections, progress: bool) -> bool:
+def _train(cfg: Refine, student: Student, kl, n_train: int, start: Projections, progress: bool) -> bool:
     """Adam over the student's parameters; False at the first non-finite loss (logged)."""
     rng = random.Random(cfg.seed)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)

@@ -124,7 +124,7 @@ class KvfxBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs):
         new, consts = self.transform(gm, example_inputs)
         extra = consts.tensors if consts is not None else []
-        compiled = self.compile(new, list(example_inputs) + extra)
+        compiled = self.compile(new, list(example_inputs) + _static(example_inputs, extra))
         if not extra:
             return compiled
         if self.live:
@@ -135,3 +135,14 @@ class KvfxBackend:
         def run(*args):
             return compiled(*args, *extra)
         return run
+
+
+def _static(example_inputs, extra: list[torch.Tensor]) -> list[torch.Tensor]:
+    """kvfx's constants as example inputs with static shapes. Handed over as real tensors, AOTAutograd would
+    fakify them in Dynamo's ShapeEnv with fresh symbols when the frame compiles with dynamic shapes; those
+    symbols have no source, and a guard on one (e.g. `rank != 192`) breaks Dynamo's guard building."""
+    from torch._guards import detect_fake_mode
+    fake_mode = detect_fake_mode(list(example_inputs))
+    if fake_mode is None or fake_mode.shape_env is None:
+        return extra
+    return [fake_mode.from_tensor(t, static_shapes=True) for t in extra]

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import kvfx
 from kvfx.calib.matryoshka import truncate
@@ -13,7 +12,7 @@ from kvfx.calib.refine import Refine, refine
 from kvfx.passes.compile import CompileOptions, KvfxBackend, compile_isolated
 from kvfx.passes.counters import counters
 
-from helpers import random_projections, tiny_llama
+from helpers import compressed_kl, random_projections, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,17 +46,7 @@ HELD = 4  # held-out sequences (the last ones)
 
 
 def _compressed_kl(m, proj, ids) -> float:
-    """KL(teacher ‖ model compressed by the ordinary compress path) on the held-out sequences."""
-    from kvfx.calib.refine import _kl as kl
-    held = ids[-HELD:]
-    teacher = [F.log_softmax(m(input_ids=s[None], use_cache=False).logits.float(), -1).to(torch.bfloat16) for s in held]
-    mc = kvfx.compress(torch.compile(m, backend="eager"), proj)
-    try:
-        with torch.no_grad():
-            return sum(float(kl(mc(input_ids=s[None], use_cache=False).logits, t)) for s, t in zip(held, teacher)) / HELD
-    finally:
-        kvfx.decompress(mc)
-        torch._dynamo.reset()
+    return compressed_kl(m, proj, ids[-HELD:])
 
 
 def test_live_backend_passes_gradients(setup):

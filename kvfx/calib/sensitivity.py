@@ -1,0 +1,102 @@
+"""Measured sensitivity and the ranks it buys: how much the *model's* output moves when one site is cut.
+
+Local errors (a site's key-logit or attention-output error) do not see how errors compound through the
+layers above, and budgets allocated from them lose to uniform ranks on SmolLM2 (benchmarks/RESULTS.md). Here
+each site's keys — then its values — are cut alone to every rank of a grid, with every other site at full
+width, and the model's next-token KL against the uncompressed model is measured on calibration windows:
+
+    profile[site][side][r] = KL(p_original ‖ p_kvfx),  only `side` of `site` cut to rank r
+
+(kvfx's live mode: one graph, columns beyond r masked, so nothing recompiles). `allocate` then spends a KV
+budget greedily on the smallest predicted KL increase per cached number saved (KL increases add up to first
+order) and truncates the projections — MatryoshkaKV's per-layer rate search, for any nested projections
+(pca, eigen, kqsvd, matryoshka, nested `refine` artefacts, fitted at full rank).
+
+    full = kvfx.calibrate(model, windows, "kqsvd", rank=1.0, granularity="layer")
+    prof = kvfx.sensitivity(model, full, windows[:2])
+    proj = kvfx.allocate(full, prof, kvfx.Budget(0.5))
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..projections import Projections
+from .allocate import Budget, greedy
+from .live import LiveModel, Student, frozen, original_module, sequences
+from .matryoshka import truncate
+
+
+def default_grid(width: int, steps: int = 8) -> list[int]:
+    """Ranks probed for a site of this width: multiples of width/steps below the width."""
+    return sorted({max(1, round(width * i / steps)) for i in range(1, steps)} - {width})
+
+
+def sensitivity(model: torch.nn.Module, projections: Projections, batches: Iterable, steps: int = 8,
+                progress: bool = True) -> dict:
+    """{"base": KL with every site at full width, "sites": {site: {"key": {rank: KL}, "value": {rank: KL}}},
+    "tokens", "seconds"} measured on `batches` (a few windows; each probe runs one forward per window).
+
+    projections: nested projections (their leading columns are the lower-rank projection) at the width to
+    allocate from, usually rank 1.0. The rank grid per site is `default_grid(width, steps)`; the full width
+    is the profile's top point (= base). Cost: 2 × sites × (steps - 1) forwards per window."""
+    module = original_module(model, "sensitivity")
+    if not isinstance(projections, Projections):
+        raise TypeError(f"sensitivity needs kvfx.Projections (e.g. kvfx.calibrate(..., rank=1.0)), "
+                        f"got {type(projections).__name__}.")
+    if not isinstance(steps, int) or steps < 2:
+        raise ValueError(f"sensitivity: steps (grid points per site) must be an int >= 2, got {steps!r}.")
+    projections.validate()
+    seqs = sequences(batches, "sensitivity")
+    idx = list(range(len(seqs)))
+    t0 = time.time()
+    with frozen(module):
+        p0 = next(module.parameters(), None)
+        student = Student(projections, False, p0.device if p0 is not None else torch.device("cpu"))
+        live = LiveModel(module, student, seqs)
+        base = live.mean_kl(idx)
+        widths = student.widths()
+        probes = [(n, side, r) for n, (wk, wv) in widths.items() for side, w in (("key", wk), ("value", wv))
+                  for r in default_grid(w, steps)]
+        sites = {n: {"key": {wk: base}, "value": {wv: base}} for n, (wk, wv) in widths.items()}
+        for name, side, r in tqdm(probes, desc="kvfx sensitivity", disable=not progress):
+            wk, wv = widths[name]
+            student.set_ranks({name: (r, wv) if side == "key" else (wk, r)})
+            sites[name][side][r] = live.mean_kl(idx)
+        student.set_ranks(None)
+    return {"base": base, "sites": sites, "tokens": int(seqs.numel()), "seconds": round(time.time() - t0, 1)}
+
+
+def allocate(projections: Projections, profile: dict, budget: Budget) -> Projections:
+    """`projections` truncated per site and per side to meet `budget` (kv_fraction of the uncompressed cache,
+    or max_error = predicted model KL in nats), from a `sensitivity` profile of the same projections.
+
+    The allocation (ranks, predicted KL, achieved fraction) is recorded in report["allocation"]."""
+    if not isinstance(budget, Budget):
+        raise TypeError(f"allocate needs a kvfx.Budget (e.g. kvfx.Budget(0.5)), got {type(budget).__name__}.")
+    sites = profile.get("sites") if isinstance(profile, dict) else None
+    if not sites or set(sites) != set(projections.sites):
+        raise ValueError("allocate: the profile does not cover these projections' sites; measure it with "
+                         "kvfx.sensitivity(model, projections, windows) on the same projections.")
+    prof, width, heads = {}, {}, {}
+    for name, p in projections.sites.items():
+        if p.key_rank != p.value_rank:
+            raise ValueError(f"allocate: site '{name}' has key rank {p.key_rank} and value rank {p.value_rank}; "
+                             "start from projections at one width for keys and values (e.g. rank=1.0).")
+        width[name], heads[name] = p.key_rank, p.key_down.shape[0]
+        for side in ("key", "value"):
+            points = {int(r): float(v) for r, v in sites[name][side].items()}
+            if max(points) != p.key_rank:
+                raise ValueError(f"allocate: the profile of site '{name}' was measured at width {max(points)}, "
+                                 f"these projections have {p.key_rank}; measure the profile on them.")
+            prof[(name, side)] = points
+    ranks, achieved, total = greedy(prof, width, heads, budget, base=float(profile["base"]) * (1 - len(prof)))
+    out = truncate(projections, ranks)
+    out.report["allocation"] = {
+        "budget": budget.kv_fraction, "max_error": budget.max_error, "measure": "model KL", "achieved": achieved,
+        "predicted_kl": float(profile["base"]) * (1 - len(prof)) + total,
+        "profile_tokens": profile.get("tokens"), "ranks": {n: list(r) for n, r in ranks.items()}}
+    return out

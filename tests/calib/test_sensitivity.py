@@ -1,0 +1,98 @@
+"""kvfx.sensitivity / kvfx.allocate: per-site model-KL profiles measured through the live rewrite, and ranks
+allocated from them under a KV budget — each profile point is the KL of the ordinarily compressed model with
+just that cut, the budget is met, the allocation beats uniform ranks, and bad input is refused."""
+import pytest
+import torch
+
+import kvfx
+from kvfx.calib.matryoshka import truncate
+from kvfx.calib.sensitivity import default_grid
+
+from helpers import compressed_kl, tiny_llama
+from test_refine import _text
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    m = tiny_llama(layers=3, seed=3)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(12)
+    ids = _text(12, 24)
+    full = kvfx.calibrate(m, ids[:8].split(1), method="kqsvd", rank=1.0, granularity="layer", progress=False)
+    prof = kvfx.sensitivity(m, full, ids[8:], steps=4, progress=False)
+    return m, ids, full, prof
+
+
+def test_grid():
+    assert default_grid(64) == [8, 16, 24, 32, 40, 48, 56]
+    assert default_grid(16, steps=4) == [4, 8, 12] and default_grid(3, steps=8) == [1, 2]
+
+
+def test_profile_points_are_the_compressed_models_kl(setup):
+    m, ids, full, prof = setup
+    assert set(prof["sites"]) == set(full.sites) and prof["tokens"] == 4 * 24
+    assert 0 <= prof["base"] < 1e-4  # full-width kqsvd is exact
+    name = sorted(full.sites)[1]
+    for side, cut in (("key", (4, 16)), ("value", (16, 4))):
+        assert sorted(prof["sites"][name][side]) == [4, 8, 12, 16]
+        ranks = {n: cut if n == name else (16, 16) for n in full.sites}
+        assert compressed_kl(m, truncate(full, ranks), ids[8:]) == pytest.approx(prof["sites"][name][side][4], rel=2e-3)
+    assert all(p[side][4] > p[side][12] for p in prof["sites"].values() for side in ("key", "value"))
+
+
+def test_allocation_meets_the_budget_and_beats_uniform(setup):
+    m, ids, full, prof = setup
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    out = kvfx.allocate(full, prof, kvfx.Budget(0.5))
+    alloc = out.report["allocation"]
+    assert out.kv_fraction() == pytest.approx(alloc["achieved"]) and 0.45 < out.kv_fraction() <= 0.5
+    assert {n: list(r) for n, r in out.ranks.items()} == alloc["ranks"]
+    measured = compressed_kl(m, out, ids[8:])
+    uniform = compressed_kl(m, truncate(full, 0.5), ids[8:])
+    assert measured < uniform
+    assert alloc["predicted_kl"] > 0 and all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert all(p.requires_grad for p in m.parameters())
+
+
+def test_error_budget_bounds_the_predicted_kl(setup):
+    _, _, full, prof = setup
+    tight, loose = (kvfx.allocate(full, prof, kvfx.Budget(max_error=e)) for e in (0.05, 0.5))
+    assert tight.report["allocation"]["predicted_kl"] <= 0.05 and loose.report["allocation"]["predicted_kl"] <= 0.5
+    assert loose.kv_fraction() < tight.kv_fraction() < 1.0
+
+
+def test_greedy_spends_bytes_where_the_model_is_least_sensitive():
+    """A hand-made profile: site b's keys are fragile, site a's values too; the budget goes to the others."""
+    from kvfx.projections import Projections, SiteProjection, SiteShape
+    eye = torch.eye(4)[None]
+    sites = {n: SiteProjection(eye, eye, eye, eye) for n in ("a", "b")}
+    full = Projections(sites, {n: SiteShape(1, 1, 4) for n in sites}, "hand")
+    cheap, fragile = {4: 0.0, 2: 0.01, 1: 0.02}, {4: 0.0, 2: 1.0, 1: 5.0}
+    prof = {"base": 0.0, "sites": {"a": {"key": cheap, "value": fragile}, "b": {"key": fragile, "value": cheap}}}
+    out = kvfx.allocate(full, prof, kvfx.Budget(0.625))
+    assert out.ranks == {"a": [1, 4], "b": [4, 1]}
+    assert out.report["allocation"]["predicted_kl"] == pytest.approx(0.04)
+
+
+def test_bad_input(setup):
+    m, ids, full, prof = setup
+    with pytest.raises(ValueError, match="cannot meet a KV budget"):
+        kvfx.allocate(full, prof, kvfx.Budget(0.1, min_rank=8))
+    with pytest.raises(TypeError, match="kvfx.Budget"):
+        kvfx.allocate(full, prof, 0.5)
+    with pytest.raises(ValueError, match="does not cover"):
+        kvfx.allocate(full, {"sites": {}}, kvfx.Budget(0.5))
+    with pytest.raises(ValueError, match="measured at width"):
+        kvfx.allocate(truncate(full, 0.5), prof, kvfx.Budget(0.25))
+    with pytest.raises(ValueError, match="steps"):
+        kvfx.sensitivity(m, full, ids[8:], steps=1, progress=False)
+    with pytest.raises(TypeError, match="kvfx.Projections"):
+        kvfx.sensitivity(m, {"a": 1}, ids[8:], progress=False)
+    mc = kvfx.compress(torch.compile(m, backend="eager"), full)
+    try:
+        with pytest.raises(ValueError, match="already compressed"):
+            kvfx.sensitivity(mc, full, ids[8:], progress=False)
+    finally:
+        kvfx.decompress(mc)

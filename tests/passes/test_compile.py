@@ -1,0 +1,33 @@
+"""Pass 4 (compile): what kvfx's backend hands the inner compiler."""
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
+import kvfx
+from kvfx.passes.compile import CompileOptions, KvfxBackend, compile_isolated
+
+from helpers import random_projections, tiny_llama
+
+
+def test_constants_reach_the_compiler_with_static_shapes():
+    """Under a dynamic-shape compile, kvfx's constants (projections, folded weights) enter as fake tensors
+    of fixed size: real tensors would be fakified with fresh, sourceless symbols, and a guard on one of them
+    (e.g. key rank != value rank, a keys-only joint latent on SmolLM2) broke Dynamo's guard building."""
+    m = tiny_llama(layers=1)
+    proj = random_projections(m, rank=4, kind="oblique")
+    seen = []
+
+    def inner(gm, example_inputs):
+        seen.append(list(example_inputs))
+        return gm.forward
+
+    backend = KvfxBackend(proj, CompileOptions(backend=inner))
+    fwd = compile_isolated(m.forward, backend=backend, dynamic=True)
+    ids = torch.randint(3, 60, (1, 12))
+    out = fwd(input_ids=ids, use_cache=False).logits
+    assert out.shape == (1, 12, m.config.vocab_size) and kvfx.counters["kvfx"]["rewritten"] == 1
+    (example,) = seen
+    places = backend.graphs[0].graph.find_nodes(op="placeholder")
+    consts = [t for t, node in zip(example, places) if node.name.startswith("kvfx_")]
+    dynamo_vals = [node.meta["example_value"] for node in places if not node.name.startswith("kvfx_")]
+    assert any(isinstance(s, torch.SymInt) for t in dynamo_vals if isinstance(t, torch.Tensor) for s in t.shape)
+    assert consts and all(isinstance(t, FakeTensor) and all(isinstance(s, int) for s in t.shape) for t in consts)
