@@ -152,11 +152,17 @@ def measured_rows(args, model, tok, stats, test) -> list:
         else:
             name, gran = method.split("@") if "@" in method else (method, "head")
             full, tag = fit(stats, name, 1.0, granularity=gran), method
-        prof = kvfx.sensitivity(model, full, windows, steps=args.sensitivity_steps)
         path = RESULTS.parent / "results" / f"sensitivity-{tag}.json"
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(json.dumps(prof, indent=1))
-        print(f"sensitivity of {tag}: {prof['tokens']} tokens, {prof['seconds']:.0f}s -> {path}", flush=True)
+        setting = {"windows": args.sensitivity_windows, "window": args.window, "steps": args.sensitivity_steps}
+        saved = json.loads(path.read_text()) if args.reuse_profiles and path.exists() else {}
+        if saved.get("setting") == setting:
+            prof = saved
+            print(f"sensitivity of {tag}: reusing {path}", flush=True)
+        else:
+            prof = kvfx.sensitivity(model, full, windows, steps=args.sensitivity_steps) | {"setting": setting}
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(json.dumps(prof, indent=1))
+            print(f"sensitivity of {tag}: {prof['tokens']} tokens, {prof['seconds']:.0f}s -> {path}", flush=True)
         profile_s = time.time() - t0
         for keep in args.keep:
             t1 = time.time()
@@ -236,6 +242,8 @@ def main(argv=None) -> None:
                         "allocated per site and K/V from measured model-KL profiles (kvfx.sensitivity + kvfx.allocate)")
     p.add_argument("--sensitivity-windows", type=int, default=2, help="calibration windows the profiles are measured on")
     p.add_argument("--sensitivity-steps", type=int, default=8, help="rank grid per site: multiples of width/steps")
+    p.add_argument("--reuse-profiles", action="store_true",
+                   help="load a profile saved by an earlier run (benchmarks/results/sensitivity-*.json, same setting)")
     p.add_argument("--measured-refine-steps", type=int, default=0,
                    help="also refine each measured allocation this many steps (kvfx.refine, --refine-lr/--refine-windows)")
     p.add_argument("--section", default="quality", help="RESULTS.md section the table is written to")

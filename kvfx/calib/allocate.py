@@ -113,14 +113,16 @@ def allocate(cal: Calibrator, stats: dict[str, SiteStats], budget: Budget) -> tu
 
 
 def greedy(prof: dict, width: dict, heads: dict, budget: Budget, scale: float = 1.0, base: float = 0.0):
-    """Lower ranks from full width, one profile step at a time, cheapest error increase per cached number first.
+    """Lower ranks from the top of each profile, one profile step at a time, cheapest error increase per cached
+    number first.
 
-    prof: {(site, 'key'|'value'): {rank: error}} (each holding the site's full width); width / heads: per site.
-    Stops when the KV fraction reaches budget.kv_fraction, or before base + scale·(summed error) would pass
-    budget.max_error. Returns ({site: (key_rank, value_rank)}, KV fraction kept, summed error)."""
-    rank = {key: width[key[0]] for key in prof}
+    prof: {(site, 'key'|'value'): {rank: error}} (starting from its highest rank, at most the site's width);
+    width / heads: per site, the uncompressed cache (the KV fraction's denominator). Stops when the KV fraction
+    reaches budget.kv_fraction, or before base + scale·(summed error) would pass budget.max_error.
+    Returns ({site: (key_rank, value_rank)}, KV fraction kept, summed error)."""
+    rank = {key: max(p) for key, p in prof.items()}
     total = sum(heads[n] * 2 * width[n] for n in width)
-    used = float(total)
+    used = float(sum(heads[key[0]] * r for key, r in rank.items()))
     err = sum(p[rank[key]] for key, p in prof.items())
 
     def next_step(key):

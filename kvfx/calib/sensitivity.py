@@ -24,7 +24,7 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from ..projections import Projections
+from ..projections import Projections, resolve_rank
 from .allocate import Budget, greedy
 from .live import LiveModel, Student, frozen, original_module, sequences
 from .matryoshka import truncate
@@ -36,13 +36,15 @@ def default_grid(width: int, steps: int = 8) -> list[int]:
 
 
 def sensitivity(model: torch.nn.Module, projections: Projections, batches: Iterable, steps: int = 8,
-                progress: bool = True) -> dict:
-    """{"base": KL with every site at full width, "sites": {site: {"key": {rank: KL}, "value": {rank: KL}}},
+                ranks: tuple | None = None, progress: bool = True) -> dict:
+    """{"base": KL with every site at its top rank, "sites": {site: {"key": {rank: KL}, "value": {rank: KL}}},
     "tokens", "seconds"} measured on `batches` (a few windows; each probe runs one forward per window).
 
-    projections: nested projections (their leading columns are the lower-rank projection) at the width to
-    allocate from, usually rank 1.0. The rank grid per site is `default_grid(width, steps)`; the full width
-    is the profile's top point (= base). Cost: 2 × sites × (steps - 1) forwards per window."""
+    projections: nested projections (their leading columns are the lower-rank projection), usually fitted at
+    rank 1.0. ranks: the ranks to probe (fractions of the site's input width or ints); the highest is the top
+    every other site stays at (= "base") and the most `allocate` may give. Default: the `rank_set` a nested
+    `refine` artefact was trained on (its other widths were never trained), else `default_grid(width, steps)`
+    plus the full width. Cost: 2 × sites × (grid points − 1) forwards per window."""
     module = original_module(model, "sensitivity")
     if not isinstance(projections, Projections):
         raise TypeError(f"sensitivity needs kvfx.Projections (e.g. kvfx.calibrate(..., rank=1.0)), "
@@ -50,6 +52,8 @@ def sensitivity(model: torch.nn.Module, projections: Projections, batches: Itera
     if not isinstance(steps, int) or steps < 2:
         raise ValueError(f"sensitivity: steps (grid points per site) must be an int >= 2, got {steps!r}.")
     projections.validate()
+    ranks = ranks or (projections.report.get("refine") or {}).get("rank_set")
+    grids = {n: _grid(n, p, ranks, steps) for n, p in projections.sites.items()}
     seqs = sequences(batches, "sensitivity")
     idx = list(range(len(seqs)))
     t0 = time.time()
@@ -57,17 +61,31 @@ def sensitivity(model: torch.nn.Module, projections: Projections, batches: Itera
         p0 = next(module.parameters(), None)
         student = Student(projections, False, p0.device if p0 is not None else torch.device("cpu"))
         live = LiveModel(module, student, seqs)
+        top = {n: (g[-1], g[-1]) for n, g in grids.items()}
+        student.set_ranks(top)
         base = live.mean_kl(idx)
-        widths = student.widths()
-        probes = [(n, side, r) for n, (wk, wv) in widths.items() for side, w in (("key", wk), ("value", wv))
-                  for r in default_grid(w, steps)]
-        sites = {n: {"key": {wk: base}, "value": {wv: base}} for n, (wk, wv) in widths.items()}
+        probes = [(n, side, r) for n, g in grids.items() for side in ("key", "value") for r in g[:-1]]
+        sites = {n: {"key": {g[-1]: base}, "value": {g[-1]: base}} for n, g in grids.items()}
         for name, side, r in tqdm(probes, desc="kvfx sensitivity", disable=not progress):
-            wk, wv = widths[name]
-            student.set_ranks({name: (r, wv) if side == "key" else (wk, r)})
+            t = top[name][0]
+            student.set_ranks(top | {name: (r, t) if side == "key" else (t, r)})
             sites[name][side][r] = live.mean_kl(idx)
         student.set_ranks(None)
     return {"base": base, "sites": sites, "tokens": int(seqs.numel()), "seconds": round(time.time() - t0, 1)}
+
+
+def _grid(name: str, p, ranks, steps: int) -> list[int]:
+    if p.key_rank != p.value_rank:
+        raise ValueError(f"sensitivity: site '{name}' has key rank {p.key_rank} and value rank {p.value_rank}; "
+                         "start from projections at one width for keys and values (e.g. rank=1.0).")
+    width = p.key_down.shape[1]
+    if ranks is None:
+        return default_grid(p.key_rank, steps) + [p.key_rank]
+    grid = sorted({resolve_rank(r, width) for r in ranks})
+    if grid[-1] > p.key_rank:
+        raise ValueError(f"sensitivity: rank {grid[-1]} asked for site '{name}', whose projections have "
+                         f"{p.key_rank} columns; fit them at a higher rank (e.g. rank=1.0) or lower the ranks.")
+    return grid
 
 
 def allocate(projections: Projections, profile: dict, budget: Budget) -> Projections:
@@ -83,15 +101,12 @@ def allocate(projections: Projections, profile: dict, budget: Budget) -> Project
                          "kvfx.sensitivity(model, projections, windows) on the same projections.")
     prof, width, heads = {}, {}, {}
     for name, p in projections.sites.items():
-        if p.key_rank != p.value_rank:
-            raise ValueError(f"allocate: site '{name}' has key rank {p.key_rank} and value rank {p.value_rank}; "
-                             "start from projections at one width for keys and values (e.g. rank=1.0).")
-        width[name], heads[name] = p.key_rank, p.key_down.shape[0]
+        width[name], heads[name] = p.key_down.shape[1], p.key_down.shape[0]
         for side in ("key", "value"):
             points = {int(r): float(v) for r, v in sites[name][side].items()}
-            if max(points) != p.key_rank:
-                raise ValueError(f"allocate: the profile of site '{name}' was measured at width {max(points)}, "
-                                 f"these projections have {p.key_rank}; measure the profile on them.")
+            if max(points) > min(p.key_rank, p.value_rank):
+                raise ValueError(f"allocate: the profile of site '{name}' reaches rank {max(points)}, these "
+                                 f"projections have {min(p.key_rank, p.value_rank)} columns; measure it on them.")
             prof[(name, side)] = points
     ranks, achieved, total = greedy(prof, width, heads, budget, base=float(profile["base"]) * (1 - len(prof)))
     out = truncate(projections, ranks)

@@ -76,6 +76,24 @@ def test_greedy_spends_bytes_where_the_model_is_least_sensitive():
     assert out.report["allocation"]["predicted_kl"] == pytest.approx(0.04)
 
 
+def test_probing_below_a_top_rank(setup):
+    """ranks=(...): every other site stays at the highest of them, and the allocation never exceeds it —
+    for nested artefacts whose wider columns were never trained (a refine's rank_set is the default)."""
+    m, ids, full, _ = setup
+    prof = kvfx.sensitivity(m, full, ids[8:10], ranks=(0.25, 0.5, 0.75), progress=False)
+    assert all(sorted(p[side]) == [4, 8, 12] for p in prof["sites"].values() for side in ("key", "value"))
+    assert compressed_kl(m, truncate(full, 0.75), ids[8:10]) == pytest.approx(prof["base"], rel=2e-3)
+    out = kvfx.allocate(full, prof, kvfx.Budget(0.5))
+    assert out.kv_fraction() <= 0.5 and all(max(r) <= 12 for r in out.ranks.values())
+    assert kvfx.allocate(full, prof, kvfx.Budget(0.75)).ranks == truncate(full, 0.75).ranks  # nothing to cut
+    full.report["refine"] = {"rank_set": [0.5, 0.75]}
+    try:
+        again = kvfx.sensitivity(m, full, ids[8:9], progress=False)
+    finally:
+        del full.report["refine"]
+    assert all(sorted(p["key"]) == [8, 12] for p in again["sites"].values())
+
+
 def test_bad_input(setup):
     m, ids, full, prof = setup
     with pytest.raises(ValueError, match="cannot meet a KV budget"):
@@ -84,8 +102,12 @@ def test_bad_input(setup):
         kvfx.allocate(full, prof, 0.5)
     with pytest.raises(ValueError, match="does not cover"):
         kvfx.allocate(full, {"sites": {}}, kvfx.Budget(0.5))
-    with pytest.raises(ValueError, match="measured at width"):
+    with pytest.raises(ValueError, match="reaches rank"):
         kvfx.allocate(truncate(full, 0.5), prof, kvfx.Budget(0.25))
+    with pytest.raises(ValueError, match="columns; fit them at a higher rank"):
+        kvfx.sensitivity(m, truncate(full, 0.5), ids[8:], ranks=(0.75,), progress=False)
+    with pytest.raises(ValueError, match="one width for keys and values"):
+        kvfx.sensitivity(m, truncate(full, 0.5, 0.25), ids[8:], progress=False)
     with pytest.raises(ValueError, match="steps"):
         kvfx.sensitivity(m, full, ids[8:], steps=1, progress=False)
     with pytest.raises(TypeError, match="kvfx.Projections"):
