@@ -46,7 +46,7 @@ def run(args) -> str:
     names = {m.split("@")[0].replace("kqsvd-summed", "kqsvd")
              for m in args.methods + args.split_methods + args.budget_methods + args.refine_methods
              + [m for m in args.measured_methods if not m.endswith(".safetensors")]}
-    samples = max(getattr(kvfx.calib.get_calibrator(n), "samples_needed", 0) for n in names)
+    samples = max((getattr(kvfx.calib.get_calibrator(n), "samples_needed", 0) for n in names), default=0)
     samples = max(samples, 2 if args.budget_methods and args.budget_measure == "output" else 0)
     stats = collect_stats(model, calib.split(1), samples=samples)
     print(f"calibration statistics over {calib.numel()} tokens in {time.time() - t0:.0f}s", flush=True)
@@ -167,7 +167,9 @@ def measured_rows(args, model, tok, stats, test) -> list:
         for keep in args.keep:
             t1 = time.time()
             proj = kvfx.allocate(full, prof, kvfx.Budget(keep))
-            label = f"{tag} + measured budget ({args.sensitivity_windows}×{args.window} tokens)"
+            rank_set = (full.report.get("refine") or {}).get("rank_set")
+            grid = f"ranks {'/'.join(f'{r:g}' for r in rank_set)}" if rank_set else f"grid 1/{args.sensitivity_steps}"
+            label = f"{tag} + measured budget ({args.sensitivity_windows}×{args.window} tokens, {grid})"
             rows.append(_row(label, keep, proj, _evaluate_projections(args, model, proj, test),
                              profile_s + time.time() - t1))
             if args.measured_refine_steps:
