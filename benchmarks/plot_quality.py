@@ -45,7 +45,7 @@ def plot(results: Path, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     base, lines = load_rows(results.read_text())
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(12, 6))
     ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for label, pts in sorted(lines.items()):
         if len({x for x, _ in pts}) < len(pts) or len(pts) < 2:  # single points / variants at one size: markers
@@ -62,7 +62,7 @@ def plot(results: Path, out: Path) -> Path:
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.set_title("SmolLM2-135M-Instruct under kvfx: perplexity vs KV-cache size")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     return out

@@ -44,8 +44,8 @@ def run(args) -> str:
 
     t0 = time.time()
     names = {m.split("@")[0].replace("kqsvd-summed", "kqsvd")
-             for m in args.methods + args.split_methods + args.budget_methods + args.refine_methods
-             + [m for m in args.measured_methods if not m.endswith(".safetensors")]}
+             for m in args.methods + args.split_methods + args.budget_methods + args.refine_methods + args.measured_methods
+             if not m.endswith(".safetensors")}
     samples = max((getattr(kvfx.calib.get_calibrator(n), "samples_needed", 0) for n in names), default=0)
     samples = max(samples, 2 if args.budget_methods and args.budget_measure == "output" else 0)
     stats = collect_stats(model, calib.split(1), samples=samples)
@@ -111,8 +111,15 @@ def refine_rows(args, model, tok, stats, test) -> list:
     windows = wikitext_calibration_windows(tok, args.refine_windows, args.window)
     rows = []
     for method in args.refine_methods:
-        name, gran = method.split("@") if "@" in method else (method, "head")
         t0 = time.time()
+        if method.endswith(".safetensors"):  # a saved artefact (e.g. an earlier refine): trained further as it is
+            start, tag = kvfx.Projections.load(method), Path(method).stem
+            proj = kvfx.refine(model, start, windows, kvfx.Refine(steps=args.refine_steps, lr=args.refine_lr))
+            _keep_artefact(proj, f"{tag}+{args.refine_steps}")
+            rows.append(_row(f"{tag} + refine ({_refine_note(proj)})", round(proj.kv_fraction(), 2), proj,
+                             _evaluate_projections(args, model, proj, test), time.time() - t0))
+            continue
+        name, gran = method.split("@") if "@" in method else (method, "head")
         if args.refine_nested:
             start = fit(stats, name, 1.0, granularity=gran)
             cfg = kvfx.Refine(steps=args.refine_steps, lr=args.refine_lr, rank_set=tuple(args.keep))
@@ -232,7 +239,8 @@ def main(argv=None) -> None:
     p.add_argument("--budget-measure", default="calibrator", choices=["calibrator", "output"],
                    help="error-rank profiles the budget allocation compares (see kvfx.Budget)")
     p.add_argument("--refine-methods", type=lambda s: s.split(",") if s else [], default=[],
-                   help="also run these refined end to end (kvfx.refine: logit-KL distillation through the model)")
+                   help="also run these refined end to end (kvfx.refine: logit-KL distillation through the model); "
+                        "a saved .safetensors artefact is trained further as it is")
     p.add_argument("--refine-steps", type=int, default=60)
     p.add_argument("--refine-lr", type=float, default=1e-3)
     p.add_argument("--refine-windows", type=int, default=16, help="calibration windows refine trains on (last 2 held out)")
