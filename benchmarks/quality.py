@@ -114,10 +114,8 @@ def refine_rows(args, model, tok, stats, test) -> list:
         t0 = time.time()
         if method.endswith(".safetensors"):  # a saved artefact (e.g. an earlier refine): trained further as it is
             start, tag = kvfx.Projections.load(method), Path(method).stem
-            proj = kvfx.refine(model, start, windows, kvfx.Refine(steps=args.refine_steps, lr=args.refine_lr))
-            _keep_artefact(proj, f"{tag}+{args.refine_steps}")
-            rows.append(_row(f"{tag} + refine ({_refine_note(proj)})", round(proj.kv_fraction(), 2), proj,
-                             _evaluate_projections(args, model, proj, test), time.time() - t0))
+            rows.append(_refined_row(args, model, start, windows, test, f"{tag}+{args.refine_steps}", tag,
+                                     round(start.kv_fraction(), 2), t0))
             continue
         name, gran = method.split("@") if "@" in method else (method, "head")
         if args.refine_nested:
@@ -137,11 +135,16 @@ def refine_rows(args, model, tok, stats, test) -> list:
             t0 = time.time()
             rk, rv = split_keep(keep, args.refine_key_share)
             start = fit(stats, name, rk, value_rank=rv, granularity=gran)
-            proj = kvfx.refine(model, start, windows, kvfx.Refine(steps=args.refine_steps, lr=args.refine_lr))
-            _keep_artefact(proj, f"{method}-{keep}")
-            label = f"{method} + refine ({_refine_note(proj)})"
-            rows.append(_row(label, keep, proj, _evaluate_projections(args, model, proj, test), time.time() - t0))
+            rows.append(_refined_row(args, model, start, windows, test, f"{method}-{keep}", method, keep, t0))
     return rows
+
+
+def _refined_row(args, model, start, windows, test, tag, label, keep, t0, steps=None) -> tuple:
+    """Refine `start` (kvfx.refine, --refine-lr), save the artefact, evaluate: one table row."""
+    proj = kvfx.refine(model, start, windows, kvfx.Refine(steps=steps or args.refine_steps, lr=args.refine_lr))
+    _keep_artefact(proj, tag)
+    return _row(f"{label} + refine ({_refine_note(proj)})", keep, proj,
+                _evaluate_projections(args, model, proj, test), time.time() - t0)
 
 
 def measured_rows(args, model, tok, stats, test) -> list:
@@ -180,12 +183,9 @@ def measured_rows(args, model, tok, stats, test) -> list:
             rows.append(_row(label, keep, proj, _evaluate_projections(args, model, proj, test),
                              profile_s + time.time() - t1))
             if args.measured_refine_steps:
-                t1 = time.time()
-                cfg = kvfx.Refine(steps=args.measured_refine_steps, lr=args.refine_lr)
-                proj = kvfx.refine(model, proj, wikitext_calibration_windows(tok, args.refine_windows, args.window), cfg)
-                _keep_artefact(proj, f"{tag}-measured-{keep}")
-                rows.append(_row(f"{label} + refine ({_refine_note(proj)})", keep, proj,
-                                 _evaluate_projections(args, model, proj, test), profile_s + time.time() - t1))
+                rows.append(_refined_row(args, model, proj, wikitext_calibration_windows(tok, args.refine_windows, args.window),
+                                         test, f"{tag}-measured-{keep}", label, keep, time.time() - profile_s,
+                                         steps=args.measured_refine_steps))
     return rows
 
 

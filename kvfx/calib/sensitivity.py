@@ -108,6 +108,9 @@ def allocate(projections: Projections, profile: dict, budget: Budget) -> Project
                 raise ValueError(f"allocate: the profile of site '{name}' reaches rank {max(points)}, these "
                                  f"projections have {min(p.key_rank, p.value_rank)} columns; measure it on them.")
             prof[(name, side)] = points
+    if budget.max_error is not None and float(profile["base"]) > budget.max_error:
+        raise ValueError(f"allocate: the profile's top ranks already give KL {float(profile['base']):.4g} > "
+                         f"max_error {budget.max_error}; raise max_error or probe higher ranks.")
     ranks, achieved, total = greedy(prof, width, heads, budget, base=float(profile["base"]) * (1 - len(prof)))
     out = truncate(projections, ranks)
     out.report["allocation"] = {

@@ -98,6 +98,8 @@ def test_bad_input(setup):
     m, ids, full, prof = setup
     with pytest.raises(ValueError, match="cannot meet a KV budget"):
         kvfx.allocate(full, prof, kvfx.Budget(0.1, min_rank=8))
+    with pytest.raises(ValueError, match="already give KL"):
+        kvfx.allocate(full, prof | {"base": 0.5}, kvfx.Budget(max_error=0.1))
     with pytest.raises(TypeError, match="kvfx.Budget"):
         kvfx.allocate(full, prof, 0.5)
     with pytest.raises(ValueError, match="does not cover"):
