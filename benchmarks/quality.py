@@ -48,8 +48,8 @@ def run(args) -> str:
              if not m.endswith(".safetensors")}
     samples = max((getattr(kvfx.calib.get_calibrator(n), "samples_needed", 0) for n in names), default=0)
     samples = max(samples, 2 if args.budget_methods and args.budget_measure == "output" else 0)
-    stats = collect_stats(model, calib.split(1), samples=samples)
-    print(f"calibration statistics over {calib.numel()} tokens in {time.time() - t0:.0f}s", flush=True)
+    stats = collect_stats(model, calib.split(1), samples=samples) if names else None  # saved artefacts only: none
+    print(f"calibration statistics over {calib.numel() if names else 0} tokens in {time.time() - t0:.0f}s", flush=True)
 
     rows = []
     t0 = time.time()
