@@ -4,6 +4,8 @@ Like transformers' QuantizedCache, each layer stores a compressed form and hands
 shape-consistent reconstruction, so Dynamo traces it with ordinary shapes. kvfx's graph pass then
 reassociates SDPA(q, K̃·Bᵀ, Ṽ·Dᵀ) into SDPA(q·B, K̃, Ṽ)·Dᵀ: compiled code never materialises d-wide keys.
 In eager mode the reconstruction is real and the result is the same low-rank attention.
+A shared K+V latent (`SiteProjection.shared`) stores one latent c = k·A + v·C in the key slot (the value slot
+stays 0 wide) and rebuilds keys and values from it: c·Bᵀ and c·Dᵀ.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class _LowRankLayerMixin:
         self.kvfx_key_up = cast(proj.key_up.transpose(1, 2))            # [h, Rk, d]  (Bᵀ)
         self.kvfx_value_down = cast(down(proj.value_down))              # [h, d, Rv] or [h·d, Rv]
         self.kvfx_value_up = cast(proj.value_up.transpose(1, 2))        # [h, Rv, d]  (Dᵀ)
+        self.kvfx_shared = proj.shared
 
     @staticmethod
     def _down(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -34,6 +37,9 @@ class _LowRankLayerMixin:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         k = self._down(key_states, self.kvfx_key_down)
         v = self._down(value_states, self.kvfx_value_down)
+        if self.kvfx_shared:  # one latent: cached once, read as key and as value
+            keys, _ = super().update(k + v, v[..., :0], *args, **kwargs)
+            return torch.matmul(keys, self.kvfx_key_up), torch.matmul(keys, self.kvfx_value_up)
         keys, values = super().update(k, v, *args, **kwargs)
         return torch.matmul(keys, self.kvfx_key_up), torch.matmul(values, self.kvfx_value_up)
 

@@ -7,6 +7,11 @@ For attention site s with kv heads h, head dim d and ranks (R_k, R_v):
     value_up   D [h, d, R_v]   attention out   o -> o·Dᵀ  (folded into W_O)
 Joint cross-head latent (granularity "layer", MLA-like): key_down / value_down are [1, h·d, R] and project
 the concatenated kv heads into one latent per layer; the up matrices stay [h, d, R] (one block per group).
+Shared K+V latent (granularity "kv", `shared=True`, like DeepSeek's MLA c_KV): ONE latent per token and layer,
+    c = [k_1 … k_h]·A + [v_1 … v_h]·C          (key_down A, value_down C: [1, h·d, R], post-RoPE keys)
+read by attention as both key and value: k̂_g = c·B_gᵀ, v̂_g = c·D_gᵀ, i.e. SDPA(q·B, c, c)·Dᵀ. The cache
+holds R numbers per token and layer (not R_k + R_v).
+File format 2 adds the `shared` site list; format-1 files (no shared sites) still load.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _KINDS = ("key_down", "key_up", "value_down", "value_up")
 
 
@@ -42,6 +47,7 @@ class SiteProjection:
     key_up: torch.Tensor
     value_down: torch.Tensor
     value_up: torch.Tensor
+    shared: bool = False     # one latent c = K·A + V·C serves as both cached key and cached value
 
     @property
     def joint(self) -> bool:
@@ -51,6 +57,8 @@ class SiteProjection:
     @property
     def cached_per_token(self) -> int:
         """Numbers the cache holds per token for this site (keys + values)."""
+        if self.shared:
+            return self.key_rank
         return self.key_down.shape[0] * self.key_rank + self.value_down.shape[0] * self.value_rank
 
     @property
@@ -63,6 +71,10 @@ class SiteProjection:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in _KINDS}
+
+    def like(self, **tensors: torch.Tensor) -> "SiteProjection":
+        """A projection of the same form (shared or not) with the given tensors."""
+        return SiteProjection(**tensors, shared=self.shared)
 
     @classmethod
     def identity(cls, kv_heads: int, head_dim: int, dtype=torch.float32) -> "SiteProjection":
@@ -104,12 +116,18 @@ class Projections:
                 if not t.is_floating_point() or not torch.isfinite(t).all():
                     raise ProjectionError(f"{name}.{kind}: contains NaN/inf or is not floating point; recalibrate.")
             for label, down, up in (("key", p.key_down, p.key_up), ("value", p.value_down, p.value_up)):
-                width = down.shape[1]
+                width = down.shape[1] * (2 if p.shared else 1)  # a shared latent spans keys and values
                 if not 1 <= down.shape[-1] <= width:
                     raise ProjectionError(f"{name}.{label}: rank {down.shape[-1]} is outside 1..{width} "
                                           "(the projected width); pick a rank in range.")
                 if up.shape[-1] != down.shape[-1]:
                     raise ProjectionError(f"{name}.{label}: up and down projections differ in rank.")
+            if p.shared and not (p.key_down.shape[0] == p.value_down.shape[0] == 1 and shp.kv_heads * shp.head_dim
+                                 == p.key_down.shape[1] == p.value_down.shape[1] and p.key_rank == p.value_rank):
+                raise ProjectionError(
+                    f"{name}: a shared K+V latent needs key_down and value_down of shape [1, kv_heads·head_dim, R] "
+                    f"with one R; got {tuple(p.key_down.shape)} and {tuple(p.value_down.shape)}. Calibrate with "
+                    "granularity='kv'.")
 
     def check_site(self, name: str, shape: SiteShape) -> SiteProjection:
         if name not in self.sites:
@@ -125,6 +143,7 @@ class Projections:
     # ---------------------------------------------------------------- summary
     @property
     def ranks(self) -> dict[str, list[int]]:
+        """(key rank, value rank) per site; a shared K+V latent of rank R reads (R, R) and caches R."""
         return {n: [p.key_rank, p.value_rank] for n, p in self.sites.items()}
 
     def kv_fraction(self) -> float:
@@ -144,7 +163,7 @@ class Projections:
         return "\n".join(rows)
 
     def to(self, dtype=None, device=None) -> "Projections":
-        sites = {n: SiteProjection(**{k: t.to(dtype=dtype, device=device) for k, t in p.tensors().items()})
+        sites = {n: p.like(**{k: t.to(dtype=dtype, device=device) for k, t in p.tensors().items()})
                  for n, p in self.sites.items()}
         return Projections(sites, dict(self.shapes), self.method, dict(self.report))
 
@@ -157,6 +176,7 @@ class Projections:
             "sites": json.dumps(list(self.sites)),
             "fingerprint": json.dumps({n: s.as_list() for n, s in self.shapes.items()}),
             "ranks": json.dumps(self.ranks), "report": json.dumps(self.report, default=float),
+            "shared": json.dumps([n for n, p in self.sites.items() if p.shared]),
         }
         save_file(tensors, str(path), metadata=meta)
 
@@ -180,7 +200,8 @@ class Projections:
         try:
             names = json.loads(meta["sites"])
             fp = json.loads(meta["fingerprint"])
-            sites = {n: SiteProjection(**{k: tensors[f"{n}/{k}"] for k in _KINDS}) for n in names}
+            shared = set(json.loads(meta.get("shared", "[]")))  # format 1: none
+            sites = {n: SiteProjection(**{k: tensors[f"{n}/{k}"] for k in _KINDS}, shared=n in shared) for n in names}
             shapes = {n: SiteShape(*fp[n]) for n in names}
         except (KeyError, json.JSONDecodeError, TypeError) as e:
             raise ProjectionError(f"{path}: metadata and tensors disagree ({e}); the file is corrupt.") from e

@@ -18,10 +18,11 @@ def llama_and_stats():
     return m, stats
 
 
-def test_joint_full_rank_reproduces_logits(llama_and_stats):
+@pytest.mark.parametrize("granularity", ["layer", "kv"])
+def test_joint_full_rank_reproduces_logits(llama_and_stats, granularity):
     m, stats = llama_and_stats
     ids = torch.randint(0, 64, (1, 7))
-    proj = fit(stats, "pca", 1.0, granularity="layer")
+    proj = fit(stats, "pca", 1.0, granularity=granularity)
     with torch.no_grad():
         ref = m(ids).logits
         cm = kvfx.compress(torch.compile(m, backend="eager"), proj)
@@ -31,7 +32,8 @@ def test_joint_full_rank_reproduces_logits(llama_and_stats):
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-@pytest.mark.parametrize("rank,granularity", [(0.5, "layer"), (kvfx.Budget(0.5), "head"), (kvfx.Budget(0.5), "layer")])
+@pytest.mark.parametrize("rank,granularity", [(0.5, "layer"), (kvfx.Budget(0.5), "head"), (kvfx.Budget(0.5), "layer"),
+                                              (0.5, "kv")])
 def test_generate_equals_eager_low_rank_cache(llama_and_stats, cache, rank, granularity):
     m, stats = llama_and_stats
     proj = fit(stats, "kqsvd", rank, granularity=granularity)
@@ -45,9 +47,12 @@ def test_generate_equals_eager_low_rank_cache(llama_and_stats, cache, rank, gran
         kvfx.decompress(cm)
     assert torch.equal(out, ref)
     assert kvfx.counters["kvfx"]["reassociated"] > 0
-    if granularity == "layer":
+    if granularity in ("layer", "kv"):
         assert kvfx.counters["kvfx"]["joint"] > 0
         assert all(layer.keys.shape[1] == 1 for layer in ref_cache.layers)  # one latent "head" per layer
+    if granularity == "kv":  # one latent for keys and values: the value slot stays empty
+        assert kvfx.counters["kvfx"]["shared"] > 0
+        assert all(layer.values.shape[-1] == 0 and layer.keys.shape[-1] == 16 for layer in ref_cache.layers)
     # half the numbers of a full cache: [b, h, n, d] × 2 per layer
     full = sum(2 * 2 * 8 * layer.keys.shape[-2] for layer in ref_cache.layers) * 4
     assert ref_cache.nbytes() == pytest.approx(0.5 * full, rel=1e-9)

@@ -11,6 +11,7 @@ from ..passes.observe import insert_observers
 from ..projections import Projections, SiteProjection, SiteShape, resolve_rank, split_joint
 from .allocate import Budget, allocate
 from .base import get_calibrator
+from .shared import DEFAULT_KEY_WEIGHT, fit_shared
 from .stats import SiteStats
 
 
@@ -72,7 +73,7 @@ def _params(model) -> set[str]:
         return set()
 
 
-GRANULARITIES = ("head", "layer")
+GRANULARITIES = ("head", "layer", "kv")
 
 
 def _unjoin(proj: SiteProjection, st: SiteStats) -> SiteProjection:
@@ -88,11 +89,15 @@ def fit(stats: dict[str, SiteStats], method: str = "kqsvd", rank: int | float | 
 
     rank: keep fraction in (0, 1] or int (keys; values use `value_rank` or the same); a dict maps site name
     -> rank or (key_rank, value_rank); a `Budget(kv_fraction)` or `Budget(max_error=...)` allocates ranks per site and separately for
-    keys and values from error-rank profiles (see allocate.py). granularity: "head" (one projection per kv head) or "layer" (one joint
-    latent over the concatenated kv heads of a site, MLA-like; fractions are then of h·d).
+    keys and values from error-rank profiles (see allocate.py). granularity: "head" (one projection per kv head), "layer" (one joint
+    latent over the concatenated kv heads of a site, MLA-like; fractions are then of h·d) or "kv" (ONE latent shared by
+    keys and values, see shared.py; the rank is the latent's width, fractions are of 2·h·d = the KV-byte fraction;
+    option `key_weight` weighs key-logit error against value error, default 4).
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+    if granularity == "kv":
+        return _fit_shared(stats, method, rank, value_rank, **options)
     cal = get_calibrator(method, **options)
     sites, shapes, report = {}, {}, {}
     allocation = None
@@ -112,6 +117,26 @@ def fit(stats: dict[str, SiteStats], method: str = "kqsvd", rank: int | float | 
     meta = {"sites": report, "granularity": granularity, "tokens": max(s.tokens for s in stats.values())}
     if allocation is not None:
         meta["allocation"] = allocation
+    return Projections(sites, shapes, method, meta)
+
+
+def _fit_shared(stats, method, rank, value_rank, key_weight: float = DEFAULT_KEY_WEIGHT, **options) -> Projections:
+    if isinstance(rank, Budget):
+        raise ValueError("granularity='kv' takes a rank (a KV-byte fraction in (0, 1], an int latent width, or a "
+                         "{site: rank} mapping), not a Budget; budgets allocate separate key and value ranks "
+                         "(granularity 'head' or 'layer').")
+    if value_rank is not None:
+        raise ValueError("granularity='kv' has one latent for keys and values: pass rank= only (no value_rank).")
+    cal = get_calibrator(method, **options)
+    sites, shapes, report = {}, {}, {}
+    for name, st in stats.items():
+        r = rank.get(name) if isinstance(rank, dict) else rank
+        if r is None or isinstance(r, (tuple, list)):
+            raise ValueError(f"granularity='kv': site '{name}' needs one latent rank in the mapping, got {r!r}.")
+        r = resolve_rank(r, 2 * st.kv_heads * st.head_dim)
+        sites[name], report[name] = fit_shared(cal, st, r, key_weight)
+        shapes[name] = SiteShape(st.heads, st.kv_heads, st.head_dim)
+    meta = {"sites": report, "granularity": "kv", "tokens": max(s.tokens for s in stats.values())}
     return Projections(sites, shapes, method, meta)
 
 

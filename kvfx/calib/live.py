@@ -37,6 +37,7 @@ class Student:
             self.params[name] = {k: getattr(p, k).detach().to(device, torch.float32).clone().requires_grad_(True)
                                  for k in kinds}
             self.masks[name] = (None, None)
+        self.shared = {n: p.shared for n, p in start.sites.items()}
         self.shapes = start.shapes
         self.live = Projections({n: self._site(n) for n in start.sites}, dict(start.shapes), start.method)
 
@@ -57,7 +58,7 @@ class Student:
             kd, ku, vd, vu = t["key_down"], t["key_up"], t["value_down"], t["value_up"]
         if mk is not None:  # columns beyond the rank are masked (= truncation)
             kd, vd = kd * mk, vd * mv
-        return SiteProjection(kd, ku, vd, vu)
+        return SiteProjection(kd, ku, vd, vu, shared=self.shared[name])
 
     def rebuild(self) -> None:
         """Recompute every live projection from the parameters (call before each forward). The SiteProjection
@@ -84,8 +85,8 @@ class Student:
         self.set_ranks(None)
         with torch.no_grad():
             self.rebuild()
-            return {n: SiteProjection(**{k: v.detach().to(getattr(start.sites[n], k).dtype)
-                                         for k, v in p.tensors().items()}) for n, p in self.live.sites.items()}
+            return {n: p.like(**{k: v.detach().to(getattr(start.sites[n], k).dtype)
+                                 for k, v in p.tensors().items()}) for n, p in self.live.sites.items()}
 
 
 def sequences(batches: Iterable, who: str) -> torch.Tensor:

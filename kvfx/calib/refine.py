@@ -70,10 +70,13 @@ class Refine:
                 raise ValueError(f"Refine: rank_set must hold fractions in (0, 1] or int ranks, got {self.rank_set!r}.")
 
 
-def _check_start(start: Projections, orthonormal: bool) -> None:
+def _check_start(start: Projections, orthonormal: bool, nested: bool = False) -> None:
     if not isinstance(start, Projections):
         raise TypeError(f"refine needs kvfx.Projections to start from (from kvfx.calibrate), got {type(start).__name__}.")
     start.validate()
+    if nested and any(p.shared for p in start.sites.values()):
+        raise ValueError("refine: nested training (rank_set) draws separate key and value ranks; a shared K+V latent "
+                         "(granularity='kv') has one. Refine it at its rank (rank_set=None).")
     if orthonormal and not all(tied(p) for p in start.sites.values()):
         raise ValueError("refine(orthonormal=True) needs tied projections (down == up: pca, eigen, stiefel, "
                          "matryoshka); kqsvd's are oblique — use orthonormal=False (or None).")
@@ -92,7 +95,7 @@ def refine(model: torch.nn.Module, projections: Projections, batches: Iterable, 
     orthonormal = cfg.orthonormal
     if orthonormal is None:
         orthonormal = isinstance(projections, Projections) and all(tied(p) for p in projections.sites.values())
-    _check_start(projections, orthonormal)
+    _check_start(projections, orthonormal, nested=bool(cfg.rank_set))
     seqs = sequences(batches, "refine")
     n_eval = min(cfg.eval_sequences, len(seqs) - 1)
     train = seqs[: len(seqs) - n_eval]

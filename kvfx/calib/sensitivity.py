@@ -52,6 +52,9 @@ def sensitivity(model: torch.nn.Module, projections: Projections, batches: Itera
     if not isinstance(steps, int) or steps < 2:
         raise ValueError(f"sensitivity: steps (grid points per site) must be an int >= 2, got {steps!r}.")
     projections.validate()
+    if any(p.shared for p in projections.sites.values()):
+        raise ValueError("sensitivity probes keys and values apart; a shared K+V latent (granularity='kv') has one "
+                         "rank per site. Profile separate latents (granularity 'head' or 'layer') instead.")
     ranks = ranks or (projections.report.get("refine") or {}).get("rank_set")
     grids = {n: _grid(n, p, ranks, steps) for n, p in projections.sites.items()}
     seqs = sequences(batches, "sensitivity")

@@ -7,7 +7,8 @@ Per site and kv head g (query head i belongs to group g = i // (heads / kv_heads
     value     G_V[g]  = Σ_tokens vᵀv
     output    G_O[g]  = Σ_{i∈g} W_O,i W_O,iᵀ    (W_O,i: the d rows of W_O that read head i)
 Cross-head Grams of the concatenated kv heads (key_joint, value_joint: [h·d, h·d]) serve the joint latent
-(`granularity="layer"`, see `joint()`). Stats from several processes add up (see `SiteStats.merge` / `all_reduce`).
+(`granularity="layer"`, see `joint()`); with the key-value cross Gram kv_joint = Σ_tokens [k]ᵀ[v] they also serve
+the shared K+V latent (`granularity="kv"`, see calib/shared.py). Stats from several processes add up (see `SiteStats.merge` / `all_reduce`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-_FIELDS = ("key", "query", "query_sum", "value", "key_joint", "value_joint", "output")
+_FIELDS = ("key", "query", "query_sum", "value", "key_joint", "value_joint", "kv_joint", "output")
 _SUMMED = _FIELDS[:-1]  # accumulated over tokens (W_O Grams are not)
 
 
@@ -31,6 +32,7 @@ class SiteStats:
     output: torch.Tensor
     key_joint: torch.Tensor | None = None    # [h·d, h·d]
     value_joint: torch.Tensor | None = None
+    kv_joint: torch.Tensor | None = None     # [h·d, h·d]: Σ [k_1 … k_h]ᵀ [v_1 … v_h]
     tokens: int = 0
     # learned calibrators (stiefel, matryoshka) also need a few whole sequences and W_O itself, not only Grams
     sample_limit: int = 0                    # keep the first `sample_limit` sequences of q/k/v
@@ -44,7 +46,7 @@ class SiteStats:
     def empty(cls, heads: int, kv_heads: int, head_dim: int) -> "SiteStats":
         z = lambda: torch.zeros(kv_heads, head_dim, head_dim, dtype=torch.float64)  # noqa: E731
         j = lambda: torch.zeros(kv_heads * head_dim, kv_heads * head_dim, dtype=torch.float64)  # noqa: E731
-        return cls(heads, kv_heads, head_dim, z(), z(), z(), z(), z(), j(), j())
+        return cls(heads, kv_heads, head_dim, z(), z(), z(), z(), z(), j(), j(), j())
 
     @property
     def group(self) -> int:
@@ -70,6 +72,8 @@ class SiteStats:
             kj, vj = k.transpose(1, 2).reshape(-1, h * d), v.transpose(1, 2).reshape(-1, h * d)
             self.key_joint += kj.T @ kj
             self.value_joint += vj.T @ vj
+            if self.kv_joint is not None:
+                self.kv_joint += kj.T @ vj
         self.tokens += b * k.shape[2]
 
     def set_output_weight(self, w_rows: torch.Tensor) -> None:

@@ -2,6 +2,7 @@
 
     SDPA(q, k, v, scale=s)  ->  SDPA(q·B, k·A, v·C, scale=s) · Dᵀ      (s stays the ORIGINAL 1/sqrt(d))
 
+A shared K+V latent (one c = k·A + v·C per token) becomes SDPA(q·B, c, c)·Dᵀ.
 Two forms of input are handled:
   * plain keys/values (no cache, or transformers' own cache): the four matmuls are inserted around SDPA;
   * kvfx's low-rank cache: the cache already wrote K̃ = k·A and hands SDPA the reconstruction K̃·Bᵀ.
@@ -92,6 +93,11 @@ class RankSpaceRewrite:
             k2 = self._plain(site, site.k, k, proj, "key_down")
             v2 = self._plain(site, site.v, v, proj, "value_down")
             site.proj["k"], site.proj["v"] = k2, v2
+            if proj.shared:  # one latent c = k·A + v·C read as key and value
+                with self.g.inserting_before(sdpa):
+                    k2 = v2 = self.g.call_function(torch.add, (k2, v2))
+        if proj.shared:
+            counters["kvfx"]["shared"] += 1
         changes = dict(query=q2, key=k2, value=v2, scale=site.scale)
         if proj.key_down.shape[1] != proj.key_up.shape[1] or proj.value_down.shape[1] != proj.value_up.shape[1]:
             changes["enable_gqa"] = True  # joint latent: one kv "head" serves every query head

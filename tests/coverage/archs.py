@@ -298,7 +298,8 @@ def hand_reference(model: HandLM, ids, projections) -> torch.Tensor:
 
 
 def lowrank_attention(q, k, v, proj, scale: float | None = None, causal: bool = True) -> torch.Tensor:
-    """softmax((q·B_i)(k·A)ᵀ·scale + causal mask)·(v·C)·D_iᵀ in float64, written out with einsum.
+    """softmax((q·B_i)(k·A)ᵀ·scale + causal mask)·(v·C)·D_iᵀ in float64, written out with einsum (a shared K+V
+    latent: k·A and v·C are both replaced by c = [k_1 … k_h]·A + [v_1 … v_h]·C).
 
     q [b, H, n, d]; k, v [b, h, m, d] (kv heads); query head i uses kv group i // (H/h). Returns [b, H, n, d]."""
     b, H, n, d = q.shape
@@ -307,8 +308,13 @@ def lowrank_attention(q, k, v, proj, scale: float | None = None, causal: bool = 
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     A, B, C, D = (t.to(torch.float64) for t in (proj.key_down, proj.key_up, proj.value_down, proj.value_up))
     B, D = B.repeat_interleave(g, 0), D.repeat_interleave(g, 0)
-    k_lat = torch.einsum("bhmd,hdr->bhmr", k.double(), A).repeat_interleave(g, 1)
-    v_lat = torch.einsum("bhmd,hdr->bhmr", v.double(), C).repeat_interleave(g, 1)
+    if getattr(proj, "shared", False):  # one latent c = [k_1 … k_h]·A + [v_1 … v_h]·C, read as key and value
+        flat = lambda t: t.double().transpose(1, 2).flatten(2)  # noqa: E731
+        c = (flat(k) @ A[0] + flat(v) @ C[0])[:, None].expand(b, H, m, A.shape[-1])
+        k_lat = v_lat = c
+    else:
+        k_lat = torch.einsum("bhmd,hdr->bhmr", k.double(), A).repeat_interleave(g, 1)
+        v_lat = torch.einsum("bhmd,hdr->bhmr", v.double(), C).repeat_interleave(g, 1)
     q_lat = torch.einsum("bHnd,Hdr->bHnr", q.double(), B)
     s = torch.einsum("bHnr,bHmr->bHnm", q_lat, k_lat) * scale
     if causal:
