@@ -3,7 +3,8 @@
 Protocol (DESIGN-NOTES): calibrate on the first 8 windows of 512 tokens of wiki.valid.tokens; evaluate on
 the first 16 windows of 512 tokens of wiki.test.raw; K and V at the same rank (plus keys-only / values-only rows).
 Methods: per-head pca / eigen / kqsvd / kqsvd-summed (the seed's summed-query variant) and joint cross-head
-latents ('@layer', one rank-R latent per layer shared by all query heads; keep is then a fraction of h·d). Every compressed row runs
+latents ('@layer', one rank-R latent per layer shared by all query heads; keep is then a fraction of h·d) and shared K+V
+latents ('@kv', one latent per layer read as keys and values; keep is the KV-byte fraction). Every compressed row runs
 through `kvfx.compress(torch.compile(model), projections)` — the product path, Inductor included.
 
     python benchmarks/quality.py                      # full table (prints markdown)
@@ -70,7 +71,7 @@ def run(args) -> str:
         else:
             rk, rv = {None: (keep, keep), "keys": (keep, 1.0), "values": (1.0, keep),
                       "budget": (kvfx.Budget(keep, measure=args.budget_measure), None)}[part]
-        proj = fit(stats, name, rk, value_rank=rv, granularity=gran, **opts)
+        proj = fit_keep(stats, name, gran, rk, rv, args, **opts)
         label = method + ({None: "", "keys": " (keys only)", "values": " (values only)",
                            "budget": f" + budget ({args.budget_measure} error)"}[part]
                           if not isinstance(part, float) else f" (keys {part:.0%} of kept bytes)")
@@ -78,6 +79,15 @@ def run(args) -> str:
     rows += refine_rows(args, model, tok, stats, test)
     rows += measured_rows(args, model, tok, stats, test)
     return table(rows, args)
+
+
+def fit_keep(stats, name, gran, rk, rv, args, **opts):
+    """fit() at (key, value) keep; a shared K+V latent ('@kv') has one rank: the KV-byte fraction itself."""
+    if gran == "kv":
+        if rv is None or isinstance(rk, kvfx.Budget) or rk != rv:
+            raise SystemExit(f"{name}@kv: one shared latent per layer; only equal K/V keep rows apply (no budget/split)")
+        return fit(stats, name, rk, granularity="kv", key_weight=args.key_weight, **opts)
+    return fit(stats, name, rk, value_rank=rv, granularity=gran, **opts)
 
 
 def split_keep(keep: float, key_share: float) -> tuple[float, float]:
@@ -133,8 +143,8 @@ def refine_rows(args, model, tok, stats, test) -> list:
             continue
         for keep in args.keep:
             t0 = time.time()
-            rk, rv = split_keep(keep, args.refine_key_share)
-            start = fit(stats, name, rk, value_rank=rv, granularity=gran)
+            rk, rv = (keep, keep) if gran == "kv" else split_keep(keep, args.refine_key_share)
+            start = fit_keep(stats, name, gran, rk, rv, args)
             rows.append(_refined_row(args, model, start, windows, test, f"{method}-{keep}", method, keep, t0))
     return rows
 
@@ -161,7 +171,7 @@ def measured_rows(args, model, tok, stats, test) -> list:
             full, tag = kvfx.Projections.load(method), Path(method).stem
         else:
             name, gran = method.split("@") if "@" in method else (method, "head")
-            full, tag = fit(stats, name, 1.0, granularity=gran), method
+            full, tag = fit_keep(stats, name, gran, 1.0, 1.0, args), method
         path = RESULTS.parent / "results" / f"sensitivity-{tag}.json"
         setting = {"windows": args.sensitivity_windows, "window": args.window, "steps": args.sensitivity_steps}
         saved = json.loads(path.read_text()) if args.reuse_profiles and path.exists() else {}
@@ -231,7 +241,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", type=lambda s: s.split(",") if s else [],
                    default=["pca", "eigen", "kqsvd", "kqsvd-summed", "pca@layer", "kqsvd@layer"],
-                   help="calibrators; '@layer' = joint cross-head latent (granularity='layer')")
+                   help="calibrators; '@layer' = joint cross-head latent (granularity='layer'), '@kv' = one latent "
+                        "shared by keys and values (granularity='kv')")
+    p.add_argument("--key-weight", type=float, default=4.0,
+                   help="'@kv' rows: weight of relative key-logit error against value-output error")
     p.add_argument("--split-methods", type=lambda s: s.split(",") if s else [], default=["kqsvd@layer"],
                    help="also run these with only keys / only values compressed")
     p.add_argument("--budget-methods", type=lambda s: s.split(",") if s else [], default=[],

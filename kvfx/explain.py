@@ -57,7 +57,7 @@ def _row(site: AttentionSite, projections) -> SiteRow:
     ranks = ""
     if projections is not None and site.name in projections.sites:
         p = projections.sites[site.name]
-        ranks = f"{p.key_rank}/{p.value_rank}"
+        ranks = f"{p.key_rank} shared" if p.shared else f"{p.key_rank}/{p.value_rank}"
     return SiteRow(site.name, site.num_heads, site.num_kv_heads, site.head_dim, site.rope, fold or "-",
                    site.k.cache, site.status, "; ".join(site.notes), ranks)
 

@@ -75,3 +75,14 @@ def test_malformed_shared_refused(llama_shared):
     bad = SiteProjection(p.key_down, p.key_up, p.value_down[..., :8], p.value_up[..., :8], shared=True)
     with pytest.raises(ProjectionError, match="shared K\\+V latent needs"):
         Projections({name: bad}, {name: proj.shapes[name]})
+
+
+def test_explain_shows_the_shared_rank(llama_shared):
+    m, proj = llama_shared
+    cm = kvfx.compress(torch.compile(m, backend="eager"), proj)
+    try:
+        rows = kvfx.explain(cm, model_inputs(m, tokens=5), print_table=False).rows
+    finally:
+        kvfx.decompress(cm)
+        torch._dynamo.reset()
+    assert [r.ranks for r in rows] == ["12 shared"] * 2

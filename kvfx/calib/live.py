@@ -25,17 +25,30 @@ def tied(p: SiteProjection) -> bool:
     return torch.equal(p.key_down, up_k) and torch.equal(p.value_down, up_v)
 
 
+def _scales(p: SiteProjection, kinds) -> dict[str, float]:
+    """Each trained tensor is stored divided by its scale, so Adam's steps (a fixed size per entry) are relative to
+    it. 1 except for a shared K+V latent, whose four factors differ ~10× in size (keys and values are weighed
+    apart, calib/shared.py): there each factor's RMS over their geometric mean, so they all train alike."""
+    if not p.shared or len(kinds) < 4:
+        return {k: 1.0 for k in kinds}
+    rms = {k: float(getattr(p, k).float().pow(2).mean().sqrt()) or 1.0 for k in kinds}
+    mean = torch.tensor(list(rms.values())).log().mean().exp().item()
+    return {k: r / mean for k, r in rms.items()}
+
+
 class Student:
     """Tensors per site (trainable or not) and the live SiteProjections built from them at every call."""
 
     def __init__(self, start: Projections, orthonormal: bool, device):
         self.orthonormal = orthonormal
         self.params: dict[str, dict[str, torch.Tensor]] = {}
+        self.scales: dict[str, dict[str, float]] = {}
         self.masks: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         for name, p in start.sites.items():
             kinds = ("key_down", "value_down") if orthonormal else ("key_down", "key_up", "value_down", "value_up")
-            self.params[name] = {k: getattr(p, k).detach().to(device, torch.float32).clone().requires_grad_(True)
-                                 for k in kinds}
+            self.scales[name] = _scales(p, kinds)
+            self.params[name] = {k: (getattr(p, k).detach().to(device, torch.float32) / self.scales[name][k])
+                                 .requires_grad_(True) for k in kinds}
             self.masks[name] = (None, None)
         self.shared = {n: p.shared for n, p in start.sites.items()}
         self.shapes = start.shapes
@@ -55,7 +68,7 @@ class Student:
             if kd.shape[0] == 1:  # joint latent: the up blocks are the basis split per kv head
                 ku, vu = split_joint(kd, self.shapes[name]), split_joint(vd, self.shapes[name])
         else:
-            kd, ku, vd, vu = t["key_down"], t["key_up"], t["value_down"], t["value_up"]
+            kd, ku, vd, vu = (t[k] * self.scales[name][k] for k in ("key_down", "key_up", "value_down", "value_up"))
         if mk is not None:  # columns beyond the rank are masked (= truncation)
             kd, vd = kd * mk, vd * mv
         return SiteProjection(kd, ku, vd, vu, shared=self.shared[name])

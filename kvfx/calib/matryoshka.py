@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..projections import Projections, SiteProjection, resolve_rank
+from ..projections import Projections, resolve_rank
 from .base import finish, ranks, register_calibrator
 from .distill import Distilled, adam_orthonormal, init_bases, log, random_rows, require_samples
 from .stats import SiteStats
@@ -131,11 +131,17 @@ def truncate(projections: Projections, rank: int | float | dict, value_rank: int
         r = rank.get(name) if isinstance(rank, dict) else rank
         if r is None:
             raise ValueError(f"rank mapping has no entry for site '{name}'.")
-        rk, rv = r if isinstance(r, (tuple, list)) else (r, value_rank if value_rank is not None else r)
-        rk, rv = resolve_rank(rk, p.key_down.shape[1]), resolve_rank(rv, p.value_down.shape[1])
+        if p.shared:  # one latent for keys and values: one rank, a fraction of 2·h·d (the KV-byte fraction)
+            if isinstance(r, (tuple, list)) or value_rank is not None:
+                raise ValueError(f"site '{name}' is a shared K+V latent (granularity='kv'): give one rank, not "
+                                 f"separate key and value ranks ({r!r}, value_rank={value_rank!r}).")
+            rk = rv = resolve_rank(r, 2 * p.key_down.shape[1])
+        else:
+            rk, rv = r if isinstance(r, (tuple, list)) else (r, value_rank if value_rank is not None else r)
+            rk, rv = resolve_rank(rk, p.key_down.shape[1]), resolve_rank(rv, p.value_down.shape[1])
         if rk > p.key_rank or rv > p.value_rank:
             raise ValueError(f"site '{name}': cannot truncate ranks ({p.key_rank}, {p.value_rank}) up to ({rk}, {rv}).")
-        sites[name] = SiteProjection(p.key_down[..., :rk], p.key_up[..., :rk],
-                                     p.value_down[..., :rv], p.value_up[..., :rv])
+        sites[name] = p.like(key_down=p.key_down[..., :rk], key_up=p.key_up[..., :rk],
+                             value_down=p.value_down[..., :rv], value_up=p.value_up[..., :rv])
     report = {k: v for k, v in projections.report.items() if k != "sites"} | {"truncated": True}
     return Projections(sites, dict(projections.shapes), projections.method, report)

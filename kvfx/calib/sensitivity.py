@@ -38,13 +38,14 @@ def default_grid(width: int, steps: int = 8) -> list[int]:
 def sensitivity(model: torch.nn.Module, projections: Projections, batches: Iterable, steps: int = 8,
                 ranks: tuple | None = None, progress: bool = True) -> dict:
     """{"base": KL with every site at its top rank, "sites": {site: {"key": {rank: KL}, "value": {rank: KL}}},
-    "tokens", "seconds"} measured on `batches` (a few windows; each probe runs one forward per window).
+    "tokens", "seconds"} — a shared K+V latent (granularity="kv") has one entry, {"latent": {rank: KL}}, its
+    ranks fractions of 2·h·d — measured on `batches` (a few windows; each probe runs one forward per window).
 
     projections: nested projections (their leading columns are the lower-rank projection), usually fitted at
     rank 1.0. ranks: the ranks to probe (fractions of the site's input width or ints); the highest is the top
     every other site stays at (= "base") and the most `allocate` may give. Default: the `rank_set` a nested
     `refine` artefact was trained on (its other widths were never trained), else `default_grid(width, steps)`
-    plus the full width. Cost: 2 × sites × (grid points − 1) forwards per window."""
+    plus the full width. Cost: 2 × sites × (grid points − 1) forwards per window (1 × for shared latents)."""
     module = original_module(model, "sensitivity")
     if not isinstance(projections, Projections):
         raise TypeError(f"sensitivity needs kvfx.Projections (e.g. kvfx.calibrate(..., rank=1.0)), "
@@ -52,9 +53,6 @@ def sensitivity(model: torch.nn.Module, projections: Projections, batches: Itera
     if not isinstance(steps, int) or steps < 2:
         raise ValueError(f"sensitivity: steps (grid points per site) must be an int >= 2, got {steps!r}.")
     projections.validate()
-    if any(p.shared for p in projections.sites.values()):
-        raise ValueError("sensitivity probes keys and values apart; a shared K+V latent (granularity='kv') has one "
-                         "rank per site. Profile separate latents (granularity 'head' or 'layer') instead.")
     ranks = ranks or (projections.report.get("refine") or {}).get("rank_set")
     grids = {n: _grid(n, p, ranks, steps) for n, p in projections.sites.items()}
     seqs = sequences(batches, "sensitivity")
@@ -67,21 +65,26 @@ def sensitivity(model: torch.nn.Module, projections: Projections, batches: Itera
         top = {n: (g[-1], g[-1]) for n, g in grids.items()}
         student.set_ranks(top)
         base = live.mean_kl(idx)
-        probes = [(n, side, r) for n, g in grids.items() for side in ("key", "value") for r in g[:-1]]
-        sites = {n: {"key": {g[-1]: base}, "value": {g[-1]: base}} for n, g in grids.items()}
+        probes = [(n, side, r) for n, g in grids.items() for side in sides(projections.sites[n]) for r in g[:-1]]
+        sites = {n: {side: {g[-1]: base} for side in sides(projections.sites[n])} for n, g in grids.items()}
         for name, side, r in tqdm(probes, desc="kvfx sensitivity", disable=not progress):
             t = top[name][0]
-            student.set_ranks(top | {name: (r, t) if side == "key" else (t, r)})
+            student.set_ranks(top | {name: {"key": (r, t), "value": (t, r)}.get(side, (r, r))})
             sites[name][side][r] = live.mean_kl(idx)
         student.set_ranks(None)
     return {"base": base, "sites": sites, "tokens": int(seqs.numel()), "seconds": round(time.time() - t0, 1)}
+
+
+def sides(p) -> tuple[str, ...]:
+    """What a site's profile probes: keys and values apart, or the one latent of a shared K+V latent."""
+    return ("latent",) if p.shared else ("key", "value")
 
 
 def _grid(name: str, p, ranks, steps: int) -> list[int]:
     if p.key_rank != p.value_rank:
         raise ValueError(f"sensitivity: site '{name}' has key rank {p.key_rank} and value rank {p.value_rank}; "
                          "start from projections at one width for keys and values (e.g. rank=1.0).")
-    width = p.key_down.shape[1]
+    width = p.key_down.shape[1] * (2 if p.shared else 1)  # a shared latent's fractions are of 2·h·d
     if ranks is None:
         return default_grid(p.key_rank, steps) + [p.key_rank]
     grid = sorted({resolve_rank(r, width) for r in ranks})
@@ -105,7 +108,10 @@ def allocate(projections: Projections, profile: dict, budget: Budget) -> Project
     prof, width, heads = {}, {}, {}
     for name, p in projections.sites.items():
         width[name], heads[name] = p.key_down.shape[1], p.key_down.shape[0]
-        for side in ("key", "value"):
+        for side in sides(p):
+            if side not in sites[name]:
+                raise ValueError(f"allocate: the profile of site '{name}' has no '{side}' entry (it was measured on "
+                                 "projections of another form); measure it on these projections.")
             points = {int(r): float(v) for r, v in sites[name][side].items()}
             if max(points) > min(p.key_rank, p.value_rank):
                 raise ValueError(f"allocate: the profile of site '{name}' reaches rank {max(points)}, these "
@@ -115,9 +121,11 @@ def allocate(projections: Projections, profile: dict, budget: Budget) -> Project
         raise ValueError(f"allocate: the profile's top ranks already give KL {float(profile['base']):.4g} > "
                          f"max_error {budget.max_error}; raise max_error or probe higher ranks.")
     ranks, achieved, total = greedy(prof, width, heads, budget, base=float(profile["base"]) * (1 - len(prof)))
+    ranks = {n: r[0] if projections.sites[n].shared else r for n, r in ranks.items()}
     out = truncate(projections, ranks)
     out.report["allocation"] = {
         "budget": budget.kv_fraction, "max_error": budget.max_error, "measure": "model KL", "achieved": achieved,
         "predicted_kl": float(profile["base"]) * (1 - len(prof)) + total,
-        "profile_tokens": profile.get("tokens"), "ranks": {n: list(r) for n, r in ranks.items()}}
+        "profile_tokens": profile.get("tokens"),
+        "ranks": {n: list(r) if isinstance(r, tuple) else r for n, r in ranks.items()}}
     return out

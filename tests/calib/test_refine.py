@@ -71,7 +71,8 @@ def test_live_backend_passes_gradients(setup):
         KvfxBackend(live, fold=True, live=True)
 
 
-@pytest.mark.parametrize("method,granularity", [("kqsvd", "head"), ("kqsvd", "layer"), ("pca", "head"), ("pca", "layer")])
+@pytest.mark.parametrize("method,granularity", [("kqsvd", "head"), ("kqsvd", "layer"), ("pca", "head"), ("pca", "layer"),
+                                                       ("kqsvd", "kv")])
 def test_refine_lowers_held_out_kl_and_compresses_to_it(setup, method, granularity):
     m, ids = setup
     before_state = {k: v.clone() for k, v in m.state_dict().items()}
@@ -81,6 +82,7 @@ def test_refine_lowers_held_out_kl_and_compresses_to_it(setup, method, granulari
     assert rep["fallback"] == 0.0 and rep["kl_after"] < 0.9 * rep["kl_before"]
     assert rep["orthonormal"] == (method == "pca") and rep["train_tokens"] == (len(ids) - HELD) * 24
     assert out.method == f"{method}+refine" and out.ranks == start.ranks
+    assert all(p.shared == (granularity == "kv") for p in out.sites.values())  # a shared latent stays shared
     assert "sites" not in out.report and out.report["start_sites"] == start.report["sites"]  # errors of the start
     # the trained projections, applied by the ordinary (folded, frozen) compress path, give the reported KL
     assert _compressed_kl(m, out, ids) == pytest.approx(rep["kl_after"], rel=2e-3)
@@ -152,6 +154,9 @@ def test_bad_inputs(setup):
         refine(m, oblique, [], Refine(steps=1), progress=False)
     with pytest.raises(ValueError, match="LongTensors"):
         refine(m, oblique, [ids.float()], Refine(steps=1), progress=False)
+    shared = kvfx.calibrate(m, ids.split(1), method="kqsvd", rank=0.5, granularity="kv", progress=False)
+    with pytest.raises(ValueError, match="has one"):
+        refine(m, shared, ids, Refine(steps=1, rank_set=(0.5, 1.0)), progress=False)
     with pytest.raises(TypeError, match="kvfx.Projections"):
         refine(m, {"a": 1}, ids, Refine(steps=1), progress=False)
     mc = kvfx.compress(torch.compile(m, backend="eager"), oblique)

@@ -120,3 +120,21 @@ def test_bad_input(setup):
             kvfx.sensitivity(mc, full, ids[8:], progress=False)
     finally:
         kvfx.decompress(mc)
+
+
+def test_shared_latent_has_one_profile_per_site(setup):
+    """granularity='kv': one latent per site is probed (fractions of 2·h·d) and allocated; it stays shared."""
+    m, ids, _, _ = setup
+    full = kvfx.calibrate(m, ids[:8].split(1), method="kqsvd", rank=1.0, granularity="kv", progress=False)
+    prof = kvfx.sensitivity(m, full, ids[8:10], steps=4, progress=False)
+    name = sorted(full.sites)[1]
+    assert all(list(p) == ["latent"] and sorted(p["latent"]) == [8, 16, 24, 32] for p in prof["sites"].values())
+    cut = truncate(full, {n: 8 if n == name else 32 for n in full.sites})
+    assert compressed_kl(m, cut, ids[8:10]) == pytest.approx(prof["sites"][name]["latent"][8], rel=2e-3)
+    out = kvfx.allocate(full, prof, kvfx.Budget(0.5))
+    assert all(p.shared for p in out.sites.values()) and 0.45 < out.kv_fraction() <= 0.5
+    assert out.report["allocation"]["ranks"] == {n: p.key_rank for n, p in out.sites.items()}
+    assert compressed_kl(m, out, ids[8:10]) < compressed_kl(m, truncate(full, 0.5), ids[8:10])
+    with pytest.raises(ValueError, match="no 'key' entry"):
+        kvfx.allocate(kvfx.calibrate(m, ids[:8].split(1), method="kqsvd", rank=1.0, progress=False), prof,
+                      kvfx.Budget(0.5))

@@ -102,3 +102,16 @@ def test_budget_refused():
     st, *_ = _stats()
     with pytest.raises(ValueError, match="not a Budget"):
         fit({"s": st}, "kqsvd", kvfx.Budget(0.5), granularity="kv")
+
+
+def test_truncate_keeps_one_shared_rank():
+    from kvfx.calib.matryoshka import truncate
+    st, *_ = _stats()
+    full = fit({"s": st}, "pca", 1.0, granularity="kv")
+    cut = truncate(full, 0.25)  # a quarter of 2·h·d = 12 numbers per token
+    p = cut.sites["s"]
+    assert p.shared and p.key_rank == p.value_rank == 12 and cut.kv_fraction() == 0.25
+    with pytest.raises(ValueError, match="one rank"):
+        truncate(full, {"s": (12, 6)})
+    with pytest.raises(ValueError, match="one rank"):
+        truncate(full, 12, value_rank=6)
