@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -70,8 +71,16 @@ def make_cache(model: torch.nn.Module, kind: str | None = None, max_cache_len: i
     return LowRankCache(state.projections, kind or state.cache, max_cache_len, dtype=dtype, device=device)
 
 
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name under which the model's forward / generate take a cache: `cache` from transformers 5.24 on (where
+    `past_key_values` is deprecated), `past_key_values` before."""
+    module = getattr(model, "_orig_mod", model)
+    return "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
+
+
 def _generate_with_cache(model, generate, *args, **kwargs):
-    if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+    given = any(kwargs.get(k) is not None for k in ("cache", "past_key_values"))
+    if not given and kwargs.get("use_cache", True):
         max_len = None
         if model._kvfx.cache == "static":
             ids = next((kwargs[k] for k in ("input_ids", "inputs", "inputs_embeds") if kwargs.get(k) is not None),
@@ -80,7 +89,7 @@ def _generate_with_cache(model, generate, *args, **kwargs):
             new = kwargs.get("max_new_tokens") or getattr(config, "max_new_tokens", None)
             total = kwargs.get("max_length") or getattr(config, "max_length", None) or 20
             max_len = ids.shape[1] + new if new else max(total, ids.shape[1] + 1)
-        kwargs["past_key_values"] = make_cache(model, max_cache_len=max_len)
+        kwargs[cache_kwarg(model)] = make_cache(model, max_cache_len=max_len)
     return generate(*args, **kwargs)
 
 
