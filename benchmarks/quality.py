@@ -240,7 +240,7 @@ def write_results(text: str, section: str = "quality") -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", type=lambda s: s.split(",") if s else [],
-                   default=["pca", "eigen", "kqsvd", "kqsvd-summed", "pca@layer", "kqsvd@layer"],
+                   default=["pca", "eigen", "kqsvd", "kqsvd-summed", "pca@layer", "kqsvd@layer", "kqsvd@kv"],
                    help="calibrators; '@layer' = joint cross-head latent (granularity='layer'), '@kv' = one latent "
                         "shared by keys and values (granularity='kv')")
     p.add_argument("--key-weight", type=float, default=4.0,

@@ -215,9 +215,10 @@ _CLEANUP_RE = re.compile(r";\s+(?:\w+ = )+None$")
 
 def short_names(code: str) -> str:
     """Dynamo placeholder names shortened: l_self_modules_..._q_proj_parameters_weight_ -> q_proj.weight,
-    and kvfx constants without their site prefix: kvfx_model_layers_0_self_attn_key_up -> kvfx_key_up."""
+    and kvfx constants without their site prefix: kvfx_model_layers_0_self_attn_key_up -> kvfx_key_up. The cache
+    argument reads l_kwargs_cache_... whichever name this transformers gives it (`past_key_values` before 5.24)."""
     code = _PLACEHOLDER_RE.sub(lambda m: f"{m.group(1).split('_modules_')[-1]}.{m.group(2)}", code)
-    return _SITE_RE.sub("kvfx_", code)
+    return _SITE_RE.sub("kvfx_", code).replace("l_kwargs_past_key_values_", "l_kwargs_cache_")
 
 
 def graph_excerpt(gm, start: str, stop: str) -> str:

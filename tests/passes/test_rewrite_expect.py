@@ -153,8 +153,8 @@ cat_2 = torch.cat((neg_1, x1_1), dim = -1)
 mul_8 = cat_2 * sin_3
 k_embed = mul_7 + mul_8
 k = torch.matmul(k_embed, kvfx_key_down)
-keys = torch.cat([l_kwargs_past_key_values_layers_0_keys, k], dim = -2)
-values = torch.cat([l_kwargs_past_key_values_layers_0_values, value_states], dim = -2)
+keys = torch.cat([l_kwargs_cache_layers_0_keys, k], dim = -2)
+values = torch.cat([l_kwargs_cache_layers_0_values, value_states], dim = -2)
 matmul = torch.matmul(q_embed, kvfx_key_up)
 attn_output = torch._C._nn.scaled_dot_product_attention(matmul, keys, values, attn_mask = None, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = False, enable_gqa = True)
 attn_output_1 = attn_output.reshape(1, -1, 1, 4)
@@ -196,14 +196,14 @@ mul_8 = cat_2 * sin_3
 k_embed = mul_7 + mul_8
 k = torch.matmul(k_embed, kvfx_key_down)
 arange = torch.arange(1, device = device(type='cpu'))
-cache_position = arange + l_kwargs_past_key_values_layers_0_cumulative_length
-add_ = l_kwargs_past_key_values_layers_0_cumulative_length.add_(1)
-index_copy_ = l_kwargs_past_key_values_layers_0_keys.index_copy_(2, cache_position, k)
-index_copy__1 = l_kwargs_past_key_values_layers_0_values.index_copy_(2, cache_position, value_states)
-getitem_5 = l_kwargs_past_key_values_layers_0_keys[(slice(None, None, None), slice(None, None, None), None, slice(None, None, None), slice(None, None, None))]
+cache_position = arange + l_kwargs_cache_layers_0_cumulative_length
+add_ = l_kwargs_cache_layers_0_cumulative_length.add_(1)
+index_copy_ = l_kwargs_cache_layers_0_keys.index_copy_(2, cache_position, k)
+index_copy__1 = l_kwargs_cache_layers_0_values.index_copy_(2, cache_position, value_states)
+getitem_5 = l_kwargs_cache_layers_0_keys[(slice(None, None, None), slice(None, None, None), None, slice(None, None, None), slice(None, None, None))]
 hidden_states_3 = getitem_5.expand(1, 2, 2, 7, 4)
 key = hidden_states_3.reshape(1, 4, 7, 4)
-getitem_6 = l_kwargs_past_key_values_layers_0_values[(slice(None, None, None), slice(None, None, None), None, slice(None, None, None), slice(None, None, None))]
+getitem_6 = l_kwargs_cache_layers_0_values[(slice(None, None, None), slice(None, None, None), None, slice(None, None, None), slice(None, None, None))]
 hidden_states_4 = getitem_6.expand(1, 2, 2, 7, 4)
 value = hidden_states_4.reshape(1, 4, 7, 4)
 matmul = torch.matmul(q_embed, kvfx_key_up)
