@@ -55,6 +55,11 @@ class SiteProjection:
         return self.key_down.shape[0] == 1 and self.key_down.shape[1] != self.key_up.shape[1]
 
     @property
+    def input_width(self) -> int:
+        """The width rank fractions are of: head_dim (per head), h·head_dim (joint), 2·h·head_dim (shared K+V)."""
+        return self.key_down.shape[1] * (2 if self.shared else 1)
+
+    @property
     def cached_per_token(self) -> int:
         """Numbers the cache holds per token for this site (keys + values)."""
         if self.shared:
@@ -116,7 +121,7 @@ class Projections:
                 if not t.is_floating_point() or not torch.isfinite(t).all():
                     raise ProjectionError(f"{name}.{kind}: contains NaN/inf or is not floating point; recalibrate.")
             for label, down, up in (("key", p.key_down, p.key_up), ("value", p.value_down, p.value_up)):
-                width = down.shape[1] * (2 if p.shared else 1)  # a shared latent spans keys and values
+                width = p.input_width if p.shared else down.shape[1]  # a shared latent spans keys and values
                 if not 1 <= down.shape[-1] <= width:
                     raise ProjectionError(f"{name}.{label}: rank {down.shape[-1]} is outside 1..{width} "
                                           "(the projected width); pick a rank in range.")

@@ -116,10 +116,10 @@ def greedy(prof: dict, width: dict, heads: dict, budget: Budget, scale: float = 
     """Lower ranks from the top of each profile, one profile step at a time, cheapest error increase per cached
     number first.
 
-    prof: {(site, 'key'|'value'|'latent'): {rank: error}} ('latent': one shared K+V latent, (r, r) out; starting from its highest rank, at most the site's width);
+    prof: {(site, 'key'|'value'|'latent'): {rank: error}} ('latent': one shared K+V latent, one rank out; starting from its highest rank, at most the site's width);
     width / heads: per site, the uncompressed cache (the KV fraction's denominator). Stops when the KV fraction
     reaches budget.kv_fraction, or before base + scale·(summed error) would pass budget.max_error.
-    Returns ({site: (key_rank, value_rank)}, KV fraction kept, summed error)."""
+    Returns ({site: (key_rank, value_rank), or the latent rank}, KV fraction kept, summed error)."""
     rank = {key: max(p) for key, p in prof.items()}
     total = sum(heads[n] * 2 * width[n] for n in width)
     used = float(sum(heads[key[0]] * r for key, r in rank.items()))
@@ -154,5 +154,5 @@ def greedy(prof: dict, width: dict, heads: dict, budget: Budget, scale: float = 
     if budget.kv_fraction is not None and used > budget.kv_fraction * total + 1e-9:
         raise ValueError(f"cannot meet a KV budget of {budget.kv_fraction}: even rank {budget.min_rank} "
                          f"everywhere keeps {used / total:.3f} of the cache. Raise the budget or lower min_rank.")
-    return ({n: (rank[(n, "latent")],) * 2 if (n, "latent") in rank else (rank[(n, "key")], rank[(n, "value")])
+    return ({n: rank[(n, "latent")] if (n, "latent") in rank else (rank[(n, "key")], rank[(n, "value")])
              for n in width}, used / total, err)

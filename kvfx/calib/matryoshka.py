@@ -135,7 +135,7 @@ def truncate(projections: Projections, rank: int | float | dict, value_rank: int
             if isinstance(r, (tuple, list)) or value_rank is not None:
                 raise ValueError(f"site '{name}' is a shared K+V latent (granularity='kv'): give one rank, not "
                                  f"separate key and value ranks ({r!r}, value_rank={value_rank!r}).")
-            rk = rv = resolve_rank(r, 2 * p.key_down.shape[1])
+            rk = rv = resolve_rank(r, p.input_width)
         else:
             rk, rv = r if isinstance(r, (tuple, list)) else (r, value_rank if value_rank is not None else r)
             rk, rv = resolve_rank(rk, p.key_down.shape[1]), resolve_rank(rv, p.value_down.shape[1])

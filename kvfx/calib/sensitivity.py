@@ -84,7 +84,7 @@ def _grid(name: str, p, ranks, steps: int) -> list[int]:
     if p.key_rank != p.value_rank:
         raise ValueError(f"sensitivity: site '{name}' has key rank {p.key_rank} and value rank {p.value_rank}; "
                          "start from projections at one width for keys and values (e.g. rank=1.0).")
-    width = p.key_down.shape[1] * (2 if p.shared else 1)  # a shared latent's fractions are of 2·h·d
+    width = p.input_width
     if ranks is None:
         return default_grid(p.key_rank, steps) + [p.key_rank]
     grid = sorted({resolve_rank(r, width) for r in ranks})
@@ -121,7 +121,6 @@ def allocate(projections: Projections, profile: dict, budget: Budget) -> Project
         raise ValueError(f"allocate: the profile's top ranks already give KL {float(profile['base']):.4g} > "
                          f"max_error {budget.max_error}; raise max_error or probe higher ranks.")
     ranks, achieved, total = greedy(prof, width, heads, budget, base=float(profile["base"]) * (1 - len(prof)))
-    ranks = {n: r[0] if projections.sites[n].shared else r for n, r in ranks.items()}
     out = truncate(projections, ranks)
     out.report["allocation"] = {
         "budget": budget.kv_fraction, "max_error": budget.max_error, "measure": "model KL", "achieved": achieved,
