@@ -6,19 +6,23 @@ reassociates SDPA(q, K̃·Bᵀ, Ṽ·Dᵀ) into SDPA(q·B, K̃, Ṽ)·Dᵀ: comp
 In eager mode the reconstruction is real and the result is the same low-rank attention.
 A shared K+V latent (`SiteProjection.shared`) stores one latent c = k·A + v·C in the key slot (the value slot
 stays 0 wide) and rebuilds keys and values from it: c·Bᵀ and c·Dᵀ.
+With `quantize="int8"` each slot holds int8 rows [codes | scale code] (kvfx.quant) and reads dequantise them.
 """
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
+from . import quant
 from .projections import Projections, SiteProjection
 
 
 class _LowRankLayerMixin:
     """Projection on write, reconstruction on read. Attribute names carry the `kvfx_` tag the matcher looks for."""
 
-    def _init_projection(self, proj: SiteProjection, dtype, device) -> None:
+    def _init_projection(self, proj: SiteProjection, dtype, device, quantize=None) -> None:
+        quant.check(quantize)
+        self.kvfx_quantize = quantize
         cast = lambda t: t.to(dtype=dtype, device=device).contiguous()  # noqa: E731
         # joint latent: down is [h·d, R] (2-D) and the cache holds one latent "head" [b, 1, N, R]
         down = lambda t: t[0] if t.shape[0] == 1 and t.shape[1] != proj.key_up.shape[1] else t  # noqa: E731
@@ -38,44 +42,51 @@ class _LowRankLayerMixin:
         k = self._down(key_states, self.kvfx_key_down)
         v = self._down(value_states, self.kvfx_value_down)
         if self.kvfx_shared:  # one latent: cached once, read as key and as value
-            keys, _ = super().update(k + v, v[..., :0], *args, **kwargs)
-            return torch.matmul(keys, self.kvfx_key_up), torch.matmul(keys, self.kvfx_value_up)
+            k, v = k + v, v[..., :0]
+        if self.kvfx_quantize:
+            k, v = quant.quantize(k), (quant.quantize(v) if v.shape[-1] else v.to(torch.int8))
         keys, values = super().update(k, v, *args, **kwargs)
+        if self.kvfx_quantize:
+            keys = quant.dequantize(keys, key_states.dtype)
+            values = quant.dequantize(values, key_states.dtype) if values.shape[-1] else values
+        if self.kvfx_shared:
+            return torch.matmul(keys, self.kvfx_key_up), torch.matmul(keys, self.kvfx_value_up)
         return torch.matmul(keys, self.kvfx_key_up), torch.matmul(values, self.kvfx_value_up)
 
 
 class LowRankDynamicLayer(_LowRankLayerMixin, DynamicLayer):
     """Growing rank-R cache layer (torch.cat), the default for generate."""
 
-    def __init__(self, proj: SiteProjection, dtype=torch.float32, device="cpu"):
+    def __init__(self, proj: SiteProjection, dtype=torch.float32, device="cpu", quantize=None):
         super().__init__()
-        self._init_projection(proj, dtype, device)
+        self._init_projection(proj, dtype, device, quantize)
 
 
 class LowRankStaticLayer(_LowRankLayerMixin, StaticLayer):
     """Preallocated rank-R cache layer ([batch, kv_heads, max_cache_len, R]) for CUDA graphs."""
 
-    def __init__(self, proj: SiteProjection, max_cache_len: int, dtype=torch.float32, device="cpu"):
+    def __init__(self, proj: SiteProjection, max_cache_len: int, dtype=torch.float32, device="cpu", quantize=None):
         super().__init__(max_cache_len=max_cache_len)
-        self._init_projection(proj, dtype, device)
+        self._init_projection(proj, dtype, device, quantize)
 
 
 class LowRankCache(Cache):
     """One low-rank layer per attention site, in model order (= transformers' layer_idx)."""
 
     def __init__(self, projections: Projections, kind: str = "dynamic", max_cache_len: int | None = None,
-                 dtype=torch.float32, device="cpu"):
+                 dtype=torch.float32, device="cpu", quantize=None):
+        quant.check(quantize)
         if kind not in ("dynamic", "static"):
             raise ValueError(f"cache kind must be 'dynamic' or 'static', got {kind!r}.")
         if kind == "static" and not max_cache_len:
             raise ValueError("a static low-rank cache needs max_cache_len (prompt + new tokens).")
         sites = list(projections.sites.values())
         if kind == "dynamic":
-            layers = [LowRankDynamicLayer(p, dtype, device) for p in sites]
+            layers = [LowRankDynamicLayer(p, dtype, device, quantize) for p in sites]
         else:
-            layers = [LowRankStaticLayer(p, max_cache_len, dtype, device) for p in sites]
+            layers = [LowRankStaticLayer(p, max_cache_len, dtype, device, quantize) for p in sites]
         super().__init__(layers=layers)
-        self.kind = kind
+        self.kind, self.quantize = kind, quantize
 
     def nbytes(self) -> int:
         """Bytes held by the cached keys and values (what the cache exists to shrink)."""

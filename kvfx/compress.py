@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import quant
 from .cache import LowRankCache
 from .passes.compile import CompileOptions, KvfxBackend, UnsupportedAttention, compile_isolated, options_of
 from .projections import Projections, ProjectionError
@@ -21,6 +22,7 @@ class CompressState:
     cache: str
     original_forward: object
     had_generate: bool
+    quantize: str | None = None
 
 
 def _check_model(module: torch.nn.Module, projections: Projections) -> None:
@@ -68,7 +70,8 @@ def make_cache(model: torch.nn.Module, kind: str | None = None, max_cache_len: i
     if state is None:
         raise ProjectionError("make_cache needs a model returned by kvfx.compress.")
     dtype, device = _param_info(model)
-    return LowRankCache(state.projections, kind or state.cache, max_cache_len, dtype=dtype, device=device)
+    return LowRankCache(state.projections, kind or state.cache, max_cache_len, dtype=dtype, device=device,
+                        quantize=state.quantize)
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
@@ -118,25 +121,29 @@ def _first_forward(module, compiled, *args, **kwargs):
 
 
 def compress(model: torch.nn.Module, projections: Projections, *, cache: str = "dynamic",
-             fold: bool = True) -> torch.nn.Module:
+             fold: bool = True, quantize: str | None = None) -> torch.nn.Module:
     """Apply `projections` to every attention site of `model` (plain or torch.compile'd).
 
     Returns the original module with its forward compiled through kvfx's backend (the user's compile
     options kept) and `generate` using the compiled forward and a low-rank cache (`cache="dynamic"` or
-    `"static"`). Checks everything first: on error the model is left exactly as it was.
+    `"static"`). `quantize="int8"` stores the latents as int8 with one scale byte per row (kvfx.quant): bytes
+    ≈ (R + 1) / (2 · R) of the same latents in a 16-bit cache. Checks everything first: on error the model is
+    left exactly as it was.
     """
     module, opts = options_of(model)
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"compress needs a torch.nn.Module or torch.compile(module), got {type(model).__name__}.")
     if cache not in ("dynamic", "static"):
         raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}.")
+    quant.check(quantize)
     _check_model(module, projections)
     dtype, device = _param_info(module)
     projections = projections.to(dtype=torch.float32)
-    backend = KvfxBackend(projections, opts, fold=fold)
+    backend = KvfxBackend(projections, opts, fold=fold, quantize=quantize)
     original_forward = module.__dict__.get("forward")
     compiled = compile_isolated(module.forward, backend=backend, dynamic=opts.dynamic, fullgraph=opts.fullgraph)
-    module._kvfx = CompressState(projections, backend, opts, cache, original_forward, "generate" in module.__dict__)
+    module._kvfx = CompressState(projections, backend, opts, cache, original_forward, "generate" in module.__dict__,
+                                 quantize)
     module.forward = functools.update_wrapper(functools.partial(_first_forward, module, compiled), module.forward,
                                               updated=())  # the forward's name and signature, for generate
     if hasattr(module, "generate"):

@@ -67,6 +67,13 @@ class SiteProjection:
         return self.key_down.shape[0] * self.key_rank + self.value_down.shape[0] * self.value_rank
 
     @property
+    def cached_rows_bytes_int8(self) -> int:
+        """Bytes per token in an int8 cache: each latent row of width R stores R codes + 1 scale byte."""
+        if self.shared:
+            return self.key_rank + 1
+        return self.key_down.shape[0] * (self.key_rank + 1) + self.value_down.shape[0] * (self.value_rank + 1)
+
+    @property
     def key_rank(self) -> int:
         return self.key_down.shape[-1]
 
@@ -151,11 +158,13 @@ class Projections:
         """(key rank, value rank) per site; a shared K+V latent of rank R reads (R, R) and caches R."""
         return {n: [p.key_rank, p.value_rank] for n, p in self.sites.items()}
 
-    def kv_fraction(self) -> float:
-        """Cached numbers per token after / before (keys and values together)."""
-        after = sum(p.cached_per_token for p in self.sites.values())
+    def kv_fraction(self, quantize: str | None = None) -> float:
+        """Cached numbers per token after / before (keys and values together); with quantize="int8", cached
+        bytes (int8 rows plus one scale byte each, kvfx.quant) / the bytes of an uncompressed 16-bit cache."""
         before = sum(2 * s.kv_heads * s.head_dim for s in self.shapes.values())
-        return after / before
+        if quantize == "int8":
+            return sum(p.cached_rows_bytes_int8 for p in self.sites.values()) / (2 * before)
+        return sum(p.cached_per_token for p in self.sites.values()) / before
 
     def report_table(self) -> str:
         """Per-site calibration report: ranks, relative key-logit / value-output error, ε gap (kqsvd)."""

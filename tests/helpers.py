@@ -156,7 +156,8 @@ def kvfx_ref_attention(module, query, key, value, attention_mask, scaling=None, 
     Only unpadded causal self-attention is supported (what the tests use), so attention_mask must be None.
     """
     assert attention_mask is None, "kvfx_ref expects no padding mask (transformers passes None for custom attention)"
-    out = lowrank_attention(query, key, value, module.kvfx_ref_proj, scaling, causal=True)
+    out = lowrank_attention(query, key, value, module.kvfx_ref_proj, scaling, causal=True,
+                            int8=getattr(module, "kvfx_ref_int8", False))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -165,14 +166,16 @@ def _register_ref():
     AttentionInterface.register("kvfx_ref", kvfx_ref_attention)
 
 
-def reference_model(model, projections: Projections):
-    """A deepcopy of an HF model whose attention computes the low-rank math with `projections` (eager)."""
+def reference_model(model, projections: Projections, int8: bool = False):
+    """A deepcopy of an HF model whose attention computes the low-rank math with `projections` (eager); int8: on
+    latents rounded as an int8 cache stores them."""
     _register_ref()
     ref = copy.deepcopy(model)
     ref.config._attn_implementation = "kvfx_ref"
     for name, mod in ref.named_modules():
         if name in projections.sites:
             mod.kvfx_ref_proj = projections.sites[name]
+            mod.kvfx_ref_int8 = int8
     missing = set(projections.sites) - {n for n, m in ref.named_modules() if hasattr(m, "kvfx_ref_proj")}
     assert not missing, missing
     return ref
@@ -192,9 +195,9 @@ def hand_reference(model: HandModel, x, projections: Projections):
     return x
 
 
-def reference_greedy(model, projections: Projections, ids, new_tokens: int):
+def reference_greedy(model, projections: Projections, ids, new_tokens: int, int8: bool = False):
     """Greedy decoding with the low-rank math and NO cache: the full sequence is re-run every step."""
-    ref = reference_model(model, projections)
+    ref = reference_model(model, projections, int8)
     seq = ids
     with torch.no_grad():
         for _ in range(new_tokens):

@@ -87,13 +87,15 @@ class KvfxBackend:
     """torch.compile backend: apply `projections` to every attention site, then compile with `opts`."""
 
     def __init__(self, projections: Projections, opts: CompileOptions | None = None, fold: bool = True,
-                 live: bool = False):
+                 live: bool = False, quantize: str | None = None):
         """live=True (end-to-end distillation): the graphs read the projection tensors at every call (rather
         than copies frozen at compile time), so assigning new tensors to `projections.sites[..]` — or training
-        them in place — takes effect and gradients reach them. Folding is off in live mode."""
+        them in place — takes effect and gradients reach them. Folding is off in live mode.
+        quantize="int8": latents rounded as kvfx's int8 cache stores them (kvfx.quant) where no such cache is used."""
         if live and fold:
             raise ValueError("KvfxBackend(live=True) cannot fold: folded weights are computed once; pass fold=False.")
         self.projections, self.opts, self.fold, self.live = projections, opts or CompileOptions(), fold, live
+        self.quantize = quantize
         self.compile = inner_compiler(self.opts)
         self.graphs: list[fx.GraphModule] = []   # rewritten graphs, for tests and explain
 
@@ -110,7 +112,7 @@ class KvfxBackend:
         new = fresh_copy(gm)
         sites = find_sites(new)
         consts = GraphConstants(new, example_inputs)
-        rewrite_sites(new, sites, {s.name: self.projections.sites[s.name] for s in sites}, consts)
+        rewrite_sites(new, sites, {s.name: self.projections.sites[s.name] for s in sites}, consts, self.quantize)
         if self.fold:
             fold_sites(new, sites, consts)
         new.graph.lint()

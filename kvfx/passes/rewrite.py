@@ -8,6 +8,8 @@ Two forms of input are handled:
   * kvfx's low-rank cache: the cache already wrote K̃ = k·A and hands SDPA the reconstruction K̃·Bᵀ.
     The pass reassociates SDPA(q, K̃·Bᵀ, Ṽ·Dᵀ) into SDPA(q·B, K̃, Ṽ)·Dᵀ so full-width keys never exist,
     moving repeat_kv's expand/reshape onto the rank-R tensors.
+With int8 latents (`quantize="int8"`) the plain path rounds the latents as the cache would store them
+(kvfx.quant.fake_quant; kvfx's cache quantises in its own code), so every path attends over the same numbers.
 The inserted `matmul(x, P)` nodes are recorded on the site (`site.proj`) for the fold pass.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .. import quant
 from ..projections import SiteProjection
 from . import graph_utils as gu
 from .constants import GraphConstants
@@ -60,8 +63,9 @@ def _is_joint(down: torch.Tensor, site: AttentionSite) -> bool:
 class RankSpaceRewrite:
     """Rewrites one site given its projection; constants go through `consts`."""
 
-    def __init__(self, gm: fx.GraphModule, consts: GraphConstants):
-        self.gm, self.g, self.consts = gm, gm.graph, consts
+    def __init__(self, gm: fx.GraphModule, consts: GraphConstants, quantize=None):
+        quant.check(quantize)
+        self.gm, self.g, self.consts, self.quantize = gm, gm.graph, consts, quantize
 
     def _const(self, site, label, make, like: fx.Node) -> fx.Node:
         """A graph constant `make()` (a function of the site's projection tensors, kept as its recipe)."""
@@ -93,9 +97,13 @@ class RankSpaceRewrite:
             k2 = self._plain(site, site.k, k, proj, "key_down")
             v2 = self._plain(site, site.v, v, proj, "value_down")
             site.proj["k"], site.proj["v"] = k2, v2
-            if proj.shared:  # one latent c = k·A + v·C read as key and value
-                with self.g.inserting_before(sdpa):
+            with self.g.inserting_before(sdpa):
+                if proj.shared:  # one latent c = k·A + v·C read as key and value
                     k2 = v2 = self.g.call_function(torch.add, (k2, v2))
+                if self.quantize:
+                    k2 = self.g.call_function(quant.fake_quant, (k2,))
+                    v2 = k2 if proj.shared else self.g.call_function(quant.fake_quant, (v2,))
+                    counters["kvfx"]["quantized"] += 1
         if proj.shared:
             counters["kvfx"]["shared"] += 1
         changes = dict(query=q2, key=k2, value=v2, scale=site.scale)
@@ -139,7 +147,7 @@ class RankSpaceRewrite:
         return gu.sdpa_args(site.sdpa)["key" if label == "key_down" else "value"]
 
 
-def rewrite_sites(gm, sites, projections, consts) -> None:
-    rw = RankSpaceRewrite(gm, consts)
+def rewrite_sites(gm, sites, projections, consts, quantize=None) -> None:
+    rw = RankSpaceRewrite(gm, consts, quantize)
     for site in sites:
         rw(site, projections[site.name])

@@ -12,8 +12,8 @@ import kvfx
 from helpers import graph_excerpt, hand_model, model_inputs, random_projections, tiny_gpt2, tiny_llama
 
 
-def rewritten(model, *args, **kwargs):
-    cm = kvfx.compress(torch.compile(model, backend="eager"), random_projections(model, rank=4))
+def rewritten(model, *args, quantize=None, **kwargs):
+    cm = kvfx.compress(torch.compile(model, backend="eager"), random_projections(model, rank=4), quantize=quantize)
     with torch.no_grad():
         cm(*args, **kwargs)
     return cm._kvfx.backend.graphs
@@ -75,6 +75,19 @@ attn_output_2 = transpose_3.contiguous()
 reshape_3 = attn_output_2.reshape(1, 6, -1)
 attn_output_3 = reshape_3.contiguous()
 attn_output_4 = torch._C._nn.linear(attn_output_3, kvfx_o_folded_weight, None)""")
+
+    def test_llama_int8_latents(self):
+        m = tiny_llama(1)
+        (gm,) = rewritten(m, model_inputs(m), use_cache=False, quantize="int8")
+        # Look for: the rank-4 key and value latents each rounded by fake_quant (what the int8 cache would store)
+        # before SDPA; everything else as in test_llama_rope_gqa.
+        self.assertExpectedInline(graph_excerpt(gm, "matmul(q_embed", "scaled_dot_product_attention"), """\
+matmul = torch.matmul(q_embed, kvfx_key_up)
+matmul_1 = torch.matmul(key, kvfx_key_down)
+matmul_2 = torch.matmul(value, kvfx_value_down)
+fake_quant = kvfx_quant_fake_quant(matmul_1)
+fake_quant_1 = kvfx_quant_fake_quant(matmul_2)
+attn_output = torch._C._nn.scaled_dot_product_attention(matmul, fake_quant, fake_quant_1, attn_mask = attention_mask, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = False)""")
 
     def test_gpt2_fused_qkv(self):
         m = tiny_gpt2(1)
