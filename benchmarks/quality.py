@@ -70,7 +70,7 @@ def run(args) -> str:
             rk, rv = split_keep(keep, part)
         else:
             rk, rv = {None: (keep, keep), "keys": (keep, 1.0), "values": (1.0, keep),
-                      "budget": (kvfx.Budget(keep, measure=args.budget_measure), None)}[part]
+                      "budget": (kvfx.Budget(keep, measure=args.budget_measure, quantize=args.quantize), None)}[part]
         proj = fit_keep(stats, name, gran, rk, rv, args, **opts)
         label = method + ({None: "", "keys": " (keys only)", "values": " (values only)",
                            "budget": f" + budget ({args.budget_measure} error)"}[part]
@@ -82,7 +82,12 @@ def run(args) -> str:
 
 
 def fit_keep(stats, name, gran, rk, rv, args, **opts):
-    """fit() at (key, value) keep; a shared K+V latent ('@kv') has one rank: the KV-byte fraction itself."""
+    """fit() at (key, value) keep; a shared K+V latent ('@kv') has one rank: the KV-byte fraction itself.
+    With --quantize int8, keep is a fraction of a 16-bit cache's bytes: rows of R int8 codes + 1 scale byte."""
+    if args.quantize and not isinstance(rk, kvfx.Budget):
+        st = next(iter(stats.values()))
+        width = {"head": st.head_dim, "layer": st.kv_heads * st.head_dim, "kv": 2 * st.kv_heads * st.head_dim}[gran]
+        rk, rv = (int(2 * rk * width) - 1) / width, (int(2 * rv * width) - 1) / width
     if gran == "kv":
         if rv is None or isinstance(rk, kvfx.Budget) or rk != rv:
             raise SystemExit(f"{name}@kv: one shared latent per layer; only equal K/V keep rows apply (no budget/split)")
@@ -98,15 +103,20 @@ def split_keep(keep: float, key_share: float) -> tuple[float, float]:
     return rk, rv
 
 
+QUANTIZE = None  # --quantize: how the cache stores latents (kv_fraction's pricing, compress's option)
+
+
 def _row(label, keep, proj, ppl, seconds):
     sites = proj.report.get("sites", {})  # refined projections keep no per-site calibration error
     err = f"{sum(r['key_err'] for r in sites.values()) / len(sites):.3f}" if sites else "-"
-    print(f"{label:28s} keep {keep:.2f}: ppl {ppl:8.2f}  (KV bytes {proj.kv_fraction():.3f}, {seconds:.0f}s)", flush=True)
-    return (label, f"{keep:.2f}", f"{proj.kv_fraction():.3f}", err, ppl, seconds)
+    label += " [int8 latents]" if QUANTIZE else ""
+    frac = proj.kv_fraction(QUANTIZE)
+    print(f"{label:28s} keep {keep:.2f}: ppl {ppl:8.2f}  (KV bytes {frac:.3f}, {seconds:.0f}s)", flush=True)
+    return (label, f"{keep:.2f}", f"{frac:.3f}", err, ppl, seconds)
 
 
 def _evaluate_projections(args, model, proj, test) -> float:
-    model_c = kvfx.compress(torch.compile(model, backend=args.backend), proj)
+    model_c = kvfx.compress(torch.compile(model, backend=args.backend), proj, quantize=args.quantize)
     ppl = evaluate(model_c, test)
     kvfx.decompress(model_c)
     torch._dynamo.reset()
@@ -125,7 +135,7 @@ def refine_rows(args, model, tok, stats, test) -> list:
         if method.endswith(".safetensors"):  # a saved artefact (e.g. an earlier refine): trained further as it is
             start, tag = kvfx.Projections.load(method), Path(method).stem
             rows.append(_refined_row(args, model, start, windows, test, f"{tag}+{args.refine_steps}", tag,
-                                     round(start.kv_fraction(), 2), t0))
+                                     round(start.kv_fraction(args.quantize), 2), t0))
             continue
         name, gran = method.split("@") if "@" in method else (method, "head")
         if args.refine_nested:
@@ -151,7 +161,8 @@ def refine_rows(args, model, tok, stats, test) -> list:
 
 def _refined_row(args, model, start, windows, test, tag, label, keep, t0, steps=None) -> tuple:
     """Refine `start` (kvfx.refine, --refine-lr), save the artefact, evaluate: one table row."""
-    proj = kvfx.refine(model, start, windows, kvfx.Refine(steps=steps or args.refine_steps, lr=args.refine_lr))
+    cfg = kvfx.Refine(steps=steps or args.refine_steps, lr=args.refine_lr, quantize=args.quantize)
+    proj = kvfx.refine(model, start, windows, cfg)
     _keep_artefact(proj, tag)
     return _row(f"{label} + refine ({_refine_note(proj)})", keep, proj,
                 _evaluate_projections(args, model, proj, test), time.time() - t0)
@@ -186,7 +197,7 @@ def measured_rows(args, model, tok, stats, test) -> list:
         profile_s = time.time() - t0
         for keep in args.keep:
             t1 = time.time()
-            proj = kvfx.allocate(full, prof, kvfx.Budget(keep))
+            proj = kvfx.allocate(full, prof, kvfx.Budget(keep, quantize=args.quantize))
             rank_set = (full.report.get("refine") or {}).get("rank_set")
             grid = f"ranks {'/'.join(f'{r:g}' for r in rank_set)}" if rank_set else f"grid 1/{args.sensitivity_steps}"
             label = f"{tag} + measured budget ({args.sensitivity_windows}×{args.window} tokens, {grid})"
@@ -214,7 +225,8 @@ def _refine_note(proj) -> str:
 
 
 def table(rows, args) -> str:
-    lines = ["| method | keep (R/d) | KV bytes vs baseline | mean rel. key-logit error | ppl | time (s) |",
+    keep = "keep (bytes vs a 16-bit cache)" if QUANTIZE else "keep (R/d)"
+    lines = [f"| method | {keep} | KV bytes vs baseline | mean rel. key-logit error | ppl | time (s) |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {m} | {k} | {f} | {e} | {p:.2f} | {t:.0f} |" for m, k, f, e, p, t in rows]
     head = (f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}` "
@@ -280,8 +292,13 @@ def main(argv=None) -> None:
     p.add_argument("--backend", default="inductor",
                    help="torch.compile backend under kvfx's passes ('eager' skips Inductor's ~1 min compile per row; "
                         "the rewritten graph is the same)")
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="store latents as int8 (kvfx.compress(..., quantize='int8')); keep and 'KV bytes' are then "
+                        "fractions of an uncompressed 16-bit cache's bytes (rows of R codes + 1 scale byte)")
     p.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
     args = p.parse_args(argv)
+    global QUANTIZE
+    QUANTIZE = args.quantize
     text = run(args)
     print(text)
     if args.write:

@@ -51,13 +51,14 @@ class Explanation:
         return "\n".join(lines)
 
 
-def _row(site: AttentionSite, projections) -> SiteRow:
+def _row(site: AttentionSite, projections, quantize=None) -> SiteRow:
     fold = "".join(x for x, p in (("q", site.q), ("k", site.k), ("v", site.v)) if p.foldable)
     fold += "o" if site.out_source is not None else ""
     ranks = ""
     if projections is not None and site.name in projections.sites:
         p = projections.sites[site.name]
         ranks = f"{p.key_rank} shared" if p.shared else f"{p.key_rank}/{p.value_rank}"
+        ranks += f" {quantize}" if quantize else ""
     return SiteRow(site.name, site.num_heads, site.num_kv_heads, site.head_dim, site.rope, fold or "-",
                    site.k.cache, site.status, "; ".join(site.notes), ranks)
 
@@ -70,9 +71,10 @@ def explain(model, *args, print_table: bool = True, **kwargs) -> Explanation:
     forward = fn or type(module).forward.__get__(module)
     result = Explanation()
     projections = state.projections if state is not None else None
+    quantize = state.quantize if state is not None else None
 
     def backend(gm, example_inputs):
-        result.rows += [_row(s, projections) for s in find_sites(gm)]
+        result.rows += [_row(s, projections, quantize) for s in find_sites(gm)]
         return gm.forward
 
     torch._dynamo.reset()

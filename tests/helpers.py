@@ -254,12 +254,12 @@ def forward_of(model):
     return type(model).forward.__get__(model)
 
 
-def compressed_kl(m, proj, seqs) -> float:
+def compressed_kl(m, proj, seqs, quantize=None) -> float:
     """Mean over `seqs` of KL(m ‖ m compressed with `proj` by the ordinary, folded compress path)."""
     import kvfx
     from kvfx.calib.live import kl
     teacher = [F.log_softmax(m(input_ids=s[None], use_cache=False).logits.float(), -1).to(torch.bfloat16) for s in seqs]
-    mc = kvfx.compress(torch.compile(m, backend="eager"), proj)
+    mc = kvfx.compress(torch.compile(m, backend="eager"), proj, quantize=quantize)
     try:
         with torch.no_grad():
             return sum(float(kl(mc(input_ids=s[None], use_cache=False).logits, t)) for s, t in zip(seqs, teacher)) / len(seqs)

@@ -124,3 +124,14 @@ def test_bad_quantize_refused_and_nothing_applied(llama):
         kvfx.Budget(0.25, quantize="fp8")
     with pytest.raises(ValueError, match="quantize must be"):
         kvfx.LowRankCache(random_projections(m, rank=4), quantize=8)
+
+
+def test_explain_shows_int8(llama):
+    m, projs = llama
+    cm = kvfx.compress(torch.compile(m, backend="eager"), projs["shared"], quantize="int8")
+    try:
+        rows = kvfx.explain(cm, model_inputs(m, tokens=5), print_table=False).rows
+    finally:
+        kvfx.decompress(cm)
+        torch._dynamo.reset()
+    assert [r.ranks for r in rows] == ["12 shared int8"] * 2

@@ -150,16 +150,18 @@ class LiveModel:
     """The model compressed with a Student's live projections; `kl(idx)` against the teacher on sequences idx.
 
     backend: the compiler under kvfx's passes ("eager" for training; "inductor" pays a compile once and runs
-    no-grad probes faster)."""
+    no-grad probes faster). quantize="int8": latents rounded as the int8 cache stores them (straight-through)."""
 
-    def __init__(self, module: torch.nn.Module, student: Student, seqs: torch.Tensor, backend: str = "eager"):
+    def __init__(self, module: torch.nn.Module, student: Student, seqs: torch.Tensor, backend: str = "eager",
+                 quantize: str | None = None):
         p0 = next(module.parameters(), None)
         self.device = p0.device if p0 is not None else torch.device("cpu")
         self.student, self.seqs = student, seqs
         with torch.no_grad():
             self.teacher = [F.log_softmax(module(input_ids=s[None].to(self.device), use_cache=False).logits.float(), -1)
                             .to(torch.bfloat16) for s in seqs]
-        self.backend = KvfxBackend(student.live, CompileOptions(backend=backend), fold=False, live=True)
+        self.backend = KvfxBackend(student.live, CompileOptions(backend=backend), fold=False, live=True,
+                                   quantize=quantize)
         self.forward = compile_isolated(module.forward, backend=self.backend, dynamic=False)
 
     def kl(self, idx: list[int]) -> torch.Tensor:

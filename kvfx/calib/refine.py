@@ -54,8 +54,11 @@ class Refine:
     eval_sequences: int = 2           # held-out sequences (the last ones given) for the before/after KL
     max_grad_norm: float = 1.0
     seed: int = 0
+    quantize: str | None = None       # "int8": train (and judge) through the int8 latents kvfx's cache stores
 
     def __post_init__(self):
+        if self.quantize not in (None, "int8"):
+            raise ValueError(f"Refine: quantize must be None or 'int8' (as kvfx.compress takes), got {self.quantize!r}.")
         if not isinstance(self.steps, int) or self.steps < 0 or not self.lr > 0 or self.eval_sequences < 0:
             raise ValueError(f"Refine: steps and eval_sequences must be ints >= 0 and lr > 0, got "
                              f"{self.steps!r}, {self.eval_sequences!r}, {self.lr!r}.")
@@ -103,7 +106,7 @@ def refine(model: torch.nn.Module, projections: Projections, batches: Iterable, 
     with frozen(module):
         p0 = next(module.parameters(), None)
         student = Student(projections, orthonormal, p0.device if p0 is not None else torch.device("cpu"))
-        live = LiveModel(module, student, seqs)
+        live = LiveModel(module, student, seqs, quantize=cfg.quantize)
         eval_ranks = _eval_ranks(cfg, projections)
 
         def held_out() -> float:
