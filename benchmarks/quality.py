@@ -140,7 +140,8 @@ def refine_rows(args, model, tok, stats, test) -> list:
         name, gran = method.split("@") if "@" in method else (method, "head")
         if args.refine_nested:
             start = fit(stats, name, 1.0, granularity=gran)
-            cfg = kvfx.Refine(steps=args.refine_steps, lr=args.refine_lr, rank_set=tuple(args.keep))
+            cfg = kvfx.Refine(steps=args.refine_steps, lr=args.refine_lr, rank_set=tuple(args.keep),
+                               quantize=args.quantize)
             trained = kvfx.refine(model, start, windows, cfg)
             train_s = time.time() - t0
             _keep_artefact(trained, f"{method}-nested")
@@ -212,6 +213,7 @@ def measured_rows(args, model, tok, stats, test) -> list:
 
 def _keep_artefact(proj, tag: str) -> None:
     """Save trained projections (benchmarks/results/, git-ignored) and print their training report."""
+    tag += "-int8" if QUANTIZE and "-int8" not in tag else ""
     path = RESULTS.parent / "results" / f"refine-{tag}.safetensors"
     path.parent.mkdir(exist_ok=True)
     proj.save(path)

@@ -63,13 +63,14 @@ def test_forward_matches_reference(llama, backend, form):
     assert rel_err(out, run(reference_model(m, proj), x, use_cache=False)) > 1e-4  # the rounding is really there
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
-@pytest.mark.parametrize("form", ["shared", "head"])
-def test_generate_matches_reference(llama, cache, form):
+@pytest.mark.parametrize("cache,form,backend", [("dynamic", "shared", "eager"), ("static", "shared", "eager"),
+                                                ("dynamic", "head", "eager"), ("static", "head", "eager"),
+                                                ("dynamic", "shared", "inductor")])
+def test_generate_matches_reference(llama, cache, form, backend):
     m, projs = llama
     ids = model_inputs(m, tokens=6)
     ref = reference_greedy(m, projs[form], ids, 8, int8=True)
-    cm = kvfx.compress(torch.compile(m, backend="eager"), projs[form], cache=cache, quantize="int8")
+    cm = kvfx.compress(torch.compile(m, backend=backend), projs[form], cache=cache, quantize="int8")
     try:
         with torch.no_grad():
             out = cm.generate(ids, max_new_tokens=8, do_sample=False)
