@@ -55,3 +55,37 @@ def test_calibrate_compress_eval_generate(smollm, tmp_path):
         full = model.generate(prompt, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(out, ref)  # compiled, rewritten generate == eager low-rank-cache generate
     assert ref_cache.nbytes() * 2 == cache_nbytes(full.past_key_values)
+
+
+@pytest.mark.slow
+def test_int8_shared_latent(smollm):
+    """One shared K+V latent per layer stored as int8 (rank 0.5 of K+V: 25 % of a 16-bit cache's bytes):
+    rounding costs little perplexity, and generate's cache really holds int8 rows of R + 1 bytes."""
+    model, tok = smollm
+    torch._dynamo.reset()
+    calib = data.wikitext_calibration_windows(tok, n_windows=2, window=256)
+    test = data.wikitext_test_windows(tok, n_windows=1, window=256)
+    proj = kvfx.calibrate(model, calib.split(1), method="kqsvd", rank=0.5, granularity="kv", progress=False)
+    assert proj.kv_fraction("int8") == pytest.approx((192 + 1) / 768)
+
+    def ppl(quantize):
+        cm = kvfx.compress(torch.compile(model, backend="eager"), proj, quantize=quantize)
+        try:
+            return data.perplexity(lambda ids: cm(input_ids=ids, use_cache=False).logits, test, progress=False)
+        finally:
+            kvfx.decompress(cm)
+            torch._dynamo.reset()
+
+    kvfx.counters.clear()
+    plain, rounded = ppl(None), ppl("int8")
+    assert kvfx.counters["kvfx"]["quantized"] == 30 and kvfx.counters["kvfx"]["shared"] == 60
+    assert plain != rounded and abs(rounded / plain - 1) < 0.03, (plain, rounded)
+
+    prompt = tok("The capital of France is", return_tensors="pt").input_ids
+    cache = kvfx.LowRankCache(proj, quantize="int8")
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=8, do_sample=False, past_key_values=cache)
+        full = model.generate(prompt, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    assert {layer.keys.dtype for layer in cache.layers} == {torch.int8}
+    # the float32 cache halved = a 16-bit cache's bytes
+    assert cache.nbytes() / (cache_nbytes(full.past_key_values) / 2) == pytest.approx(proj.kv_fraction("int8"))
