@@ -71,7 +71,7 @@ def run(args) -> str:
         else:
             rk, rv = {None: (keep, keep), "keys": (keep, 1.0), "values": (1.0, keep),
                       "budget": (kvfx.Budget(keep, measure=args.budget_measure, quantize=args.quantize), None)}[part]
-        proj = fit_keep(stats, name, gran, rk, rv, args, **opts)
+        proj = fit_keep(stats, name, gran, *bytes_keep(stats, gran, rk, rv, args), args, **opts)
         label = method + ({None: "", "keys": " (keys only)", "values": " (values only)",
                            "budget": f" + budget ({args.budget_measure} error)"}[part]
                           if not isinstance(part, float) else f" (keys {part:.0%} of kept bytes)")
@@ -81,13 +81,18 @@ def run(args) -> str:
     return table(rows, args)
 
 
+def bytes_keep(stats, gran, rk, rv, args):
+    """(key, value) rank fractions whose cache keeps fractions rk, rv of the bytes: the same with latents in the
+    model's dtype; with --quantize int8, of a 16-bit cache's bytes, each row R int8 codes + 1 scale byte."""
+    if not args.quantize or isinstance(rk, kvfx.Budget):
+        return rk, rv
+    st = next(iter(stats.values()))
+    width = {"head": st.head_dim, "layer": st.kv_heads * st.head_dim, "kv": 2 * st.kv_heads * st.head_dim}[gran]
+    return tuple(min(1.0, (int(2 * x * width) - 1) / width) for x in (rk, rv))
+
+
 def fit_keep(stats, name, gran, rk, rv, args, **opts):
-    """fit() at (key, value) keep; a shared K+V latent ('@kv') has one rank: the KV-byte fraction itself.
-    With --quantize int8, keep is a fraction of a 16-bit cache's bytes: rows of R int8 codes + 1 scale byte."""
-    if args.quantize and not isinstance(rk, kvfx.Budget):
-        st = next(iter(stats.values()))
-        width = {"head": st.head_dim, "layer": st.kv_heads * st.head_dim, "kv": 2 * st.kv_heads * st.head_dim}[gran]
-        rk, rv = (int(2 * rk * width) - 1) / width, (int(2 * rv * width) - 1) / width
+    """fit() at (key, value) keep; a shared K+V latent ('@kv') has one rank: the KV-byte fraction itself."""
     if gran == "kv":
         if rv is None or isinstance(rk, kvfx.Budget) or rk != rv:
             raise SystemExit(f"{name}@kv: one shared latent per layer; only equal K/V keep rows apply (no budget/split)")
@@ -155,7 +160,7 @@ def refine_rows(args, model, tok, stats, test) -> list:
         for keep in args.keep:
             t0 = time.time()
             rk, rv = (keep, keep) if gran == "kv" else split_keep(keep, args.refine_key_share)
-            start = fit_keep(stats, name, gran, rk, rv, args)
+            start = fit_keep(stats, name, gran, *bytes_keep(stats, gran, rk, rv, args), args)
             rows.append(_refined_row(args, model, start, windows, test, f"{method}-{keep}", method, keep, t0))
     return rows
 
