@@ -5,6 +5,7 @@ its cache, so comparing against it checks the rewrite rather than re-running it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import re
@@ -252,6 +253,18 @@ def capture_graphs(fn, *args, on_graph=None, **kwargs):
 def forward_of(model):
     """The model's own (uncompiled) forward, bound."""
     return type(model).forward.__get__(model)
+
+
+@contextlib.contextmanager
+def compressed(m, proj, backend: str = "eager", **kwargs):
+    """kvfx.compress(torch.compile(m, backend=backend), proj, **kwargs), decompressed (and Dynamo reset) after."""
+    import kvfx
+    cm = kvfx.compress(torch.compile(m, backend=backend), proj, **kwargs)
+    try:
+        yield cm
+    finally:
+        kvfx.decompress(cm)
+        torch._dynamo.reset()
 
 
 def compressed_kl(m, proj, seqs, quantize=None) -> float:

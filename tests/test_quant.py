@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 import kvfx
 from archs import int8_round
-from helpers import model_inputs, random_projections, reference_greedy, reference_model, rel_err, run, tiny_llama
+from helpers import compressed, model_inputs, random_projections, reference_greedy, reference_model, rel_err, run, tiny_llama
 from kvfx import quant
 from kvfx.calib.allocate import greedy
 from kvfx.calib.collect import collect_stats, fit
@@ -52,12 +52,8 @@ def test_forward_matches_reference(llama, backend, form):
     proj, x = projs[form], model_inputs(m, tokens=9)
     ref = run(reference_model(m, proj, int8=True), x, use_cache=False)
     kvfx.counters.clear()
-    cm = kvfx.compress(torch.compile(m, backend=backend), proj, quantize="int8")
-    try:
+    with compressed(m, proj, backend, quantize="int8") as cm:
         out = run(cm, x, use_cache=False)
-    finally:
-        kvfx.decompress(cm)
-        torch._dynamo.reset()
     assert kvfx.counters["kvfx"]["quantized"] == 2
     assert rel_err(out, ref) < 1e-4
     assert rel_err(out, run(reference_model(m, proj), x, use_cache=False)) > 1e-4  # the rounding is really there
@@ -70,13 +66,8 @@ def test_generate_matches_reference(llama, cache, form, backend):
     m, projs = llama
     ids = model_inputs(m, tokens=6)
     ref = reference_greedy(m, projs[form], ids, 8, int8=True)
-    cm = kvfx.compress(torch.compile(m, backend=backend), projs[form], cache=cache, quantize="int8")
-    try:
-        with torch.no_grad():
-            out = cm.generate(ids, max_new_tokens=8, do_sample=False)
-    finally:
-        kvfx.decompress(cm)
-        torch._dynamo.reset()
+    with compressed(m, projs[form], backend, cache=cache, quantize="int8") as cm, torch.no_grad():
+        out = cm.generate(ids, max_new_tokens=8, do_sample=False)
     n = out.shape[1]  # generate stops at the end-of-sequence token; the reference runs on
     assert torch.equal(out, ref[:, :n]) and (n == ref.shape[1] or out[0, -1] == m.generation_config.eos_token_id)
 
@@ -85,15 +76,10 @@ def test_generate_matches_reference(llama, cache, form, backend):
 def test_cache_holds_int8_rows_and_prefill_agrees(llama, form):
     m, projs = llama
     proj, x = projs[form], model_inputs(m, tokens=10)
-    cm = kvfx.compress(torch.compile(m, backend="eager"), proj, quantize="int8")
-    try:
+    with compressed(m, proj, quantize="int8") as cm, torch.no_grad():
         cache = kvfx.make_cache(cm)
-        with torch.no_grad():
-            via_cache = cm(x, **{cache_kwarg(cm): cache}, use_cache=True).logits
-            plain = cm(x, use_cache=False).logits
-    finally:
-        kvfx.decompress(cm)
-        torch._dynamo.reset()
+        via_cache = cm(x, **{cache_kwarg(cm): cache}, use_cache=True).logits
+        plain = cm(x, use_cache=False).logits
     assert rel_err(via_cache, plain) < 1e-5  # the cache's int8 rows are what the plain path rounds to
     assert {layer.keys.dtype for layer in cache.layers} == {torch.int8}
     if form == "shared":
@@ -129,10 +115,6 @@ def test_bad_quantize_refused_and_nothing_applied(llama):
 
 def test_explain_shows_int8(llama):
     m, projs = llama
-    cm = kvfx.compress(torch.compile(m, backend="eager"), projs["shared"], quantize="int8")
-    try:
+    with compressed(m, projs["shared"], quantize="int8") as cm:
         rows = kvfx.explain(cm, model_inputs(m, tokens=5), print_table=False).rows
-    finally:
-        kvfx.decompress(cm)
-        torch._dynamo.reset()
     assert [r.ranks for r in rows] == ["12 shared int8"] * 2

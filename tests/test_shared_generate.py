@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kvfx
-from helpers import model_inputs, reference_greedy, reference_model, rel_err, run, tiny_llama
+from helpers import compressed, model_inputs, reference_greedy, reference_model, rel_err, run, tiny_llama
 from kvfx.calib.collect import collect_stats, fit
 from kvfx.projections import Projections, ProjectionError, SiteProjection
 
@@ -23,12 +23,8 @@ def test_forward_matches_reference(llama_shared, backend):
     x = model_inputs(m, tokens=9)
     ref = run(reference_model(m, proj), x, use_cache=False)
     kvfx.counters.clear()
-    cm = kvfx.compress(torch.compile(m, backend=backend), proj)
-    try:
+    with compressed(m, proj, backend) as cm:
         out = run(cm, x, use_cache=False)
-    finally:
-        kvfx.decompress(cm)
-        torch._dynamo.reset()
     assert kvfx.counters["kvfx"]["shared"] == 2 and kvfx.counters["kvfx"]["rewritten"] == 2
     assert rel_err(out, ref) < 1e-5
     assert rel_err(out, run(m, x, use_cache=False)) > 1e-3  # rank 12 of 32 is not the identity
@@ -39,13 +35,8 @@ def test_generate_matches_reference(llama_shared, cache, recwarn):
     m, proj = llama_shared
     ids = model_inputs(m, tokens=6)
     ref = reference_greedy(m, proj, ids, 8)
-    cm = kvfx.compress(torch.compile(m, backend="eager"), proj, cache=cache)
-    try:
-        with torch.no_grad():
-            out = cm.generate(ids, max_new_tokens=8, do_sample=False)
-    finally:
-        kvfx.decompress(cm)
-        torch._dynamo.reset()
+    with compressed(m, proj, cache=cache) as cm, torch.no_grad():
+        out = cm.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(out, ref)
     # compress hands generate its cache under the name this transformers takes (`cache` from 5.24 on)
     assert not [w for w in recwarn if "past_key_values" in str(w.message) and "generate" in str(w.message)]
@@ -81,10 +72,6 @@ def test_malformed_shared_refused(llama_shared):
 
 def test_explain_shows_the_shared_rank(llama_shared):
     m, proj = llama_shared
-    cm = kvfx.compress(torch.compile(m, backend="eager"), proj)
-    try:
+    with compressed(m, proj) as cm:
         rows = kvfx.explain(cm, model_inputs(m, tokens=5), print_table=False).rows
-    finally:
-        kvfx.decompress(cm)
-        torch._dynamo.reset()
     assert [r.ranks for r in rows] == ["12 shared"] * 2
