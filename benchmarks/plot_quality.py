@@ -33,7 +33,7 @@ def load_rows(text: str) -> tuple[float | None, dict[str, list[tuple[float, floa
         if row["method"].startswith("baseline"):
             base = ppl
             continue
-        frac = float(row.get("KV bytes vs baseline", row["keep (R/d)"]))
+        frac = float(row.get("KV bytes vs baseline") or row["keep (R/d)"])
         label = re.sub(r" \(\d+ steps[^)]*\)", "", row["method"])  # refine rows: one line whatever the KL note
         if (frac, ppl) not in lines[label]:
             lines[label].append((frac, ppl))
