@@ -8,6 +8,7 @@ Static layers store it unchanged.
 
 Without kvfx's cache (perplexity runs, transformers' own cache) the rewrite pass inserts `fake_quant` on the
 latents, so every path computes attention on the same rounded latents. Gradients pass straight through.
+Rounding and scaling run in float32 whatever the model's dtype, then cast back.
 """
 from __future__ import annotations
 
@@ -22,32 +23,26 @@ def check(quantize) -> None:
         raise ValueError(f"quantize must be None (latents stored in the model's dtype) or 'int8', got {quantize!r}.")
 
 
-def _scale_code(x: torch.Tensor) -> torch.Tensor:
+def _codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes q, scale codes e) of each row of x, both float32 holding integers."""
     amax = x.detach().abs().amax(-1, keepdim=True).float().clamp_min(1e-30)
-    return torch.ceil(torch.log2(amax / 127.0) * SCALE_STEPS).clamp(-128, 127)
+    e = torch.ceil(torch.log2(amax / 127.0) * SCALE_STEPS).clamp(-128, 127)
+    return torch.round(x.float() * torch.exp2(-e / SCALE_STEPS)).clamp(-127, 127), e
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
     """[..., R] float -> [..., R + 1] int8: the codes, then the row's scale code."""
-    e = _scale_code(x)
-    q = torch.round(x.float() * torch.exp2(-e / SCALE_STEPS)).clamp(-127, 127)
-    return torch.cat([q, e], -1).to(torch.int8)
+    return torch.cat(_codes(x), -1).to(torch.int8)
 
 
 def dequantize(stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[..., R + 1] int8 -> [..., R] in `dtype`."""
-    return (stored[..., :-1].to(dtype) * torch.exp2(stored[..., -1:].to(dtype) / SCALE_STEPS)).to(dtype)
+    return (stored[..., :-1].float() * torch.exp2(stored[..., -1:].float() / SCALE_STEPS)).to(dtype)
 
 
 def fake_quant(x: torch.Tensor) -> torch.Tensor:
     """x rounded as the int8 cache stores it: dequantize(quantize(x)) without the int8 tensor, in x's dtype
     (straight-through gradient when x requires one)."""
-    e = _scale_code(x)
-    q = torch.round(x.float() * torch.exp2(-e / SCALE_STEPS)).clamp(-127, 127)
-    rounded = (q.to(x.dtype) * torch.exp2(e.to(x.dtype) / SCALE_STEPS)).to(x.dtype)
+    q, e = _codes(x)
+    rounded = (q * torch.exp2(e / SCALE_STEPS)).to(x.dtype)
     return x + (rounded - x).detach() if x.requires_grad else rounded
-
-
-def bytes_per_row(rank: int, quantize, elem_bytes: int) -> int:
-    """Bytes one cached latent row of width `rank` takes."""
-    return rank + 1 if quantize == "int8" else rank * elem_bytes

@@ -32,6 +32,8 @@ def test_round_trip_error_within_half_a_step(width, log_scale, seed):
 def test_zero_rows_and_gradient():
     x = torch.zeros(2, 5)
     assert torch.equal(quant.dequantize(quant.quantize(x), torch.float32), x)
+    z = torch.randn(4, 6).bfloat16() * 40
+    assert torch.equal(quant.fake_quant(z), quant.dequantize(quant.quantize(z), torch.bfloat16))  # any dtype alike
     y = torch.randn(4, 6, requires_grad=True)
     quant.fake_quant(y).sum().backward()
     assert torch.equal(y.grad, torch.ones_like(y))  # straight through

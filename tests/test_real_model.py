@@ -8,6 +8,7 @@ import torch
 
 import kvfx
 from kvfx.cache import cache_nbytes
+from kvfx.compress import cache_kwarg
 
 models = pytest.importorskip("kvfx.models")
 data = pytest.importorskip("kvfx.data")
@@ -84,7 +85,7 @@ def test_int8_shared_latent(smollm):
     prompt = tok("The capital of France is", return_tensors="pt").input_ids
     cache = kvfx.LowRankCache(proj, quantize="int8")
     with torch.no_grad():
-        model.generate(prompt, max_new_tokens=8, do_sample=False, past_key_values=cache)
+        model.generate(prompt, max_new_tokens=8, do_sample=False, **{cache_kwarg(model): cache})
         full = model.generate(prompt, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
     assert {layer.keys.dtype for layer in cache.layers} == {torch.int8}
     # the float32 cache halved = a 16-bit cache's bytes
