@@ -58,7 +58,7 @@ def plot(results: Path, out: Path) -> Path:
         ax.axhline(1.10 * base, color="k", lw=0.8, ls="--", label="1.10 × baseline")
         ax.axhline(1.5 * base, color="k", lw=0.8, ls=":", label="1.5 × baseline")
     ax.set_yscale("log")
-    ax.set_xlabel("KV-cache bytes kept (fraction of baseline; [int8 latents] rows: of a 16-bit cache)")
+    ax.set_xlabel("KV-cache bytes kept (fraction of baseline; [int8/int4 latents] rows: of a 16-bit cache)")
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.set_title("SmolLM2-135M-Instruct under kvfx: perplexity vs KV-cache size")
     ax.grid(True, which="both", alpha=0.3)

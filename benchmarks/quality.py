@@ -27,6 +27,7 @@ import kvfx  # noqa: E402
 from kvfx.calib.collect import collect_stats, fit  # noqa: E402
 from kvfx.data import perplexity, wikitext_calibration_windows, wikitext_test_windows  # noqa: E402
 from kvfx.models import load_default_model  # noqa: E402
+from kvfx.quant import row_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -83,12 +84,16 @@ def run(args) -> str:
 
 def bytes_keep(stats, gran, rk, rv, args):
     """(key, value) rank fractions whose cache keeps fractions rk, rv of the bytes: the same with latents in the
-    model's dtype; with --quantize int8, of a 16-bit cache's bytes, each row R int8 codes + 1 scale byte."""
+    model's dtype; with --quantize int8 / int4, of a 16-bit cache's bytes: the widest rows (codes + scale bytes,
+    kvfx.quant.row_bytes) that fit, capped at full width."""
     if not args.quantize or isinstance(rk, kvfx.Budget):
         return rk, rv
     st = next(iter(stats.values()))
     width = {"head": st.head_dim, "layer": st.kv_heads * st.head_dim, "kv": 2 * st.kv_heads * st.head_dim}[gran]
-    return tuple(min(1.0, (int(2 * x * width) - 1) / width) for x in (rk, rv))
+
+    def widest(x):
+        return max([r for r in range(1, width + 1) if row_bytes(args.quantize, r) <= 2 * x * width] or [1])
+    return tuple(widest(x) / width for x in (rk, rv))
 
 
 def fit_keep(stats, name, gran, rk, rv, args, **opts):
@@ -114,7 +119,7 @@ QUANTIZE = None  # --quantize: how the cache stores latents (kv_fraction's prici
 def _row(label, keep, proj, ppl, seconds):
     sites = proj.report.get("sites", {})  # refined projections keep no per-site calibration error
     err = f"{sum(r['key_err'] for r in sites.values()) / len(sites):.3f}" if sites else "-"
-    label += " [int8 latents]" if QUANTIZE else ""
+    label += f" [{QUANTIZE} latents]" if QUANTIZE else ""
     frac = proj.kv_fraction(QUANTIZE)
     print(f"{label:28s} keep {keep:.2f}: ppl {ppl:8.2f}  (KV bytes {frac:.3f}, {seconds:.0f}s)", flush=True)
     return (label, f"{keep:.2f}", f"{frac:.3f}", err, ppl, seconds)
@@ -189,14 +194,17 @@ def measured_rows(args, model, tok, stats, test) -> list:
         else:
             name, gran = method.split("@") if "@" in method else (method, "head")
             full, tag = fit_keep(stats, name, gran, 1.0, 1.0, args), method
-        path = RESULTS.parent / "results" / f"sensitivity-{tag}.json"
+        probe_q = args.quantize if args.probe_quantized else None
+        path = RESULTS.parent / "results" / f"sensitivity-{tag}{'-' + probe_q if probe_q else ''}.json"
         setting = {"windows": args.sensitivity_windows, "window": args.window, "steps": args.sensitivity_steps}
+        setting |= {"quantize": probe_q} if probe_q else {}
         saved = json.loads(path.read_text()) if args.reuse_profiles and path.exists() else {}
         if saved.get("setting") == setting:
             prof = saved
             print(f"sensitivity of {tag}: reusing {path}", flush=True)
         else:
-            prof = kvfx.sensitivity(model, full, windows, steps=args.sensitivity_steps) | {"setting": setting}
+            prof = kvfx.sensitivity(model, full, windows, steps=args.sensitivity_steps, quantize=probe_q) | {
+                "setting": setting}
             path.parent.mkdir(exist_ok=True)
             path.write_text(json.dumps(prof, indent=1))
             print(f"sensitivity of {tag}: {prof['tokens']} tokens, {prof['seconds']:.0f}s -> {path}", flush=True)
@@ -206,7 +214,8 @@ def measured_rows(args, model, tok, stats, test) -> list:
             proj = kvfx.allocate(full, prof, kvfx.Budget(keep, quantize=args.quantize))
             rank_set = (full.report.get("refine") or {}).get("rank_set")
             grid = f"ranks {'/'.join(f'{r:g}' for r in rank_set)}" if rank_set else f"grid 1/{args.sensitivity_steps}"
-            label = f"{tag} + measured budget ({args.sensitivity_windows}×{args.window} tokens, {grid})"
+            label = f"{tag} + measured budget ({args.sensitivity_windows}×{args.window} tokens, {grid}" + (
+                f", probed {probe_q})" if probe_q else ")")
             rows.append(_row(label, keep, proj, _evaluate_projections(args, model, proj, test),
                              profile_s + time.time() - t1))
             if args.measured_refine_steps:
@@ -218,7 +227,7 @@ def measured_rows(args, model, tok, stats, test) -> list:
 
 def _keep_artefact(proj, tag: str) -> None:
     """Save trained projections (benchmarks/results/, git-ignored) and print their training report."""
-    tag += "-int8" if QUANTIZE and "-int8" not in tag else ""
+    tag += f"-{QUANTIZE}" if QUANTIZE and f"-{QUANTIZE}" not in tag else ""
     path = RESULTS.parent / "results" / f"refine-{tag}.safetensors"
     path.parent.mkdir(exist_ok=True)
     proj.save(path)
@@ -284,6 +293,8 @@ def main(argv=None) -> None:
                         "allocated per site and K/V from measured model-KL profiles (kvfx.sensitivity + kvfx.allocate)")
     p.add_argument("--sensitivity-windows", type=int, default=2, help="calibration windows the profiles are measured on")
     p.add_argument("--sensitivity-steps", type=int, default=8, help="rank grid per site: multiples of width/steps")
+    p.add_argument("--probe-quantized", action="store_true",
+                   help="measure the sensitivity profiles through the --quantize rounding (kvfx.sensitivity(quantize=))")
     p.add_argument("--reuse-profiles", action="store_true",
                    help="load a profile saved by an earlier run (benchmarks/results/sensitivity-*.json, same setting)")
     p.add_argument("--measured-refine-steps", type=int, default=0,
@@ -299,9 +310,9 @@ def main(argv=None) -> None:
     p.add_argument("--backend", default="inductor",
                    help="torch.compile backend under kvfx's passes ('eager' skips Inductor's ~1 min compile per row; "
                         "the rewritten graph is the same)")
-    p.add_argument("--quantize", default=None, choices=["int8"],
-                   help="store latents as int8 (kvfx.compress(..., quantize='int8')); keep and 'KV bytes' are then "
-                        "fractions of an uncompressed 16-bit cache's bytes (rows of R codes + 1 scale byte)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="store latents as int8 / int4 (kvfx.compress(..., quantize=...)); keep and 'KV bytes' are then "
+                        "fractions of an uncompressed 16-bit cache's bytes (codes + scale bytes, kvfx.quant)")
     p.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     global QUANTIZE

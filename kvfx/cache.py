@@ -6,7 +6,8 @@ reassociates SDPA(q, K̃·Bᵀ, Ṽ·Dᵀ) into SDPA(q·B, K̃, Ṽ)·Dᵀ: comp
 In eager mode the reconstruction is real and the result is the same low-rank attention.
 A shared K+V latent (`SiteProjection.shared`) stores one latent c = k·A + v·C in the key slot (the value slot
 stays 0 wide) and rebuilds keys and values from it: c·Bᵀ and c·Dᵀ.
-With `quantize="int8"` each slot holds int8 rows [codes | scale code] (kvfx.quant) and reads dequantise them.
+With `quantize="int8"` or `"int4"` each slot holds int8 rows [codes | scale codes] (kvfx.quant) and reads dequantise
+them.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class _LowRankLayerMixin:
         self.kvfx_value_down = cast(down(proj.value_down))              # [h, d, Rv] or [h·d, Rv]
         self.kvfx_value_up = cast(proj.value_up.transpose(1, 2))        # [h, Rv, d]  (Dᵀ)
         self.kvfx_shared = proj.shared
+        self.kvfx_widths = (self.kvfx_key_down.shape[-1], 0 if proj.shared else self.kvfx_value_down.shape[-1])
 
     @staticmethod
     def _down(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -43,12 +45,13 @@ class _LowRankLayerMixin:
         v = self._down(value_states, self.kvfx_value_down)
         if self.kvfx_shared:  # one latent: cached once, read as key and as value
             k, v = k + v, v[..., :0]
-        if self.kvfx_quantize:
-            k, v = quant.quantize(k), (quant.quantize(v) if v.shape[-1] else v.to(torch.int8))
+        kind, (rk, rv) = self.kvfx_quantize, self.kvfx_widths
+        if kind:
+            k, v = quant.quantize(k, kind), (quant.quantize(v, kind) if rv else v.to(torch.int8))
         keys, values = super().update(k, v, *args, **kwargs)
-        if self.kvfx_quantize:
-            keys = quant.dequantize(keys, key_states.dtype)
-            values = quant.dequantize(values, key_states.dtype) if values.shape[-1] else values
+        if kind:
+            keys = quant.dequantize(keys, key_states.dtype, rk, kind)
+            values = quant.dequantize(values, key_states.dtype, rv, kind) if rv else values
         if self.kvfx_shared:
             return torch.matmul(keys, self.kvfx_key_up), torch.matmul(keys, self.kvfx_value_up)
         return torch.matmul(keys, self.kvfx_key_up), torch.matmul(values, self.kvfx_value_up)

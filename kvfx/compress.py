@@ -126,8 +126,9 @@ def compress(model: torch.nn.Module, projections: Projections, *, cache: str = "
 
     Returns the original module with its forward compiled through kvfx's backend (the user's compile
     options kept) and `generate` using the compiled forward and a low-rank cache (`cache="dynamic"` or
-    `"static"`). `quantize="int8"` stores the latents as int8 with one scale byte per row (kvfx.quant): bytes
-    ≈ (R + 1) / (2 · R) of the same latents in a 16-bit cache. Checks everything first: on error the model is
+    `"static"`). `quantize="int8"` stores the latents as int8 with one scale byte per row, `"int4"` as packed
+    4-bit codes with one scale byte per 32 numbers (kvfx.quant): bytes ≈ (R + 1) / (2 · R), resp.
+    (R/2 + R/32) / (2 · R), of the same latents in a 16-bit cache. Checks everything first: on error the model is
     left exactly as it was.
     """
     module, opts = options_of(model)

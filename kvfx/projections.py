@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from . import quant
+
 FORMAT_VERSION = 2
 _KINDS = ("key_down", "key_up", "value_down", "value_up")
 
@@ -66,12 +68,13 @@ class SiteProjection:
             return self.key_rank
         return self.key_down.shape[0] * self.key_rank + self.value_down.shape[0] * self.value_rank
 
-    @property
-    def cached_rows_bytes_int8(self) -> int:
-        """Bytes per token in an int8 cache: each latent row of width R stores R codes + 1 scale byte."""
+    def cached_bytes(self, quantize: str | None = None) -> int:
+        """Bytes per token in the cache (keys + values): latent rows stored by kvfx.quant's format, or at
+        16 bits (quantize=None)."""
         if self.shared:
-            return self.key_rank + 1
-        return self.key_down.shape[0] * (self.key_rank + 1) + self.value_down.shape[0] * (self.value_rank + 1)
+            return quant.row_bytes(quantize, self.key_rank)
+        return (self.key_down.shape[0] * quant.row_bytes(quantize, self.key_rank) +
+                self.value_down.shape[0] * quant.row_bytes(quantize, self.value_rank))
 
     @property
     def key_rank(self) -> int:
@@ -159,12 +162,10 @@ class Projections:
         return {n: [p.key_rank, p.value_rank] for n, p in self.sites.items()}
 
     def kv_fraction(self, quantize: str | None = None) -> float:
-        """Cached numbers per token after / before (keys and values together); with quantize="int8", cached
-        bytes (int8 rows plus one scale byte each, kvfx.quant) / the bytes of an uncompressed 16-bit cache."""
+        """Cached numbers per token after / before (keys and values together); with quantize="int8" or "int4",
+        cached bytes (codes plus scale bytes, kvfx.quant) / the bytes of an uncompressed 16-bit cache."""
         before = sum(2 * s.kv_heads * s.head_dim for s in self.shapes.values())
-        if quantize == "int8":
-            return sum(p.cached_rows_bytes_int8 for p in self.sites.values()) / (2 * before)
-        return sum(p.cached_per_token for p in self.sites.values()) / before
+        return sum(p.cached_bytes(quantize) for p in self.sites.values()) / (2 * before)
 
     def report_table(self) -> str:
         """Per-site calibration report: ranks, relative key-logit / value-output error, ε gap (kqsvd)."""

@@ -158,7 +158,7 @@ def kvfx_ref_attention(module, query, key, value, attention_mask, scaling=None, 
     """
     assert attention_mask is None, "kvfx_ref expects no padding mask (transformers passes None for custom attention)"
     out = lowrank_attention(query, key, value, module.kvfx_ref_proj, scaling, causal=True,
-                            int8=getattr(module, "kvfx_ref_int8", False))
+                            quantize=getattr(module, "kvfx_ref_quantize", None))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -167,16 +167,16 @@ def _register_ref():
     AttentionInterface.register("kvfx_ref", kvfx_ref_attention)
 
 
-def reference_model(model, projections: Projections, int8: bool = False):
-    """A deepcopy of an HF model whose attention computes the low-rank math with `projections` (eager); int8: on
-    latents rounded as an int8 cache stores them."""
+def reference_model(model, projections: Projections, quantize: str | None = None):
+    """A deepcopy of an HF model whose attention computes the low-rank math with `projections` (eager); quantize:
+    on latents rounded as a low-bit cache stores them ("int8", "int4")."""
     _register_ref()
     ref = copy.deepcopy(model)
     ref.config._attn_implementation = "kvfx_ref"
     for name, mod in ref.named_modules():
         if name in projections.sites:
             mod.kvfx_ref_proj = projections.sites[name]
-            mod.kvfx_ref_int8 = int8
+            mod.kvfx_ref_quantize = quantize
     missing = set(projections.sites) - {n for n, m in ref.named_modules() if hasattr(m, "kvfx_ref_proj")}
     assert not missing, missing
     return ref
@@ -196,9 +196,9 @@ def hand_reference(model: HandModel, x, projections: Projections):
     return x
 
 
-def reference_greedy(model, projections: Projections, ids, new_tokens: int, int8: bool = False):
+def reference_greedy(model, projections: Projections, ids, new_tokens: int, quantize: str | None = None):
     """Greedy decoding with the low-rank math and NO cache: the full sequence is re-run every step."""
-    ref = reference_model(model, projections, int8)
+    ref = reference_model(model, projections, quantize)
     seq = ids
     with torch.no_grad():
         for _ in range(new_tokens):

@@ -15,6 +15,7 @@ import math
 import torch
 from dataclasses import dataclass
 
+from .. import quant
 from ..projections import SiteProjection
 from .base import Calibrator, get_calibrator, site_errors
 from .stats import SiteStats
@@ -37,8 +38,8 @@ class Budget:
     # "output": one currency for both, the relative attention-output error through softmax and W_O on the
     # calibration sequences with only that side projected (needs samples: kvfx.calibrate keeps them)
     measure: str = "calibrator"
-    # None: kv_fraction counts cached numbers; "int8": kv_fraction counts bytes of an int8 latent cache
-    # (kvfx.compress(..., quantize="int8"): R + 1 bytes per row) against an uncompressed 16-bit cache
+    # None: kv_fraction counts cached numbers; "int8" / "int4": kv_fraction counts bytes of a low-bit latent
+    # cache (kvfx.compress(..., quantize=...); kvfx.quant.row_bytes per row) against an uncompressed 16-bit cache
     quantize: str | None = None
 
     def __post_init__(self):
@@ -53,8 +54,7 @@ class Budget:
             raise ValueError(f"Budget max_error must be a number >= 0, got {self.max_error!r}.")
         if self.measure not in ("calibrator", "output"):
             raise ValueError(f"Budget measure must be 'calibrator' or 'output', got {self.measure!r}.")
-        if self.quantize not in (None, "int8"):
-            raise ValueError(f"Budget quantize must be None or 'int8' (as kvfx.compress takes), got {self.quantize!r}.")
+        quant.check(self.quantize, "Budget quantize")
         if self.multiple < 1 or self.min_rank < 1:
             raise ValueError("Budget multiple and min_rank must be >= 1.")
 
@@ -127,19 +127,20 @@ def greedy(prof: dict, width: dict, heads: dict, budget: Budget, scale: float = 
     Returns ({site: (key_rank, value_rank), or the latent rank}, KV fraction kept, summed error)."""
     rank = {key: max(p) for key, p in prof.items()}
     total = sum(heads[n] * 2 * width[n] for n in width)
-    # int8 latents: a number costs half a 16-bit number, and each cached row one scale byte more
-    per = 0.5 if budget.quantize == "int8" else 1.0
-    rows = sum(heads[key[0]] for key in rank) if budget.quantize == "int8" else 0
-    used = per * sum(heads[key[0]] * r for key, r in rank.items()) + 0.5 * rows
+
+    def cost(key, r):  # 16-bit numbers' worth of bytes the rows of (site, side) take at rank r
+        return heads[key[0]] * quant.row_bytes(budget.quantize, r) / 2
+
+    used = sum(cost(key, r) for key, r in rank.items())
     err = sum(p[rank[key]] for key, p in prof.items())
 
-    def next_step(key):
+    def next_step(key):  # the next lower profile rank that saves bytes, and its error increase per number saved
         r = rank[key]
-        lower = [x for x in prof[key] if budget.min_rank <= x < r]
+        lower = [x for x in prof[key] if budget.min_rank <= x < r and cost(key, x) < cost(key, r)]
         if not lower:
             return None
         r2 = max(lower)
-        return (prof[key][r2] - prof[key][r]) / (heads[key[0]] * (r - r2)), r2
+        return (prof[key][r2] - prof[key][r]) / (cost(key, r) - cost(key, r2)), r2
 
     def more(key, r2) -> bool:
         if budget.kv_fraction is not None:
@@ -154,7 +155,7 @@ def greedy(prof: dict, width: dict, heads: dict, budget: Budget, scale: float = 
     while heap and more(heap[0][1], heap[0][2]):
         _, key, r2 = heapq.heappop(heap)
         err += prof[key][r2] - prof[key][rank[key]]
-        used -= per * heads[key[0]] * (rank[key] - r2)
+        used -= cost(key, rank[key]) - cost(key, r2)
         rank[key] = r2
         nxt = next_step(key)
         if nxt:

@@ -150,7 +150,7 @@ class LiveModel:
     """The model compressed with a Student's live projections; `kl(idx)` against the teacher on sequences idx.
 
     backend: the compiler under kvfx's passes ("eager" for training; "inductor" pays a compile once and runs
-    no-grad probes faster). quantize="int8": latents rounded as the int8 cache stores them (straight-through)."""
+    no-grad probes faster). quantize="int8" / "int4": latents rounded as the cache stores them (straight-through)."""
 
     def __init__(self, module: torch.nn.Module, student: Student, seqs: torch.Tensor, backend: str = "eager",
                  quantize: str | None = None):

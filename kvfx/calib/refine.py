@@ -36,6 +36,7 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
+from .. import quant
 from ..projections import Projections, resolve_rank
 from .live import LiveModel, Student, frozen, original_module, sequences, tied
 
@@ -54,11 +55,10 @@ class Refine:
     eval_sequences: int = 2           # held-out sequences (the last ones given) for the before/after KL
     max_grad_norm: float = 1.0
     seed: int = 0
-    quantize: str | None = None       # "int8": train (and judge) through the int8 latents kvfx's cache stores
+    quantize: str | None = None       # "int8" / "int4": train (and judge) through the latents kvfx's cache stores
 
     def __post_init__(self):
-        if self.quantize not in (None, "int8"):
-            raise ValueError(f"Refine: quantize must be None or 'int8' (as kvfx.compress takes), got {self.quantize!r}.")
+        quant.check(self.quantize, "Refine: quantize")
         if not isinstance(self.steps, int) or self.steps < 0 or not self.lr > 0 or self.eval_sequences < 0:
             raise ValueError(f"Refine: steps and eval_sequences must be ints >= 0 and lr > 0, got "
                              f"{self.steps!r}, {self.eval_sequences!r}, {self.lr!r}.")

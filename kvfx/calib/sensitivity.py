@@ -24,6 +24,7 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
+from .. import quant
 from ..projections import Projections, resolve_rank
 from .allocate import Budget, greedy
 from .live import LiveModel, Student, frozen, original_module, sequences
@@ -36,7 +37,7 @@ def default_grid(width: int, steps: int = 8) -> list[int]:
 
 
 def sensitivity(model: torch.nn.Module, projections: Projections, batches: Iterable, steps: int = 8,
-                ranks: tuple | None = None, progress: bool = True) -> dict:
+                ranks: tuple | None = None, progress: bool = True, quantize: str | None = None) -> dict:
     """{"base": KL with every site at its top rank, "sites": {site: {"key": {rank: KL}, "value": {rank: KL}}},
     "tokens", "seconds"} — a shared K+V latent (granularity="kv") has one entry, {"latent": {rank: KL}}, its
     ranks fractions of 2·h·d — measured on `batches` (a few windows; each probe runs one forward per window).
@@ -45,13 +46,16 @@ def sensitivity(model: torch.nn.Module, projections: Projections, batches: Itera
     rank 1.0. ranks: the ranks to probe (fractions of the site's input width or ints); the highest is the top
     every other site stays at (= "base") and the most `allocate` may give. Default: the `rank_set` a nested
     `refine` artefact was trained on (its other widths were never trained), else `default_grid(width, steps)`
-    plus the full width. Cost: 2 × sites × (grid points − 1) forwards per window (1 × for shared latents)."""
+    plus the full width. quantize ("int8", "int4"): probe through the latents' rounding as that cache stores
+    them (kvfx.quant), so the profile prices precision too; a cut column is a zero, which rounds exactly as a
+    narrower row. Cost: 2 × sites × (grid points − 1) forwards per window (1 × for shared latents)."""
     module = original_module(model, "sensitivity")
     if not isinstance(projections, Projections):
         raise TypeError(f"sensitivity needs kvfx.Projections (e.g. kvfx.calibrate(..., rank=1.0)), "
                         f"got {type(projections).__name__}.")
     if not isinstance(steps, int) or steps < 2:
         raise ValueError(f"sensitivity: steps (grid points per site) must be an int >= 2, got {steps!r}.")
+    quant.check(quantize, "sensitivity: quantize")
     projections.validate()
     ranks = ranks or (projections.report.get("refine") or {}).get("rank_set")
     grids = {n: _grid(n, p, ranks, steps) for n, p in projections.sites.items()}
@@ -61,7 +65,7 @@ def sensitivity(model: torch.nn.Module, projections: Projections, batches: Itera
     with frozen(module):
         p0 = next(module.parameters(), None)
         student = Student(projections, False, p0.device if p0 is not None else torch.device("cpu"))
-        live = LiveModel(module, student, seqs)
+        live = LiveModel(module, student, seqs, quantize=quantize)
         top = {n: (g[-1], g[-1]) for n, g in grids.items()}
         student.set_ranks(top)
         base = live.mean_kl(idx)
@@ -72,7 +76,8 @@ def sensitivity(model: torch.nn.Module, projections: Projections, batches: Itera
             student.set_ranks(top | {name: {"key": (r, t), "value": (t, r)}.get(side, (r, r))})
             sites[name][side][r] = live.mean_kl(idx)
         student.set_ranks(None)
-    return {"base": base, "sites": sites, "tokens": int(seqs.numel()), "seconds": round(time.time() - t0, 1)}
+    return {"base": base, "sites": sites, "tokens": int(seqs.numel()), "seconds": round(time.time() - t0, 1),
+            "quantize": quantize}
 
 
 def sides(p) -> tuple[str, ...]:
@@ -125,6 +130,6 @@ def allocate(projections: Projections, profile: dict, budget: Budget) -> Project
     out.report["allocation"] = {
         "budget": budget.kv_fraction, "max_error": budget.max_error, "measure": "model KL", "achieved": achieved,
         "predicted_kl": float(profile["base"]) * (1 - len(prof)) + total,
-        "profile_tokens": profile.get("tokens"),
+        "profile_tokens": profile.get("tokens"), "quantize": budget.quantize, "probed": profile.get("quantize"),
         "ranks": {n: list(r) if isinstance(r, tuple) else r for n, r in ranks.items()}}
     return out

@@ -91,7 +91,7 @@ class KvfxBackend:
         """live=True (end-to-end distillation): the graphs read the projection tensors at every call (rather
         than copies frozen at compile time), so assigning new tensors to `projections.sites[..]` — or training
         them in place — takes effect and gradients reach them. Folding is off in live mode.
-        quantize="int8": latents rounded as kvfx's int8 cache stores them (kvfx.quant) where no such cache is used."""
+        quantize="int8" / "int4": latents rounded as kvfx's low-bit cache stores them (kvfx.quant) where no such cache is used."""
         if live and fold:
             raise ValueError("KvfxBackend(live=True) cannot fold: folded weights are computed once; pass fold=False.")
         self.projections, self.opts, self.fold, self.live = projections, opts or CompileOptions(), fold, live

@@ -8,7 +8,7 @@ Two forms of input are handled:
   * kvfx's low-rank cache: the cache already wrote K̃ = k·A and hands SDPA the reconstruction K̃·Bᵀ.
     The pass reassociates SDPA(q, K̃·Bᵀ, Ṽ·Dᵀ) into SDPA(q·B, K̃, Ṽ)·Dᵀ so full-width keys never exist,
     moving repeat_kv's expand/reshape onto the rank-R tensors.
-With int8 latents (`quantize="int8"`) the plain path rounds the latents as the cache would store them
+With low-bit latents (`quantize="int8"` / `"int4"`) the plain path rounds the latents as the cache would store them
 (kvfx.quant.fake_quant; kvfx's cache quantises in its own code), so every path attends over the same numbers.
 The inserted `matmul(x, P)` nodes are recorded on the site (`site.proj`) for the fold pass.
 """
@@ -101,8 +101,8 @@ class RankSpaceRewrite:
                 if proj.shared:  # one latent c = k·A + v·C read as key and value
                     k2 = v2 = self.g.call_function(torch.add, (k2, v2))
                 if self.quantize:
-                    k2 = self.g.call_function(quant.fake_quant, (k2,))
-                    v2 = k2 if proj.shared else self.g.call_function(quant.fake_quant, (v2,))
+                    k2 = self.g.call_function(quant.fake_quant, (k2, self.quantize))
+                    v2 = k2 if proj.shared else self.g.call_function(quant.fake_quant, (v2, self.quantize))
                     counters["kvfx"]["quantized"] += 1
         if proj.shared:
             counters["kvfx"]["shared"] += 1

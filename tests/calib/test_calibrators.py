@@ -206,3 +206,15 @@ def test_user_registered_calibrator(data):
         assert get_calibrator(IdentityCal, scale=3.0).scale == 3.0  # so does a (possibly unregistered) class
     finally:
         CALIBRATORS.pop("test_identity", None)
+
+
+def test_identity_keeps_the_first_channels(data):
+    """'identity': the cache's own coordinates (the quantisation-only reference); exact at full rank."""
+    stats = data[-1]
+    full, rep = get_calibrator("identity").fit(stats, 1.0, 1.0)
+    eye = torch.eye(D).expand(HKV, D, D)
+    assert all(torch.equal(t, eye) for t in full.tensors().values())
+    assert rep["key_err"] == pytest.approx(0, abs=1e-12) and rep["value_err"] == pytest.approx(0, abs=1e-12)
+    cut, rep = get_calibrator("identity").fit(stats, 5, 6)
+    assert torch.equal(cut.key_down, eye[..., :5]) and torch.equal(cut.value_up, eye[..., :6])
+    assert rep["key_err"] > 0 and rep["value_err"] > 0

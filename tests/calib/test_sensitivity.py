@@ -138,3 +138,21 @@ def test_shared_latent_has_one_profile_per_site(setup):
     with pytest.raises(ValueError, match="no 'key' entry"):
         kvfx.allocate(kvfx.calibrate(m, ids[:8].split(1), method="kqsvd", rank=1.0, progress=False), prof,
                       kvfx.Budget(0.5))
+
+
+def test_quantized_probes_price_the_rounding(setup):
+    """sensitivity(..., quantize="int4") probes through the int4 latents: each point is the KL of the model
+    compressed with that cut AND quantize="int4", and an int4-priced budget is met in int4 bytes."""
+    m, ids, _, _ = setup
+    full = kvfx.calibrate(m, ids[:8].split(1), method="kqsvd", rank=1.0, granularity="kv", progress=False)
+    plain = kvfx.sensitivity(m, full, ids[8:10], steps=4, progress=False)
+    prof = kvfx.sensitivity(m, full, ids[8:10], steps=4, progress=False, quantize="int4")
+    assert prof["quantize"] == "int4" and prof["base"] > plain["base"] + 1e-4  # rounding costs KL at full width
+    name = sorted(full.sites)[1]
+    cut = truncate(full, {n: 8 if n == name else 32 for n in full.sites})
+    assert compressed_kl(m, cut, ids[8:10], quantize="int4") == pytest.approx(prof["sites"][name]["latent"][8], rel=2e-3)
+    out = kvfx.allocate(full, prof, kvfx.Budget(0.25, quantize="int4"))
+    assert 0.2 < out.kv_fraction("int4") <= 0.25 and out.kv_fraction() > 0.25  # int4 rows fit more numbers
+    assert out.report["allocation"]["probed"] == out.report["allocation"]["quantize"] == "int4"
+    with pytest.raises(ValueError, match="sensitivity: quantize must be"):
+        kvfx.sensitivity(m, full, ids[8:10], steps=4, progress=False, quantize="int3")

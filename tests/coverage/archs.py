@@ -297,16 +297,21 @@ def hand_reference(model: HandLM, ids, projections) -> torch.Tensor:
         return model.head(x)
 
 
-def int8_round(x: torch.Tensor) -> torch.Tensor:
-    """What an int8 latent cache keeps of x (kvfx.quant's format, written out independently): per row of the last
-    dim, scale s = 2^(e/8) with e the smallest integer such that 127·s >= max|x|; x -> round(x / s)·s."""
-    amax = x.abs().amax(-1, keepdim=True).clamp_min(1e-30)
-    s = torch.exp2(torch.ceil(8 * torch.log2(amax / 127)).clamp(-128, 127) / 8)
-    return torch.round(x / s).clamp(-127, 127) * s
+def low_bit_round(x: torch.Tensor, kind: str = "int8") -> torch.Tensor:
+    """What a low-bit latent cache keeps of x (kvfx.quant's formats, written out independently). int8: per row of
+    the last dim, scale s = 2^(e/8) with e the smallest integer such that 127·s >= max|x|; x -> round(x / s)·s.
+    int4: the same per run of 32 consecutive numbers of a row (the last run shorter), with 7 for 127."""
+    qmax, group = {"int8": (127, x.shape[-1]), "int4": (7, 32)}[kind]
+    out = []
+    for part in x.split(group, -1):
+        amax = part.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+        s = torch.exp2(torch.ceil(8 * torch.log2(amax / qmax)).clamp(-128, 127) / 8)
+        out.append(torch.round(part / s).clamp(-qmax, qmax) * s)
+    return torch.cat(out, -1)
 
 
 def lowrank_attention(q, k, v, proj, scale: float | None = None, causal: bool = True,
-                      int8: bool = False) -> torch.Tensor:
+                      quantize: str | None = None) -> torch.Tensor:
     """softmax((q·B_i)(k·A)ᵀ·scale + causal mask)·(v·C)·D_iᵀ in float64, written out with einsum (a shared K+V
     latent: k·A and v·C are both replaced by c = [k_1 … k_h]·A + [v_1 … v_h]·C).
 
@@ -324,8 +329,8 @@ def lowrank_attention(q, k, v, proj, scale: float | None = None, causal: bool = 
     else:
         k_lat = torch.einsum("bhmd,hdr->bhmr", k.double(), A).repeat_interleave(g, 1)
         v_lat = torch.einsum("bhmd,hdr->bhmr", v.double(), C).repeat_interleave(g, 1)
-    if int8:  # the cached latents as an int8 cache holds them (rows are per token, so the head repeat commutes)
-        k_lat, v_lat = int8_round(k_lat), int8_round(v_lat)
+    if quantize:  # the cached latents as a low-bit cache holds them (rows are per token: the head repeat commutes)
+        k_lat, v_lat = low_bit_round(k_lat, quantize), low_bit_round(v_lat, quantize)
     q_lat = torch.einsum("bHnd,Hdr->bHnr", q.double(), B)
     s = torch.einsum("bHnr,bHmr->bHnm", q_lat, k_lat) * scale
     if causal:

@@ -85,8 +85,8 @@ attn_output_4 = torch._C._nn.linear(attn_output_3, kvfx_o_folded_weight, None)""
 matmul = torch.matmul(q_embed, kvfx_key_up)
 matmul_1 = torch.matmul(key, kvfx_key_down)
 matmul_2 = torch.matmul(value, kvfx_value_down)
-fake_quant = kvfx_quant_fake_quant(matmul_1)
-fake_quant_1 = kvfx_quant_fake_quant(matmul_2)
+fake_quant = kvfx_quant_fake_quant(matmul_1, 'int8')
+fake_quant_1 = kvfx_quant_fake_quant(matmul_2, 'int8')
 attn_output = torch._C._nn.scaled_dot_product_attention(matmul, fake_quant, fake_quant_1, attn_mask = attention_mask, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = False)""")
 
     def test_gpt2_fused_qkv(self):
