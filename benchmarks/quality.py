@@ -28,6 +28,7 @@ from kvfx.calib.collect import collect_stats, fit  # noqa: E402
 from kvfx.data import perplexity, wikitext_calibration_windows, wikitext_test_windows  # noqa: E402
 from kvfx.models import load_default_model  # noqa: E402
 from kvfx.quant import row_bytes  # noqa: E402
+from kvfx.rotate import rotation_seeds  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -114,19 +115,24 @@ def split_keep(keep: float, key_share: float) -> tuple[float, float]:
 
 
 QUANTIZE = None  # --quantize: how the cache stores latents (kv_fraction's pricing, compress's option)
+ROTATE = False   # --rotate: turn every latent by a random orthogonal matrix before it is evaluated or refined
+
+
+def _rotated(proj):
+    return kvfx.rotate_latents(proj) if ROTATE and not rotation_seeds(proj) else proj
 
 
 def _row(label, keep, proj, ppl, seconds):
     sites = proj.report.get("sites", {})  # refined projections keep no per-site calibration error
     err = f"{sum(r['key_err'] for r in sites.values()) / len(sites):.3f}" if sites else "-"
-    label += f" [{QUANTIZE} latents]" if QUANTIZE else ""
+    label += f" [{QUANTIZE} latents{', rotated' if ROTATE else ''}]" if QUANTIZE else (" [rotated]" if ROTATE else "")
     frac = proj.kv_fraction(QUANTIZE)
     print(f"{label:28s} keep {keep:.2f}: ppl {ppl:8.2f}  (KV bytes {frac:.3f}, {seconds:.0f}s)", flush=True)
     return (label, f"{keep:.2f}", f"{frac:.3f}", err, ppl, seconds)
 
 
 def _evaluate_projections(args, model, proj, test) -> float:
-    model_c = kvfx.compress(torch.compile(model, backend=args.backend), proj, quantize=args.quantize)
+    model_c = kvfx.compress(torch.compile(model, backend=args.backend), _rotated(proj), quantize=args.quantize)
     ppl = evaluate(model_c, test)
     kvfx.decompress(model_c)
     torch._dynamo.reset()
@@ -173,7 +179,7 @@ def refine_rows(args, model, tok, stats, test) -> list:
 def _refined_row(args, model, start, windows, test, tag, label, keep, t0, steps=None) -> tuple:
     """Refine `start` (kvfx.refine, --refine-lr), save the artefact, evaluate: one table row."""
     cfg = kvfx.Refine(steps=steps or args.refine_steps, lr=args.refine_lr, quantize=args.quantize)
-    proj = kvfx.refine(model, start, windows, cfg)
+    proj = kvfx.refine(model, _rotated(start), windows, cfg)
     _keep_artefact(proj, tag)
     return _row(f"{label} + refine ({_refine_note(proj)})", keep, proj,
                 _evaluate_projections(args, model, proj, test), time.time() - t0)
@@ -228,6 +234,7 @@ def measured_rows(args, model, tok, stats, test) -> list:
 def _keep_artefact(proj, tag: str) -> None:
     """Save trained projections (benchmarks/results/, git-ignored) and print their training report."""
     tag += f"-{QUANTIZE}" if QUANTIZE and f"-{QUANTIZE}" not in tag else ""
+    tag += "-rot" if ROTATE and "-rot" not in tag else ""
     path = RESULTS.parent / "results" / f"refine-{tag}.safetensors"
     path.parent.mkdir(exist_ok=True)
     proj.save(path)
@@ -313,10 +320,13 @@ def main(argv=None) -> None:
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="store latents as int8 / int4 (kvfx.compress(..., quantize=...)); keep and 'KV bytes' are then "
                         "fractions of an uncompressed 16-bit cache's bytes (codes + scale bytes, kvfx.quant)")
+    p.add_argument("--rotate", action="store_true",
+                   help="turn each latent by a random orthogonal matrix (kvfx.rotate_latents) before evaluating or "
+                        "refining it: exact, and a low-bit cache rounds it with less error")
     p.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
     args = p.parse_args(argv)
-    global QUANTIZE
-    QUANTIZE = args.quantize
+    global QUANTIZE, ROTATE
+    QUANTIZE, ROTATE = args.quantize, args.rotate
     text = run(args)
     print(text)
     if args.write:

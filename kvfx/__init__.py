@@ -11,6 +11,7 @@ from .compress import compress, decompress, make_cache
 from .explain import Explanation, explain
 from .passes.counters import counters
 from .projections import Projections, ProjectionError, SiteProjection, SiteShape
+from .rotate import rotate_latents
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,4 @@ def calibrate(*args, **kwargs):
 
 
 __all__ = ["Budget", "Refine", "refine", "sensitivity", "allocate", "Projections", "SiteProjection", "SiteShape", "ProjectionError", "LowRankCache", "calibrate",
-           "compress", "decompress", "explain", "make_cache", "counters"]
+           "compress", "rotate_latents", "decompress", "explain", "make_cache", "counters"]

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from ..projections import Projections, resolve_rank
+from ..rotate import check_unrotated
 from .base import finish, ranks, register_calibrator
 from .distill import Distilled, adam_orthonormal, init_bases, log, random_rows, require_samples
 from .stats import SiteStats
@@ -125,7 +126,9 @@ def truncate(projections: Projections, rank: int | float | dict, value_rank: int
 
     rank: keep fraction of head_dim or int (keys; values use `value_rank` or the same), or a dict site ->
     rank or (key_rank, value_rank). Exact for matryoshka (and pca / eigen, whose bases are nested too); for
-    other methods the leading columns are not the projection those methods would fit at the lower rank."""
+    other methods the leading columns are not the projection those methods would fit at the lower rank.
+    Rotated projections (kvfx.rotate_latents) are refused: cut first, then rotate."""
+    check_unrotated(projections, "truncate")
     sites = {}
     for name, p in projections.sites.items():
         r = rank.get(name) if isinstance(rank, dict) else rank

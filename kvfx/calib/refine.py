@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .. import quant
 from ..projections import Projections, resolve_rank
+from ..rotate import check_unrotated
 from .live import LiveModel, Student, frozen, original_module, sequences, tied
 
 log = logging.getLogger("kvfx.calib")
@@ -77,6 +78,8 @@ def _check_start(start: Projections, orthonormal: bool, nested: bool = False) ->
     if not isinstance(start, Projections):
         raise TypeError(f"refine needs kvfx.Projections to start from (from kvfx.calibrate), got {type(start).__name__}.")
     start.validate()
+    if nested:
+        check_unrotated(start, "refine: nested training (rank_set)")
     if nested and any(p.shared for p in start.sites.values()):
         raise ValueError("refine: nested training (rank_set) draws separate key and value ranks; a shared K+V latent "
                          "(granularity='kv') has one. Refine it at its rank (rank_set=None).")

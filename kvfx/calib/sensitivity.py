@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import quant
 from ..projections import Projections, resolve_rank
+from ..rotate import check_unrotated
 from .allocate import Budget, greedy
 from .live import LiveModel, Student, frozen, original_module, sequences
 from .matryoshka import truncate
@@ -57,6 +58,7 @@ def sensitivity(model: torch.nn.Module, projections: Projections, batches: Itera
         raise ValueError(f"sensitivity: steps (grid points per site) must be an int >= 2, got {steps!r}.")
     quant.check(quantize, "sensitivity: quantize")
     projections.validate()
+    check_unrotated(projections, "sensitivity")
     ranks = ranks or (projections.report.get("refine") or {}).get("rank_set")
     grids = {n: _grid(n, p, ranks, steps) for n, p in projections.sites.items()}
     seqs = sequences(batches, "sensitivity")
