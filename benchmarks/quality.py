@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -252,7 +253,7 @@ def table(rows, args) -> str:
     lines = [f"| method | {keep} | KV bytes vs baseline | mean rel. key-logit error | ppl | time (s) |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {m} | {k} | {f} | {e} | {p:.2f} | {t:.0f} |" for m, k, f, e, p, t in rows]
-    head = (f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}` "
+    head = (f"Command: `python benchmarks/quality.py {shlex.join(sys.argv[1:])}` "
             f"(eval {args.eval_windows}×{args.window} tokens of wiki.test.raw, calibration "
             f"{args.calib_windows}×{args.window} tokens of wiki.valid.tokens, K and V at the same rank unless marked)\n"
             f"Machine: {platform.machine()} CPU ×{torch.get_num_threads()} threads; torch {torch.__version__}, "

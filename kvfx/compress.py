@@ -128,7 +128,8 @@ def compress(model: torch.nn.Module, projections: Projections, *, cache: str = "
     options kept) and `generate` using the compiled forward and a low-rank cache (`cache="dynamic"` or
     `"static"`). `quantize="int8"` stores the latents as int8 with one scale byte per row, `"int4"` as packed
     4-bit codes with one scale byte per 32 numbers (kvfx.quant): bytes ≈ (R + 1) / (2 · R), resp.
-    (R/2 + R/32) / (2 · R), of the same latents in a 16-bit cache. Checks everything first: on error the model is
+    (R/2 + R/32) / (2 · R), of the same latents in a 16-bit cache; `kvfx.rotate_latents(projections)` first
+    makes the rounding much cheaper (exact, folded into the projections). Checks everything first: on error the model is
     left exactly as it was.
     """
     module, opts = options_of(model)
