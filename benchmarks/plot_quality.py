@@ -45,7 +45,7 @@ def plot(results: Path, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     base, lines = load_rows(results.read_text())
-    fig, ax = plt.subplots(figsize=(12, 6))
+    fig, ax = plt.subplots(figsize=(12, max(6.0, 0.16 * len(lines) + 1.5)))  # room for the legend
     ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for label, pts in sorted(lines.items()):
         if len({x for x, _ in pts}) < len(pts) or len(pts) < 2:  # single points / variants at one size: markers
