@@ -23,6 +23,10 @@ def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     return q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
 
 
+def _turn(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return (t.to(torch.float64) @ q).to(t.dtype).contiguous()
+
+
 def rotate_latents(projections: Projections, seed: int = 0) -> Projections:
     """`projections` with every site's latent turned by a seeded random orthogonal matrix (one per site and
     side; a shared K+V latent has one). Exact: the compressed model computes the same attention (up to float
@@ -36,9 +40,8 @@ def rotate_latents(projections: Projections, seed: int = 0) -> Projections:
     for name, p in projections.sites.items():
         qk = random_orthogonal(p.key_rank, g)
         qv = qk if p.shared else random_orthogonal(p.value_rank, g)
-        turn = lambda t, q: (t.to(torch.float64) @ q).to(t.dtype).contiguous()  # noqa: E731
-        sites[name] = p.like(key_down=turn(p.key_down, qk), key_up=turn(p.key_up, qk),
-                             value_down=turn(p.value_down, qv), value_up=turn(p.value_up, qv))
+        sites[name] = p.like(key_down=_turn(p.key_down, qk), key_up=_turn(p.key_up, qk),
+                             value_down=_turn(p.value_down, qv), value_up=_turn(p.value_up, qv))
     seeds = rotation_seeds(projections) + [seed]
     return Projections(sites, dict(projections.shapes), projections.method,
                        dict(projections.report) | {"rotation": {"seeds": seeds}})

@@ -27,6 +27,5 @@ class Identity:
 
     def fit(self, stats: SiteStats, key_rank, value_rank):
         rk, rv = ranks(stats, key_rank, value_rank)
-        h, d = stats.key.shape[0], stats.head_dim
-        a, c = _first(h, d, rk), _first(h, d, rv)
+        a, c = (_first(stats.kv_heads, stats.head_dim, r) for r in (rk, rv))
         return finish(stats, a, a, c, c)
