@@ -48,7 +48,7 @@ class _LowRankLayerMixin:
         kind, (rk, rv) = self.kvfx_quantize, self.kvfx_widths
         if kind:
             k, v = quant.quantize(k, kind), (quant.quantize(v, kind) if rv else v.to(torch.int8))
-        keys, values = super().update(k, v, *args, **kwargs)
+        keys, values = self._store(k, v, *args, **kwargs)
         if kind:
             keys = quant.dequantize(keys, key_states.dtype, rk, kind)
             values = quant.dequantize(values, key_states.dtype, rv, kind) if rv else values
@@ -57,16 +57,81 @@ class _LowRankLayerMixin:
         return torch.matmul(keys, self.kvfx_key_up), torch.matmul(values, self.kvfx_value_up)
 
 
-class LowRankDynamicLayer(_LowRankLayerMixin, DynamicLayer):
-    """Growing rank-R cache layer (torch.cat), the default for generate."""
+class _Slot:
+    """One cached tensor of a growing layer: storage [b, h, capacity, w] written in place, and `filled`, an empty
+    tensor whose last size is the number of cached tokens (a size Dynamo keeps symbolic, unlike an int attribute,
+    on which it would specialise and recompile every step)."""
 
-    def __init__(self, proj: SiteProjection, dtype=torch.float32, device="cpu", quantize=None):
+    def __init__(self, storage: torch.Tensor | None = None, filled: int = 0):
+        self.storage, self.filled = storage, torch.empty(0, filled)
+        torch._dynamo.maybe_mark_dynamic(self.filled, 1)
+
+    @classmethod
+    def holding(cls, t: torch.Tensor | None, capacity: int = 0) -> "_Slot":
+        """A slot whose filled part is a copy of t ([b, h, n, w]), with room for `capacity` tokens."""
+        if t is None or t.dim() != 4:  # DynamicLayer's lazy init stores a 1-D empty tensor
+            return cls()
+        storage = t.new_empty(*t.shape[:2], max(capacity, t.shape[2] + 1), t.shape[3])
+        storage[:, :, : t.shape[2]].copy_(t)
+        return cls(storage, t.shape[2])
+
+    def view(self) -> torch.Tensor | None:
+        return None if self.storage is None else self.storage[:, :, : self.filled.shape[-1]]
+
+    def append(self, x: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+        """Write x [b, h, q, w] after the filled part, in place. Full storage is replaced by one a quarter larger
+        (at least room.shape[-1] tokens: the reservation). One row always stays free: a filled part that is the
+        whole storage would be contiguous, and Dynamo guards on that (a recompile the step the storage fills)."""
+        n, q = self.filled.shape[-1], x.shape[-2]
+        if self.storage is None or self.storage.shape[-2] <= n + q or self.storage.shape[0] != x.shape[0]:
+            capacity = torch.sym_max(n + q + (n + q) // 4 + 256, room.shape[-1] + 1)
+            grown = x.new_empty(*x.shape[:2], capacity, x.shape[3])
+            if n:
+                grown[:, :, :n] = self.storage[:, :, :n]
+            self.storage = grown
+        self.storage.index_copy_(2, torch.arange(q, device=x.device) + n, x)
+        self.filled = self.filled.new_empty(0, n + q)
+        return self.storage[:, :, : n + q]
+
+
+class LowRankDynamicLayer(_LowRankLayerMixin, DynamicLayer):
+    """Growing rank-R cache layer, the default for generate. Unlike transformers' DynamicLayer, whose torch.cat
+    copies the whole cache at every step, new rows are written in place into storage with spare room, sized by
+    `reserve` tokens (generate reserves prompt + new tokens) and grown geometrically past it; `keys` / `values`
+    are views of the filled part, so transformers' crop / reorder / batch methods work unchanged."""
+
+    def __init__(self, proj: SiteProjection, dtype=torch.float32, device="cpu", quantize=None, reserve: int = 0):
+        self._slots = {"keys": _Slot(), "values": _Slot()}
+        self._room = torch.empty(0, reserve)  # its size: tokens to make room for (a symbolic size, no guard on it)
+        torch._dynamo.maybe_mark_dynamic(self._room, 1)
         super().__init__()
         self._init_projection(proj, dtype, device, quantize)
+
+    keys = property(lambda self: self._slots["keys"].view(),
+                    lambda self, t: self._slots.__setitem__("keys", _Slot.holding(t, self._capacity())))
+    values = property(lambda self: self._slots["values"].view(),
+                      lambda self, t: self._slots.__setitem__("values", _Slot.holding(t, self._capacity())))
+
+    def _capacity(self) -> int:
+        storage = self._slots["keys"].storage if hasattr(self, "_slots") else None
+        return 0 if storage is None else storage.shape[2]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor, *args, **kwargs):
+        self.is_initialized = True
+        return self._slots["keys"].append(k, self._room), self._slots["values"].append(v, self._room)
+
+    def get_seq_length(self) -> int:
+        return self._slots["keys"].filled.shape[-1] if self.is_initialized else 0
 
 
 class LowRankStaticLayer(_LowRankLayerMixin, StaticLayer):
     """Preallocated rank-R cache layer ([batch, kv_heads, max_cache_len, R]) for CUDA graphs."""
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor, *args, **kwargs):
+        return StaticLayer.update(self, k, v, *args, **kwargs)
 
     def __init__(self, proj: SiteProjection, max_cache_len: int, dtype=torch.float32, device="cpu", quantize=None):
         super().__init__(max_cache_len=max_cache_len)
@@ -74,7 +139,8 @@ class LowRankStaticLayer(_LowRankLayerMixin, StaticLayer):
 
 
 class LowRankCache(Cache):
-    """One low-rank layer per attention site, in model order (= transformers' layer_idx)."""
+    """One low-rank layer per attention site, in model order (= transformers' layer_idx). max_cache_len: the
+    static cache's length; for the dynamic cache the tokens to reserve room for (it grows past them)."""
 
     def __init__(self, projections: Projections, kind: str = "dynamic", max_cache_len: int | None = None,
                  dtype=torch.float32, device="cpu", quantize=None):
@@ -84,8 +150,8 @@ class LowRankCache(Cache):
         if kind == "static" and not max_cache_len:
             raise ValueError("a static low-rank cache needs max_cache_len (prompt + new tokens).")
         sites = list(projections.sites.values())
-        if kind == "dynamic":
-            layers = [LowRankDynamicLayer(p, dtype, device, quantize) for p in sites]
+        if kind == "dynamic":  # max_cache_len: room reserved for that many tokens (it grows past them)
+            layers = [LowRankDynamicLayer(p, dtype, device, quantize, reserve=max_cache_len or 0) for p in sites]
         else:
             layers = [LowRankStaticLayer(p, max_cache_len, dtype, device, quantize) for p in sites]
         super().__init__(layers=layers)

@@ -84,14 +84,13 @@ def cache_kwarg(model: torch.nn.Module) -> str:
 def _generate_with_cache(model, generate, *args, **kwargs):
     given = any(kwargs.get(k) is not None for k in ("cache", "past_key_values"))
     if not given and kwargs.get("use_cache", True):
-        max_len = None
-        if model._kvfx.cache == "static":
-            ids = next((kwargs[k] for k in ("input_ids", "inputs", "inputs_embeds") if kwargs.get(k) is not None),
-                       args[0] if args else None)
-            config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-            new = kwargs.get("max_new_tokens") or getattr(config, "max_new_tokens", None)
-            total = kwargs.get("max_length") or getattr(config, "max_length", None) or 20
-            max_len = ids.shape[1] + new if new else max(total, ids.shape[1] + 1)
+        ids = next((kwargs[k] for k in ("input_ids", "inputs", "inputs_embeds") if kwargs.get(k) is not None),
+                   args[0] if args else None)
+        config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        new = kwargs.get("max_new_tokens") or getattr(config, "max_new_tokens", None)
+        total = kwargs.get("max_length") or getattr(config, "max_length", None) or 20
+        max_len = ids.shape[1] + new if new else max(total, ids.shape[1] + 1)
+        # static: the cache's length; dynamic: room reserved for the whole generation (no step grows it)
         kwargs[cache_kwarg(model)] = make_cache(model, max_cache_len=max_len)
     return generate(*args, **kwargs)
 

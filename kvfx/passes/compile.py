@@ -16,6 +16,7 @@ import torch.fx as fx
 from ..projections import Projections, ProjectionError, SiteShape
 from .constants import GraphConstants, fresh_copy
 from .counters import counters
+from .decode import group_decode_sites
 from .fold import fold_sites
 from .match import find_sites
 from .rewrite import rewrite_sites
@@ -115,6 +116,7 @@ class KvfxBackend:
         rewrite_sites(new, sites, {s.name: self.projections.sites[s.name] for s in sites}, consts, self.quantize)
         if self.fold:
             fold_sites(new, sites, consts)
+        group_decode_sites(new, sites, {s.name: self.projections.sites[s.name] for s in sites})
         new.graph.lint()
         new.recompile()
         counters["kvfx"]["graphs"] += 1

@@ -73,6 +73,7 @@ class AttentionSite:
     head_dim: int
     value_dim: int
     scale: float | fx.Node   # SDPA's scale as given (a graph node when Dynamo made it a dynamic input)
+    query_len: int | None = None  # query tokens of this call when static (1 in a decode step)
     status: str = "ok"
     notes: list[str] = field(default_factory=list)
 
@@ -272,7 +273,8 @@ def match_site(gm: fx.GraphModule, sdpa: fx.Node, index: int) -> AttentionSite:
     site = AttentionSite(
         name=_site_name(q, o, index), sdpa=sdpa, q=q, k=k, v=v, out_nodes=out_nodes, out_source=o,
         num_heads=qs[1] if qs else -1, num_kv_heads=kbase[1] if kbase else -1,
-        head_dim=qs[-1] if qs else -1, value_dim=vbase[-1] if vbase else -1, scale=0.0)
+        head_dim=qs[-1] if qs else -1, value_dim=vbase[-1] if vbase else -1, scale=0.0,
+        query_len=qs[2] if qs and len(qs) == 4 and isinstance(qs[2], int) else None)  # no guard on a SymInt
     scale = args.get("scale")
     if isinstance(scale, fx.Node):  # dynamic=True: Dynamo passes Python floats (module.scaling) as graph inputs
         site.scale = scale          # kept as the node: the rewrite hands SDPA the same runtime value

@@ -166,11 +166,22 @@ cat_2 = torch.cat((neg_1, x1_1), dim = -1)
 mul_8 = cat_2 * sin_3
 k_embed = mul_7 + mul_8
 k = torch.matmul(k_embed, kvfx_key_down)
-keys = torch.cat([l_kwargs_cache_layers_0_keys, k], dim = -2)
-values = torch.cat([l_kwargs_cache_layers_0_values, value_states], dim = -2)
+arange = torch.arange(1, device = device(type='cpu'))
+add_5 = arange + s5
+index_copy_ = l_kwargs_cache_layers_0_slots_keys_storage.index_copy_(2, add_5, k)
+new_empty = l_kwargs_cache_layers_0_slots_keys_filled.new_empty(0, add)
+keys = l_kwargs_cache_layers_0_slots_keys_storage[(slice(None, None, None), slice(None, None, None), slice(None, add, None))]
+add_8 = s25 + 1
+arange_1 = torch.arange(1, device = device(type='cpu'))
+add_9 = arange_1 + s25
+index_copy__1 = l_kwargs_cache_layers_0_slots_values_storage.index_copy_(2, add_9, value_states)
+new_empty_1 = l_kwargs_cache_layers_0_slots_values_filled.new_empty(0, add_8)
+values = l_kwargs_cache_layers_0_slots_values_storage[(slice(None, None, None), slice(None, None, None), slice(None, add_8, None))]
 matmul = torch.matmul(q_embed, kvfx_key_up)
-attn_output = torch._C._nn.scaled_dot_product_attention(matmul, keys, values, attn_mask = None, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = False, enable_gqa = True)
-attn_output_1 = attn_output.reshape(1, -1, 1, 4)
+reshape = matmul.reshape(-1, 2, 2, 4)
+attn_output = torch._C._nn.scaled_dot_product_attention(reshape, keys, values, attn_mask = None, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = False, enable_gqa = False)
+reshape_2 = attn_output.reshape(-1, 4, 1, 4)
+attn_output_1 = reshape_2.reshape(1, -1, 1, 4)
 transpose_3 = attn_output_1.transpose(1, 2)
 attn_output_2 = transpose_3.contiguous()
 reshape_1 = attn_output_2.reshape(1, 1, -1)
@@ -213,15 +224,11 @@ cache_position = arange + l_kwargs_cache_layers_0_cumulative_length
 add_ = l_kwargs_cache_layers_0_cumulative_length.add_(1)
 index_copy_ = l_kwargs_cache_layers_0_keys.index_copy_(2, cache_position, k)
 index_copy__1 = l_kwargs_cache_layers_0_values.index_copy_(2, cache_position, value_states)
-getitem_5 = l_kwargs_cache_layers_0_keys[(slice(None, None, None), slice(None, None, None), None, slice(None, None, None), slice(None, None, None))]
-hidden_states_3 = getitem_5.expand(1, 2, 2, 7, 4)
-key = hidden_states_3.reshape(1, 4, 7, 4)
-getitem_6 = l_kwargs_cache_layers_0_values[(slice(None, None, None), slice(None, None, None), None, slice(None, None, None), slice(None, None, None))]
-hidden_states_4 = getitem_6.expand(1, 2, 2, 7, 4)
-value = hidden_states_4.reshape(1, 4, 7, 4)
 matmul = torch.matmul(q_embed, kvfx_key_up)
-attn_output = torch._C._nn.scaled_dot_product_attention(matmul, key, value, attn_mask = l_kwargs_attention_mask_, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = False)
-attn_output_1 = attn_output.reshape(1, -1, 1, 4)
+reshape = matmul.reshape(-1, 2, 2, 4)
+attn_output = torch._C._nn.scaled_dot_product_attention(reshape, l_kwargs_cache_layers_0_keys, l_kwargs_cache_layers_0_values, attn_mask = l_kwargs_attention_mask_, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = False, enable_gqa = False)
+reshape_4 = attn_output.reshape(-1, 4, 1, 4)
+attn_output_1 = reshape_4.reshape(1, -1, 1, 4)
 transpose_3 = attn_output_1.transpose(1, 2)
 attn_output_2 = transpose_3.contiguous()
 reshape_3 = attn_output_2.reshape(1, 1, -1)

@@ -1,0 +1,98 @@
+"""Pass 4 — decode: a one-token step reads each cached latent head once, not once per query head.
+
+In a decode step (one query token) with GQA — or a joint / shared latent, one "head" that every query head
+reads — SDPA gets queries [b, H, 1, R] and cached keys of h < H heads, and expands the keys per query head:
+transformers' repeat_kv (the static cache's path: expand + reshape materialise g = H/h copies) or
+`enable_gqa=True` (the dynamic path; the CPU kernels expand too). Both read and write the cache g times.
+Every cached token is visible to every query of the step, so the g query heads of a group can be the g query
+rows of one attention call over their kv head instead, as MLA's absorbed decode and FlashDecoding do:
+
+    SDPA(q [b,H,1,R], repeat(K) [b,H,N,R])  ==  SDPA(q.reshape(b,h,g,R), K [b,h,N,R]).reshape(b,H,1,R)
+
+Exact when the mask (if any) is the same for every head and the one query row ([b|1, 1, 1, N]: it broadcasts
+over the g rows) and `is_causal` is False (transformers never sets it for one query token). Runs after fold
+and only touches SDPA's inputs and output, so it composes with every rewrite form.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..projections import SiteProjection
+from . import graph_utils as gu
+from .counters import counters
+from .match import AttentionSite, _is_head_repeat_interleave
+
+
+def unrepeat(node: fx.Node) -> fx.Node:
+    """The kv-head tensor under repeat_kv (x[:, :, None].expand(..).reshape(..), x.unsqueeze(2)...) or
+    x.repeat_interleave(g, dim=1); `node` itself when it is not repeated."""
+    if _is_head_repeat_interleave(node):
+        return node.args[0]
+    if not (gu.is_method(node, "reshape", "view") or node.target is torch.reshape):
+        return node
+    e = node.args[0]
+    if not isinstance(e, fx.Node) or not (gu.is_method(e, "expand") or e.target is torch.Tensor.expand):
+        return node
+    u = e.args[0]
+    if gu.is_getitem(u) and isinstance(u.args[1], tuple) and len(u.args[1]) >= 3 and u.args[1][2] is None:
+        return u.args[0]
+    if gu.is_method(u, "unsqueeze") and u.args[1:] == (2,):
+        return u.args[0]
+    return node
+
+
+def _heads(node: fx.Node) -> int | None:
+    shape = gu.shape_of(node)
+    return gu.static_int(shape[1]) if shape is not None and len(shape) == 4 else None
+
+
+def _mask_per_row(mask) -> bool:
+    """A mask SDPA can broadcast over the g query rows of a group: None or [b|1, 1, 1, N]."""
+    if mask is None:
+        return True
+    shape = gu.shape_of(mask) if isinstance(mask, fx.Node) else None
+    return shape is not None and len(shape) == 4 and gu.static_int(shape[1]) == 1 and gu.static_int(shape[2]) == 1
+
+
+def group_decode_queries(g: fx.Graph, site: AttentionSite, proj: SiteProjection) -> bool:
+    """Fold the query heads of each kv group into the query axis of a one-token step; True if done."""
+    args = gu.sdpa_args(site.sdpa)
+    heads = site.num_heads
+    if not site.lowrank_cache or site.query_len != 1:
+        return False  # prefill (or symbolic query length), or keys that are not kvfx's cache
+    if args.get("is_causal") or args.get("dropout_p") or not _mask_per_row(args.get("attn_mask")):
+        return False
+    key, value = unrepeat(args["key"]), unrepeat(args["value"])
+    kv_heads = _heads(key)
+    if kv_heads is None or kv_heads != _heads(value) or kv_heads >= heads or heads % kv_heads:
+        return False
+    group, rq, rv = heads // kv_heads, proj.key_up.shape[-1], proj.value_up.shape[-1]
+    sdpa = site.sdpa
+    with g.inserting_before(sdpa):
+        q = g.call_method("reshape", (args["query"], -1, kv_heads, group, rq))
+    old = (args["key"], args["value"])
+    gu.set_sdpa_args(sdpa, query=q, key=key, value=value, enable_gqa=False)
+    for n in old:
+        _erase_dead(g, n)
+    with g.inserting_after(sdpa):
+        out = g.call_method("reshape", (sdpa, -1, heads, 1, rv))
+    sdpa.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+    counters["kvfx"]["decode_grouped"] += 1
+    return True
+
+
+def _erase_dead(g: fx.Graph, node: fx.Node) -> None:
+    """Erase the bypassed repeat_kv chain (pure layout ops) once nothing reads it."""
+    while (isinstance(node, fx.Node) and not node.users and node.op == "call_method"
+           and node.target in ("reshape", "view", "expand", "unsqueeze", "repeat_interleave")
+           or isinstance(node, fx.Node) and not node.users and (gu.is_getitem(node) or node.target in (
+               torch.reshape, torch.Tensor.expand, torch.repeat_interleave, torch.Tensor.repeat_interleave))):
+        src = node.args[0]
+        g.erase_node(node)
+        node = src
+
+
+def group_decode_sites(gm: fx.GraphModule, sites, projections) -> None:
+    for site in sites:
+        group_decode_queries(gm.graph, site, projections[site.name])

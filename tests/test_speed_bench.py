@@ -1,0 +1,155 @@
+"""benchmarks/speed.py: the --quick setting end to end (a subprocess: fresh Dynamo, own threads) and its refusals of
+bad input (in process: they exit before any model is built)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "speed.py"
+
+
+def _has_quanto() -> bool:
+    try:
+        import optimum.quanto  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+HAS_QUANTO = _has_quanto()
+
+
+@pytest.fixture(scope="module")
+def speed():
+    spec = importlib.util.spec_from_file_location("kvfx_speed_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One --quick run: its JSON rows, its stdout and the RESULTS.md it wrote (a copy with another section)."""
+    out = tmp_path_factory.mktemp("speed")
+    rows, results = out / "rows.json", out / "RESULTS.md"
+    results.write_text("# kvfx benchmark results\n\n## Another section\n\nkeep me\n")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--json", str(rows), "--write",
+                           "--results", str(results)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads(rows.read_text()), proc.stdout, results.read_text()
+
+
+def _expected() -> set[tuple[str, str]]:
+    want = {("original-dynamic", "dynamic"), ("original-static", "static"), ("kvfx-kv-0.5", "dynamic"),
+            ("kvfx-kv-0.5", "static")}
+    return want | ({("peer-quanto-int4", "quantized")} if HAS_QUANTO else set())
+
+
+def test_quick_rows_and_ratios(quick):
+    res = quick[0]
+    rows = {(r["config"], r["cache"]): r for r in res["rows"]}
+    assert set(rows) == _expected()
+    assert res["bandwidth"] > 0
+    for r in rows.values():
+        assert (r["batch"], r["N"]) == (1, 256)
+        for key in ("step_ms", "tokens_per_s", "cache_bytes", "vs_dynamic", "vs_static", "bytes_ideal",
+                    "bw_fraction"):
+            assert r[key] is not None and r[key] > 0, (r["config"], key, r[key])
+        assert r["tokens_per_s"] == pytest.approx(1e3 / r["step_ms"])
+    assert rows[("original-dynamic", "dynamic")]["vs_dynamic"] == 1.0
+    assert rows[("original-static", "static")]["vs_static"] == 1.0
+    full = rows[("original-dynamic", "dynamic")]["cache_bytes"]
+    assert full == 2 * 2 * 2 * 256 * 64 * 4  # layers · K and V · kv heads · N · head_dim · float32
+    # a shared K+V latent at 0.5 of 2·h·d: half the bytes; kvfx rewrote every site of the compiled decode
+    kv = rows[("kvfx-kv-0.5", "dynamic")]
+    assert kv["cache_bytes"] == full // 2 and kv["bytes_ideal"] > 1
+    assert kv["kvfx_counters"].get("rewritten", 0) >= 2
+    if HAS_QUANTO:  # int4 codes + per-group scale and shift: under a third of the float32 cache
+        assert rows[("peer-quanto-int4", "quantized")]["cache_bytes"] < full / 3
+    prefill = {(p["config"], p["cache"]): p for p in res["prefill"]}
+    assert set(prefill) == _expected() and all(p["ms"] > 0 and p["vs_dynamic"] > 0 for p in prefill.values())
+    longest = {(o["config"], o["cache"]): o for o in res["longest"]}
+    assert set(longest) == _expected() and all(o["tokens"] > 0 for o in longest.values())
+    # a preallocated half-size cache: about twice the tokens (a growing one also counts its spare storage)
+    assert longest[("kvfx-kv-0.5", "static")]["vs_dynamic"] > 1.5
+
+
+def test_quick_prints_and_writes_the_tables(quick):
+    _, stdout, results = quick
+    assert "read bandwidth" in stdout and "| model | dtype | config | cache | batch | N |" in stdout
+    for config, kind in _expected():
+        assert f"| {config} | {kind} | 1 | 256 |" in stdout
+    if not HAS_QUANTO:
+        assert "skip: peer-quanto-int4" in stdout
+    assert "keep me" in results and results.count("## Decode speed") == 1
+    assert "Command: `python benchmarks/speed.py --quick --threads 1" in results
+    assert "| kvfx-kv-0.5 | static | 1 | 256 |" in results
+
+
+def test_write_replaces_its_section(speed, tmp_path):
+    path = tmp_path / "RESULTS.md"
+    speed.write_results("first\n", path)
+    speed.write_results("second\n", path)
+    text = path.read_text()
+    assert text.count("## Decode speed") == 1 and "second" in text and "first" not in text
+
+
+@pytest.fixture
+def restore_torch_state():
+    """main() sets the thread count and Dynamo's recompile limit before it plans (and refuses)."""
+    threads, limit = torch.get_num_threads(), torch._dynamo.config.recompile_limit
+    yield
+    torch.set_num_threads(threads)
+    torch._dynamo.config.recompile_limit = limit
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--configs", "kvfx-foo-0.5"], "unknown configuration"),
+    (["--configs", "kvfx-kv-1.5"], "unknown configuration"),
+    (["--models", "gpt5"], "unknown 'gpt5'"),
+    (["--dtype", "int8"], "unknown 'int8'"),
+    (["--contexts", "40000"], "--contexts must be between"),
+    (["--batches", "1@65536"], "contexts up to"),
+    (["--warmup", "1"], "--warmup ≥ 3"),
+    (["--memory-budget", "lots"], "--memory-budget"),
+    # asked for explicitly, more than the budget holds: refused before anything is allocated, saying what fits
+    (["--models", "llama-tiny", "--contexts", "32768", "--batches", "512", "--memory-budget", "2GiB"],
+     "drop it or raise --memory-budget"),
+])
+def test_bad_input_exits_2(speed, capsys, restore_torch_state, argv, message):
+    with pytest.raises(SystemExit) as e:
+        speed.main(argv + ["--threads", "1"])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_too_large_says_what_fits(speed, capsys, restore_torch_state):
+    with pytest.raises(SystemExit):
+        speed.main(["--models", "llama-tiny", "--contexts", "32768", "--batches", "512", "--memory-budget", "2GiB",
+                    "--threads", "1"])
+    err = capsys.readouterr().err
+    assert "llama-tiny float32 batch 512 × N 32768 needs" in err and "at batch 512 N ≤" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_cuda_without_gpu_exits_2(speed, capsys):
+    with pytest.raises(SystemExit) as e:
+        speed.main(["--quick", "--device", "cuda"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cuda" in err
+
+
+def test_parse_bytes(speed):
+    from speed_setup import parse_bytes
+    assert parse_bytes("8GiB") == 8 * 2 ** 30 and parse_bytes("512MiB") == 2 ** 29
+    assert parse_bytes("8e9") == 8 * 10 ** 9 and parse_bytes("1.5G") == 1.5e9
+    with pytest.raises(ValueError):
+        parse_bytes("8 parsecs")
