@@ -15,6 +15,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from . import quant
+from .ops import lowbit_attention  # noqa: F401  (registers torch.ops.kvfx.*)
 from .projections import Projections, SiteProjection
 
 
@@ -49,9 +50,9 @@ class _LowRankLayerMixin:
         if kind:
             k, v = quant.quantize(k, kind), (quant.quantize(v, kind) if rv else v.to(torch.int8))
         keys, values = self._store(k, v, *args, **kwargs)
-        if kind:
-            keys = quant.dequantize(keys, key_states.dtype, rk, kind)
-            values = quant.dequantize(values, key_states.dtype, rv, kind) if rv else values
+        if kind:  # one opaque node each: a decode step reads the codes directly (kvfx::decode_attention)
+            keys = torch.ops.kvfx.dequantize(keys, rk, kind, key_states.dtype)
+            values = torch.ops.kvfx.dequantize(values, rv, kind, key_states.dtype) if rv else values
         if self.kvfx_shared:
             return torch.matmul(keys, self.kvfx_key_up), torch.matmul(keys, self.kvfx_value_up)
         return torch.matmul(keys, self.kvfx_key_up), torch.matmul(values, self.kvfx_value_up)

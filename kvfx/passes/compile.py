@@ -1,4 +1,4 @@
-"""Pass 4 — compile: the Dynamo backend that runs match → rewrite → fold, then the user's compiler.
+"""Pass 5 — compile: the Dynamo backend that runs match → rewrite → fold → decode, then the user's compiler.
 
 Why a backend (and not Inductor's pre_grad_custom_pass): a backend sees Dynamo's torch-IR graph with
 the real parameters in `example_inputs`, so folds can compute W·A once from real weights, new tensors

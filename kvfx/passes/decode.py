@@ -12,11 +12,17 @@ rows of one attention call over their kv head instead, as MLA's absorbed decode 
 Exact when the mask (if any) is the same for every head and the one query row ([b|1, 1, 1, N]: it broadcasts
 over the g rows) and `is_causal` is False (transformers never sets it for one query token). Runs after fold
 and only touches SDPA's inputs and output, so it composes with every rewrite form.
+
+Over low-bit latents (kvfx's int8 / int4 cache) the step's SDPA(q, dequantize(K), dequantize(V)) becomes
+`kvfx::decode_attention` on the stored codes (kvfx/ops/lowbit_attention.py): decoded where they are consumed,
+never copied to a float cache.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
+
+from ..ops import lowbit_attention  # noqa: F401  (registers torch.ops.kvfx.*)
 
 from ..projections import SiteProjection
 from . import graph_utils as gu
@@ -55,8 +61,14 @@ def _mask_per_row(mask) -> bool:
     return shape is not None and len(shape) == 4 and gu.static_int(shape[1]) == 1 and gu.static_int(shape[2]) == 1
 
 
+def _dequantized(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (
+        torch.ops.kvfx.dequantize.default, torch.ops.kvfx.dequantize)
+
+
 def group_decode_queries(g: fx.Graph, site: AttentionSite, proj: SiteProjection) -> bool:
-    """Fold the query heads of each kv group into the query axis of a one-token step; True if done."""
+    """Rewrite a one-token step's attention: fold the query heads of each kv group into the query axis, and over
+    low-bit latents call kvfx::decode_attention on the stored codes. True if the site was rewritten."""
     args = gu.sdpa_args(site.sdpa)
     heads = site.num_heads
     if not site.lowrank_cache or site.query_len != 1:
@@ -65,20 +77,36 @@ def group_decode_queries(g: fx.Graph, site: AttentionSite, proj: SiteProjection)
         return False
     key, value = unrepeat(args["key"]), unrepeat(args["value"])
     kv_heads = _heads(key)
-    if kv_heads is None or kv_heads != _heads(value) or kv_heads >= heads or heads % kv_heads:
+    if kv_heads is None or kv_heads != _heads(value) or heads % kv_heads:
         return False
     group, rq, rv = heads // kv_heads, proj.key_up.shape[-1], proj.value_up.shape[-1]
-    sdpa = site.sdpa
-    with g.inserting_before(sdpa):
-        q = g.call_method("reshape", (args["query"], -1, kv_heads, group, rq))
-    old = (args["key"], args["value"])
-    gu.set_sdpa_args(sdpa, query=q, key=key, value=value, enable_gqa=False)
-    for n in old:
+    lowbit = _dequantized(key) and _dequantized(value)
+    if group == 1 and not lowbit:
+        return False
+    sdpa, old = site.sdpa, (args["key"], args["value"])
+    q = args["query"]
+    if group > 1:
+        with g.inserting_before(sdpa):
+            q = g.call_method("reshape", (q, -1, kv_heads, group, rq))
+        counters["kvfx"]["decode_grouped"] += 1
+    if lowbit:  # the stored codes, read once: no float copy of the cache
+        with g.inserting_before(sdpa):
+            (kc, rk, kind, _), (vc, rv_stored, _, _) = key.args, value.args
+            shared = value is key
+            new = g.call_function(torch.ops.kvfx.decode_attention.default,
+                                  (q, kc, vc, rk, rv_stored, kind, site.scale, args.get("attn_mask"), shared))
+        sdpa.replace_all_uses_with(new)
+        g.erase_node(sdpa)
+        site.sdpa = sdpa = new
+        counters["kvfx"]["lowbit_decode"] += 1
+    else:
+        gu.set_sdpa_args(sdpa, query=q, key=key, value=value, enable_gqa=False)
+    for n in dict.fromkeys(old):  # shared latent: key and value are one node
         _erase_dead(g, n)
-    with g.inserting_after(sdpa):
-        out = g.call_method("reshape", (sdpa, -1, heads, 1, rv))
-    sdpa.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
-    counters["kvfx"]["decode_grouped"] += 1
+    if group > 1:
+        with g.inserting_after(sdpa):
+            out = g.call_method("reshape", (sdpa, -1, heads, 1, rv))
+        sdpa.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
     return True
 
 
@@ -91,6 +119,8 @@ def _erase_dead(g: fx.Graph, node: fx.Node) -> None:
         src = node.args[0]
         g.erase_node(node)
         node = src
+    if _dequantized(node) and not node.users:
+        g.erase_node(node)
 
 
 def group_decode_sites(gm: fx.GraphModule, sites, projections) -> None:

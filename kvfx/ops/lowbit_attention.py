@@ -1,0 +1,114 @@
+"""Custom ops for low-bit latents: `kvfx::dequantize` and `kvfx::decode_attention`.
+
+kvfx's cache reads its int8 / int4 rows through `torch.ops.kvfx.dequantize`, one opaque node in the captured
+graph. A decode step (one query token, see passes/decode.py) then turns SDPA(q, dequantize(K), dequantize(V))
+into `torch.ops.kvfx.decode_attention(q, K, V, ...)`, which reads the stored codes once and never writes a float
+copy of the cache — the plain-torch form (`reference`) dequantises the whole cache every step, a write and a
+re-read of a copy several times larger than what is stored.
+
+CPU: a C++ kernel (lowbit_attention.cpp), built on first use with torch.utils.cpp_extension (needs a C++
+compiler and ninja; cached under ~/.cache/torch_extensions). Without them, and on other devices (no Triton kernel
+yet), the op runs `reference`: the same numbers, without the saving. `kernel_available()` says which.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import quant
+
+log = logging.getLogger(__name__)
+_BITS = {"int8": 8, "int4": 4}
+_EXT: dict = {}
+
+
+@torch.library.custom_op("kvfx::dequantize", mutates_args=())
+def dequantize(stored: torch.Tensor, width: int, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """[..., row_bytes(width)] int8 rows -> [..., width] in `dtype` (kvfx.quant.dequantize as one graph node)."""
+    return quant.dequantize(stored, dtype, width, kind)
+
+
+@dequantize.register_fake
+def _(stored, width, kind, dtype):
+    return stored.new_empty((*stored.shape[:-1], width), dtype=dtype)
+
+
+def _additive(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """SDPA's mask [b|1, 1, 1, N] (bool: True = attend, or additive float) as [b|1, N] additive float32."""
+    if mask is None:
+        return None
+    mask = mask.reshape(mask.shape[0], n)
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, -math.inf)
+    return mask.float()
+
+
+def reference(q, kc, vc, rk: int, rv: int, kind: str, scale: float, mask=None, shared: bool = False):
+    """Plain torch: dequantise the whole cache, then SDPA. q [b, h, g, Rk]; codes [b, h, N, row bytes]."""
+    k = quant.dequantize(kc, torch.float32, rk, kind)
+    v = k if shared else quant.dequantize(vc, torch.float32, rv, kind)
+    m = _additive(mask, kc.shape[2])
+    m = None if m is None else m[:, None, None, :]
+    return F.scaled_dot_product_attention(q.float(), k, v, attn_mask=m, scale=scale).to(q.dtype)
+
+
+def _extension():
+    """The compiled CPU kernel module, or None (built once per process; failures logged once)."""
+    if "module" not in _EXT:
+        _EXT["module"] = None
+        try:
+            from torch.utils.cpp_extension import load_inline
+            src = (Path(__file__).with_name("lowbit_attention.cpp")).read_text()
+            flags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-math",
+                     "-fno-signed-zeros", "-fno-trapping-math"]
+            _EXT["module"] = load_inline("kvfx_lowbit_attention", cpp_sources=[src], functions=["decode_attention"],
+                                         extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception as e:  # noqa: BLE001 - no compiler / ninja: fall back to the reference, say so once
+            log.warning("kvfx: low-bit decode kernel not built (%s); decode dequantises the cache instead "
+                        "(same numbers, slower). Install a C++ compiler and `pip install ninja`.", e)
+    return _EXT["module"]
+
+
+def kernel_available(device: str | torch.device = "cpu") -> bool:
+    return torch.device(device).type == "cpu" and _extension() is not None
+
+
+@torch.library.custom_op("kvfx::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rk: int, rv: int, kind: str,
+                     scale: float, mask: torch.Tensor | None, shared: bool) -> torch.Tensor:
+    """softmax(scale·q·Kᵀ + mask)·V over stored low-bit rows; q [b, h, g, Rk] -> [b, h, g, Rv]."""
+    ext = _extension() if q.device.type == "cpu" else None
+    if ext is None:
+        return reference(q, kc, vc, rk, rv, kind, scale, mask, shared)
+    m = _additive(mask, kc.shape[2])
+    empty = torch.empty(0, dtype=torch.float32)
+    rv = rk if shared else rv
+    out = ext.decode_attention(_split_nibbles(q.float(), kind), kc, kc if shared else vc, rk, rv, _BITS[kind],
+                               scale, empty if m is None else m, shared)
+    return _join_nibbles(out, rv, kind).to(q.dtype)
+
+
+def _split_nibbles(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """int4 rows decode as [even columns | odd columns] (low, then high nibbles), each ⌈R/2⌉ wide."""
+    if kind != "int4":
+        return x.contiguous()
+    even, odd = x[..., 0::2], x[..., 1::2]
+    if odd.shape[-1] < even.shape[-1]:
+        odd = torch.cat((odd, odd.new_zeros(*odd.shape[:-1], 1)), -1)
+    return torch.cat((even, odd), -1).contiguous()
+
+
+def _join_nibbles(x: torch.Tensor, width: int, kind: str) -> torch.Tensor:
+    if kind != "int4":
+        return x
+    half = x.shape[-1] // 2
+    return torch.stack((x[..., :half], x[..., half:]), -1).flatten(-2)[..., :width]
+
+
+@decode_attention.register_fake
+def _(q, kc, vc, rk, rv, kind, scale, mask, shared):
+    return q.new_empty((*q.shape[:-1], rk if shared else rv))
