@@ -31,7 +31,7 @@ from kvfx.models import load_default_model  # noqa: E402
 from kvfx.quant import row_bytes  # noqa: E402
 from kvfx.rotate import rotation_seeds  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+from results_file import RESULTS, write_section  # noqa: E402  (benchmarks/ is the script's own folder)
 
 
 def evaluate(model, windows) -> float:
@@ -262,15 +262,7 @@ def table(rows, args) -> str:
 
 
 def write_results(text: str, section: str = "quality") -> None:
-    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
-    body = RESULTS.read_text() if RESULTS.exists() else "# kvfx benchmark results\n"
-    block = f"{begin}\n{text}{end}"
-    if begin in body:
-        pre, rest = body.split(begin, 1)
-        body = pre + block + rest.split(end, 1)[1]
-    else:
-        body = body.rstrip() + f"\n\n## {section}: SmolLM2-135M-Instruct, WikiText-2 perplexity\n\n" + block + "\n"
-    RESULTS.write_text(body)
+    write_section(text, section, f"{section}: SmolLM2-135M-Instruct, WikiText-2 perplexity", RESULTS)
 
 
 def main(argv=None) -> None:

@@ -327,6 +327,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="also write every measured row to this JSON file")
     p.add_argument("--write", action="store_true", help='record the tables in --results ("## Decode speed" section)')
     p.add_argument("--results", type=Path, default=RESULTS, help="the file --write edits (benchmarks/RESULTS.md)")
+    p.add_argument("--section", default="speed", help="the marked section --write replaces (one per setting)")
     args = p.parse_args(argv)
     if args.configs == ["all"]:
         args.configs = DEFAULT_CONFIGS
@@ -394,7 +395,7 @@ def main(argv=None) -> dict:
     if args.plot:
         plot(res, args.plot)
     if args.write:
-        write_results(text, args.results)
+        write_results(text, args.results, args.section)
     return res
 
 

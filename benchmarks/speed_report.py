@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
+from results_file import RESULTS, write_section
 from speed_setup import GiB, MiB
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def _x(v, fmt="{:.2f}×"):
@@ -73,16 +73,8 @@ def header(res: dict, args) -> str:
 
 
 def write_results(text: str, path: Path = RESULTS, section: str = "speed") -> None:
-    """Replace the "Decode speed" section of RESULTS.md (between its markers), or append it."""
-    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
-    body = path.read_text() if path.exists() else "# kvfx benchmark results\n"
-    block = f"{begin}\n{text}{end}"
-    if begin in body:
-        pre, rest = body.split(begin, 1)
-        body = pre + block + rest.split(end, 1)[1]
-    else:
-        body = body.rstrip() + "\n\n## Decode speed\n\n" + block + "\n"
-    path.write_text(body)
+    """Replace a "Decode speed" section of RESULTS.md (between its markers), or append it."""
+    write_section(text, section, "Decode speed" + ("" if section == "speed" else f" ({section})"), path)
     print(f"wrote the Decode speed section of {path}")
 
 

@@ -29,7 +29,7 @@ _EXT: dict = {}
 @torch.library.custom_op("kvfx::dequantize", mutates_args=())
 def dequantize(stored: torch.Tensor, width: int, kind: str, dtype: torch.dtype) -> torch.Tensor:
     """[..., row_bytes(width)] int8 rows -> [..., width] in `dtype` (kvfx.quant.dequantize as one graph node)."""
-    return quant.dequantize(stored, dtype, width, kind)
+    return quant.dequantize(stored, dtype, width, kind).contiguous()  # what the fake kernel promises
 
 
 @dequantize.register_fake
@@ -83,13 +83,13 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rk: in
     """softmax(scale·q·Kᵀ + mask)·V over stored low-bit rows; q [b, h, g, Rk] -> [b, h, g, Rv]."""
     ext = _extension() if q.device.type == "cpu" else None
     if ext is None:
-        return reference(q, kc, vc, rk, rv, kind, scale, mask, shared)
+        return reference(q, kc, vc, rk, rv, kind, scale, mask, shared).contiguous()
     m = _additive(mask, kc.shape[2])
     empty = torch.empty(0, dtype=torch.float32)
     rv = rk if shared else rv
     out = ext.decode_attention(_split_nibbles(q.float(), kind), kc, kc if shared else vc, rk, rv, _BITS[kind],
                                scale, empty if m is None else m, shared)
-    return _join_nibbles(out, rv, kind).to(q.dtype)
+    return _join_nibbles(out, rv, kind).to(q.dtype).contiguous()  # contiguous, as the fake kernel says
 
 
 def _split_nibbles(x: torch.Tensor, kind: str) -> torch.Tensor:

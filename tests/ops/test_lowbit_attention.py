@@ -89,3 +89,13 @@ def test_decode_steps_read_the_codes(quantize, kind):
     decode = cm._kvfx.backend.graphs[-1].graph
     assert any(n.target is torch.ops.kvfx.decode_attention.default for n in decode.nodes)
     assert not any(n.target is torch.ops.kvfx.dequantize.default for n in decode.nodes)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_opcheck(kind):
+    """Fake kernels agree with the real ones (shapes, strides, dtypes) — what Inductor relies on."""
+    q, kc, vc, m = _case(1, 2, 3, 20, 9, 7, kind, "bool", False, 3)  # odd widths: int4 pads a row
+    torch.library.opcheck(torch.ops.kvfx.decode_attention.default, (q, kc, vc, 9, 7, kind, 0.3, m, False),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.kvfx.dequantize.default, (kc, 9, kind, torch.float32),
+                          test_utils=("test_schema", "test_faketensor"))

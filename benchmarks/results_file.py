@@ -1,0 +1,19 @@
+"""benchmarks/RESULTS.md: one marked section per benchmark, replaced in place when the benchmark reruns."""
+from __future__ import annotations
+
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def write_section(text: str, section: str, title: str, path: Path = RESULTS) -> None:
+    """Replace the text between `<!-- {section}:begin -->` and `<!-- {section}:end -->`, or append it under `## title`."""
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    body = path.read_text() if path.exists() else "# kvfx benchmark results\n"
+    block = f"{begin}\n{text}{end}"
+    if begin in body:
+        pre, rest = body.split(begin, 1)
+        body = pre + block + rest.split(end, 1)[1]
+    else:
+        body = body.rstrip() + f"\n\n## {title}\n\n" + block + "\n"
+    path.write_text(body)
