@@ -85,7 +85,8 @@ class _Slot:
         whole storage would be contiguous, and Dynamo guards on that (a recompile the step the storage fills)."""
         n, q = self.filled.shape[-1], x.shape[-2]
         if self.storage is None or self.storage.shape[-2] <= n + q or self.storage.shape[0] != x.shape[0]:
-            capacity = torch.sym_max(n + q + (n + q) // 4 + 256, room.shape[-1] + 1)
+            # the reservation exactly while it suffices (a guard only in this branch), else a quarter more
+            capacity = room.shape[-1] + 1 if room.shape[-1] >= n + q else n + q + (n + q) // 4 + 256
             grown = x.new_empty(*x.shape[:2], capacity, x.shape[3])
             if n:
                 grown[:, :, :n] = self.storage[:, :, :n]

@@ -279,3 +279,17 @@ def compressed_kl(m, proj, seqs, quantize=None) -> float:
     finally:
         kvfx.decompress(mc)
         torch._dynamo.reset()
+
+
+def decode_steps_without_recompiles(model, logits, kw: dict, steps: int, warmup: int = 4):
+    """Greedy one-token steps through `model` with cache kwargs `kw`: `warmup` steps that may compile (the static
+    decode graph, then its symbolic version), then `steps` under fail_on_recompile. Returns the last logits."""
+    for _ in range(warmup):
+        logits = model(logits[:, -1:].argmax(-1), **kw).logits
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        for _ in range(steps):
+            logits = model(logits[:, -1:].argmax(-1), **kw).logits
+    finally:
+        torch.compiler.set_stance("default")
+    return logits

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kvfx
-from helpers import VOCAB, random_projections, tiny_llama
+from helpers import VOCAB, decode_steps_without_recompiles, random_projections, tiny_llama
 from kvfx.compress import cache_kwarg
 
 pytestmark = [pytest.mark.gpu,
@@ -51,15 +51,7 @@ def test_static_cache_takes_cuda_graphs_without_recompiles(llama):
     cache = kvfx.make_cache(cm, max_cache_len=ids.shape[1] + 40)
     kw = {cache_kwarg(cm): cache, "use_cache": True}
     with torch.no_grad():
-        logits = cm(ids, **kw).logits
-        for _ in range(4):
-            logits = cm(logits[:, -1:].argmax(-1), **kw).logits
-        torch.compiler.set_stance("fail_on_recompile")
-        try:
-            for _ in range(32):
-                logits = cm(logits[:, -1:].argmax(-1), **kw).logits
-        finally:
-            torch.compiler.set_stance("default")
+        logits = decode_steps_without_recompiles(cm, cm(ids, **kw).logits, kw, 32)
     assert torch.isfinite(logits.float()).all()
 
 

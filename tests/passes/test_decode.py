@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import kvfx
-from helpers import VOCAB, model_inputs, random_projections, reference_greedy, tiny_llama
+from helpers import (VOCAB, decode_steps_without_recompiles, model_inputs, random_projections,
+                     reference_greedy, tiny_llama)
 from kvfx.compress import cache_kwarg
 from kvfx.passes import graph_utils as gu
 
@@ -141,15 +142,8 @@ def test_256_decode_steps_compile_nothing_after_warm_up(llama, kind):
     cache = kvfx.make_cache(cm, max_cache_len=4 + 4 + 256)
     kw = {cache_kwarg(cm): cache, "use_cache": True}
     with torch.no_grad():
-        logits = cm(ids, **kw).logits
-        for _ in range(4):  # warm-up: static decode graph, then its symbolic version
-            logits = cm(logits[:, -1:].argmax(-1), **kw).logits
+        logits = decode_steps_without_recompiles(cm, cm(ids, **kw).logits, kw, 0)  # warm-up: may compile
         graphs = kvfx.counters["kvfx"]["graphs"]
-        torch.compiler.set_stance("fail_on_recompile")
-        try:
-            for _ in range(256):
-                logits = cm(logits[:, -1:].argmax(-1), **kw).logits
-        finally:
-            torch.compiler.set_stance("default")
+        decode_steps_without_recompiles(cm, logits, kw, 256, warmup=0)
     assert kvfx.counters["kvfx"]["graphs"] == graphs
     assert cache.get_seq_length() == 4 + 4 + 256
