@@ -12,6 +12,9 @@
 //                             int4: ceil(R/2) bytes of two codes (low nibble first), then one e per 32 numbers.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstring>
@@ -21,7 +24,13 @@
 
 namespace {
 
-constexpr int kBlock = 64;   // rows decoded per block
+constexpr int W = 16;  // lanes of one vector (GCC/Clang vector extensions: AVX-512 here, two AVX2 or four NEON ops elsewhere)
+typedef float vf __attribute__((vector_size(64)));
+typedef float vf_u __attribute__((vector_size(64), aligned(4)));  // for unaligned loads and stores
+
+inline vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
+inline void store(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 struct Format {
   int bits, width, group, code_bytes, row_bytes, decoded;
@@ -35,23 +44,115 @@ struct Format {
 
 // int8: out = the row's R numbers. int4: out = [even columns | odd columns] (the low and high nibbles of the
 // code bytes, each a contiguous run: the loops vectorise); the caller permutes q and the output to match.
-inline void decode_row(const int8_t* row, const Format& f, const float* lut, float* out) {
+inline void decode_row(const int8_t* __restrict row, const Format& f, const float* lut, float* __restrict out) {
   const int8_t* e = row + f.code_bytes;
   if (f.bits == 8) {
     const float s = lut[e[0] + 128];
-    for (int c = 0; c < f.width; ++c) out[c] = s * static_cast<float>(row[c]);
+    int c = 0;
+#if defined(__AVX512F__)
+    const __m512 sv = _mm512_set1_ps(s);
+    for (; c + 16 <= f.width; c += 16)
+      _mm512_storeu_ps(out + c, _mm512_mul_ps(sv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c))))));
+#endif
+    for (; c < f.width; ++c) out[c] = s * static_cast<float>(row[c]);
     return;
   }
   float* lo = out;
   float* hi = out + f.code_bytes;
-  for (int j0 = 0, gi = 0; j0 < f.code_bytes; j0 += 16, ++gi) {  // 16 bytes = one group of 32 numbers
+  int j0 = 0, gi = 0;
+#if defined(__AVX512F__)  // GCC 12 scalarises __builtin_convertvector from int8 lanes: widen with intrinsics
+  for (; j0 + 16 <= f.code_bytes; j0 += 16, ++gi) {  // 16 bytes = one group of 32 numbers, one vector each half
+    const __m512i w = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j0)));
+    const __m512 s = _mm512_set1_ps(lut[e[gi] + 128]);
+    _mm512_storeu_ps(lo + j0, _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 28), 28))));
+    _mm512_storeu_ps(hi + j0, _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_srai_epi32(w, 4))));
+  }
+#endif
+  if (j0 < f.code_bytes) {  // the last, shorter group
     const float s = lut[e[gi] + 128];
-    const int end = std::min(f.code_bytes, j0 + 16);
-    for (int j = j0; j < end; ++j) {
+    for (int j = j0; j < f.code_bytes; ++j) {
       const int8_t byte = row[j];
       lo[j] = s * static_cast<float>(static_cast<int8_t>(byte << 4) >> 4);
       hi[j] = s * static_cast<float>(byte >> 4);
     }
+  }
+}
+
+// The 16 horizontal sums of a[0..15], as one vector (lane j = sum of a[j]): a shuffle-and-add tree, 15 adds.
+inline vf reduce16(const vf* a) {
+  vf b[8], c[4], d[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+    d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// Scores of one query row against 16 decoded key rows (row stride ld, nv vectors each): 16 accumulators in registers.
+inline vf dot16(const float* __restrict q, const float* __restrict k, int64_t ld, int64_t nv) {
+  vf acc[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) acc[j] = vf{};
+  for (int64_t v = 0; v < nv; ++v) {
+    const vf qv = load(q + v * W);
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) acc[j] += qv * load(k + j * ld + v * W);
+  }
+  return reduce16(acc);
+}
+
+// o[g, t] += sum_r p[g, r] * v[r, t] for GT query rows and T vectors of output columns, accumulated in registers.
+template <int GT, int T>
+void accumulate(const float* __restrict p, int64_t ldp, const float* __restrict v, int64_t ldv, int rows,
+                float* __restrict o, int64_t ldo) {
+  vf acc[GT][T];
+  for (int g = 0; g < GT; ++g)
+    for (int t = 0; t < T; ++t) acc[g][t] = load(o + g * ldo + t * W);
+  for (int r = 0; r < rows; ++r) {
+    vf vv[T];
+    for (int t = 0; t < T; ++t) vv[t] = load(v + r * ldv + t * W);
+    for (int g = 0; g < GT; ++g) {
+      const vf pg = vf{} + p[g * ldp + r];
+      for (int t = 0; t < T; ++t) acc[g][t] += pg * vv[t];
+    }
+  }
+  for (int g = 0; g < GT; ++g)
+    for (int t = 0; t < T; ++t) store(o + g * ldo + t * W, acc[g][t]);
+}
+
+template <int GT>
+void accumulate_cols(const float* p, int64_t ldp, const float* v, int64_t ldv, int rows, float* o, int64_t ldo,
+                     int64_t nv) {
+  int64_t t = 0;
+  for (; t + 4 <= nv; t += 4) accumulate<GT, 4>(p, ldp, v + t * W, ldv, rows, o + t * W, ldo);
+  switch (nv - t) {
+    case 3: accumulate<GT, 3>(p, ldp, v + t * W, ldv, rows, o + t * W, ldo); break;
+    case 2: accumulate<GT, 2>(p, ldp, v + t * W, ldv, rows, o + t * W, ldo); break;
+    case 1: accumulate<GT, 1>(p, ldp, v + t * W, ldv, rows, o + t * W, ldo); break;
+    default: break;
+  }
+}
+
+// The block's value sum for all G query rows, four at a time.
+void accumulate_values(const float* p, int64_t ldp, const float* v, int64_t ldv, int rows, float* o, int64_t ldo,
+                       int64_t G, int64_t nv) {
+  int64_t g = 0;
+  for (; g + 4 <= G; g += 4) accumulate_cols<4>(p + g * ldp, ldp, v, ldv, rows, o + g * ldo, ldo, nv);
+  switch (G - g) {
+    case 3: accumulate_cols<3>(p + g * ldp, ldp, v, ldv, rows, o + g * ldo, ldo, nv); break;
+    case 2: accumulate_cols<2>(p + g * ldp, ldp, v, ldv, rows, o + g * ldo, ldo, nv); break;
+    case 1: accumulate_cols<1>(p + g * ldp, ldp, v, ldv, rows, o + g * ldo, ldo, nv); break;
+    default: break;
   }
 }
 
@@ -76,25 +177,47 @@ inline float exp_nonpositive(float x) {
 
 }  // namespace
 
-// q [B, H, G, decoded Rk] float32 (int4: even columns, then odd, zero-padded); kc [B, H, N, kb] int8; vc [B, H, N, vb] int8 (ignored when shared: V = K rows);
-// mask: [B or 1, N] float32 additive or an empty tensor. Returns [B, H, G, decoded Rv] float32 (int4: the same order).
+// q [B, H, G, Rk] float32; kc [B, H, N, kb] int8 and vc [B, H, N, vb] int8, any strides with contiguous rows (vc is
+// ignored when shared: V = K rows); mask: None or [B or 1, N], bool (true = attend) or float32 (added to the scores).
+// Returns [B, H, G, Rv] float32. int4 rows decode as [even columns | odd columns] (decode_row): the query is gathered
+// into that order and the output scattered back here.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64_t rk, int64_t rv,
-                               int64_t bits, double scale, torch::Tensor mask, bool shared) {
+                               int64_t bits, double scale, c10::optional<torch::Tensor> mask_opt, bool shared) {
   TORCH_CHECK(q.dim() == 4 && kc.dim() == 4 && q.scalar_type() == torch::kFloat32, "q must be [B, H, G, R] float32");
   TORCH_CHECK(kc.scalar_type() == torch::kInt8 && vc.scalar_type() == torch::kInt8, "codes must be int8");
-  q = q.contiguous(); kc = kc.contiguous(); vc = vc.contiguous();
+  // The cache hands over views of its reserved storage ([:, :, :N] of [B, H, capacity, row bytes]): read them
+  // in place through their strides (a contiguous copy would write the whole cache every step).
+  q = q.contiguous();
+  if (kc.stride(3) != 1) kc = kc.contiguous();
+  if (vc.stride(3) != 1) vc = vc.contiguous();
   const int64_t B = q.size(0), H = q.size(1), G = q.size(2), N = kc.size(2);
-  const Format fk(bits, rk), fv(bits, shared ? rk : rv);
+  if (shared) rv = rk;
+  const Format fk(bits, rk), fv(bits, rv);
   TORCH_CHECK(kc.size(3) == fk.row_bytes, "key rows hold ", kc.size(3), " bytes, expected ", fk.row_bytes);
   TORCH_CHECK(shared || vc.size(3) == fv.row_bytes, "value rows hold ", vc.size(3), " bytes, expected ", fv.row_bytes);
-  const bool has_mask = mask.numel() > 0;
+  TORCH_CHECK(q.size(3) == rk, "q has ", q.size(3), " columns, the key rows ", rk);
+  torch::Tensor mask;
+  const bool has_mask = mask_opt.has_value() && mask_opt->numel() > 0;
   if (has_mask) {
-    mask = mask.contiguous();
-    TORCH_CHECK(mask.size(-1) == N && mask.scalar_type() == torch::kFloat32, "mask must be [B|1, N] float32");
+    mask = mask_opt->contiguous();
+    TORCH_CHECK(mask.dim() == 2 && mask.size(1) == N && (mask.size(0) == 1 || mask.size(0) == B) &&
+                (mask.scalar_type() == torch::kFloat32 || mask.scalar_type() == torch::kBool),
+                "mask must be [B|1, N], bool or float32");
   }
+  const bool bool_mask = has_mask && mask.scalar_type() == torch::kBool;
   const int64_t mask_b = has_mask ? mask.size(0) : 0;
   const int64_t Rk = fk.decoded, Rv = fv.decoded;
-  TORCH_CHECK(q.size(3) == Rk, "q has ", q.size(3), " columns, the decoded key rows ", Rk);
+  // decoded column j holds original column src(j): int8 j; int4 2j (low nibbles), then 2(j - half) + 1
+  auto source = [&](const Format& f, int64_t j) -> int64_t {
+    if (f.bits == 8) return j;
+    const int64_t col = j < f.code_bytes ? 2 * j : 2 * (j - f.code_bytes) + 1;
+    return col < f.width ? col : -1;  // the padding nibble of an odd width
+  };
+  // decoded rows are zero-padded to whole vectors; a block of rows (a multiple of 16) stays within ~24 KiB
+  const int64_t Rkp = round_up(std::max<int64_t>(Rk, 1), W), Rvp = round_up(std::max<int64_t>(Rv, 1), W);
+  const int64_t nvk = Rkp / W, nvv = Rvp / W;
+  const int64_t row_floats = Rkp + (shared ? 0 : Rvp);
+  const int block = static_cast<int>(std::clamp<int64_t>(24576 / (4 * row_floats) / 16 * 16, 16, 128));
 
   float lut[256];
   for (int e = -128; e < 128; ++e) lut[e + 128] = std::exp2(static_cast<float>(e) / 8.0f);
@@ -104,122 +227,118 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
   int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((N + 255) / 256, (2 * threads + B * H - 1) / (B * H)));
   const int64_t chunk = (N + chunks - 1) / chunks;
   chunks = (N + chunk - 1) / chunk;
-  std::vector<float> part_m(B * H * chunks * G), part_l(B * H * chunks * G), part_o(B * H * chunks * G * Rv);
+  std::vector<float> part_m(B * H * chunks * G), part_l(B * H * chunks * G), part_o(B * H * chunks * G * Rvp);
 
   const float* qp = q.data_ptr<float>();
   const int8_t* kp = kc.data_ptr<int8_t>();
   const int8_t* vp = shared ? kp : vc.data_ptr<int8_t>();
-  const int64_t vrow = shared ? fk.row_bytes : fv.row_bytes;
-  const float* mp = has_mask ? mask.data_ptr<float>() : nullptr;
+  const int64_t ksb = kc.stride(0), ksh = kc.stride(1), ksn = kc.stride(2);
+  const int64_t vsb = shared ? ksb : vc.stride(0), vsh = shared ? ksh : vc.stride(1), vsn = shared ? ksn : vc.stride(2);
+  const float* mp = has_mask && !bool_mask ? mask.data_ptr<float>() : nullptr;
+  const bool* mbp = bool_mask ? mask.data_ptr<bool>() : nullptr;
   const float sc = static_cast<float>(scale);
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
   at::parallel_for(0, B * H * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kbuf(kBlock * Rk), vbuf(shared ? 0 : kBlock * Rv), s(G * kBlock);
+    // zero-initialised: the padding columns stay zero (decode_row writes the first Rk / Rv columns only)
+    std::vector<float> kbuf(block * Rkp, 0.0f), vbuf(shared ? 0 : block * Rvp, 0.0f), s(G * block), qs(G * Rkp, 0.0f);
+    const float* vb = shared ? kbuf.data() : vbuf.data();
+    const int64_t ldv = shared ? Rkp : Rvp;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / chunks, c = task % chunks, b = bh / H;
+      const int64_t bh = task / chunks, c = task % chunks, b = bh / H, h = bh % H;
+      const int8_t* krows = kp + b * ksb + h * ksh;
+      const int8_t* vrows = vp + b * vsb + h * vsh;
       const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-      const float* qb = qp + bh * G * Rk;
+      for (int64_t g = 0; g < G; ++g)  // the softmax scale folded into the query rows
+        for (int64_t j = 0; j < Rk; ++j) {
+          const int64_t col = source(fk, j);
+          qs[g * Rkp + j] = col < 0 ? 0.0f : sc * qp[(bh * G + g) * rk + col];
+        }
       float* m = &part_m[task * G];
       float* l = &part_l[task * G];
-      float* o = &part_o[task * G * Rv];
-      std::fill(m, m + G, -std::numeric_limits<float>::infinity());
+      float* o = &part_o[task * G * Rvp];
+      std::fill(m, m + G, kNegInf);
       std::fill(l, l + G, 0.0f);
-      std::fill(o, o + G * Rv, 0.0f);
-      for (int64_t r0 = n0; r0 < n1; r0 += kBlock) {
-        const int rows = static_cast<int>(std::min<int64_t>(kBlock, n1 - r0));
+      std::fill(o, o + G * Rvp, 0.0f);
+      for (int64_t r0 = n0; r0 < n1; r0 += block) {
+        const int rows = static_cast<int>(std::min<int64_t>(block, n1 - r0));
+        const int padded = static_cast<int>(round_up(rows, 16));
         for (int r = 0; r < rows; ++r)
-          decode_row(kp + (bh * N + r0 + r) * fk.row_bytes, fk, lut, &kbuf[r * Rk]);
-        const float* vb = kbuf.data();
-        if (!shared) {
-          for (int r = 0; r < rows; ++r) decode_row(vp + (bh * N + r0 + r) * vrow, fv, lut, &vbuf[r * Rv]);
-          vb = vbuf.data();
+          decode_row(krows + (r0 + r) * ksn, fk, lut, &kbuf[r * Rkp]);
+        if (!shared)
+          for (int r = 0; r < rows; ++r) decode_row(vrows + (r0 + r) * vsn, fv, lut, &vbuf[r * Rvp]);
+        if (padded > rows) {  // the last tile's spare rows: zero keys and values, score -inf
+          std::fill(&kbuf[rows * Rkp], &kbuf[padded * Rkp], 0.0f);
+          if (!shared) std::fill(&vbuf[rows * Rvp], &vbuf[padded * Rvp], 0.0f);
         }
-        const float* mrow = has_mask ? mp + (mask_b == 1 ? 0 : b) * N + r0 : nullptr;
-        // scores of the block: four query rows at a time share each decoded key row
-        int64_t g = 0;
-        for (; g + 4 <= G; g += 4) {
-          const float *q0 = qb + g * Rk, *q1 = q0 + Rk, *q2 = q1 + Rk, *q3 = q2 + Rk;
-          for (int r = 0; r < rows; ++r) {
-            const float* kr = &kbuf[r * Rk];
-            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-            for (int64_t i = 0; i < Rk; ++i) {
-              const float k = kr[i];
-              a0 += q0[i] * k; a1 += q1[i] * k; a2 += q2[i] * k; a3 += q3[i] * k;
-            }
-            const float add = mrow ? mrow[r] : 0.0f;
-            s[(g + 0) * kBlock + r] = a0 * sc + add; s[(g + 1) * kBlock + r] = a1 * sc + add;
-            s[(g + 2) * kBlock + r] = a2 * sc + add; s[(g + 3) * kBlock + r] = a3 * sc + add;
-          }
+        const int64_t moff = (mask_b == 1 ? 0 : b) * N + r0;
+        const float* mrow = mp ? mp + moff : nullptr;
+        const bool* mbrow = mbp ? mbp + moff : nullptr;
+        for (int t = 0; t < padded; t += 16) {
+          alignas(64) float add[16];
+          for (int j = 0; j < 16; ++j)
+            add[j] = t + j >= rows ? kNegInf : mrow ? mrow[t + j] : mbrow && !mbrow[t + j] ? kNegInf : 0.0f;
+          const vf av = load(add);
+          for (int64_t g = 0; g < G; ++g) store(&s[g * block + t], dot16(&qs[g * Rkp], &kbuf[t * Rkp], Rkp, nvk) + av);
         }
-        for (; g < G; ++g) {
-          const float* qg = qb + g * Rk;
-          for (int r = 0; r < rows; ++r) {
-            const float* kr = &kbuf[r * Rk];
-            float acc = 0.0f;
-            for (int64_t i = 0; i < Rk; ++i) acc += qg[i] * kr[i];
-            s[g * kBlock + r] = acc * sc + (mrow ? mrow[r] : 0.0f);
-          }
-        }
-        // online softmax per query row, then the block's values
-        for (g = 0; g < G; ++g) {
-          float* sg = &s[g * kBlock];
-          float bmax = -std::numeric_limits<float>::infinity();
-          for (int r = 0; r < rows; ++r) bmax = std::max(bmax, sg[r]);
-          if (bmax == -std::numeric_limits<float>::infinity()) {  // every row of the block masked
-            std::fill(sg, sg + rows, 0.0f);
+        // online softmax per query row (the block's probabilities overwrite its scores), then the block's values
+        for (int64_t g = 0; g < G; ++g) {
+          float* sg = &s[g * block];
+          vf vmax = vf{} + kNegInf;  // spare rows hold -inf
+          for (int r = 0; r < padded; r += 16) { const vf x = load(sg + r); vmax = x > vmax ? x : vmax; }
+          float bmax = kNegInf;
+          for (int j = 0; j < W; ++j) bmax = std::max(bmax, vmax[j]);
+          if (bmax == kNegInf) {  // every row of the block masked
+            std::fill(sg, sg + padded, 0.0f);
             continue;
           }
           const float mnew = std::max(m[g], bmax);
-          const float corr = exp_nonpositive(m[g] - mnew);
-          float* og = o + g * Rv;
           if (m[g] != mnew) {
+            const float corr = exp_nonpositive(m[g] - mnew);
             l[g] *= corr;
-            for (int64_t i = 0; i < Rv; ++i) og[i] *= corr;
+            float* og = o + g * Rvp;
+            for (int64_t i = 0; i < Rvp; ++i) og[i] *= corr;
           }
           m[g] = mnew;
           float sum = 0.0f;
-          for (int r = 0; r < rows; ++r) {
-            sg[r] = exp_nonpositive(sg[r] - mnew);
+          for (int r = 0; r < padded; ++r) {
+            sg[r] = r < rows ? exp_nonpositive(sg[r] - mnew) : 0.0f;
             sum += sg[r];
           }
           l[g] += sum;
         }
-        for (g = 0; g < G; ++g) {
-          const float* pg = &s[g * kBlock];
-          float* og = o + g * Rv;
-          for (int r = 0; r < rows; ++r) {
-            const float p = pg[r];
-            const float* vr = vb + r * Rv;
-            for (int64_t i = 0; i < Rv; ++i) og[i] += p * vr[i];
-          }
-        }
+        accumulate_values(s.data(), block, vb, ldv, padded, o, Rvp, G, nvv);
       }
     }
   });
 
-  auto out = torch::empty({B, H, G, Rv}, q.options());
+  auto out = torch::empty({B, H, G, rv}, q.options());
   float* op = out.data_ptr<float>();
   at::parallel_for(0, B * H * G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(Rv);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t bh = i / G, g = i % G;
-      float mmax = -std::numeric_limits<float>::infinity();
+      float mmax = kNegInf;
       for (int64_t c = 0; c < chunks; ++c) mmax = std::max(mmax, part_m[(bh * chunks + c) * G + g]);
-      float* dst = op + i * Rv;
-      std::fill(dst, dst + Rv, 0.0f);
-      if (mmax == -std::numeric_limits<float>::infinity()) {  // every key masked: SDPA gives NaN
-        std::fill(dst, dst + Rv, std::numeric_limits<float>::quiet_NaN());
+      float* dst = op + i * rv;
+      if (mmax == kNegInf) {  // every key masked: SDPA gives NaN
+        std::fill(dst, dst + rv, std::numeric_limits<float>::quiet_NaN());
         continue;
       }
+      std::fill(acc.begin(), acc.end(), 0.0f);
       float total = 0.0f;
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t t = (bh * chunks + c) * G + g;
         const float w = std::exp(part_m[t] - mmax);
         if (w == 0.0f) continue;
         total += w * part_l[t];
-        const float* src = &part_o[t * Rv];
-        for (int64_t j = 0; j < Rv; ++j) dst[j] += w * src[j];
+        const float* src = &part_o[t * Rvp];
+        for (int64_t j = 0; j < Rv; ++j) acc[j] += w * src[j];
       }
-      for (int64_t j = 0; j < Rv; ++j) dst[j] /= total;
+      for (int64_t j = 0; j < Rv; ++j) {
+        const int64_t col = source(fv, j);
+        if (col >= 0) dst[col] = acc[j] / total;
+      }
     }
   });
   return out;

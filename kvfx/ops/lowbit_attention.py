@@ -84,29 +84,11 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rk: in
     ext = _extension() if q.device.type == "cpu" else None
     if ext is None:
         return reference(q, kc, vc, rk, rv, kind, scale, mask, shared).contiguous()
-    m = _additive(mask, kc.shape[2])
-    empty = torch.empty(0, dtype=torch.float32)
-    rv = rk if shared else rv
-    out = ext.decode_attention(_split_nibbles(q.float(), kind), kc, kc if shared else vc, rk, rv, _BITS[kind],
-                               scale, empty if m is None else m, shared)
-    return _join_nibbles(out, rv, kind).to(q.dtype).contiguous()  # contiguous, as the fake kernel says
-
-
-def _split_nibbles(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """int4 rows decode as [even columns | odd columns] (low, then high nibbles), each ⌈R/2⌉ wide."""
-    if kind != "int4":
-        return x.contiguous()
-    even, odd = x[..., 0::2], x[..., 1::2]
-    if odd.shape[-1] < even.shape[-1]:
-        odd = torch.cat((odd, odd.new_zeros(*odd.shape[:-1], 1)), -1)
-    return torch.cat((even, odd), -1).contiguous()
-
-
-def _join_nibbles(x: torch.Tensor, width: int, kind: str) -> torch.Tensor:
-    if kind != "int4":
-        return x
-    half = x.shape[-1] // 2
-    return torch.stack((x[..., :half], x[..., half:]), -1).flatten(-2)[..., :width]
+    # one call, no torch ops around it: the kernel takes SDPA's mask as it is and the columns in their order
+    m = None if mask is None else mask.reshape(mask.shape[0], kc.shape[2])
+    out = ext.decode_attention(q if q.dtype == torch.float32 else q.float(), kc, vc, rk, rv, _BITS[kind], scale, m,
+                               shared)
+    return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 @decode_attention.register_fake

@@ -55,6 +55,25 @@ def test_long_context_split_over_chunks_and_threads():
                                la.reference(q, kc, vc, 96, 96, "int4", 0.1, m, True), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_cache_views_are_read_in_place(kind, monkeypatch):
+    """The cache passes [:, :, :N] views of its reserved storage (strided over batch and heads): the kernel reads
+    them through their strides, with the reference's numbers, and never makes the contiguous copy of the cache that
+    `.contiguous()` would: the profiler sees no allocation as large as the cache, only the output."""
+    from torch.profiler import ProfilerActivity, profile
+    gen = torch.Generator().manual_seed(3)
+    storage = quant.quantize(torch.randn(2, 3, 900, 40, generator=gen), kind)
+    kc, vc = storage[:, :, :613], storage[:, :, 1:614]
+    assert not kc.is_contiguous()
+    q = torch.randn(2, 3, 4, 40, generator=gen)
+    m = torch.rand(2, 1, 1, 613, generator=gen) > 0.2
+    ref = la.reference(q, kc.contiguous(), vc.contiguous(), 40, 40, kind, 0.2, m)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = torch.ops.kvfx.decode_attention(q, kc, vc, 40, 40, kind, 0.2, m, False)
+    assert max(e.cpu_memory_usage for e in prof.events()) < kc.numel()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_bfloat16_queries_come_back_in_their_dtype():
     q, kc, vc, _ = _case(1, 2, 3, 50, 16, 16, "int8", None, False, 1)
     out = torch.ops.kvfx.decode_attention(q.bfloat16(), kc, vc, 16, 16, "int8", 0.25, None, False)
