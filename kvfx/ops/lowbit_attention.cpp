@@ -32,21 +32,58 @@ inline vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+enum Kind { kInt8, kInt4, kF32, kBF16, kF16 };
+
+// One stored row: `row_elems` elements of the cache tensor, decoding to `decoded` floats.
 struct Format {
-  int bits, width, group, code_bytes, row_bytes, decoded;
-  Format(int bits_, int width_) : bits(bits_), width(width_) {
-    group = bits == 8 ? std::max(width, 1) : 32;
-    code_bytes = (width * bits + 7) / 8;
-    row_bytes = width == 0 ? 0 : code_bytes + (width + group - 1) / group;
-    decoded = bits == 8 ? width : 2 * code_bytes;  // int4: [low nibbles | high nibbles] (see decode_row)
+  Kind kind;
+  int width, group, code_bytes, row_elems, decoded;
+  Format(Kind kind_, int width_) : kind(kind_), width(width_) {
+    if (kind == kInt8 || kind == kInt4) {
+      const int bits = kind == kInt8 ? 8 : 4;
+      group = bits == 8 ? std::max(width, 1) : 32;
+      code_bytes = (width * bits + 7) / 8;
+      row_elems = width == 0 ? 0 : code_bytes + (width + group - 1) / group;
+      decoded = bits == 8 ? width : 2 * code_bytes;  // int4: [low nibbles | high nibbles] (see decode_row)
+    } else {  // a 16- or 32-bit float latent, stored as it is
+      group = code_bytes = 0;
+      row_elems = decoded = width;
+    }
   }
 };
 
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float x;
+  std::memcpy(&x, &bits, sizeof(float));
+  return x;
+}
+
 // int8: out = the row's R numbers. int4: out = [even columns | odd columns] (the low and high nibbles of the
 // code bytes, each a contiguous run: the loops vectorise); the caller permutes q and the output to match.
-inline void decode_row(const int8_t* __restrict row, const Format& f, const float* lut, float* __restrict out) {
+// Floats: the row converted to float32.
+inline void decode_row(const char* __restrict raw, const Format& f, const float* lut, float* __restrict out) {
+  if (f.kind == kF32) {
+    std::memcpy(out, raw, f.width * sizeof(float));
+    return;
+  }
+  if (f.kind == kBF16 || f.kind == kF16) {
+    const uint16_t* h = reinterpret_cast<const uint16_t*>(raw);
+    int c = 0;
+#if defined(__AVX512F__)
+    for (; c + 16 <= f.width; c += 16) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + c));
+      _mm512_storeu_ps(out + c, f.kind == kF16 ? _mm512_cvtph_ps(x)
+                                               : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16)));
+    }
+#endif
+    for (; c < f.width; ++c)
+      out[c] = f.kind == kBF16 ? bf16_to_float(h[c]) : static_cast<float>(c10::Half(h[c], c10::Half::from_bits()));
+    return;
+  }
+  const int8_t* row = reinterpret_cast<const int8_t*>(raw);
   const int8_t* e = row + f.code_bytes;
-  if (f.bits == 8) {
+  if (f.kind == kInt8) {
     const float s = lut[e[0] + 128];
     int c = 0;
 #if defined(__AVX512F__)
@@ -177,24 +214,37 @@ inline float exp_nonpositive(float x) {
 
 }  // namespace
 
-// q [B, H, G, Rk] float32; kc [B, H, N, kb] int8 and vc [B, H, N, vb] int8, any strides with contiguous rows (vc is
-// ignored when shared: V = K rows); mask: None or [B or 1, N], bool (true = attend) or float32 (added to the scores).
+// q [B, H, G, Rk] float32; kc [B, H, N, kb] and vc [B, H, N, vb], any strides with contiguous rows (vc is ignored
+// when shared: V = K rows): int8 rows of codes (bits 8 or 4, kvfx/quant.py) or, bits 0, float32 / bfloat16 / float16
+// latents of width Rk / Rv; mask: None or [B or 1, N], bool (true = attend) or float32 (added to the scores).
 // Returns [B, H, G, Rv] float32. int4 rows decode as [even columns | odd columns] (decode_row): the query is gathered
 // into that order and the output scattered back here.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64_t rk, int64_t rv,
                                int64_t bits, double scale, c10::optional<torch::Tensor> mask_opt, bool shared) {
   TORCH_CHECK(q.dim() == 4 && kc.dim() == 4 && q.scalar_type() == torch::kFloat32, "q must be [B, H, G, R] float32");
-  TORCH_CHECK(kc.scalar_type() == torch::kInt8 && vc.scalar_type() == torch::kInt8, "codes must be int8");
-  // The cache hands over views of its reserved storage ([:, :, :N] of [B, H, capacity, row bytes]): read them
-  // in place through their strides (a contiguous copy would write the whole cache every step).
+  Kind kind;
+  if (bits == 8 || bits == 4) {
+    TORCH_CHECK(kc.scalar_type() == torch::kInt8, "codes must be int8");
+    kind = bits == 8 ? kInt8 : kInt4;
+  } else {
+    TORCH_CHECK(bits == 0, "bits must be 8, 4 or 0 (float latents)");
+    const auto t = kc.scalar_type();
+    TORCH_CHECK(t == torch::kFloat32 || t == torch::kBFloat16 || t == torch::kHalf,
+                "float latents must be float32, bfloat16 or float16");
+    kind = t == torch::kFloat32 ? kF32 : t == torch::kBFloat16 ? kBF16 : kF16;
+  }
+  TORCH_CHECK(shared || vc.scalar_type() == kc.scalar_type(), "keys and values must share a dtype");
+  // The cache hands over views of its reserved storage ([:, :, :N] of [B, H, capacity, row]): read them in place
+  // through their strides (a contiguous copy would write the whole cache every step).
   q = q.contiguous();
   if (kc.stride(3) != 1) kc = kc.contiguous();
   if (vc.stride(3) != 1) vc = vc.contiguous();
   const int64_t B = q.size(0), H = q.size(1), G = q.size(2), N = kc.size(2);
   if (shared) rv = rk;
-  const Format fk(bits, rk), fv(bits, rv);
-  TORCH_CHECK(kc.size(3) == fk.row_bytes, "key rows hold ", kc.size(3), " bytes, expected ", fk.row_bytes);
-  TORCH_CHECK(shared || vc.size(3) == fv.row_bytes, "value rows hold ", vc.size(3), " bytes, expected ", fv.row_bytes);
+  const Format fk(kind, rk), fv(kind, rv);
+  TORCH_CHECK(kc.size(3) == fk.row_elems, "key rows hold ", kc.size(3), " elements, expected ", fk.row_elems);
+  TORCH_CHECK(shared || vc.size(3) == fv.row_elems, "value rows hold ", vc.size(3), " elements, expected ",
+              fv.row_elems);
   TORCH_CHECK(q.size(3) == rk, "q has ", q.size(3), " columns, the key rows ", rk);
   torch::Tensor mask;
   const bool has_mask = mask_opt.has_value() && mask_opt->numel() > 0;
@@ -209,7 +259,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
   const int64_t Rk = fk.decoded, Rv = fv.decoded;
   // decoded column j holds original column src(j): int8 j; int4 2j (low nibbles), then 2(j - half) + 1
   auto source = [&](const Format& f, int64_t j) -> int64_t {
-    if (f.bits == 8) return j;
+    if (f.kind != kInt4) return j;
     const int64_t col = j < f.code_bytes ? 2 * j : 2 * (j - f.code_bytes) + 1;
     return col < f.width ? col : -1;  // the padding nibble of an odd width
   };
@@ -230,10 +280,12 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
   std::vector<float> part_m(B * H * chunks * G), part_l(B * H * chunks * G), part_o(B * H * chunks * G * Rvp);
 
   const float* qp = q.data_ptr<float>();
-  const int8_t* kp = kc.data_ptr<int8_t>();
-  const int8_t* vp = shared ? kp : vc.data_ptr<int8_t>();
-  const int64_t ksb = kc.stride(0), ksh = kc.stride(1), ksn = kc.stride(2);
-  const int64_t vsb = shared ? ksb : vc.stride(0), vsh = shared ? ksh : vc.stride(1), vsn = shared ? ksn : vc.stride(2);
+  const int64_t es = kc.element_size();  // strides in bytes
+  const char* kp = static_cast<const char*>(kc.data_ptr());
+  const char* vp = shared ? kp : static_cast<const char*>(vc.data_ptr());
+  const int64_t ksb = kc.stride(0) * es, ksh = kc.stride(1) * es, ksn = kc.stride(2) * es;
+  const int64_t vsb = shared ? ksb : vc.stride(0) * es, vsh = shared ? ksh : vc.stride(1) * es,
+                vsn = shared ? ksn : vc.stride(2) * es;
   const float* mp = has_mask && !bool_mask ? mask.data_ptr<float>() : nullptr;
   const bool* mbp = bool_mask ? mask.data_ptr<bool>() : nullptr;
   const float sc = static_cast<float>(scale);
@@ -246,8 +298,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
     const int64_t ldv = shared ? Rkp : Rvp;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / chunks, c = task % chunks, b = bh / H, h = bh % H;
-      const int8_t* krows = kp + b * ksb + h * ksh;
-      const int8_t* vrows = vp + b * vsb + h * vsh;
+      const char* krows = kp + b * ksb + h * ksh;
+      const char* vrows = vp + b * vsb + h * vsh;
       const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
       for (int64_t g = 0; g < G; ++g)  // the softmax scale folded into the query rows
         for (int64_t j = 0; j < Rk; ++j) {

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .. import quant
 
 log = logging.getLogger(__name__)
-_BITS = {"int8": 8, "int4": 4}
+_BITS = {"int8": 8, "int4": 4, "float": 0}  # "float": 16/32-bit latents as stored
 _EXT: dict = {}
 
 
@@ -49,11 +49,15 @@ def _additive(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
 
 def reference(q, kc, vc, rk: int, rv: int, kind: str, scale: float, mask=None, shared: bool = False):
     """Plain torch: dequantise the whole cache, then SDPA. q [b, h, g, Rk]; codes [b, h, N, row bytes]."""
-    k = quant.dequantize(kc, torch.float32, rk, kind)
-    v = k if shared else quant.dequantize(vc, torch.float32, rv, kind)
+    k = _decoded(kc, rk, kind)
+    v = k if shared else _decoded(vc, rv, kind)
     m = _additive(mask, kc.shape[2])
     m = None if m is None else m[:, None, None, :]
     return F.scaled_dot_product_attention(q.float(), k, v, attn_mask=m, scale=scale).to(q.dtype)
+
+
+def _decoded(rows: torch.Tensor, width: int, kind: str) -> torch.Tensor:
+    return rows.float() if kind == "float" else quant.dequantize(rows, torch.float32, width, kind)
 
 
 def _extension():
@@ -86,6 +90,8 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rk: in
         return reference(q, kc, vc, rk, rv, kind, scale, mask, shared).contiguous()
     # one call, no torch ops around it: the kernel takes SDPA's mask as it is and the columns in their order
     m = None if mask is None else mask.reshape(mask.shape[0], kc.shape[2])
+    if m is not None and m.dtype not in (torch.bool, torch.float32):
+        m = m.float()
     out = ext.decode_attention(q if q.dtype == torch.float32 else q.float(), kc, vc, rk, rv, _BITS[kind], scale, m,
                                shared)
     return out if out.dtype == q.dtype else out.to(q.dtype)

@@ -14,6 +14,7 @@ from kvfx.compress import cache_kwarg
 from kvfx.ops import lowbit_attention as la
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def test_kernel_builds_here():
@@ -23,8 +24,11 @@ def test_kernel_builds_here():
 
 def _case(b, h, g, n, rk, rv, kind, mask, shared, seed):
     gen = torch.Generator().manual_seed(seed)
-    kc = quant.quantize(torch.randn(b, h, n, rk, generator=gen) * 3, kind)
-    vc = quant.quantize(torch.randn(b, h, n, rv, generator=gen), kind)
+    k, v = torch.randn(b, h, n, rk, generator=gen) * 3, torch.randn(b, h, n, rv, generator=gen)
+    if kind in FLOATS:  # 16/32-bit latents, read as stored
+        kc, vc = k.to(FLOATS[kind]), v.to(FLOATS[kind])
+    else:
+        kc, vc = quant.quantize(k, kind), quant.quantize(v, kind)
     q = torch.randn(b, h, g, rk, generator=gen)
     m = None
     if mask == "bool":
@@ -35,12 +39,13 @@ def _case(b, h, g, n, rk, rv, kind, mask, shared, seed):
     return q, kc, vc, m
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(b=st.integers(1, 2), h=st.integers(1, 3), g=st.integers(1, 9), n=st.integers(1, 700),
-       rk=st.integers(1, 70), rv=st.integers(1, 70), kind=st.sampled_from(["int8", "int4"]),
+       rk=st.integers(1, 70), rv=st.integers(1, 70), kind=st.sampled_from(["int8", "int4", *FLOATS]),
        mask=st.sampled_from([None, "bool", "float"]), shared=st.booleans(), seed=st.integers(0, 99))
 def test_kernel_matches_reference(b, h, g, n, rk, rv, kind, mask, shared, seed):
     q, kc, vc, m = _case(b, h, g, n, rk, rv, kind, mask, shared, seed)
+    kind = "float" if kind in FLOATS else kind
     ref = la.reference(q, kc, vc, rk, rv, kind, 0.125, m, shared)
     out = torch.ops.kvfx.decode_attention(q, kc, vc, rk, rv, kind, 0.125, m, shared)
     assert out.shape == ref.shape == (b, h, g, rk if shared else rv)

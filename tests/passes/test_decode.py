@@ -54,11 +54,18 @@ def test_decode_reads_each_latent_head_once(llama, kind, granularity):
     assert torch.equal(out, ref), (out.tolist(), ref.tolist())
     c = kvfx.counters["kvfx"]
     assert c["decode_grouped"] == 2 * (c["graphs"] - 1)  # every site of every decode graph; prefill untouched
-    for args in _decode_sdpa_inputs(cm):
+    # 2 query rows per per-head latent stay with SDPA; the 4 of a layer / kv latent go to the CPU kernel
+    kernel = granularity != "head"
+    assert c["float_decode"] == (c["decode_grouped"] if kernel else 0)
+    nodes = cm._kvfx.backend.graphs[-1].graph.nodes
+    calls = [dict(zip(("query", "key", "value"), n.args)) for n in nodes
+             if n.target is torch.ops.kvfx.decode_attention.default]
+    assert len(calls) == (2 if kernel else 0) and len(_decode_sdpa_inputs(cm)) == (0 if kernel else 2)
+    for args in _decode_sdpa_inputs(cm) + calls:
         assert not args.get("enable_gqa")
         assert gu.is_method(args["query"], "reshape")  # [b, H, 1, R] -> [b, h, g, R]
         assert not gu.is_method(args["key"], "reshape", "expand")  # the cache's tensor itself, not repeat_kv's copy
-    assert not any(gu.is_method(n, "expand") for n in cm._kvfx.backend.graphs[-1].graph.nodes)
+    assert not any(gu.is_method(n, "expand") for n in nodes)
 
 
 def test_prefill_and_causal_calls_are_not_grouped(llama):
