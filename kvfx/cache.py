@@ -16,22 +16,24 @@ from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from . import quant
 from .ops import lowbit_attention  # noqa: F401  (registers torch.ops.kvfx.*)
+from .passes import cache_contract as cc
 from .projections import Projections, SiteProjection
 
 
 class _LowRankLayerMixin:
-    """Projection on write, reconstruction on read. Attribute names carry the `kvfx_` tag the matcher looks for."""
+    """Projection on write, reconstruction on read, through the attributes passes/cache_contract.py names."""
 
     def _init_projection(self, proj: SiteProjection, dtype, device, quantize=None) -> None:
         quant.check(quantize)
         self.kvfx_quantize = quantize
         cast = lambda t: t.to(dtype=dtype, device=device).contiguous()  # noqa: E731
         # joint latent: down is [h·d, R] (2-D) and the cache holds one latent "head" [b, 1, N, R]
-        down = lambda t: t[0] if t.shape[0] == 1 and t.shape[1] != proj.key_up.shape[1] else t  # noqa: E731
-        self.kvfx_key_down = cast(down(proj.key_down))                  # [h, d, Rk] or [h·d, Rk]
-        self.kvfx_key_up = cast(proj.key_up.transpose(1, 2))            # [h, Rk, d]  (Bᵀ)
-        self.kvfx_value_down = cast(down(proj.value_down))              # [h, d, Rv] or [h·d, Rv]
-        self.kvfx_value_up = cast(proj.value_up.transpose(1, 2))        # [h, Rv, d]  (Dᵀ)
+        down = lambda t: t[0] if proj.joint else t  # noqa: E731
+        # the attribute names are the matcher's only view of these tensors: passes/cache_contract.py
+        setattr(self, cc.KEY_DOWN, cast(down(proj.key_down)))            # [h, d, Rk] or [h·d, Rk]
+        setattr(self, cc.KEY_UP, cast(proj.key_up.transpose(1, 2)))      # [h, Rk, d]  (Bᵀ)
+        setattr(self, cc.VALUE_DOWN, cast(down(proj.value_down)))        # [h, d, Rv] or [h·d, Rv]
+        setattr(self, cc.VALUE_UP, cast(proj.value_up.transpose(1, 2)))  # [h, Rv, d]  (Dᵀ)
         self.kvfx_shared = proj.shared
         self.kvfx_widths = (self.kvfx_key_down.shape[-1], 0 if proj.shared else self.kvfx_value_down.shape[-1])
 

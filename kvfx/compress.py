@@ -9,8 +9,11 @@ import torch
 
 from . import quant
 from .cache import LowRankCache
-from .passes.compile import CompileOptions, KvfxBackend, UnsupportedAttention, compile_isolated, options_of
+from .passes.compile import (CompileOptions, KvfxBackend, UnsupportedAttention, compile_isolated, options_of,
+                             original_module)
+from .passes.match import is_fallback_name
 from .projections import Projections, ProjectionError
+from .provenance import check_provenance
 
 
 @dataclass
@@ -25,16 +28,14 @@ class CompressState:
     quantize: str | None = None
 
 
-def _check_model(module: torch.nn.Module, projections: Projections) -> None:
+def _check_model(module: torch.nn.Module, projections: Projections, check_model: bool = True) -> None:
     if not isinstance(projections, Projections):
         raise TypeError(f"projections must be kvfx.Projections (from kvfx.calibrate or Projections.load), "
                         f"got {type(projections).__name__}.")
     projections.validate()
-    if getattr(module, "_kvfx", None) is not None:
-        raise ProjectionError("This model is already compressed by kvfx; compress the original model once "
-                              "(kvfx.decompress(model) undoes it).")
+    original_module(module, "compress")  # refuses a model kvfx already compressed
     names = dict(module.named_modules())
-    missing = [n for n in projections.sites if not n.startswith("sdpa") and n not in names]
+    missing = [n for n in projections.sites if not is_fallback_name(n) and n not in names]
     if missing:
         raise ProjectionError(f"The model has no module '{missing[0]}' (and {len(missing) - 1} more) that these "
                               "projections were calibrated for: they come from another model. Recalibrate.")
@@ -57,6 +58,8 @@ def _check_model(module: torch.nn.Module, projections: Projections) -> None:
         if n_layers is not None and n_layers != len(projections.sites):
             raise ProjectionError(f"The model has {n_layers} layers but the projections cover "
                                   f"{len(projections.sites)} attention sites: another model. Recalibrate.")
+    if check_model:  # the recorded model fingerprint and file format (kvfx/provenance.py), when there is one
+        check_provenance(projections, module)
 
 
 def _param_info(module: torch.nn.Module):
@@ -64,8 +67,16 @@ def _param_info(module: torch.nn.Module):
     return (p.dtype, p.device) if p is not None else (torch.float32, torch.device("cpu"))
 
 
-def make_cache(model: torch.nn.Module, kind: str | None = None, max_cache_len: int | None = None) -> LowRankCache:
-    """A fresh low-rank cache for a compressed model (what generate gets by default)."""
+def make_cache(model: torch.nn.Module, cache: str | None = None, max_cache_len: int | None = None, *,
+               kind: str | None = None) -> LowRankCache:
+    """A fresh low-rank cache for a compressed model (what generate gets by default). `cache`: "dynamic" or "static",
+    as in `compress(..., cache=...)`; default the one compress was given. (`kind=` is the old name, deprecated.)"""
+    if kind is not None:
+        import warnings
+        warnings.warn("kvfx.make_cache(kind=...) is deprecated; pass cache=... (as kvfx.compress takes it).",
+                      DeprecationWarning, stacklevel=2)
+        cache = cache or kind
+    kind = cache
     state: CompressState = getattr(model, "_kvfx", None)
     if state is None:
         raise ProjectionError("make_cache needs a model returned by kvfx.compress.")
@@ -120,7 +131,7 @@ def _first_forward(module, compiled, *args, **kwargs):
 
 
 def compress(model: torch.nn.Module, projections: Projections, *, cache: str = "dynamic",
-             fold: bool = True, quantize: str | None = None) -> torch.nn.Module:
+             fold: bool = True, quantize: str | None = "auto", check_model: bool = True) -> torch.nn.Module:
     """Apply `projections` to every attention site of `model` (plain or torch.compile'd).
 
     Returns the original module with its forward compiled through kvfx's backend (the user's compile
@@ -128,16 +139,21 @@ def compress(model: torch.nn.Module, projections: Projections, *, cache: str = "
     `"static"`). `quantize="int8"` stores the latents as int8 with one scale byte per row, `"int4"` as packed
     4-bit codes with one scale byte per 32 numbers (kvfx.quant): bytes ≈ (R + 1) / (2 · R), resp.
     (R/2 + R/32) / (2 · R), of the same latents in a 16-bit cache; `kvfx.rotate_latents(projections)` first
-    makes the rounding much cheaper (exact, folded into the projections). Checks everything first: on error the model is
-    left exactly as it was.
+    makes the rounding much cheaper (exact, folded into the projections). `quantize="auto"` (the default) takes
+    the format the projections record (`projections.quantize`, set by kvfx.best_config / `kvfx calibrate`), 16-bit
+    latents if none; None forces 16-bit latents. Projections that record the model they were calibrated on
+    (kvfx.provenance) are refused for another model unless `check_model=False`. Checks everything first: on error
+    the model is left exactly as it was.
     """
     module, opts = options_of(model)
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"compress needs a torch.nn.Module or torch.compile(module), got {type(model).__name__}.")
     if cache not in ("dynamic", "static"):
         raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}.")
+    if quantize == "auto":
+        quantize = projections.quantize if isinstance(projections, Projections) else None
     quant.check(quantize)
-    _check_model(module, projections)
+    _check_model(module, projections, check_model)
     dtype, device = _param_info(module)
     projections = projections.to(dtype=torch.float32)
     backend = KvfxBackend(projections, opts, fold=fold, quantize=quantize)

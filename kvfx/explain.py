@@ -1,6 +1,7 @@
 """`kvfx.explain(model, example_inputs)`: one row per attention site the graph pass finds, and why not."""
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +64,17 @@ def _row(site: AttentionSite, projections, quantize=None) -> SiteRow:
                    site.k.cache, site.status, "; ".join(site.notes), ranks)
 
 
+def _fresh_code(fn):
+    """`fn` over a copy of its code object. Dynamo keeps its compiled code per code object, so tracing the copy starts
+    from an empty cache and leaves the user's compiled functions (and their recompile budget) alone — where
+    torch._dynamo.explain / reset would throw away every compiled function of the process."""
+    bound = getattr(fn, "__self__", None)
+    f = getattr(fn, "__func__", fn)
+    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__ = f.__kwdefaults__
+    return g.__get__(bound) if bound is not None else g
+
+
 def explain(model, *args, print_table: bool = True, **kwargs) -> Explanation:
     """Trace `model(*args, **kwargs)` and report every SDPA site (matched or not, with the reason)."""
     module, _ = options_of(model)
@@ -73,16 +85,17 @@ def explain(model, *args, print_table: bool = True, **kwargs) -> Explanation:
     projections = state.projections if state is not None else None
     quantize = state.quantize if state is not None else None
 
-    def backend(gm, example_inputs):
+    def backend(gm, example_inputs):  # what torch._dynamo.explain records, without its reset()
+        result.graphs += 1
+        reason = getattr(gm, "compile_subgraph_reason", None)
+        if reason is not None and reason.graph_break:
+            result.break_reasons.append(str(getattr(reason, "reason", reason)))
         result.rows += [_row(s, projections, quantize) for s in find_sites(gm)]
         return gm.forward
 
-    torch._dynamo.reset()
     with torch.no_grad():
-        info = torch._dynamo.explain(forward)(*args, **kwargs)
-        torch.compile(forward, backend=backend)(*args, **kwargs)
-    result.graphs, result.graph_breaks = info.graph_count, info.graph_break_count
-    result.break_reasons = [str(getattr(b, "reason", b)) for b in info.break_reasons]
+        torch.compile(_fresh_code(forward), backend=backend)(*args, **kwargs)
+    result.graph_breaks = max(result.graphs - 1, 0)
     if print_table:
         print(result)
     return result

@@ -11,12 +11,15 @@ Shared K+V latent (granularity "kv", `shared=True`, like DeepSeek's MLA c_KV): O
     c = [k_1 … k_h]·A + [v_1 … v_h]·C          (key_down A, value_down C: [1, h·d, R], post-RoPE keys)
 read by attention as both key and value: k̂_g = c·B_gᵀ, v̂_g = c·D_gᵀ, i.e. SDPA(q·B, c, c)·Dᵀ. The cache
 holds R numbers per token and layer (not R_k + R_v).
-File format 2 adds the `shared` site list; format-1 files (no shared sites) still load.
+File format 2 adds the `shared` site list; format-1 files (no shared sites) still load. Optional metadata
+entries `provenance` (JSON: kvfx version, model fingerprint, data, recipe; see kvfx/provenance.py) and `quantize`
+(the latent format the file was made for) do not change the format: files without them load as before.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +56,8 @@ class SiteProjection:
 
     @property
     def joint(self) -> bool:
-        """One latent for all kv heads of the site (down matrices [1, h·d, R])."""
+        """One latent for all kv heads of the site (down matrices [1, h·d, R]; keys and values alike, see validate).
+        The one test of it: passes, cache and calibrators ask this property."""
         return self.key_down.shape[0] == 1 and self.key_down.shape[1] != self.key_up.shape[1]
 
     @property
@@ -130,6 +134,9 @@ class Projections:
                                           "load or calibrate the projections on cpu/cuda.")
                 if not t.is_floating_point() or not torch.isfinite(t).all():
                     raise ProjectionError(f"{name}.{kind}: contains NaN/inf or is not floating point; recalibrate.")
+            if (p.key_down.shape[1] != p.key_up.shape[1]) != (p.value_down.shape[1] != p.value_up.shape[1]):
+                raise ProjectionError(f"{name}: keys and values must both be per-head or both joint (one latent over "
+                                      "all kv heads); calibrate them with one granularity.")
             for label, down, up in (("key", p.key_down, p.key_up), ("value", p.value_down, p.value_up)):
                 width = p.input_width if p.shared else down.shape[1]  # a shared latent spans keys and values
                 if not 1 <= down.shape[-1] <= width:
@@ -156,6 +163,18 @@ class Projections:
         return self.sites[name]
 
     # ---------------------------------------------------------------- summary
+    @property
+    def provenance(self) -> dict:
+        """Who made these projections: kvfx version, model fingerprint, data, recipe (kvfx.provenance); {} if
+        unknown (files written before provenance existed)."""
+        return self.report.get("provenance") or {}
+
+    @property
+    def quantize(self) -> str | None:
+        """The latent storage format these projections were made for ("int8" / "int4"; None: 16-bit). kvfx.compress
+        applies it unless told otherwise."""
+        return self.report.get("quantize")
+
     @property
     def ranks(self) -> dict[str, list[int]]:
         """(key rank, value rank) per site; a shared K+V latent of rank R reads (R, R) and caches R."""
@@ -190,10 +209,21 @@ class Projections:
             "format": "kvfx.projections", "format_version": str(FORMAT_VERSION), "method": self.method,
             "sites": json.dumps(list(self.sites)),
             "fingerprint": json.dumps({n: s.as_list() for n, s in self.shapes.items()}),
-            "ranks": json.dumps(self.ranks), "report": json.dumps(self.report, default=float),
+            "ranks": json.dumps(self.ranks),
+            "report": json.dumps({k: v for k, v in self.report.items() if k != "provenance"}, default=float),
             "shared": json.dumps([n for n, p in self.sites.items() if p.shared]),
         }
-        save_file(tensors, str(path), metadata=meta)
+        if self.provenance:
+            meta["provenance"] = json.dumps(self.provenance | {"format_version": FORMAT_VERSION}, default=float)
+        if self.quantize:
+            meta["quantize"] = self.quantize
+        path = Path(path)  # written next to the target, then renamed: no half-written file under the name
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "Projections":
@@ -209,7 +239,11 @@ class Projections:
             raise ProjectionError(f"Projections file {path} is corrupt or not a safetensors file ({e}).") from e
         if meta.get("format") != "kvfx.projections":
             raise ProjectionError(f"{path} is not a kvfx projections file (no kvfx metadata).")
-        version = int(meta.get("format_version", "0"))
+        try:
+            version = int(meta.get("format_version", "0"))
+        except ValueError:
+            raise ProjectionError(f"{path} has format version {meta.get('format_version')!r}, not one this kvfx "
+                                  f"knows (1..{FORMAT_VERSION}); the file is corrupt or from another tool.") from None
         if version > FORMAT_VERSION:
             raise ProjectionError(f"{path} has format version {version}; this kvfx reads up to {FORMAT_VERSION}. Upgrade kvfx.")
         try:
@@ -218,9 +252,12 @@ class Projections:
             shared = set(json.loads(meta.get("shared", "[]")))  # format 1: none
             sites = {n: SiteProjection(**{k: tensors[f"{n}/{k}"] for k in _KINDS}, shared=n in shared) for n in names}
             shapes = {n: SiteShape(*fp[n]) for n in names}
+            report = json.loads(meta.get("report", "{}"))
+            if "provenance" in meta:  # optional (files before provenance have none)
+                report["provenance"] = json.loads(meta["provenance"])
         except (KeyError, json.JSONDecodeError, TypeError) as e:
             raise ProjectionError(f"{path}: metadata and tensors disagree ({e}); the file is corrupt.") from e
-        return cls(sites, shapes, meta.get("method", "custom"), json.loads(meta.get("report", "{}")))
+        return cls(sites, shapes, meta.get("method", "custom"), report)
 
     def __repr__(self) -> str:
         ranks = sorted({tuple(r) for r in self.ranks.values()})
@@ -233,12 +270,14 @@ def split_joint(t: torch.Tensor, shape: SiteShape) -> torch.Tensor:
 
 
 def resolve_rank(rank: int | float, head_dim: int) -> int:
-    """A keep fraction in (0, 1] or an int rank in 1..head_dim, as an int rank."""
+    """The one reading of a rank argument, by type: a float is a keep fraction in (0, 1] of the width (1.0 = full
+    width), an int is a count in 1..head_dim (1 = rank one). A float above 1 (2.0) is refused, not read as a count."""
     if isinstance(rank, bool) or not isinstance(rank, (int, float)):
         raise ProjectionError(f"rank must be a keep fraction in (0, 1] or an int in 1..{head_dim}, got {rank!r}.")
-    if isinstance(rank, float) and not rank.is_integer() or (isinstance(rank, float) and rank <= 1.0):
+    if isinstance(rank, float):
         if not 0.0 < rank <= 1.0 or math.isnan(rank):
-            raise ProjectionError(f"rank fraction {rank} must be in (0, 1].")
+            raise ProjectionError(f"rank {rank!r}: a float rank is a keep fraction in (0, 1]; pass an int "
+                                  f"({int(rank) if rank == rank and rank >= 1 else 'e.g. 16'}) for a rank count.")
         return max(1, round(rank * head_dim))
     r = int(rank)
     if not 1 <= r <= head_dim:

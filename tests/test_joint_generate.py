@@ -4,6 +4,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvfx
+from helpers import reference_greedy
 from kvfx.calib.collect import collect_stats, fit
 
 
@@ -46,6 +47,8 @@ def test_generate_equals_eager_low_rank_cache(llama_and_stats, cache, rank, gran
         out = cm.generate(ids, max_new_tokens=8, do_sample=False)
         kvfx.decompress(cm)
     assert torch.equal(out, ref)
+    if granularity != "layer":  # and the independent cacheless reference (tests/coverage/archs.py, no kvfx code;
+        assert torch.equal(out, reference_greedy(m, proj, ids, 8))  # it has per-head and shared latents, not joint)
     assert kvfx.counters["kvfx"]["reassociated"] > 0
     if granularity in ("layer", "kv"):
         assert kvfx.counters["kvfx"]["joint"] > 0

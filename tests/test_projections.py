@@ -233,12 +233,14 @@ def test_roundtrip_property(tmp_path_factory, kv, group, d, data):
 
 # ---------------------------------------------------------------------------------------------- resolve_rank
 @pytest.mark.parametrize("rank,expected", [(0.5, 4), (1.0, 8), (1, 1), (8, 8), (3, 3), (0.01, 1),
-                                           (0.3, 2), (4.0, 4)])
+                                           (0.3, 2)])
 def test_resolve_rank(rank, expected):
+    """By type: a float is a keep fraction (1.0 = full width), an int a count (1 = rank one)."""
     assert resolve_rank(rank, 8) == expected
 
 
-@pytest.mark.parametrize("rank", [0, 9, -1, 0.0, -0.5, 1.5, math.nan, True, "0.5", None])
+@pytest.mark.parametrize("rank", [0, 9, -1, 0.0, -0.5, 1.5, 4.0, math.nan, True, "0.5", None])  # 4.0: not a count
 def test_resolve_rank_bad(rank):
     with pytest.raises(ProjectionError, match="rank"):
         resolve_rank(rank, 8)
+

@@ -10,8 +10,8 @@ import kvfx
 from kvfx.cache import cache_nbytes
 from kvfx.compress import cache_kwarg
 
-models = pytest.importorskip("kvfx.models")
-data = pytest.importorskip("kvfx.data")
+from helpers import reference_greedy
+from kvfx import data, models
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,7 @@ def test_calibrate_compress_eval_generate(smollm, tmp_path):
         ref = model.generate(prompt, max_new_tokens=8, do_sample=False, past_key_values=ref_cache)
         full = model.generate(prompt, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(out, ref)  # compiled, rewritten generate == eager low-rank-cache generate
+    assert torch.equal(out, reference_greedy(model, proj, prompt, 8))  # == the cacheless reference (no kvfx code)
     assert ref_cache.nbytes() * 2 == cache_nbytes(full.past_key_values)
 
 

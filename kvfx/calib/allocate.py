@@ -100,8 +100,10 @@ def profiles(cal: Calibrator, stats: dict[str, SiteStats], ranks: list[int]) -> 
     return out
 
 
-def allocate(cal: Calibrator, stats: dict[str, SiteStats], budget: Budget) -> tuple[dict, dict]:
-    """({site: (key_rank, value_rank)}, report) meeting `budget`, with stats already in the wanted view."""
+def allocate_ranks(cal: Calibrator, stats: dict[str, SiteStats], budget: Budget) -> tuple[dict, dict]:
+    """({site: (key_rank, value_rank)}, report) meeting `budget` from closed-form error profiles of the calibration
+    statistics (inside kvfx.calibrate(rank=Budget(...))). Not kvfx.allocate, which re-allocates calibrated
+    projections from a measured model-output sensitivity profile (calib/sensitivity.py)."""
     width = {n: st.head_dim for n, st in stats.items()}
     heads = {n: st.kv_heads for n, st in stats.items()}
     d = max(width.values())
@@ -165,3 +167,11 @@ def greedy(prof: dict, width: dict, heads: dict, budget: Budget, scale: float = 
                          f"everywhere keeps {used / total:.3f} of the cache. Raise the budget or lower min_rank.")
     return ({n: rank[(n, "latent")] if (n, "latent") in rank else (rank[(n, "key")], rank[(n, "value")])
              for n in width}, used / total, err)
+
+
+def allocate(cal: Calibrator, stats: dict[str, SiteStats], budget: Budget) -> tuple[dict, dict]:
+    """Deprecated name of `allocate_ranks` (kept one version; kvfx.allocate is the sensitivity-based one)."""
+    import warnings
+    warnings.warn("kvfx.calib.allocate.allocate is renamed allocate_ranks (kvfx.allocate is a different function: "
+                  "sensitivity-based re-allocation).", DeprecationWarning, stacklevel=2)
+    return allocate_ranks(cal, stats, budget)

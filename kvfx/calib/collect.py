@@ -8,8 +8,9 @@ from tqdm.auto import tqdm
 
 from ..passes.compile import compile_isolated
 from ..passes.observe import insert_observers
+from ..provenance import stamp
 from ..projections import Projections, SiteProjection, SiteShape, resolve_rank, split_joint
-from .allocate import Budget, allocate
+from .allocate import Budget, allocate_ranks
 from .base import get_calibrator
 from .shared import DEFAULT_KEY_WEIGHT, fit_shared
 from .stats import SiteStats
@@ -41,17 +42,17 @@ class StatsCollector:
 
 def collect_stats(model: torch.nn.Module, batches: Iterable, progress: bool = True,
                   samples: int = 0) -> dict[str, SiteStats]:
-    """Run `model` on each batch (input_ids tensors or kwargs dicts) and return per-site statistics
+    """Run `model` on each batch (see `call_args`: a tensor, a tuple of arguments or a kwargs dict) and return per-site statistics
     (plus the first `samples` sequences of q/k/v per site, for learned calibrators)."""
     collector = StatsCollector(samples)
     fn = compile_isolated(model.forward, backend=collector, dynamic=False)
     batches = list(batches)
     with torch.no_grad():
         for batch in tqdm(batches, desc="kvfx calibrate", disable=not progress):
-            kwargs = dict(batch) if isinstance(batch, dict) else {"input_ids": batch}
+            args, kwargs = call_args(batch)
             if "use_cache" in _params(model):
                 kwargs.setdefault("use_cache", False)
-            fn(**kwargs)
+            fn(*args, **kwargs)
     if not collector.stats:
         raise ValueError("unsupported: calibration found no attention sites (no scaled_dot_product_attention call) "
                          "in this model; kvfx needs SDPA attention (for transformers: attn_implementation='sdpa').")
@@ -61,8 +62,19 @@ def collect_stats(model: torch.nn.Module, batches: Iterable, progress: bool = Tr
         raise ValueError(f"unsupported: attention site(s) {stray[:3]} are not module paths of this model, so "
                          "graph breaks split the forward into per-layer graphs (e.g. accelerate's device_map hooks, "
                          "which torch.compile does not trace) and layers cannot be told apart. Calibrate the model "
-                         "on one device without dispatch hooks (see README, Distributed calibration).")
+                         "on one device without dispatch hooks (see docs/calibration.md, Distributed calibration).")
     return {n: collector.stats[n] for n in collector.order}
+
+
+def call_args(batch) -> tuple[tuple, dict]:
+    """How a calibration batch calls the model, as torch users expect of any module: a tensor is the first
+    positional argument (transformers models take input_ids first), a tuple / list the positional arguments, a
+    dict the keyword arguments."""
+    if isinstance(batch, dict):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    return (batch,), {}
 
 
 def _params(model) -> set[str]:
@@ -103,7 +115,7 @@ def fit(stats: dict[str, SiteStats], method: str = "kqsvd", rank: int | float | 
     allocation = None
     if isinstance(rank, Budget):
         views = {n: st.joint() if granularity == "layer" else st for n, st in stats.items()}
-        rank, allocation = allocate(cal, views, rank)
+        rank, allocation = allocate_ranks(cal, views, rank)
     for name, st in stats.items():
         r = rank.get(name) if isinstance(rank, dict) else rank
         if r is None:
@@ -148,11 +160,9 @@ def calibrate(model: torch.nn.Module, batches: Iterable, method: str = "kqsvd", 
     distributed: None (default) sums the statistics over torch.distributed ranks when a process group with
     more than one rank is initialized (each rank passes its own shard of the batches; see calib/distributed.py);
     False keeps each rank's statistics local; True requires an initialized process group."""
-    from ..passes.compile import options_of
+    from ..passes.compile import original_module
     from .distributed import is_distributed, reduce_stats
-    model, _ = options_of(model)
-    if getattr(model, "_kvfx", None) is not None:
-        raise ValueError("calibrate the original model, not one already compressed by kvfx.")
+    model = original_module(model, "calibrate")
     if distributed and not is_distributed():
         raise ValueError("calibrate(distributed=True) needs torch.distributed initialized with more than one rank "
                          "(torchrun ... and dist.init_process_group).")
@@ -162,4 +172,6 @@ def calibrate(model: torch.nn.Module, batches: Iterable, method: str = "kqsvd", 
     stats = collect_stats(model, batches, progress=progress, samples=samples)
     if distributed is not False:
         reduce_stats(stats)  # a no-op unless torch.distributed runs with more than one rank
-    return fit(stats, method, rank, value_rank, granularity, **options)
+    projections = fit(stats, method, rank, value_rank, granularity, **options)
+    tokens = projections.report.get("tokens")
+    return stamp(projections, model, method=f"{method}@{granularity}", data={"tokens": tokens})

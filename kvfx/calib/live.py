@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from ..passes.compile import CompileOptions, KvfxBackend, compile_isolated, options_of
+from ..passes.compile import CompileOptions, KvfxBackend, compile_isolated
 from ..projections import Projections, SiteProjection, split_joint
 from .distill import orth
 
@@ -51,21 +51,19 @@ class Student:
                                  .requires_grad_(True) for k in kinds}
             self.masks[name] = (None, None)
         self.shared = {n: p.shared for n, p in start.sites.items()}
+        self.joint = {n: p.joint for n, p in start.sites.items()}
         self.shapes = start.shapes
         self.live = Projections({n: self._site(n) for n in start.sites}, dict(start.shapes), start.method)
 
     def parameters(self) -> list[torch.Tensor]:
         return [t for site in self.params.values() for t in site.values()]
 
-    def widths(self) -> dict[str, tuple[int, int]]:
-        return {n: (t["key_down"].shape[-1], t["value_down"].shape[-1]) for n, t in self.params.items()}
-
     def _site(self, name: str) -> SiteProjection:
         t, (mk, mv) = self.params[name], self.masks[name]
         if self.orthonormal:
             kd, vd = orth(t["key_down"]), orth(t["value_down"])
             ku, vu = kd, vd
-            if kd.shape[0] == 1:  # joint latent: the up blocks are the basis split per kv head
+            if self.joint[name]:  # joint latent: the up blocks are the basis split per kv head
                 ku, vu = split_joint(kd, self.shapes[name]), split_joint(vd, self.shapes[name])
         else:
             kd, ku, vd, vu = (t[k] * self.scales[name][k] for k in ("key_down", "key_up", "value_down", "value_up"))
@@ -122,15 +120,6 @@ def kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor
     s = F.log_softmax(student_logits.float().flatten(0, -2), -1)
     t = teacher_logp.float().flatten(0, -2)
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
-
-
-def original_module(model, who: str) -> torch.nn.Module:
-    module, _ = options_of(model)
-    if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"{who} needs a torch.nn.Module, got {type(module).__name__}.")
-    if getattr(module, "_kvfx", None) is not None:
-        raise ValueError(f"{who}: pass the original model, not one already compressed by kvfx (kvfx.decompress(model)).")
-    return module
 
 
 @contextmanager

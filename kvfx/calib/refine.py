@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 from .. import quant
 from ..projections import Projections, resolve_rank
 from ..rotate import check_unrotated
-from .live import LiveModel, Student, frozen, original_module, sequences, tied
+from ..passes.compile import original_module
+from .live import LiveModel, Student, frozen, sequences, tied
 
 log = logging.getLogger("kvfx.calib")
 

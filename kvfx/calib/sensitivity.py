@@ -28,7 +28,8 @@ from .. import quant
 from ..projections import Projections, resolve_rank
 from ..rotate import check_unrotated
 from .allocate import Budget, greedy
-from .live import LiveModel, Student, frozen, original_module, sequences
+from ..passes.compile import original_module
+from .live import LiveModel, Student, frozen, sequences
 from .matryoshka import truncate
 
 

@@ -8,7 +8,7 @@ Per site and kv head g (query head i belongs to group g = i // (heads / kv_heads
     output    G_O[g]  = Σ_{i∈g} W_O,i W_O,iᵀ    (W_O,i: the d rows of W_O that read head i)
 Cross-head Grams of the concatenated kv heads (key_joint, value_joint: [h·d, h·d]) serve the joint latent
 (`granularity="layer"`, see `joint()`); with the key-value cross Gram kv_joint = Σ_tokens [k]ᵀ[v] they also serve
-the shared K+V latent (`granularity="kv"`, see calib/shared.py). Stats from several processes add up (see `SiteStats.merge` / `all_reduce`).
+the shared K+V latent (`granularity="kv"`, see calib/shared.py). Stats from several processes add up (see calib/distributed.py, `reduce_stats`).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class SiteStats:
     samples: list = field(default_factory=list)
     w_rows: torch.Tensor | None = None       # [H, d, hidden], float32
     # derived results that calibrators memoise on these statistics (reference attention outputs, matryoshka's
-    # trained bases); emptied whenever the statistics change (add / merge / all_reduce / set_output_weight)
+    # trained bases); emptied whenever the statistics change (add / reduce_stats / set_output_weight)
     memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -91,25 +91,3 @@ class SiteStats:
         bd = lambda g: torch.block_diag(*g)[None]  # noqa: E731
         return SiteStats(self.heads, 1, self.kv_heads * self.head_dim, self.key_joint[None], bd(self.query),
                          bd(self.query_sum), self.value_joint[None], bd(self.output), tokens=self.tokens)
-
-    def merge(self, other: "SiteStats") -> None:
-        self.memo.clear()
-        for f in _SUMMED:
-            if getattr(self, f) is not None:
-                getattr(self, f).add_(getattr(other, f))
-        self.tokens += other.tokens
-
-    def all_reduce(self, group=None) -> None:
-        """Sum the token statistics over torch.distributed ranks (W_O Grams are identical everywhere)."""
-        import torch.distributed as dist
-        self.memo.clear()
-        for f in _SUMMED:
-            if getattr(self, f) is not None:
-                dist.all_reduce(getattr(self, f), group=group)
-        t = torch.tensor([self.tokens], dtype=torch.float64)
-        dist.all_reduce(t, group=group)
-        self.tokens = int(t.item())
-
-    def state_dict(self) -> dict:
-        return {f: getattr(self, f) for f in _FIELDS} | {
-            "meta": torch.tensor([self.heads, self.kv_heads, self.head_dim, self.tokens])}

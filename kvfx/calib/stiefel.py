@@ -37,7 +37,6 @@ class Stiefel(Distilled):
     def fit(self, stats: SiteStats, key_rank, value_rank):
         require_samples(stats, "stiefel")
         rk, rv = ranks(stats, key_rank, value_rank)
-        torch.manual_seed(self.seed)
         a0, c0 = init_bases(stats, rk, rv, key="eigen")
         gen = torch.Generator().manual_seed(self.seed)
 

@@ -6,9 +6,15 @@ into `torch.ops.kvfx.decode_attention(q, K, V, ...)`, which reads the stored cod
 copy of the cache — the plain-torch form (`reference`) dequantises the whole cache every step, a write and a
 re-read of a copy several times larger than what is stored.
 
+The same op serves 16/32-bit latents (kind "float": the rows as stored, float32 / bfloat16 / float16) where many
+query rows share each cached row (a `layer` / `kv` latent read by every query head).
+
 CPU: a C++ kernel (lowbit_attention.cpp), built on first use with torch.utils.cpp_extension (needs a C++
-compiler and ninja; cached under ~/.cache/torch_extensions). Without them, and on other devices (no Triton kernel
-yet), the op runs `reference`: the same numbers, without the saving. `kernel_available()` says which.
+compiler and ninja; cached under ~/.cache/torch_extensions). It reads the cache's [:, :, :N] views of its
+reserved storage in place, decodes a block of rows into a buffer that stays in L1/L2, and computes the block's
+scores as 16-row tiles (one query row against 16 key rows in registers, reduced by a shuffle tree) and its value
+sums in registers, with an online softmax per split-K chunk. Without a compiler, and on other devices (no Triton
+kernel yet), the op runs `reference`: the same numbers, without the saving. `kernel_available()` says which.
 """
 from __future__ import annotations
 

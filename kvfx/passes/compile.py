@@ -37,6 +37,18 @@ class CompileOptions:
     fullgraph: bool = False
 
 
+def original_module(model, who: str) -> torch.nn.Module:
+    """The nn.Module under a torch.compile wrapper, for an entry point (`who`) that needs the uncompressed model:
+    refused, with the fix, when kvfx already compressed it."""
+    module, _ = options_of(model)
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"{who} needs a torch.nn.Module, got {type(module).__name__}.")
+    if getattr(module, "_kvfx", None) is not None:
+        raise ProjectionError(f"{who}: this model is already compressed by kvfx; pass the original model "
+                              "(kvfx.decompress(model) undoes it).")
+    return module
+
+
 def options_of(compiled: Any) -> tuple[torch.nn.Module, CompileOptions]:
     """(original module, compile options) of a torch.compile'd module; private torch API, kept here only."""
     try:
@@ -101,7 +113,8 @@ class KvfxBackend:
         self.graphs: list[fx.GraphModule] = []   # rewritten graphs, for tests and explain
 
     def transform(self, gm: fx.GraphModule, example_inputs) -> tuple[fx.GraphModule, GraphConstants | None]:
-        sites = find_sites(gm)
+        new = fresh_copy(gm)  # every change goes to a copy: a refusal leaves Dynamo's graph as it was
+        sites = find_sites(new)
         bad = [s for s in sites if s.status != "ok"]
         if bad:
             raise UnsupportedAttention("; ".join(f"{s.name}: {s.status}" for s in bad) +
@@ -110,8 +123,6 @@ class KvfxBackend:
             self.projections.check_site(s.name, SiteShape(s.num_heads, s.num_kv_heads, s.head_dim))
         if not sites:
             return gm, None
-        new = fresh_copy(gm)
-        sites = find_sites(new)
         consts = GraphConstants(new, example_inputs)
         rewrite_sites(new, sites, {s.name: self.projections.sites[s.name] for s in sites}, consts, self.quantize)
         if self.fold:

@@ -3,6 +3,3 @@ from collections import Counter, defaultdict
 
 counters: defaultdict[str, Counter] = defaultdict(Counter)
 
-
-def reset() -> None:
-    counters.clear()

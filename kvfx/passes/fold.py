@@ -12,6 +12,8 @@ from the real weights, in float64.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.fx as fx
 
@@ -19,7 +21,6 @@ from . import graph_utils as gu
 from .constants import GraphConstants
 from .counters import counters
 from .match import AttentionSite, InputPath, LinearSource
-from .rewrite import retarget_last_dim
 
 
 def _single_use(nodes) -> bool:
@@ -33,13 +34,24 @@ def _split_sizes(split: fx.Node, total: int) -> list[int]:
     return list(size)
 
 
+class FoldItem(NamedTuple):
+    """One projection matmul that folds into the linear producing its input."""
+    site: AttentionSite
+    label: str                  # "q", "k" or "v"
+    path: InputPath
+    matmul: fx.Node             # the inserted matmul(x, P) (or the cache write) that disappears
+    own: list[fx.Node]          # layout ops of this input alone: their widths become R
+    shared: list[fx.Node]       # layout ops before a fused QKV split: their width becomes the new total
+    p: torch.Tensor             # P [h, d, R]
+
+
 class Folder:
     def __init__(self, gm: fx.GraphModule, consts: GraphConstants):
         self.gm, self.g, self.consts = gm, gm.graph, consts
 
     # ------------------------------------------------------------ q / k / v
-    def _item(self, path: InputPath, mm: fx.Node):
-        """(chain to retarget, P [h, d, R]) if this projection can fold into its linear, else None."""
+    def _item(self, site: AttentionSite, label: str, path: InputPath, mm: fx.Node) -> FoldItem | None:
+        """The fold of this projection into its linear, or None when it cannot fold."""
         if mm is None or not path.foldable or path.source is None:
             return None
         chain = path.nodes[path.cache_at:] if path.cache == "lowrank" else path.nodes
@@ -57,20 +69,20 @@ class Folder:
         p = self.consts.value_of(mm.args[1])
         if p is None or p.dim() != 3:  # joint latents mix heads: nothing per-head to fold
             return None
-        return own, shared, p
+        return FoldItem(site, label, path, mm, own, shared, p)
 
     def fold_inputs(self, sites: list[AttentionSite]) -> None:
-        groups: dict[fx.Node, list] = {}
+        groups: dict[fx.Node, list[FoldItem]] = {}
         for site in sites:
             for label in ("q", "k", "v"):
                 path: InputPath = getattr(site, label)
-                item = self._item(path, site.proj.get(label))
+                item = self._item(site, label, path, site.proj.get(label))
                 if item is not None:
-                    groups.setdefault(path.source.node, []).append((site, label, path, site.proj[label], item))
-        for lin, items in groups.items():
-            self._fold_linear(items[0][2].source, items)
+                    groups.setdefault(path.source.node, []).append(item)
+        for items in groups.values():
+            self._fold_linear(items[0].path.source, items)
 
-    def _fold_linear(self, src: LinearSource, items) -> None:
+    def _fold_linear(self, src: LinearSource, items: list[FoldItem]) -> None:
         w = self.consts.value_of(src.weight)
         b = self.consts.value_of(src.bias) if isinstance(src.bias, fx.Node) else None
         if w is None:
@@ -80,12 +92,12 @@ class Folder:
         total = wo.shape[0]
         sizes = _split_sizes(src.split, total) if src.split is not None else [total]
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        by_chunk = {(it[2].source.split_index or 0): it for it in items}
+        by_chunk = {(it.path.source.split_index or 0): it for it in items}
         new_w, new_b, new_sizes = [], [], []
         for i, (c0, size) in enumerate(zip(starts, sizes)):
             wc, bc = wo[c0:c0 + size], (bo[c0:c0 + size] if bo is not None else None)
             if i in by_chunk:
-                p = by_chunk[i][4][2].to(torch.float64)
+                p = by_chunk[i].p.to(torch.float64)
                 h, d, r = p.shape
                 wc = torch.einsum("hdr,hdi->hri", p, wc.reshape(h, d, -1)).reshape(h * r, -1)
                 if bc is not None:
@@ -110,16 +122,15 @@ class Folder:
                 lin.kwargs = {**lin.kwargs, "bias": bias_node}
         lin.args = tuple(args)
         if src.split is not None:
-            shared = items[0][4][1]
-            retarget_last_dim(shared, total, sum(new_sizes))
+            gu.retarget_last_dim(items[0].shared, total, sum(new_sizes))
             src.split.args = (src.split.args[0], new_sizes, *src.split.args[2:])
-        for site, label, path, mm, (own, _, p) in items:
-            h, d, r = p.shape
-            retarget_last_dim(own, d, r, heads=h)
-            mm.replace_all_uses_with(mm.args[0])
-            self.g.erase_node(mm)
-            site.proj[label] = None
-            counters["kvfx"][f"folded_{label}"] += 1
+        for it in items:
+            h, d, r = it.p.shape
+            gu.retarget_last_dim(it.own, d, r, heads=h)
+            it.matmul.replace_all_uses_with(it.matmul.args[0])
+            self.g.erase_node(it.matmul)
+            it.site.proj[it.label] = None
+            counters["kvfx"][f"folded_{it.label}"] += 1
 
     # ------------------------------------------------------------ W_O
     def fold_output(self, site: AttentionSite) -> None:
@@ -138,7 +149,7 @@ class Folder:
         args = list(src.node.args)
         args[2 if src.transposed else 1] = node
         src.node.args = tuple(args)
-        retarget_last_dim(site.out_nodes, d, r, heads=hh)
+        gu.retarget_last_dim(site.out_nodes, d, r, heads=hh)
         mm.replace_all_uses_with(site.sdpa)
         self.g.erase_node(mm)
         site.proj["o"] = None

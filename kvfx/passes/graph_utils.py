@@ -96,12 +96,6 @@ def module_path(node: fx.Node) -> str | None:
     return ".".join(parts) if parts else ""
 
 
-def param_name(node: fx.Node) -> str | None:
-    name = source_name(node)
-    m = re.search(r"_parameters\['([^']+)'\]", name or "")
-    return m.group(1) if m else None
-
-
 def depends_on(node: fx.Node, pred, limit: int = 64) -> bool:
     """Does `node` (or a node it reads, searching back at most `limit` nodes) satisfy pred?"""
     seen, stack = set(), [node]
@@ -119,3 +113,24 @@ def depends_on(node: fx.Node, pred, limit: int = 64) -> bool:
 def is_trig(node: fx.Node) -> bool:
     return (node.op == "call_method" and node.target in ("cos", "sin")) or (
         node.op == "call_function" and node.target in (torch.cos, torch.sin))
+
+
+def retarget_last_dim(nodes, old: int, new: int, heads: int | None = None) -> None:
+    """Change view/reshape/expand sizes whose last entry is the feature width `old` (or heads·old)."""
+    for n in nodes:
+        if not (is_method(n, "view", "reshape", "expand") or n.target is torch.reshape):
+            continue
+        sizes = list(n.args[1:]) if n.op == "call_method" else list(n.args[1])
+        packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
+        seq = list(sizes[0]) if packed else sizes
+        if not seq:
+            continue
+        last = static_int(seq[-1]) if not isinstance(seq[-1], fx.Node) else None
+        if last == old:
+            seq[-1] = new
+        elif heads and last == heads * old:
+            seq[-1] = heads * new
+        else:
+            continue
+        sizes = [tuple(seq)] if packed else seq
+        n.args = (n.args[0], *sizes) if n.op == "call_method" else (n.args[0], tuple(seq))

@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from . import graph_utils as gu
-
-KVFX_TAG = "kvfx_"  # attribute prefix the low-rank cache uses for its projection tensors
+from . import cache_contract, graph_utils as gu
 
 
 @dataclass
@@ -76,6 +74,9 @@ class AttentionSite:
     query_len: int | None = None  # query tokens of this call when static (1 in a decode step)
     status: str = "ok"
     notes: list[str] = field(default_factory=list)
+    # set by the rewrite pass, read by fold: the inserted projection matmul (or the cache write it folds into) per
+    # input "q" / "k" / "v" and the output "o"; None once folded
+    proj: dict[str, fx.Node | None] = field(default_factory=dict)
 
     @property
     def group(self) -> int:
@@ -90,9 +91,9 @@ class AttentionSite:
         return self.k.cache == "lowrank" and self.v.cache == "lowrank"
 
 
-def _tag(node: fx.Node) -> str | None:
-    name = gu.source_name(node) or ""
-    return name if KVFX_TAG in name else None
+def _cache_attr(node) -> str | None:
+    """Which of the low-rank cache's projection tensors `node` is (cache_contract), or None."""
+    return cache_contract.attribute(gu.source_name(node)) if isinstance(node, fx.Node) else None
 
 
 def _is_empty_tensor(node) -> bool:
@@ -102,10 +103,12 @@ def _is_empty_tensor(node) -> bool:
 
 def _find_down(graph: fx.Graph, up: fx.Node) -> fx.Node | None:
     """The cache-write matmul(new, down) that pairs with reconstruction matrix `up`."""
-    want = (_tag(up) or "").replace("kvfx_key_up", "kvfx_key_down").replace("kvfx_value_up", "kvfx_value_down")
+    name = gu.source_name(up)
+    down = cache_contract.DOWN_OF_UP[cache_contract.attribute(name)]
+    want = name[: len(name) - len(cache_contract.attribute(name))] + down  # the same layer's write matrix
     for n in graph.nodes:
         if n.op == "call_function" and n.target is torch.matmul and isinstance(n.args[1], fx.Node):
-            if _tag(n.args[1]) == want:
+            if gu.source_name(n.args[1]) == want:
                 return n
     return None
 
@@ -135,7 +138,7 @@ def trace_input(node: fx.Node, graph: fx.Graph) -> InputPath:
         if gu.is_addmm(n):
             path.source = LinearSource(n, n.args[2], n.args[0], transposed=True)
             break
-        if n.op == "call_function" and n.target is torch.matmul and _tag(n.args[1]) and "_up" in _tag(n.args[1]):
+        if n.op == "call_function" and n.target is torch.matmul and _cache_attr(n.args[1]) in cache_contract.DOWN_OF_UP:
             path.cache, path.latent, path.up, path.recon = "lowrank", n.args[0], n.args[1], n
             path.cache_at = len(path.nodes)
             path.down = _find_down(graph, n.args[1])
@@ -241,10 +244,17 @@ def trace_output(sdpa: fx.Node) -> tuple[list[fx.Node], LinearSource | None]:
     return nodes, None
 
 
+FALLBACK_PREFIX = "sdpa"  # sites named by position (sdpa0, sdpa1, ...) when no module path names them
+
+
+def is_fallback_name(name: str) -> bool:
+    return name.startswith(FALLBACK_PREFIX) and name[len(FALLBACK_PREFIX):].isdigit()
+
+
 def _site_name(q: InputPath, o: LinearSource | None, index: int) -> str:
     paths = [p for p in ((q.source and q.source.module), (o and o.module)) if p]
     if not paths:
-        return f"sdpa{index}"
+        return f"{FALLBACK_PREFIX}{index}"
     if len(paths) == 1:
         return paths[0].rsplit(".", 1)[0] if "." in paths[0] else paths[0]
     a, b = paths[0].split("."), paths[1].split(".")
@@ -253,7 +263,7 @@ def _site_name(q: InputPath, o: LinearSource | None, index: int) -> str:
         if x != y:
             break
         common.append(x)
-    return ".".join(common) or f"sdpa{index}"
+    return ".".join(common) or f"{FALLBACK_PREFIX}{index}"
 
 
 def _recon_shape(path: InputPath) -> tuple[int, ...]:

@@ -35,31 +35,6 @@ def _device_of(node: fx.Node) -> torch.device:
     return val.device if isinstance(val, torch.Tensor) else torch.device("cpu")
 
 
-def retarget_last_dim(nodes, old: int, new: int, heads: int | None = None) -> None:
-    """Change view/reshape/expand sizes whose last entry is the feature width `old` (or heads·old)."""
-    for n in nodes:
-        if not (gu.is_method(n, "view", "reshape", "expand") or n.target is torch.reshape):
-            continue
-        sizes = list(n.args[1:]) if n.op == "call_method" else list(n.args[1])
-        packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
-        seq = list(sizes[0]) if packed else sizes
-        if not seq:
-            continue
-        last = gu.static_int(seq[-1]) if not isinstance(seq[-1], fx.Node) else None
-        if last == old:
-            seq[-1] = new
-        elif heads and last == heads * old:
-            seq[-1] = heads * new
-        else:
-            continue
-        sizes = [tuple(seq)] if packed else seq
-        n.args = (n.args[0], *sizes) if n.op == "call_method" else (n.args[0], tuple(seq))
-
-
-def _is_joint(down: torch.Tensor, site: AttentionSite) -> bool:
-    return down.shape[0] == 1 and down.shape[1] == site.num_kv_heads * site.head_dim and site.num_kv_heads > 1
-
-
 class RankSpaceRewrite:
     """Rewrites one site given its projection; constants go through `consts`."""
 
@@ -107,7 +82,7 @@ class RankSpaceRewrite:
         if proj.shared:
             counters["kvfx"]["shared"] += 1
         changes = dict(query=q2, key=k2, value=v2, scale=site.scale)
-        if proj.key_down.shape[1] != proj.key_up.shape[1] or proj.value_down.shape[1] != proj.value_up.shape[1]:
+        if proj.joint:
             changes["enable_gqa"] = True  # joint latent: one kv "head" serves every query head
             counters["kvfx"]["joint"] += 1
         gu.set_sdpa_args(sdpa, **changes)
@@ -120,7 +95,7 @@ class RankSpaceRewrite:
 
     def _plain(self, site, path, x: fx.Node, proj: SiteProjection, label: str) -> fx.Node:
         down = getattr(proj, label)
-        if _is_joint(down, site):  # [b, h, N, d] -> [b, N, h·d] · A -> [b, 1, N, R]
+        if proj.joint:  # [b, h, N, d] -> [b, N, h·d] · A -> [b, 1, N, R]
             base = path.base
             with self.g.inserting_before(site.sdpa):
                 flat = self.g.call_method("flatten", (self.g.call_method("transpose", (base, 1, 2)), 2))
@@ -134,14 +109,13 @@ class RankSpaceRewrite:
     def _reassociate(self, site, path, proj: SiteProjection, label: str) -> fx.Node:
         """Cache path: feed SDPA the rank-R cache directly; use our constant for the cache write."""
         down = getattr(proj, label)
-        joint = _is_joint(down, site)
-        down = down[0] if joint else down
-        make = (lambda: getattr(proj, label)[0]) if joint else (lambda: getattr(proj, label))
+        down = down[0] if proj.joint else down
+        make = (lambda: getattr(proj, label)[0]) if proj.joint else (lambda: getattr(proj, label))
         path.down.args = (path.down.args[0], self._const(site, label, make, path.down.args[0]))
         recon = path.recon
         between = path.nodes[: path.cache_at]  # repeat_kv between reconstruction and SDPA: now rank R
         d, r = gu.shape_of(recon)[-1], down.shape[-1]
-        retarget_last_dim(between, d, r)
+        gu.retarget_last_dim(between, d, r)
         recon.replace_all_uses_with(path.latent)
         self.g.erase_node(recon)
         return gu.sdpa_args(site.sdpa)["key" if label == "key_down" else "value"]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kvfx.calib.allocate import Budget, allocate, profiles
+from kvfx.calib.allocate import Budget, allocate_ranks, profiles
 from kvfx.calib.base import get_calibrator
 from kvfx.calib.collect import fit
 from kvfx.calib.stats import SiteStats
@@ -43,7 +43,7 @@ def test_keys_compressed_more_than_values_when_cheaper(stats):
 
 def test_greedy_beats_uniform_on_predicted_error(stats):
     cal = get_calibrator("kqsvd")
-    ranks, rep = allocate(cal, stats, Budget(0.5))
+    ranks, rep = allocate_ranks(cal, stats, Budget(0.5))
     uniform = profiles(cal, stats, [4])
     uni_err = sum(p[4] for p in uniform.values())
     greedy_err = sum(k + v for k, v in rep["predicted_err"].values())

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kvfx.calib.allocate import Budget, allocate
+from kvfx.calib.allocate import Budget, allocate_ranks
 from kvfx.calib.base import get_calibrator
 from kvfx.calib.collect import fit
 from kvfx.calib.stats import SiteStats
@@ -64,8 +64,8 @@ def test_needs_samples():
 def test_budget_allocates_from_proxy_profiles_then_trains_at_those_ranks():
     """Under a Budget, stiefel takes kqsvd's error-rank profiles (not one training per candidate rank)."""
     stats = {"a": _site(0), "b": _site(1)}
-    ranks_s, _ = allocate(get_calibrator("stiefel", steps=2), stats, Budget(0.5))
-    ranks_k, _ = allocate(get_calibrator("kqsvd"), stats, Budget(0.5))
+    ranks_s, _ = allocate_ranks(get_calibrator("stiefel", steps=2), stats, Budget(0.5))
+    ranks_k, _ = allocate_ranks(get_calibrator("kqsvd"), stats, Budget(0.5))
     assert ranks_s == ranks_k
     proj = fit(stats, "stiefel", Budget(0.5), steps=2)
     assert {n: tuple(r) for n, r in proj.ranks.items()} == ranks_k and proj.kv_fraction() <= 0.5 + 1e-9

@@ -1,0 +1,85 @@
+"""kvfx::decode_attention alone: the C++ CPU kernel against SDPA over a float copy, per latent shape.
+
+One decode step's attention for one layer at context N (SmolLM2's shapes: 9 query heads, 3 kv heads), timed on a
+warm cache (the same layer again and again: its rows stay in the CPU caches) and cold (30 layers in turn, as a
+real step reads them: each layer's rows come from memory). Prints ms per layer, the kernel's GFLOP/s
+(2·multiply-adds of the scores and value sums) and its read rate on the cold pass.
+
+    python benchmarks/kernel.py                  # N=16384, batch 1
+    python benchmarks/kernel.py --batch 4 --n 4096
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kvfx import quant
+from kvfx.ops import lowbit_attention as la
+
+# name: (latent heads, query rows per latent head, width, shared K+V latent, storage)
+SHAPES = {"head-0.5-float32": (3, 3, 32, False, "float32"), "kv-0.5-float32": (1, 9, 192, True, "float32"),
+          "head-0.5-int8": (3, 3, 32, False, "int8"), "head-0.5-int4": (3, 3, 32, False, "int4"),
+          "kv-0.5-int8": (1, 9, 192, True, "int8"), "kv-0.9375-int4": (1, 9, 360, True, "int4")}
+
+
+def _rows(b, h, n, width, storage, spare=512):
+    """A cache slot as kvfx's cache hands it over: a [:, :, :n] view of reserved storage."""
+    x = torch.randn(b, h, n + spare, width)
+    stored = x if storage == "float32" else quant.quantize(x, storage)
+    return stored[:, :, :n]
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=16384)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--layers", type=int, default=30, help="layers cycled through on the cold pass")
+    p.add_argument("--reps", type=int, default=9)
+    args = p.parse_args()
+    if not la.kernel_available("cpu"):
+        raise SystemExit("the C++ kernel did not build here (needs a C++ compiler and ninja)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N={args.n}, batch {args.batch}")
+    print(f"{'latent':18s} {'warm kernel':>11s} {'warm SDPA':>10s} {'GFLOP/s':>8s} {'cold kernel':>11s} "
+          f"{'cold SDPA':>10s} {'cold GB/s':>9s}   (ms per layer)")
+    for name, (h, g, r, shared, storage) in SHAPES.items():
+        kind = "float" if storage == "float32" else storage
+        layers = [(k, k if shared else _rows(args.batch, h, args.n, r, storage))
+                  for k in (_rows(args.batch, h, args.n, r, storage) for _ in range(args.layers))]
+        q = torch.randn(args.batch, h, g, r)
+        floats = [(la._decoded(k, r, kind), None if shared else la._decoded(v, r, kind)) for k, v in layers[:1]]
+
+        def kernel(kv):
+            return torch.ops.kvfx.decode_attention(q, kv[0], kv[1], r, r, kind, 0.125, None, shared)
+
+        def sdpa(kv):
+            k, v = kv
+            return F.scaled_dot_product_attention(q, la._decoded(k, r, kind) if kind != "float" else k,
+                                                  (la._decoded(v, r, kind) if kind != "float" else v), scale=0.125)
+        warm_k = _median_ms(lambda: kernel(layers[0]), args.reps)
+        warm_s = _median_ms(lambda: F.scaled_dot_product_attention(
+            q, floats[0][0], floats[0][0] if shared else floats[0][1], scale=0.125), args.reps)
+        cold_k = _median_ms(lambda: [kernel(kv) for kv in layers], 3) / args.layers
+        cold_s = _median_ms(lambda: [sdpa(kv) for kv in layers], 3) / args.layers
+        macs = args.batch * h * g * args.n * 2 * r
+        nbytes = sum(t.numel() * t.element_size() for t in (layers[0][0], None if shared else layers[0][1])
+                     if t is not None)
+        print(f"{name:18s} {warm_k:11.3f} {warm_s:10.3f} {2 * macs / warm_k / 1e6:8.1f} {cold_k:11.3f} "
+              f"{cold_s:10.3f} {nbytes / cold_k / 1e6:9.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

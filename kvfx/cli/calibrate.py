@@ -1,0 +1,51 @@
+"""`kvfx calibrate MODEL --budget 0.25 -o P.safetensors`: the best known configuration for a byte budget.
+
+Thin over kvfx.best_config (kvfx/recipe.py): shared K+V latent (kqsvd), the latent format that fits the budget,
+rotation, optionally measured ranks and end-to-end refinement. The file records its format (`kvfx compress`
+applies it) and its provenance (model fingerprint, data, recipe), and is written whole or not at all.
+"""
+from __future__ import annotations
+
+import argparse
+
+from .common import (add_data_args, add_model_args, budget, check_data_file, check_output, load_model,
+                     load_windows, say)
+
+
+def add_arguments(p) -> None:
+    add_model_args(p)
+    p.add_argument("--budget", type=budget, required=True, metavar="FRACTION",
+                   help="bytes the cache may keep, as a fraction of an uncompressed 16-bit cache, in (0, 1] "
+                        "(0.25: 4x smaller)")
+    p.add_argument("-o", "--output", required=True, metavar="P.safetensors", help="projections file to write")
+    add_data_args(p, windows=8, what="calibrate on")
+    p.add_argument("--refine", type=int, default=0, metavar="STEPS",
+                   help="end-to-end training steps after the closed form (default 0; ~13 s per 512-token step "
+                        "for SmolLM2 on 2 CPU cores; 80 is what the measured rows used)")
+    p.add_argument("--measured", action=argparse.BooleanOptionalAction, default=None,
+                   help="ranks per layer from the model's measured sensitivity (slow: ~7 forwards per layer); "
+                        "default: on when refining")
+
+
+def run(args) -> int:
+    import kvfx
+    from .common import CliError
+    if args.refine < 0:
+        raise CliError(f"--refine {args.refine}: give a number of training steps >= 0")
+    out = check_output(args.output)
+    check_data_file(args.data)
+    model, tokenizer = load_model(args.model, args.dtype)
+    windows, description = load_windows(tokenizer, args.data, args.windows, args.window, "calibration")
+    try:
+        projections = kvfx.best_config(model, windows, args.budget, refine_steps=args.refine,
+                                       measured=args.measured, data=description)
+    except ValueError as e:
+        if isinstance(e, kvfx.ProjectionError) or not str(e).startswith(("unsupported", "budget")):
+            raise
+        raise CliError(str(e)) from None
+    projections.save(out)
+    fmt = projections.quantize or "16-bit"
+    print(f"wrote {out}: {len(projections.sites)} attention sites, {fmt} latents, "
+          f"{projections.kv_fraction(projections.quantize):.3f} of the 16-bit KV-cache bytes")
+    say(f"next: kvfx eval {args.model} {out}   (or kvfx info {out})")
+    return 0

@@ -1,0 +1,69 @@
+"""kvfx.best_config (kvfx/recipe.py): the format and width chosen per budget, and the one call end to end on a tiny
+model — closed form, and measured ranks + refinement."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvfx
+from helpers import tiny_llama
+from kvfx.projections import Projections
+from kvfx.recipe import choose_format, widest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def windows(n: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 64, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("budget,fmt", [(1.0, None), (0.75, "int8"), (0.5, "int8"), (0.375, "int8"),
+                                        (0.25, "int4"), (0.125, "int4"), (0.0625, "int4")])
+def test_choose_format(budget, fmt):
+    assert choose_format(budget, 384) == fmt
+
+
+def test_widest_matches_measured_rows():
+    """RESULTS.md: int4 at 25 % keeps 360 of SmolLM2's 384 K+V numbers, int8 at 37.5 % keeps 287."""
+    assert widest("int4", 0.25, 384) == 360 and widest("int8", 0.375, 384) == 287 and widest(None, 1.0, 384) == 384
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5, float("nan"), "0.5", True])
+def test_budget_range(bad):
+    with pytest.raises(ValueError, match=r"budget must be a fraction .* in \(0, 1\]"):
+        kvfx.best_config(tiny_llama(1), windows(), bad, progress=False)
+
+
+def test_best_config_meets_budget_and_compress_applies_its_format(tmp_path):
+    m = tiny_llama(2)
+    P = kvfx.best_config(m, windows(), 0.25, progress=False, data="random tokens")
+    assert P.quantize == "int4" and P.kv_fraction("int4") <= 0.25 and P.report["rotation"]["seeds"] == [0]
+    assert all(p.shared for p in P.sites.values())
+    prov = P.provenance
+    assert prov["budget"] == 0.25 and prov["quantize"] == "int4" and prov["method"] == "kqsvd@kv"
+    assert prov["data"] == {"description": "random tokens", "windows": 2, "window": 16, "tokens": 32}
+    assert prov["recipe"]["rotated"] and not prov["recipe"]["measured"]
+    path = tmp_path / "p.safetensors"
+    P.save(path)
+    cm = kvfx.compress(torch.compile(m, backend="eager"), Projections.load(path))
+    assert cm._kvfx.quantize == "int4"  # from the file, no argument
+    kvfx.decompress(cm)
+    cm = kvfx.compress(torch.compile(m, backend="eager"), P, quantize=None)  # an explicit None wins
+    assert cm._kvfx.quantize is None
+    kvfx.decompress(cm)
+
+
+def test_measured_and_refined():
+    m = tiny_llama(2)
+    P = kvfx.best_config(m, windows(3), 0.125, refine_steps=2, progress=False)
+    assert P.quantize == "int4" and P.kv_fraction("int4") <= 0.125
+    assert P.report["allocation"]["budget"] == 0.125 and P.report["allocation"]["quantize"] == "int4"
+    assert P.report["refine"]["steps"] == 2 and P.report["refine"]["quantize"] == "int4"
+    assert P.provenance["recipe"] == {"measured": True, "rotated": True, "refine_steps": 2, "refine_lr": 2e-4}
+    assert P.method.endswith("+refine")
+
+
+def test_budget_one_is_exact_16_bit():
+    m = tiny_llama(1)
+    P = kvfx.best_config(m, windows(), 1.0, progress=False)
+    assert P.quantize is None and P.kv_fraction() == 1.0 and "rotation" not in P.report
