@@ -9,7 +9,6 @@ Three references, none of which goes through kvfx's graph pass:
   masks on q·B, k·A, v·C, then ·Dᵀ, re-run over the whole sequence at every step, `use_cache=False`);
 * at full rank (identity projections), plain `model.generate` with transformers' own cache.
 """
-import copy
 
 import pytest
 import torch
@@ -52,11 +51,6 @@ def generate(model, ids, **kw):
         return model.generate(ids, **(GEN | kw))
 
 
-def compressed(m, P, kind):
-    """A compressed deepcopy: `m` itself stays the plain model the eager references run."""
-    return kvfx.compress(torch.compile(copy.deepcopy(m), backend="eager"), P, cache=kind)
-
-
 def eager_lowrank(m, P, ids, kind, new, **kw):
     """Eager generate of the uncompressed model with a low-rank cache of the same kind."""
     cache = kvfx.LowRankCache(P, kind, max_cache_len=ids.shape[1] + new)
@@ -73,7 +67,7 @@ def test_left_padded_batch(llama, kind):
     m, P, ref = llama
     ids, mask = left_padded([4, 7, 2])
     new = 8
-    cm = compressed(m, P, kind)
+    cm = archs.compressed_copy(m, P, cache=kind)
     got = generate(cm, ids, attention_mask=mask, max_new_tokens=new, output_logits=True, return_dict_in_generate=True)
     expected = eager_lowrank(m, P, ids, kind, new, attention_mask=mask, output_logits=True,
                              return_dict_in_generate=True)
@@ -94,7 +88,7 @@ def test_identity_projections_equal_plain_generate(llama, kind):
     kw = dict(attention_mask=mask, max_new_tokens=8, num_beams=2, num_return_sequences=2, output_scores=True,
               return_dict_in_generate=True)
     expected = generate(m, ids, cache_implementation=kind, **kw)
-    got = generate(compressed(m, identity_projections(m), kind), ids, **kw)
+    got = generate(archs.compressed_copy(m, identity_projections(m), cache=kind), ids, **kw)
     assert torch.equal(got.sequences, expected.sequences)
     assert rel_err(got.sequences_scores, expected.sequences_scores) <= 1e-5
     assert kvfx.counters["kvfx"]["rewritten"] > 0
@@ -115,7 +109,7 @@ def test_beam_search_reorders_the_low_rank_cache(llama, kind, monkeypatch):
 
     monkeypatch.setattr(kvfx.LowRankCache, "reorder_cache", spy, raising=False)
     kw = dict(attention_mask=mask, num_beams=2, num_return_sequences=2)
-    cm = compressed(m, P, kind)
+    cm = archs.compressed_copy(m, P, cache=kind)
     got = generate(cm, ids, max_new_tokens=new, output_scores=True, return_dict_in_generate=True, **kw)
     assert reorders and any(not torch.equal(b, torch.arange(len(b))) for b in reorders)  # beams really swapped
     expected = eager_lowrank(m, P, ids, kind, new, output_scores=True, return_dict_in_generate=True, **kw)
@@ -155,7 +149,7 @@ def test_prompt_lengths_across_calls_and_bounded_recompiles(llama, kind):
     backend compiles at most 4 graphs (static-shape prefill and decode, then one symbolic version of each) —
     a fourth call with yet other lengths must not recompile at all (Dynamo's fail_on_recompile stance)."""
     m, P, _ = llama
-    cm = compressed(m, P, kind)
+    cm = archs.compressed_copy(m, P, cache=kind)
     graphs = []
     for n, new in ((5, 4), (9, 8), (13, 12)):
         ids = prompt(n, seed=n)
@@ -193,7 +187,7 @@ def test_long_generation_past_calibration_length(llama, calibrated, kind):
     m, _, _ = llama
     P, ids, expected = calibrated
     assert P.report["tokens"] == 2 * 2 * 8
-    cm = compressed(m, P, kind)
+    cm = archs.compressed_copy(m, P, cache=kind)
     cache = kvfx.make_cache(cm, max_cache_len=ids.shape[1] + LONG)
     got = generate(cm, ids, max_new_tokens=LONG, past_key_values=cache)
     assert got.shape[1] == 6 + LONG and torch.equal(got, expected)

@@ -56,29 +56,11 @@ class RankSpaceRewrite:
 
     def __call__(self, site: AttentionSite, proj: SiteProjection) -> None:
         args = gu.sdpa_args(site.sdpa)
-        q, k, v = args["query"], args["key"], args["value"]
-        g = site.group
-        sdpa = site.sdpa
+        q, g, sdpa = args["query"], site.group, site.sdpa
         b_q = lambda: proj.key_up.repeat_interleave(g, 0)                        # [H, d, Rk]  # noqa: E731
         d_t = lambda: proj.value_up.transpose(1, 2).repeat_interleave(g, 0)      # [H, Rv, d]  # noqa: E731
-        site.proj = {}
         site.proj["q"] = q2 = self._mm(q, self._const(site, "key_up", b_q, q), sdpa)
-        if site.lowrank_cache:
-            k2 = self._reassociate(site, site.k, proj, "key_down")
-            v2 = self._reassociate(site, site.v, proj, "value_down")
-            site.proj["k"], site.proj["v"] = site.k.down, site.v.down  # the cache writes: fold targets
-            counters["kvfx"]["reassociated"] += 1
-        else:
-            k2 = self._plain(site, site.k, k, proj, "key_down")
-            v2 = self._plain(site, site.v, v, proj, "value_down")
-            site.proj["k"], site.proj["v"] = k2, v2
-            with self.g.inserting_before(sdpa):
-                if proj.shared:  # one latent c = k·A + v·C read as key and value
-                    k2 = v2 = self.g.call_function(torch.add, (k2, v2))
-                if self.quantize:
-                    k2 = self.g.call_function(quant.fake_quant, (k2, self.quantize))
-                    v2 = k2 if proj.shared else self.g.call_function(quant.fake_quant, (v2, self.quantize))
-                    counters["kvfx"]["quantized"] += 1
+        k2, v2 = self._cached(site, proj) if site.lowrank_cache else self._projected(site, proj, args)
         if proj.shared:
             counters["kvfx"]["shared"] += 1
         changes = dict(query=q2, key=k2, value=v2, scale=site.scale)
@@ -92,6 +74,29 @@ class RankSpaceRewrite:
         out.args = (sdpa, self._const(site, "value_up_t", d_t, q))
         site.proj["o"] = out
         counters["kvfx"]["rewritten"] += 1
+
+    def _cached(self, site: AttentionSite, proj: SiteProjection) -> tuple[fx.Node, fx.Node]:
+        """kvfx's cache: SDPA reads the cached latents; the cache writes are the fold targets."""
+        k2 = self._reassociate(site, site.k, proj, "key_down")
+        v2 = self._reassociate(site, site.v, proj, "value_down")
+        site.proj["k"], site.proj["v"] = site.k.down, site.v.down
+        counters["kvfx"]["reassociated"] += 1
+        return k2, v2
+
+    def _projected(self, site: AttentionSite, proj: SiteProjection, args: dict) -> tuple[fx.Node, fx.Node]:
+        """Full-width keys / values (no cache, or transformers' own): project them (and round them as the low-bit
+        cache would); a shared latent adds its two projections into one."""
+        k2 = self._plain(site, site.k, args["key"], proj, "key_down")
+        v2 = self._plain(site, site.v, args["value"], proj, "value_down")
+        site.proj["k"], site.proj["v"] = k2, v2
+        with self.g.inserting_before(site.sdpa):
+            if proj.shared:  # one latent c = k·A + v·C read as key and value
+                k2 = v2 = self.g.call_function(torch.add, (k2, v2))
+            if self.quantize:
+                k2 = self.g.call_function(quant.fake_quant, (k2, self.quantize))
+                v2 = k2 if proj.shared else self.g.call_function(quant.fake_quant, (v2, self.quantize))
+                counters["kvfx"]["quantized"] += 1
+        return k2, v2
 
     def _plain(self, site, path, x: fx.Node, proj: SiteProjection, label: str) -> fx.Node:
         down = getattr(proj, label)

@@ -365,10 +365,14 @@ def calibrate(arch: Arch, model, rank=RANK, method: str = "kqsvd"):
     return kvfx.calibrate(model, token_batches(), method=method, rank=rank, progress=False)
 
 
-def compressed(model, projections, backend="eager"):
-    """kvfx.compress(torch.compile(deepcopy(model), backend=...), projections): the original stays untouched."""
+def compressed_copy(model, projections, backend="eager", **kw):
+    """kvfx.compress(torch.compile(deepcopy(model), backend=...), projections, **kw): the original stays the plain
+    model the references run. backend="inductor" compiles with torch.compile's defaults. (The tests' one such
+    helper; tests/helpers.py `compressed` is the context-manager form that decompresses after.)"""
     import kvfx
-    return kvfx.compress(torch.compile(copy.deepcopy(model), backend=backend), projections)
+    m = copy.deepcopy(model)
+    compiled = torch.compile(m) if backend == "inductor" else torch.compile(m, backend=backend)
+    return kvfx.compress(compiled, projections, **kw)
 
 
 def eval_ids(seed: int = 7, batch: int = 2, tokens: int = 8) -> torch.Tensor:
@@ -382,14 +386,14 @@ def _kw(arch: Arch) -> dict:
 def check_identity(arch: Arch, model, projections) -> float:
     """rel err of the compressed model with full-rank identity projections vs the model itself."""
     ids = eval_ids()
-    return rel_err(forward(compressed(model, identity_projections(projections)), ids, **_kw(arch)),
+    return rel_err(forward(compressed_copy(model, identity_projections(projections)), ids, **_kw(arch)),
                    forward(model, ids, **_kw(arch)))
 
 
 def check_lowrank(arch: Arch, model, projections) -> tuple[float, float]:
     """(rel err vs the independent low-rank reference, rel change vs the original model) at rank R."""
     ids = eval_ids()
-    out = forward(compressed(model, projections), ids, **_kw(arch))
+    out = forward(compressed_copy(model, projections), ids, **_kw(arch))
     return rel_err(out, reference(arch, model, projections, ids)), rel_err(out, forward(model, ids, **_kw(arch)))
 
 
@@ -400,7 +404,7 @@ def check_generate(arch: Arch, model, projections, **gen) -> tuple[torch.Tensor,
     gen = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0) | gen
     with torch.no_grad():
         expected = model.generate(ids, past_key_values=kvfx.LowRankCache(projections), **gen)
-        got = compressed(model, projections).generate(ids, **gen)
+        got = compressed_copy(model, projections).generate(ids, **gen)
     return got, expected
 
 

@@ -49,7 +49,9 @@ def test_kernel_matches_reference(b, h, g, n, rk, rv, kind, mask, shared, seed):
     ref = la.reference(q, kc, vc, rk, rv, kind, 0.125, m, shared)
     out = torch.ops.kvfx.decode_attention(q, kc, vc, rk, rv, kind, 0.125, m, shared)
     assert out.shape == ref.shape == (b, h, g, rk if shared else rv)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # float32 round-off of the output's own size (a shared latent's values are the keys, ~3× larger): the kernel
+    # folds the scale into q and sums in another order than SDPA
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
 
 
 def test_long_context_split_over_chunks_and_threads():

@@ -10,15 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvfx
+from archs import compressed_copy
 from helpers import (hand_model, hand_reference, identity_projections, model_inputs, random_projections,
                      reference_model, rel_err, run, tiny_gpt2, tiny_llama)
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "hand": hand_model}
-
-
-def compressed(model, projections, backend="eager", **kw):
-    compiled = torch.compile(model) if backend == "inductor" else torch.compile(model, backend=backend)
-    return kvfx.compress(compiled, projections, **kw)
 
 
 def reference(model, projections, x, **kw):
@@ -33,7 +29,7 @@ def test_identity_full_rank_reproduces_model(name, backend):
     m = MODELS[name](1 if backend == "inductor" else 2)
     x = model_inputs(m, batch=2)
     expected = run(m, x)
-    out = run(compressed(m, identity_projections(m), backend), x)
+    out = run(compressed_copy(m, identity_projections(m), backend), x)
     assert rel_err(out, expected) <= 1e-5
     assert kvfx.counters["kvfx"]["rewritten"] == len(identity_projections(m).sites)
 
@@ -59,7 +55,7 @@ def test_llama_low_rank(kind):
     m = tiny_llama(2)
     P = random_projections(m, rank=4, kind=kind, seed=3)
     x = model_inputs(m, batch=2)
-    out = run(compressed(m, P), x)
+    out = run(compressed_copy(m, P), x)
     assert rel_err(out, reference(m, P, x)) <= 1e-4
     c = kvfx.counters["kvfx"]
     assert (c["rewritten"], c["folded_o"], c["folded_q"], c["folded_k"]) == (2, 2, 0, 0)  # RoPE: q/k stay
@@ -70,7 +66,7 @@ def test_gpt2_low_rank(kind, use_cache):
     m = tiny_gpt2(2)
     P = random_projections(m, rank=3, kind=kind, seed=4)
     x = model_inputs(m, batch=2)
-    out = run(compressed(m, P), x, use_cache=use_cache)
+    out = run(compressed_copy(m, P), x, use_cache=use_cache)
     assert rel_err(out, reference(m, P, x, use_cache=use_cache)) <= 1e-4
     c = kvfx.counters["kvfx"]
     folded = [c[f"folded_{x}"] for x in "qkvo"]
@@ -83,7 +79,7 @@ def test_hand_low_rank(kind):
     m = hand_model(2)
     P = random_projections(m, rank=5, kind=kind, seed=5)
     x = model_inputs(m, batch=3)
-    assert rel_err(run(compressed(m, P), x), reference(m, P, x)) <= 1e-4
+    assert rel_err(run(compressed_copy(m, P), x), reference(m, P, x)) <= 1e-4
     c = kvfx.counters["kvfx"]
     assert [c[f"folded_{x}"] for x in "qkvo"] == [2, 2, 2, 2]
 
@@ -95,11 +91,10 @@ def test_fold_off_matches_fold_on(name):
     P = random_projections(m, rank=4, kind="oblique", seed=6)
     x = model_inputs(m)
     kw = dict(use_cache=False) if name == "gpt2" else {}
-    folded = run(compressed(m, P), x, **kw)
-    kvfx.decompress(m)
+    folded = run(compressed_copy(m, P), x, **kw)
     torch._dynamo.reset()
     kvfx.counters.clear()
-    plain = run(compressed(m, P, fold=False), x, **kw)
+    plain = run(compressed_copy(m, P, fold=False), x, **kw)
     assert rel_err(plain, folded) <= 1e-5
     assert kvfx.counters["kvfx"]["rewritten"] == 2
     assert not any(kvfx.counters["kvfx"][f"folded_{x}"] for x in "qkvo")
@@ -112,7 +107,7 @@ def test_sites_get_their_own_projection():
     names = list(P.sites)
     swapped = kvfx.Projections({names[0]: P.sites[names[1]], names[1]: P.sites[names[0]]}, P.shapes, "test")
     x = model_inputs(m)
-    out = run(compressed(m, swapped), x)
+    out = run(compressed_copy(m, swapped), x)
     assert rel_err(out, reference(m, swapped, x)) <= 1e-4
     assert rel_err(out, reference(m, P, x)) > 1e-3
 
@@ -125,7 +120,7 @@ def test_gqa_groups_use_their_kv_heads_b_and_d():
         p.key_up[1] *= 3.0
         p.value_up[1] = -p.value_up[1]
     x = model_inputs(m)
-    assert rel_err(run(compressed(m, P), x), reference(m, P, x)) <= 1e-4
+    assert rel_err(run(compressed_copy(m, P), x), reference(m, P, x)) <= 1e-4
 
 
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -136,4 +131,4 @@ def test_hand_any_rank(rank, kind, seed, tokens):
     m = hand_model(1, seed=seed)
     P = random_projections(m, rank=rank, kind=kind, seed=seed)
     x = model_inputs(m, tokens=tokens, seed=seed)
-    assert rel_err(run(compressed(m, P), x), reference(m, P, x)) <= 1e-4
+    assert rel_err(run(compressed_copy(m, P), x), reference(m, P, x)) <= 1e-4
