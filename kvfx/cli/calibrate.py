@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (add_data_args, add_model_args, budget, check_data_file, check_output, load_model,
-                     load_windows, say)
+from .common import add_data_args, add_model_args, budget, check_output, model_and_windows, say
 
 
 def add_arguments(p) -> None:
@@ -33,9 +32,7 @@ def run(args) -> int:
     if args.refine < 0:
         raise CliError(f"--refine {args.refine}: give a number of training steps >= 0")
     out = check_output(args.output)
-    check_data_file(args.data)
-    model, tokenizer = load_model(args.model, args.dtype)
-    windows, description = load_windows(tokenizer, args.data, args.windows, args.window, "calibration")
+    model, _, windows, description = model_and_windows(args, "calibration")
     try:
         projections = kvfx.best_config(model, windows, args.budget, refine_steps=args.refine,
                                        measured=args.measured, data=description)

@@ -205,3 +205,14 @@ def load_windows(tokenizer, data: str, n: int, window: int, split: str) -> tuple
     k = min(n, have)
     digest = hashlib.sha256(raw).hexdigest()[:16]
     return torch.tensor(ids[: k * window]).view(k, window), f"file {Path(data).name} (sha256 {digest})"
+
+
+def model_and_windows(args, split: str, projections=None):
+    """A subcommand's model (checked against `projections` when given) and data windows, from its arguments:
+    (model, tokenizer, windows, description of the data). The data file is checked before the model loads."""
+    check_data_file(args.data)
+    model, tokenizer = load_model(args.model, args.dtype)
+    if projections is not None:
+        check_applicable(model, projections)
+    windows, description = load_windows(tokenizer, args.data, args.windows, args.window, split)
+    return model, tokenizer, windows, description

@@ -6,8 +6,7 @@ or the user's text file.
 """
 from __future__ import annotations
 
-from .common import (CliError, add_backend_arg, add_data_args, add_model_args, check_applicable, check_data_file,
-                     load_model, load_windows, say)
+from .common import CliError, add_backend_arg, add_data_args, add_model_args, model_and_windows, say
 
 
 def add_arguments(p) -> None:
@@ -37,10 +36,7 @@ def run(args) -> int:
     if args.chunk < 1:
         raise CliError(f"--chunk {args.chunk}: give a number of tokens >= 1")
     projections = load_projections(args.projections)
-    check_data_file(args.data)
-    model, tokenizer = load_model(args.model, args.dtype)
-    check_applicable(model, projections)
-    windows, description = load_windows(tokenizer, args.data, args.windows, args.window, "test")
+    model, _, windows, description = model_and_windows(args, "test", projections)
     if windows.shape[1] < 4:
         raise CliError(f"--window {windows.shape[1]} is too short to split into halves; use at least 4 tokens")
     say(f"evaluating on {windows.shape[0]} window(s) of {windows.shape[1]} tokens of {description}")
