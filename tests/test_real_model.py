@@ -44,8 +44,9 @@ def test_calibrate_compress_eval_generate(smollm, tmp_path):
     cm = kvfx.compress(torch.compile(model, backend="eager"), proj)
     low = ppl(cm)
     assert kvfx.counters["kvfx"]["rewritten"] == 30 and kvfx.counters["kvfx"]["folded_o"] == 30
-    # rank 0.5 loses quality but must stay a language model (reference: 36 -> 113 at 16 windows of 512)
-    assert base < low < 6 * base, (base, low)
+    # rank 0.5 loses quality but must stay a language model: 32.4 -> 95.5 (2.95×) on this window, calibrated on 2
+    # windows (16 windows of 512 tokens: 36 -> 113, 3.1×); 3.5× leaves room for BLAS round-off, not for a regression
+    assert base < low < 3.5 * base, (base, low)
 
     prompt = tok("The capital of France is", return_tensors="pt").input_ids
     ref_cache = kvfx.LowRankCache(proj)
