@@ -127,7 +127,7 @@ class KvfxBackend:
         rewrite_sites(new, sites, {s.name: self.projections.sites[s.name] for s in sites}, consts, self.quantize)
         if self.fold:
             fold_sites(new, sites, consts)
-        group_decode_sites(new, sites, {s.name: self.projections.sites[s.name] for s in sites})
+        group_decode_sites(new, sites, {s.name: self.projections.sites[s.name] for s in sites}, consts)
         new.graph.lint()
         new.recompile()
         counters["kvfx"]["graphs"] += 1

@@ -28,25 +28,7 @@ from ..ops import lowbit_attention  # noqa: F401  (registers torch.ops.kvfx.*)
 from ..projections import SiteProjection
 from . import graph_utils as gu
 from .counters import counters
-from .match import AttentionSite, _is_head_repeat_interleave
-
-
-def unrepeat(node: fx.Node) -> fx.Node:
-    """The kv-head tensor under repeat_kv (x[:, :, None].expand(..).reshape(..), x.unsqueeze(2)...) or
-    x.repeat_interleave(g, dim=1); `node` itself when it is not repeated."""
-    if _is_head_repeat_interleave(node):
-        return node.args[0]
-    if not (gu.is_method(node, "reshape", "view") or node.target is torch.reshape):
-        return node
-    e = node.args[0]
-    if not isinstance(e, fx.Node) or not (gu.is_method(e, "expand") or e.target is torch.Tensor.expand):
-        return node
-    u = e.args[0]
-    if gu.is_getitem(u) and isinstance(u.args[1], tuple) and len(u.args[1]) >= 3 and u.args[1][2] is None:
-        return u.args[0]
-    if gu.is_method(u, "unsqueeze") and u.args[1:] == (2,):
-        return u.args[0]
-    return node
+from .match import AttentionSite
 
 
 def _heads(node: fx.Node) -> int | None:
@@ -87,7 +69,7 @@ def _float_kernel(key, value) -> bool:
             and _width(value) is not None and lowbit_attention.kernel_available("cpu"))
 
 
-def group_decode_queries(g: fx.Graph, site: AttentionSite, proj: SiteProjection) -> bool:
+def group_decode_queries(g: fx.Graph, site: AttentionSite, proj: SiteProjection, consts=None) -> bool:
     """Rewrite a one-token step's attention: fold the query heads of each kv group into the query axis, and over
     low-bit latents call kvfx::decode_attention on the stored codes. True if the site was rewritten."""
     args = gu.sdpa_args(site.sdpa)
@@ -96,7 +78,7 @@ def group_decode_queries(g: fx.Graph, site: AttentionSite, proj: SiteProjection)
         return False  # prefill (or symbolic query length), or keys that are not kvfx's cache
     if args.get("is_causal") or args.get("dropout_p") or not _mask_per_row(args.get("attn_mask")):
         return False
-    key, value = unrepeat(args["key"]), unrepeat(args["value"])
+    key, value = gu.unrepeat(args["key"]), gu.unrepeat(args["value"])
     kv_heads = _heads(key)
     if kv_heads is None or kv_heads != _heads(value) or heads % kv_heads:
         return False
@@ -109,7 +91,7 @@ def group_decode_queries(g: fx.Graph, site: AttentionSite, proj: SiteProjection)
     q = args["query"]
     if group > 1:
         with g.inserting_before(sdpa):
-            q = g.call_method("reshape", (q, -1, kv_heads, group, rq))
+            q = g.call_method("reshape", (_grouped_query(g, site, proj, consts, q), -1, kv_heads, group, rq))
         counters["kvfx"]["decode_grouped"] += 1
     if kernel:  # the stored rows, read once in place: no float copy of the cache, no expanded heads
         shared = value is key
@@ -128,26 +110,69 @@ def group_decode_queries(g: fx.Graph, site: AttentionSite, proj: SiteProjection)
         gu.set_sdpa_args(sdpa, query=q, key=key, value=value, enable_gqa=False)
     for n in dict.fromkeys(old):  # shared latent: key and value are one node
         _erase_dead(g, n)
+    if not args["query"].users:  # the query-head-repeated q·B that _grouped_query replaced
+        g.erase_node(args["query"])
     if group > 1:
         with g.inserting_after(sdpa):
             out = g.call_method("reshape", (sdpa, -1, heads, 1, rv))
         sdpa.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+        _grouped_output(g, site, proj, consts, out)
     return True
 
 
+# The unfolded up-projections of a decode step (q·B, o·Dᵀ: RoPE blocks the q fold; a latent wider than head_dim keeps
+# o·Dᵀ, see fold._shrinks) carry one matrix per QUERY head, B repeated over the g heads of a kv group: [H, d, R].
+# With the query heads of a group side by side, one matrix per kv head serves them: [b, h, g, d] @ [h, d, R] reads
+# B once, not g times (counter `decode_grouped_proj`).
+def _grouped_constant(site, proj, consts, mm: fx.Node, label: str, make):
+    """A [h, ·, ·] constant replacing the query-head-repeated one `mm` multiplies by, or None if `mm` is not that."""
+    rep = consts.value_of(mm.args[1]) if consts is not None and isinstance(mm.args[1], fx.Node) else None
+    if rep is None or rep.dim() != 3 or rep.shape[0] != site.num_heads or site.group == 1:
+        return None
+    dtype, device = rep.dtype, rep.device
+    return consts.add(f"{site.name}_{label}_grouped", rep[::site.group].contiguous(),
+                      lambda: make().to(dtype=dtype, device=device))
+
+
+def _grouped_query(g: fx.Graph, site, proj, consts, q2: fx.Node) -> fx.Node:
+    mm = site.proj.get("q")
+    if mm is not q2:
+        return q2
+    h, d, _ = proj.key_up.shape
+    const = _grouped_constant(site, proj, consts, mm, "key_up", lambda: proj.key_up)
+    if const is None:
+        return q2
+    q = g.call_function(torch.matmul, (g.call_method("reshape", (mm.args[0], -1, h, site.group, d)), const))
+    site.proj["q"] = None  # `mm` still feeds SDPA; group_decode_queries erases it once SDPA reads `q`
+    counters["kvfx"]["decode_grouped_proj"] += 1
+    return q
+
+
+def _grouped_output(g: fx.Graph, site, proj, consts, out: fx.Node) -> None:
+    mm = site.proj.get("o")
+    if mm is None or mm.args[0] is not out or len(out.users) != 1:
+        return
+    h, d, rv = proj.value_up.shape
+    const = _grouped_constant(site, proj, consts, mm, "value_up_t", lambda: proj.value_up.transpose(1, 2))
+    if const is None:
+        return
+    with g.inserting_before(mm):
+        o = g.call_function(torch.matmul, (g.call_method("reshape", (out.args[0], -1, h, site.group, rv)), const))
+        new = g.call_method("reshape", (o, -1, site.num_heads, 1, d))
+    mm.replace_all_uses_with(new)
+    g.erase_node(mm)
+    g.erase_node(out)
+    site.proj["o"] = None
+    counters["kvfx"]["decode_grouped_proj"] += 1
+
+
 def _erase_dead(g: fx.Graph, node: fx.Node) -> None:
-    """Erase the bypassed repeat_kv chain (pure layout ops) once nothing reads it."""
-    while (isinstance(node, fx.Node) and not node.users and node.op == "call_method"
-           and node.target in ("reshape", "view", "expand", "unsqueeze", "repeat_interleave")
-           or isinstance(node, fx.Node) and not node.users and (gu.is_getitem(node) or node.target in (
-               torch.reshape, torch.Tensor.expand, torch.repeat_interleave, torch.Tensor.repeat_interleave))):
-        src = node.args[0]
-        g.erase_node(node)
-        node = src
+    """Erase the bypassed repeat_kv chain and, once nothing reads it, the dequantisation under it."""
+    node = gu.erase_dead_layout(g, node)
     if _dequantized(node) and not node.users:
         g.erase_node(node)
 
 
-def group_decode_sites(gm: fx.GraphModule, sites, projections) -> None:
+def group_decode_sites(gm: fx.GraphModule, sites, projections, consts=None) -> None:
     for site in sites:
-        group_decode_queries(gm.graph, site, projections[site.name])
+        group_decode_queries(gm.graph, site, projections[site.name], consts)

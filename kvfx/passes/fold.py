@@ -34,6 +34,13 @@ def _split_sizes(split: fx.Node, total: int) -> list[int]:
     return list(size)
 
 
+def _shrinks(rows: int, new_rows: int, width: int, p: torch.Tensor) -> bool:
+    """Is the folded weight (new_rows × width) no bigger than what it replaces: W's rows × width and P? A latent
+    wider than head_dim (`layer` / `kv` with R > d) would make W_O' = Dᵀ·W_O R/d times W_O, read every decode
+    step; there the matmul by P stays (it reads fewer bytes)."""
+    return new_rows * width <= rows * width + p.numel()
+
+
 class FoldItem(NamedTuple):
     """One projection matmul that folds into the linear producing its input."""
     site: AttentionSite
@@ -68,6 +75,10 @@ class Folder:
             return None
         p = self.consts.value_of(mm.args[1])
         if p is None or p.dim() != 3:  # joint latents mix heads: nothing per-head to fold
+            return None
+        w = self.consts.value_of(path.source.weight)
+        h, d, r = p.shape
+        if w is not None and not _shrinks(h * d, h * r, w.shape[0 if path.source.transposed else 1], p):
             return None
         return FoldItem(site, label, path, mm, own, shared, p)
 
@@ -143,6 +154,8 @@ class Folder:
             return
         wi = (w if src.transposed else w.t()).to(torch.float64)  # [H·d, hidden]
         hh, r, d = dt.shape
+        if not _shrinks(hh * d, hh * r, wi.shape[1], dt):
+            return
         wn = torch.einsum("hrd,hdo->hro", dt.to(torch.float64), wi.reshape(hh, d, -1)).reshape(hh * r, -1)
         wn = (wn if src.transposed else wn.t()).contiguous().to(w.dtype)
         node = self.consts.add(f"{site.name}_o_folded_weight", wn)

@@ -134,3 +134,46 @@ def retarget_last_dim(nodes, old: int, new: int, heads: int | None = None) -> No
             continue
         sizes = [tuple(seq)] if packed else seq
         n.args = (n.args[0], *sizes) if n.op == "call_method" else (n.args[0], tuple(seq))
+
+
+def is_head_repeat_interleave(n: fx.Node) -> bool:
+    """x.repeat_interleave(g, dim=1) on a [b, h, N, d] tensor: GQA's grouping (query head i uses kv head i // g)."""
+    if not (n.op == "call_method" and n.target == "repeat_interleave" or
+            n.op == "call_function" and n.target in (torch.repeat_interleave, torch.Tensor.repeat_interleave)):
+        return False
+    reps = n.args[1] if len(n.args) > 1 else n.kwargs.get("repeats")
+    dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+    src, out = shape_of(n.args[0]), shape_of(n)
+    return (isinstance(reps, int) and dim in (1, -3) and src is not None and out is not None and len(src) == 4
+            and out == (src[0], src[1] * reps, *src[2:]))
+
+
+def unrepeat(node: fx.Node) -> fx.Node:
+    """The kv-head tensor under repeat_kv (x[:, :, None].expand(..).reshape(..), x.unsqueeze(2)...) or
+    x.repeat_interleave(g, dim=1); `node` itself when it is not repeated."""
+    if is_head_repeat_interleave(node):
+        return node.args[0]
+    if not (is_method(node, "reshape", "view") or node.target is torch.reshape):
+        return node
+    e = node.args[0]
+    if not isinstance(e, fx.Node) or not (is_method(e, "expand") or e.target is torch.Tensor.expand):
+        return node
+    u = e.args[0]
+    if is_getitem(u) and isinstance(u.args[1], tuple) and len(u.args[1]) >= 3 and u.args[1][2] is None:
+        return u.args[0]
+    if is_method(u, "unsqueeze") and u.args[1:] == (2,):
+        return u.args[0]
+    return node
+
+
+def erase_dead_layout(g: fx.Graph, node: fx.Node) -> fx.Node:
+    """Erase `node` and the pure layout ops under it (a bypassed repeat_kv chain) while nothing reads them; returns
+    the first node kept."""
+    while (isinstance(node, fx.Node) and not node.users and node.op == "call_method"
+           and node.target in ("reshape", "view", "expand", "unsqueeze", "repeat_interleave")
+           or isinstance(node, fx.Node) and not node.users and (is_getitem(node) or node.target in (
+               torch.reshape, torch.Tensor.expand, torch.repeat_interleave, torch.Tensor.repeat_interleave))):
+        src = node.args[0]
+        g.erase_node(node)
+        node = src
+    return node

@@ -113,18 +113,6 @@ def _find_down(graph: fx.Graph, up: fx.Node) -> fx.Node | None:
     return None
 
 
-def _is_head_repeat_interleave(n: fx.Node) -> bool:
-    """x.repeat_interleave(g, dim=1) on a [b, h, N, d] tensor: GQA's grouping (query head i uses kv head i // g)."""
-    if not (n.op == "call_method" and n.target == "repeat_interleave" or
-            n.op == "call_function" and n.target in (torch.repeat_interleave, torch.Tensor.repeat_interleave)):
-        return False
-    reps = n.args[1] if len(n.args) > 1 else n.kwargs.get("repeats")
-    dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
-    src, out = gu.shape_of(n.args[0]), gu.shape_of(n)
-    return (isinstance(reps, int) and dim in (1, -3) and src is not None and out is not None and len(src) == 4
-            and out == (src[0], src[1] * reps, *src[2:]))
-
-
 def trace_input(node: fx.Node, graph: fx.Graph) -> InputPath:
     """Walk one SDPA input back to its projection linear."""
     path = InputPath(nodes=[], source=None)
@@ -152,7 +140,7 @@ def trace_input(node: fx.Node, graph: fx.Graph) -> InputPath:
             path.nodes.append(n)
             n = n.args[0]
             continue
-        if _is_head_repeat_interleave(n):  # hand-written GQA: k.repeat_interleave(g, dim=1), head i reads i // g
+        if gu.is_head_repeat_interleave(n):  # hand-written GQA: k.repeat_interleave(g, dim=1), head i reads i // g
             path.repeat_kv = n
             path.nodes.append(n)
             n = n.args[0]

@@ -10,7 +10,8 @@ Two forms of input are handled:
     moving repeat_kv's expand/reshape onto the rank-R tensors.
 With low-bit latents (`quantize="int8"` / `"int4"`) the plain path rounds the latents as the cache would store them
 (kvfx.quant.fake_quant; kvfx's cache quantises in its own code), so every path attends over the same numbers.
-The inserted `matmul(x, P)` nodes are recorded on the site (`site.proj`) for the fold pass.
+With many query rows over a joint latent (prefill) the site reads the latent expanded to its heads instead
+(kvfx/passes/expand.py). The inserted `matmul(x, P)` nodes are recorded on the site (`site.proj`) for the fold pass.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch.fx as fx
 
 from .. import quant
 from ..projections import SiteProjection
+from . import expand
 from . import graph_utils as gu
 from .constants import GraphConstants
 from .counters import counters
@@ -57,23 +59,29 @@ class RankSpaceRewrite:
     def __call__(self, site: AttentionSite, proj: SiteProjection) -> None:
         args = gu.sdpa_args(site.sdpa)
         q, g, sdpa = args["query"], site.group, site.sdpa
-        b_q = lambda: proj.key_up.repeat_interleave(g, 0)                        # [H, d, Rk]  # noqa: E731
-        d_t = lambda: proj.value_up.transpose(1, 2).repeat_interleave(g, 0)      # [H, Rv, d]  # noqa: E731
-        site.proj["q"] = q2 = self._mm(q, self._const(site, "key_up", b_q, q), sdpa)
+        expanding = expand.worth_expanding(site, proj, q)  # many query rows over a joint latent: read it expanded
+        if not expanding:
+            b_q = lambda: proj.key_up.repeat_interleave(g, 0)                    # [H, d, Rk]  # noqa: E731
+            site.proj["q"] = q2 = self._mm(q, self._const(site, "key_up", b_q, q), sdpa)
         k2, v2 = self._cached(site, proj) if site.lowrank_cache else self._projected(site, proj, args)
+        counters["kvfx"]["rewritten"] += 1
         if proj.shared:
             counters["kvfx"]["shared"] += 1
+        if proj.joint:
+            counters["kvfx"]["joint"] += 1
+        if expanding:
+            expand.expand_site(self, site, proj, q, k2, v2)
+            return
         changes = dict(query=q2, key=k2, value=v2, scale=site.scale)
         if proj.joint:
             changes["enable_gqa"] = True  # joint latent: one kv "head" serves every query head
-            counters["kvfx"]["joint"] += 1
         gu.set_sdpa_args(sdpa, **changes)
         with self.g.inserting_after(sdpa):
             out = self.g.call_function(torch.matmul, (sdpa, None))
         sdpa.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+        d_t = lambda: proj.value_up.transpose(1, 2).repeat_interleave(g, 0)      # [H, Rv, d]  # noqa: E731
         out.args = (sdpa, self._const(site, "value_up_t", d_t, q))
         site.proj["o"] = out
-        counters["kvfx"]["rewritten"] += 1
 
     def _cached(self, site: AttentionSite, proj: SiteProjection) -> tuple[fx.Node, fx.Node]:
         """kvfx's cache: SDPA reads the cached latents; the cache writes are the fold targets."""

@@ -57,6 +57,11 @@ def test_decode_reads_each_latent_head_once(llama, kind, granularity):
     # 2 query rows per per-head latent stay with SDPA; the 4 of a layer / kv latent go to the CPU kernel
     kernel = granularity != "head"
     assert c["float_decode"] == (c["decode_grouped"] if kernel else 0)
+    # q·B (RoPE blocks its fold) reads B once per kv head; the kv latent is 16 wide (> head_dim 8), so W_O' = Dᵀ·W_O
+    # would be twice W_O: o·Dᵀ stays unfolded and is grouped too
+    wide = granularity == "kv"
+    assert c["decode_grouped_proj"] == c["decode_grouped"] * (2 if wide else 1)
+    assert (c["folded_o"] == 0) == wide
     nodes = cm._kvfx.backend.graphs[-1].graph.nodes
     calls = [dict(zip(("query", "key", "value"), n.args)) for n in nodes
              if n.target is torch.ops.kvfx.decode_attention.default]

@@ -9,7 +9,8 @@ import expecttest
 import torch
 
 import kvfx
-from helpers import graph_excerpt, hand_model, model_inputs, random_projections, tiny_gpt2, tiny_llama
+from helpers import graph_excerpt, hand_model, model_inputs, random_projections, site_specs, tiny_gpt2, tiny_llama
+from kvfx.projections import Projections, SiteProjection
 
 
 def rewritten(model, *args, quantize=None, **kwargs):
@@ -25,6 +26,20 @@ def decode_graph(kind):
     with torch.no_grad():
         cm.generate(model_inputs(m, tokens=5), max_new_tokens=2, do_sample=False)
     return cm._kvfx.backend.graphs[-1]  # prefill, then the first decode step
+
+
+def shared_prefill_graph():
+    """A 14-token prompt prefilling kvfx's dynamic cache with a shared 12-wide latent (4 query, 2 kv heads, d 8)."""
+    m = tiny_llama(1)
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(1, 16, 12, generator=g) / 4, torch.randn(2, 8, 12, generator=g) / 3,
+            torch.randn(1, 16, 12, generator=g) / 4, torch.randn(2, 8, 12, generator=g) / 3]
+    names, shape = site_specs(m)
+    proj = Projections({n: SiteProjection(*mats, shared=True) for n in names}, {n: shape for n in names}, method="test")
+    cm = kvfx.compress(torch.compile(m, backend="eager"), proj)
+    with torch.no_grad():
+        cm.generate(model_inputs(m, tokens=14), max_new_tokens=1, do_sample=False)
+    return cm._kvfx.backend.graphs[0]
 
 
 class TestRewriteExpect(expecttest.TestCase):
@@ -138,7 +153,8 @@ linear_3 = torch._C._nn.linear(reshape, kvfx_o_folded_weight, None)""")
     def test_llama_decode_dynamic_cache(self):
         gm = decode_graph("dynamic")
         # Look for: cache write matmul(k_embed, key_down), v_proj folded (values 4 wide), SDPA reading the rank-4
-        # `keys`/`values` cats directly (no reconstruction matmul) with query q·key_up; o folded.
+        # `keys`/`values` cats directly (no reconstruction matmul); the query heads of each kv head side by side
+        # ([b, 2, 2, 8]) times key_up once per kv head (`key_up_grouped`, not repeated per query head); o folded.
         self.assertExpectedInline(graph_excerpt(gm, "linear(", "o_folded_weight"), """\
 linear = torch._C._nn.linear(hidden_states_2, q_proj.weight, None)
 view = linear.view((1, 1, -1, 8))
@@ -177,11 +193,12 @@ add_9 = arange_1 + s25
 index_copy__1 = l_kwargs_cache_layers_0_slots_values_storage.index_copy_(2, add_9, value_states)
 new_empty_1 = l_kwargs_cache_layers_0_slots_values_filled.new_empty(0, add_8)
 values = l_kwargs_cache_layers_0_slots_values_storage[(slice(None, None, None), slice(None, None, None), slice(None, add_8, None))]
-matmul = torch.matmul(q_embed, kvfx_key_up)
-reshape = matmul.reshape(-1, 2, 2, 4)
-attn_output = torch._C._nn.scaled_dot_product_attention(reshape, keys, values, attn_mask = None, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = False, enable_gqa = False)
-reshape_2 = attn_output.reshape(-1, 4, 1, 4)
-attn_output_1 = reshape_2.reshape(1, -1, 1, 4)
+reshape = q_embed.reshape(-1, 2, 2, 8)
+matmul_2 = torch.matmul(reshape, kvfx_key_up_grouped)
+reshape_2 = matmul_2.reshape(-1, 2, 2, 4)
+attn_output = torch._C._nn.scaled_dot_product_attention(reshape_2, keys, values, attn_mask = None, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = False, enable_gqa = False)
+reshape_3 = attn_output.reshape(-1, 4, 1, 4)
+attn_output_1 = reshape_3.reshape(1, -1, 1, 4)
 transpose_3 = attn_output_1.transpose(1, 2)
 attn_output_2 = transpose_3.contiguous()
 reshape_1 = attn_output_2.reshape(1, 1, -1)
@@ -191,7 +208,7 @@ attn_output_4 = torch._C._nn.linear(attn_output_3, kvfx_o_folded_weight, None)""
     def test_llama_decode_static_cache(self):
         gm = decode_graph("static")
         # Look for: index_copy_ of rank-4 k / value_states into the cache, repeat_kv's expand/reshape retargeted
-        # to width 4 on the cache tensors, SDPA reading them; o folded.
+        # to width 4 on the cache tensors, SDPA reading them with the grouped q·key_up; o folded.
         self.assertExpectedInline(graph_excerpt(gm, "linear(", "o_folded_weight"), """\
 linear = torch._C._nn.linear(hidden_states_2, q_proj.weight, None)
 view = linear.view((1, 1, -1, 8))
@@ -224,13 +241,53 @@ cache_position = arange + l_kwargs_cache_layers_0_cumulative_length
 add_ = l_kwargs_cache_layers_0_cumulative_length.add_(1)
 index_copy_ = l_kwargs_cache_layers_0_keys.index_copy_(2, cache_position, k)
 index_copy__1 = l_kwargs_cache_layers_0_values.index_copy_(2, cache_position, value_states)
-matmul = torch.matmul(q_embed, kvfx_key_up)
-reshape = matmul.reshape(-1, 2, 2, 4)
-attn_output = torch._C._nn.scaled_dot_product_attention(reshape, l_kwargs_cache_layers_0_keys, l_kwargs_cache_layers_0_values, attn_mask = l_kwargs_attention_mask_, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = False, enable_gqa = False)
-reshape_4 = attn_output.reshape(-1, 4, 1, 4)
-attn_output_1 = reshape_4.reshape(1, -1, 1, 4)
+reshape = q_embed.reshape(-1, 2, 2, 8)
+matmul_2 = torch.matmul(reshape, kvfx_key_up_grouped)
+reshape_4 = matmul_2.reshape(-1, 2, 2, 4)
+attn_output = torch._C._nn.scaled_dot_product_attention(reshape_4, l_kwargs_cache_layers_0_keys, l_kwargs_cache_layers_0_values, attn_mask = l_kwargs_attention_mask_, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = False, enable_gqa = False)
+reshape_5 = attn_output.reshape(-1, 4, 1, 4)
+attn_output_1 = reshape_5.reshape(1, -1, 1, 4)
 transpose_3 = attn_output_1.transpose(1, 2)
 attn_output_2 = transpose_3.contiguous()
 reshape_3 = attn_output_2.reshape(1, 1, -1)
 attn_output_3 = reshape_3.contiguous()
 attn_output_4 = torch._C._nn.linear(attn_output_3, kvfx_o_folded_weight, None)""")
+
+    def test_llama_shared_prefill_expanded(self):
+        gm = shared_prefill_graph()
+        # Look for: the cache write of ONE latent c = k·A + v·C (12 wide, one "head"), then, 14 query rows being
+        # above the threshold (12 here), c expanded back to the 2 kv heads (c·Bᵀ, c·Dᵀ: 8 wide) and SDPA run as
+        # the original's (query q_embed, enable_gqa) — no q·B, no ·Dᵀ after, W_O unfolded.
+        self.assertExpectedInline(graph_excerpt(gm, "k_embed = ", "o_proj.weight"), """\
+k_embed = mul_7 + mul_8
+transpose_3 = k_embed.transpose(1, 2)
+flatten = transpose_3.flatten(2)
+matmul = torch.matmul(flatten, kvfx_key_down)
+k = matmul.unsqueeze(1)
+transpose_4 = value_states.transpose(1, 2)
+flatten_1 = transpose_4.flatten(2)
+matmul_1 = torch.matmul(flatten_1, kvfx_value_down)
+v = matmul_1.unsqueeze(1)
+k_1 = k + v
+v_1 = v[(Ellipsis, slice(None, 0, None))]
+add_4 = s84 + 1
+grown = k_1.new_empty(1, 1, add_4, 12)
+arange = torch.arange(14, device = device(type='cpu'))
+add_5 = arange + 0
+index_copy_ = grown.index_copy_(2, add_5, k_1)
+new_empty_1 = l_kwargs_cache_layers_0_slots_keys_filled.new_empty(0, 14)
+keys = grown[(slice(None, None, None), slice(None, None, None), slice(None, 14, None))]
+grown_1 = v_1.new_empty(1, 1, add_4, 0)
+arange_1 = torch.arange(14, device = device(type='cpu'))
+add_7 = arange_1 + 0
+index_copy__1 = grown_1.index_copy_(2, add_7, v_1)
+new_empty_3 = l_kwargs_cache_layers_0_slots_values_filled.new_empty(0, 14)
+matmul_2 = torch.matmul(keys, kvfx_key_heads)
+matmul_3 = torch.matmul(keys, kvfx_value_heads)
+attn_output = torch._C._nn.scaled_dot_product_attention(q_embed, matmul_2, matmul_3, attn_mask = None, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = True, enable_gqa = True)
+attn_output_1 = attn_output.reshape(1, -1, 14, 8)
+transpose_5 = attn_output_1.transpose(1, 2)
+attn_output_2 = transpose_5.contiguous()
+reshape_1 = attn_output_2.reshape(1, 14, -1)
+attn_output_3 = reshape_1.contiguous()
+attn_output_4 = torch._C._nn.linear(attn_output_3, o_proj.weight, None)""")
