@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 import torch
 
 from . import quant
+from .calib.live import lm_logits, takes_use_cache
 from .projections import Projections
 from .provenance import stamp
 
@@ -67,7 +68,7 @@ def _say(progress: bool):
 def _forward_seconds(model, window: torch.Tensor) -> float:
     with torch.no_grad():
         t0 = time.perf_counter()
-        model(input_ids=window[None], use_cache=False)
+        lm_logits(model, window[None], takes_use_cache(model))
     return time.perf_counter() - t0
 
 

@@ -135,6 +135,23 @@ def frozen(module: torch.nn.Module):
             p.requires_grad_(True)
 
 
+def lm_logits(forward, ids: torch.Tensor, takes_use_cache: bool) -> torch.Tensor:
+    """Next-token logits of a language model for token ids [b, n]: ids passed positionally (transformers models take
+    input_ids first; a plain `forward(self, ids)` module too), use_cache=False where the forward takes it, and the
+    output's `.logits` or the output itself when it is a tensor."""
+    out = forward(ids, use_cache=False) if takes_use_cache else forward(ids)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def takes_use_cache(module) -> bool:
+    import inspect
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 class LiveModel:
     """The model compressed with a Student's live projections; `kl(idx)` against the teacher on sequences idx.
 
@@ -146,8 +163,9 @@ class LiveModel:
         p0 = next(module.parameters(), None)
         self.device = p0.device if p0 is not None else torch.device("cpu")
         self.student, self.seqs = student, seqs
+        self.use_cache_arg = takes_use_cache(module)
         with torch.no_grad():
-            self.teacher = [F.log_softmax(module(input_ids=s[None].to(self.device), use_cache=False).logits.float(), -1)
+            self.teacher = [F.log_softmax(lm_logits(module, s[None].to(self.device), self.use_cache_arg).float(), -1)
                             .to(torch.bfloat16) for s in seqs]
         self.backend = KvfxBackend(student.live, CompileOptions(backend=backend), fold=False, live=True,
                                    quantize=quantize)
@@ -155,7 +173,7 @@ class LiveModel:
 
     def kl(self, idx: list[int]) -> torch.Tensor:
         self.student.rebuild()
-        logits = self.forward(input_ids=self.seqs[idx].to(self.device), use_cache=False).logits
+        logits = lm_logits(self.forward, self.seqs[idx].to(self.device), self.use_cache_arg)
         return kl(logits, torch.stack([self.teacher[i] for i in idx]))
 
     def mean_kl(self, idx: list[int]) -> float:

@@ -113,99 +113,123 @@ def _find_down(graph: fx.Graph, up: fx.Node) -> fx.Node | None:
     return None
 
 
+_STOP = object()  # a walk step's "the walk ends here" (its source found, or a reason recorded)
+
+
+def _step_linear(n: fx.Node, path: InputPath, graph: fx.Graph):
+    if gu.is_linear(n):
+        b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+        path.source = LinearSource(n, n.args[1], b, transposed=False)
+        return _STOP
+    if gu.is_addmm(n):
+        path.source = LinearSource(n, n.args[2], n.args[0], transposed=True)
+        return _STOP
+    return None
+
+
+def _step_lowrank_cache(n: fx.Node, path: InputPath, graph: fx.Graph):
+    """kvfx's cache hands SDPA latent·up: remember it and continue from the cache write (latent = input·down)."""
+    if not (n.op == "call_function" and n.target is torch.matmul
+            and _cache_attr(n.args[1]) in cache_contract.DOWN_OF_UP):
+        return None
+    path.cache, path.latent, path.up, path.recon = "lowrank", n.args[0], n.args[1], n
+    path.cache_at = len(path.nodes)
+    path.down = _find_down(graph, n.args[1])
+    if path.down is None:
+        path.reason = "low-rank cache write not found in this graph"
+        return _STOP
+    return path.down.args[0]
+
+
+def _step_repeat_kv(n: fx.Node, path: InputPath, graph: fx.Graph):
+    """repeat_kv's expand, or hand-written GQA k.repeat_interleave(g, dim=1) (head i reads i // g)."""
+    if gu.is_method(n, "expand") or n.target is torch.Tensor.expand or gu.is_head_repeat_interleave(n):
+        path.repeat_kv = n
+        path.nodes.append(n)
+        return n.args[0]
+    return None
+
+
+def _step_getitem(n: fx.Node, path: InputPath, graph: fx.Graph):
+    """A chunk of a fused projection (split → getitem: walk on to the linear, remember the chunk) or an index."""
+    if not gu.is_getitem(n):
+        return None
+    base = n.args[0]
+    if path.source is None and (gu.is_method(base, "split") or base.op == "call_function" and base.target is torch.split):
+        path.nodes += [n, base]
+        sub = trace_input(base.args[0], graph)
+        path.nodes += sub.nodes
+        path.source, path.reason, path.rope = sub.source, sub.reason, path.rope or sub.rope
+        if path.source is not None:
+            path.source.split, path.source.split_index = base, n.args[1]
+        return _STOP
+    idx = n.args[1]
+    if path.repeat_kv is not None and isinstance(idx, tuple) and None in idx:
+        path.base = base  # repeat_kv's x[:, :, None, :, :]
+    path.nodes.append(n)
+    return base
+
+
+def _step_layout(n: fx.Node, path: InputPath, graph: fx.Graph):
+    if gu.is_layout(n):
+        path.nodes.append(n)
+        return n.args[0]
+    return None
+
+
+def _step_cat(n: fx.Node, path: InputPath, graph: fx.Graph):
+    """A cache concatenation along the tokens (walk on with the new tokens), or partial RoPE's cat (the end)."""
+    if not (n.op == "call_function" and n.target is torch.cat):
+        return None
+    tensors = list(n.args[0])
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    if dim in (-2, 2) and len(tensors) >= 2:
+        if path.cache == "none" and not all(_is_empty_tensor(t) for t in tensors[:-1]):
+            path.cache = "cat"
+        path.nodes.append(n)
+        return tensors[-1]
+    path.reason = f"unexpected cat along dim {dim}"
+    # partial RoPE (GPT-NeoX, Phi): cat([rotated, pass-through], -1) ends the walk; still report RoPE
+    path.rope = path.rope or any(isinstance(t, fx.Node) and gu.depends_on(t, gu.is_trig, limit=32) for t in tensors)
+    return _STOP
+
+
+def _step_rope(n: fx.Node, path: InputPath, graph: fx.Graph):
+    """RoPE: x·cos + rotate_half(x)·sin — walk on along the non-trigonometric operand."""
+    if n.op == "call_function" and n.target in (operator.add, torch.add) and all(
+            isinstance(a, fx.Node) for a in n.args[:2]):
+        path.rope = True
+        path.nodes.append(n)
+        return n.args[0]
+    if not (n.op == "call_function" and n.target in (operator.mul, torch.mul)):
+        return None
+    a, b = n.args[:2]
+    if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+        trig_a = gu.depends_on(a, gu.is_trig, limit=12)
+        trig_b = gu.depends_on(b, gu.is_trig, limit=12)
+        path.rope = True
+        nxt = b if trig_a and not trig_b else a
+    else:
+        nxt = a if isinstance(a, fx.Node) else b
+    path.nodes.append(n)
+    return nxt
+
+
+_STEPS = (_step_linear, _step_lowrank_cache, _step_repeat_kv, _step_getitem, _step_layout, _step_cat, _step_rope)
+
+
 def trace_input(node: fx.Node, graph: fx.Graph) -> InputPath:
-    """Walk one SDPA input back to its projection linear."""
+    """Walk one SDPA input back to its projection linear, one step per node (the first _STEPS entry that applies)."""
     path = InputPath(nodes=[], source=None)
     n = node
     for _ in range(64):
-        if gu.is_linear(n):
-            w = n.args[1]
-            b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
-            path.source = LinearSource(n, w, b, transposed=False)
+        nxt = next((r for r in (step(n, path, graph) for step in _STEPS) if r is not None), None)
+        if nxt is None:
+            path.reason = f"stopped at {n.op} {getattr(n.target, '__name__', n.target)}"
             break
-        if gu.is_addmm(n):
-            path.source = LinearSource(n, n.args[2], n.args[0], transposed=True)
+        if nxt is _STOP:
             break
-        if n.op == "call_function" and n.target is torch.matmul and _cache_attr(n.args[1]) in cache_contract.DOWN_OF_UP:
-            path.cache, path.latent, path.up, path.recon = "lowrank", n.args[0], n.args[1], n
-            path.cache_at = len(path.nodes)
-            path.down = _find_down(graph, n.args[1])
-            if path.down is None:
-                path.reason = "low-rank cache write not found in this graph"
-                break
-            n = path.down.args[0]
-            continue
-        if n.op == "call_method" and n.target == "expand" or (n.op == "call_function" and n.target is torch.Tensor.expand):
-            path.repeat_kv = n
-            path.nodes.append(n)
-            n = n.args[0]
-            continue
-        if gu.is_head_repeat_interleave(n):  # hand-written GQA: k.repeat_interleave(g, dim=1), head i reads i // g
-            path.repeat_kv = n
-            path.nodes.append(n)
-            n = n.args[0]
-            continue
-        if gu.is_getitem(n):
-            base = n.args[0]
-            if gu.is_method(base, "split") or (base.op == "call_function" and base.target is torch.split):
-                if path.source is None:
-                    path.nodes += [n, base]
-                    split, idx = base, n.args[1]
-                    n = base.args[0]
-                    # continue to the linear; remember the chunk once we get there
-                    sub = trace_input(n, graph)
-                    path.nodes += sub.nodes
-                    path.source = sub.source
-                    if path.source is not None:
-                        path.source.split, path.source.split_index = split, idx
-                    path.reason = sub.reason
-                    path.rope = path.rope or sub.rope
-                    return _finish(path, node)
-            idx = n.args[1]
-            if path.repeat_kv is not None and isinstance(idx, tuple) and None in idx:
-                path.base = base  # repeat_kv's x[:, :, None, :, :]
-            path.nodes.append(n)
-            n = base
-            continue
-        if gu.is_layout(n):
-            path.nodes.append(n)
-            n = n.args[0]
-            continue
-        if n.op == "call_function" and n.target is torch.cat:
-            tensors = list(n.args[0])
-            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
-            if dim in (-2, 2) and len(tensors) >= 2:
-                if path.cache == "none":
-                    path.cache = "cat" if not all(_is_empty_tensor(t) for t in tensors[:-1]) else path.cache
-                path.nodes.append(n)
-                n = tensors[-1]
-                continue
-            path.reason = f"unexpected cat along dim {dim}"
-            # partial RoPE (GPT-NeoX, Phi): cat([rotated, pass-through], -1) ends the walk; still report RoPE
-            path.rope = path.rope or any(isinstance(t, fx.Node) and gu.depends_on(t, gu.is_trig, limit=32)
-                                         for t in tensors)
-            break
-        if n.op == "call_function" and n.target in (operator.add, torch.add) and all(
-                isinstance(a, fx.Node) for a in n.args[:2]):
-            path.rope = True
-            path.nodes.append(n)
-            n = n.args[0]
-            continue
-        if n.op == "call_function" and n.target in (operator.mul, torch.mul):
-            a, b = n.args[:2]
-            if isinstance(a, fx.Node) and isinstance(b, fx.Node):
-                trig_a = gu.depends_on(a, gu.is_trig, limit=12)
-                trig_b = gu.depends_on(b, gu.is_trig, limit=12)
-                path.rope = path.rope or trig_a or trig_b
-                nxt = a if trig_b and not trig_a else b if trig_a and not trig_b else a
-            else:
-                nxt = a if isinstance(a, fx.Node) else b
-            path.nodes.append(n)
-            path.rope = path.rope or isinstance(a, fx.Node) and isinstance(b, fx.Node)
-            n = nxt
-            continue
-        path.reason = f"stopped at {n.op} {getattr(n.target, '__name__', n.target)}"
-        break
+        n = nxt
     return _finish(path, node)
 
 

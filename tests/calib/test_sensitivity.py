@@ -156,3 +156,26 @@ def test_quantized_probes_price_the_rounding(setup):
     assert out.report["allocation"]["probed"] == out.report["allocation"]["quantize"] == "int4"
     with pytest.raises(ValueError, match="sensitivity: quantize must be"):
         kvfx.sensitivity(m, full, ids[8:10], steps=4, progress=False, quantize="int3")
+
+
+class _PlainLM(torch.nn.Module):
+    """Any module that maps token ids to logits: forward(self, ids), no keyword arguments, a tensor out."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(input_ids=ids, use_cache=False).logits
+
+
+def test_windows_call_any_language_model_positionally(setup):
+    """sensitivity's windows go in as the first positional argument (no input_ids= / use_cache= a plain module would
+    refuse), and a tensor output is the logits: the same profile as the transformers model's."""
+    m, ids, full, prof = setup
+    plain = _PlainLM(m)
+    full_plain = kvfx.Projections({f"lm.{n}": p for n, p in full.sites.items()},
+                                  {f"lm.{n}": s for n, s in full.shapes.items()}, method=full.method)
+    got = kvfx.sensitivity(plain, full_plain, ids[8:], steps=4, progress=False)
+    name = sorted(full.sites)[1]
+    assert got["sites"][f"lm.{name}"]["key"][4] == pytest.approx(prof["sites"][name]["key"][4], rel=1e-4)
