@@ -1,6 +1,7 @@
 """benchmarks/RESULTS.md: one marked section per benchmark, replaced in place when the benchmark reruns."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -9,6 +10,9 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 def write_section(text: str, section: str, title: str, path: Path = RESULTS) -> None:
     """Replace the text between `<!-- {section}:begin -->` and `<!-- {section}:end -->`, or append it under `## title`."""
     begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    sweep = os.environ.get("KVFX_SWEEP")
+    if sweep:  # run by benchmarks/sweep.py: the one command that regenerates this table
+        text = f"Sweep: `python benchmarks/sweep.py {sweep}` (benchmarks/sweeps.toml)\n" + text
     body = path.read_text() if path.exists() else "# kvfx benchmark results\n"
     block = f"{begin}\n{text}{end}"
     if begin in body:
