@@ -16,7 +16,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -24,6 +23,10 @@ SWEEPS = HERE / "sweeps.toml"
 
 
 def load(path: Path = SWEEPS) -> dict[str, dict]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10 (kvfx itself runs there; its benchmark runner wants 3.11's tomllib)
+        raise SystemExit("benchmarks/sweep.py needs Python >= 3.11 (tomllib)") from None
     with open(path, "rb") as f:
         sweeps = tomllib.load(f)
     for name, s in sweeps.items():
