@@ -124,7 +124,7 @@ def group_decode_queries(g: fx.Graph, site: AttentionSite, proj: SiteProjection,
 # o·Dᵀ, see fold._shrinks) carry one matrix per QUERY head, B repeated over the g heads of a kv group: [H, d, R].
 # With the query heads of a group side by side, one matrix per kv head serves them: [b, h, g, d] @ [h, d, R] reads
 # B once, not g times (counter `decode_grouped_proj`).
-def _grouped_constant(site, proj, consts, mm: fx.Node, label: str, make):
+def _grouped_constant(site, consts, mm: fx.Node, label: str, make):
     """A [h, ·, ·] constant replacing the query-head-repeated one `mm` multiplies by, or None if `mm` is not that."""
     rep = consts.value_of(mm.args[1]) if consts is not None and isinstance(mm.args[1], fx.Node) else None
     if rep is None or rep.dim() != 3 or rep.shape[0] != site.num_heads or site.group == 1:
@@ -139,7 +139,7 @@ def _grouped_query(g: fx.Graph, site, proj, consts, q2: fx.Node) -> fx.Node:
     if mm is not q2:
         return q2
     h, d, _ = proj.key_up.shape
-    const = _grouped_constant(site, proj, consts, mm, "key_up", lambda: proj.key_up)
+    const = _grouped_constant(site, consts, mm, "key_up", lambda: proj.key_up)
     if const is None:
         return q2
     q = g.call_function(torch.matmul, (g.call_method("reshape", (mm.args[0], -1, h, site.group, d)), const))
@@ -153,7 +153,7 @@ def _grouped_output(g: fx.Graph, site, proj, consts, out: fx.Node) -> None:
     if mm is None or mm.args[0] is not out or len(out.users) != 1:
         return
     h, d, rv = proj.value_up.shape
-    const = _grouped_constant(site, proj, consts, mm, "value_up_t", lambda: proj.value_up.transpose(1, 2))
+    const = _grouped_constant(site, consts, mm, "value_up_t", lambda: proj.value_up.transpose(1, 2))
     if const is None:
         return
     with g.inserting_before(mm):
