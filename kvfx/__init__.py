@@ -13,6 +13,7 @@ from .calib.collect import calibrate
 from .calib.matryoshka import truncate
 from .calib.sensitivity import allocate, sensitivity
 from .compress import compress, decompress, make_cache
+from .evaluate import cache_perplexities
 from .explain import Explanation, explain
 from .passes.compile import UnsupportedAttention
 from .passes.counters import counters
@@ -24,7 +25,7 @@ from .rotate import rotate_latents
 __version__ = "0.1.0"
 
 
-__all__ = ["calibrate", "best_config", "compress", "decompress", "make_cache", "explain", "Explanation",
+__all__ = ["calibrate", "best_config", "compress", "decompress", "make_cache", "cache_perplexities", "explain", "Explanation",
            "Budget", "Refine", "refine", "sensitivity", "allocate", "truncate", "rotate_latents",
            "Projections", "SiteProjection", "SiteShape", "ProjectionError", "UnsupportedAttention", "LowRankCache",
            "counters", "model_fingerprint"]

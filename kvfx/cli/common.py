@@ -51,8 +51,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_data_args(p: argparse.ArgumentParser, windows: int, what: str) -> None:
-    p.add_argument("--data", default="builtin", metavar="FILE|builtin",
-                   help=f"text to {what}: `builtin` (WikiText-2) or a UTF-8 text file (default builtin)")
+    p.add_argument("--data", default="builtin", metavar="FILE|builtin[:DOMAIN]",
+                   help=f"text to {what}: `builtin` ({BUILTIN_HELP}), `builtin:DOMAIN` (one of kvfx.data.DOMAINS: "
+                        f"wikitext, code, docs, fiction; `builtin:mix` for calibration) or a UTF-8 text file "
+                        f"(default builtin)")
     p.add_argument("--windows", type=positive_int, default=windows, metavar="N",
                    help=f"windows of text to use (default {windows}; fewer if a file is shorter)")
     p.add_argument("--window", type=positive_int, default=512, metavar="TOKENS", help="tokens per window (default 512)")
@@ -64,9 +66,24 @@ def add_backend_arg(p: argparse.ArgumentParser) -> None:
                         "`eager` compiles in seconds)")
 
 
-def check_data_file(data: str) -> None:
-    """Fail before loading a model when --data names a missing or empty file."""
-    if data == "builtin":
+BUILTIN_HELP = "WikiText-2"
+
+
+def _builtin_domain(data: str, split: str) -> str | None:
+    """The domain `--data builtin[:DOMAIN]` names ("mix": the calibration mix), None for a file."""
+    from ..data import DOMAINS
+    if data != "builtin" and not data.startswith("builtin:"):
+        return None
+    domain = data.partition(":")[2] or "wikitext"
+    if domain not in DOMAINS and not (domain == "mix" and split == "calibration"):
+        mix = ", or mix" if split == "calibration" else ""
+        raise CliError(f"unknown builtin text {domain!r}; use builtin:{{{','.join(DOMAINS)}}}{mix}")
+    return domain
+
+
+def check_data_file(data: str, split: str = "calibration") -> None:
+    """Fail before loading a model when --data names a missing or empty file or an unknown builtin text."""
+    if _builtin_domain(data, split):
         return
     path = Path(data)
     if not path.is_file():
@@ -184,16 +201,19 @@ def check_applicable(model, projections) -> None:
 
 # ---------------------------------------------------------------------------------------------- data
 def load_windows(tokenizer, data: str, n: int, window: int, split: str) -> tuple[torch.Tensor, str]:
-    """(windows [k, window], description) from the builtin WikiText-2 `split` ("calibration" / "test") or a file."""
-    from ..data import wikitext_calibration_windows, wikitext_test_windows
-    if data == "builtin":
-        fn = wikitext_calibration_windows if split == "calibration" else wikitext_test_windows
-        name = "wiki.valid.tokens" if split == "calibration" else "wiki.test.raw"
+    """(windows [k, window], description) from a builtin text's `split` ("calibration" / "test") or a file."""
+    from ..data import DOMAINS, calibration_mix, domain_windows
+    domain = _builtin_domain(data, split)
+    if domain:
         try:
-            return fn(tokenizer, n, window), f"builtin WikiText-2 ({name})"
+            if domain == "mix":
+                return calibration_mix(tokenizer, n, window), f"builtin mix of {', '.join(DOMAINS)} (calibration texts)"
+            ids = domain_windows(tokenizer, domain, "calib" if split == "calibration" else "test", n, window)
         except (FileNotFoundError, ValueError) as e:
             raise CliError(f"builtin text unavailable: {e}") from None
-    check_data_file(data)
+        name = DOMAINS[domain][0 if split == "test" else 1]
+        return ids, ("builtin WikiText-2" if domain == "wikitext" else f"builtin {domain}") + f" ({name})"
+    check_data_file(data, split)
     raw = Path(data).read_bytes()
     ids = tokenizer(raw.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
     have = len(ids) // window
@@ -210,7 +230,7 @@ def load_windows(tokenizer, data: str, n: int, window: int, split: str) -> tuple
 def model_and_windows(args, split: str, projections=None):
     """A subcommand's model (checked against `projections` when given) and data windows, from its arguments:
     (model, tokenizer, windows, description of the data). The data file is checked before the model loads."""
-    check_data_file(args.data)
+    check_data_file(args.data, split)
     model, tokenizer = load_model(args.model, args.dtype)
     if projections is not None:
         check_applicable(model, projections)

@@ -65,6 +65,7 @@ def test_bad_data_and_output(capsys, tmp_path, tiny_dir):
           "does not exist; create it")
     fails(capsys, ["calibrate", tiny_dir, "--budget", "0.25", "-o", tmp_path], "is a directory")
     fails(capsys, base + ["--refine", "-3"], "--refine -3: give a number of training steps >= 0")
+    fails(capsys, base + ["--data", "builtin:poetry"], "unknown builtin text 'poetry'; use builtin:{wikitext,code")
     assert not out.exists() and not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
@@ -78,6 +79,17 @@ def test_user_text_file_calibrates(capsys, tmp_path, tiny_dir):
     assert "int8 latents" in captured.out and "fewer than --windows 50: using" in captured.err
     assert main(["info", str(out)]) == 0
     assert "calibration data file mine.txt (sha256 " in capsys.readouterr().out
+
+
+def test_builtin_domains_and_the_mix_calibrate(capsys, tmp_path, tiny_dir):
+    out = tmp_path / "p.safetensors"
+    for data, shown in [("builtin:code", "builtin code (calib.txt)"), ("builtin:mix", "builtin mix of wikitext, code")]:
+        assert main(["calibrate", str(tiny_dir), "--budget", "0.5", "--data", data, "--windows", "4",
+                     "--window", "32", "-o", str(out)]) == 0
+        capsys.readouterr()
+        assert main(["info", str(out)]) == 0
+        assert f"calibration data {shown}" in capsys.readouterr().out
+    fails(capsys, ["eval", tiny_dir, out, "--data", "builtin:mix"], "unknown builtin text 'mix'; use builtin:{wikitext")
 
 
 def test_bad_projections_files(capsys, tmp_path, tiny_dir):

@@ -1,0 +1,243 @@
+"""Cache perplexity on every domain: kvfx against the cache quantizers a user would pick instead.
+
+Protocol (kvfx.cache_perplexities): each window of 512 tokens is prefilled for its first half into a fresh cache,
+the rest is fed through that cache in chunks of 16 tokens (teacher forced), and perplexity is taken on the second
+half. Every configuration runs through its own cache: the original through transformers' DynamicCache, kvfx through
+its LowRankCache (compiled, `kvfx.compress(torch.compile(model), projections)`), the peers through transformers'
+QuantizedCache (optimum-quanto / HQQ backends, eager). Numbers are cache perplexity × the original's, per domain
+(kvfx.data.DOMAINS: WikiText-2 test, Python source, the Python reference, Moby-Dick), on each domain's test text.
+
+KV bytes: what the cache holds after the last window, against 2 bytes per number of the original's keys and values
+for the same tokens. kvfx: its cache tensors as stored (codes and scale bytes; a float32 model's unrounded latents
+count 4 bytes a number). Peers: b-bit codes, a 16-bit scale and a 16-bit zero point per group, and the tokens their
+full-precision residual window holds, at 16 bits (the mean it held over the second half's steps: it fills and is
+flushed into the codes as chunks arrive).
+
+Configurations (--configs, comma-separated):
+    METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN]   kvfx: calibrator, granularity (head/layer/kv), rank
+                                                          fraction of the latent's width, storage, rotation, and
+                                                          the calibration text (default --calib)
+    quanto|hqq:BITS:gGROUP:rRESIDUAL                      transformers' QuantizedCache
+
+    python benchmarks/domains.py                               # default configurations (~40 min)
+    python benchmarks/domains.py --windows 2 --configs kqsvd@kv:0.9375:int4:rot,quanto:4:g64:r128   # quick
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import kvfx  # noqa: E402
+from kvfx.calib.collect import collect_stats, fit  # noqa: E402
+from kvfx.data import DOMAINS, calibration_mix, domain_windows  # noqa: E402
+from kvfx.models import load_default_model  # noqa: E402
+
+from results_file import RESULTS, write_section  # noqa: E402
+
+PEERS = ["quanto:4:g64:r128", "quanto:4:g32:r32", "quanto:2:g64:r128", "quanto:2:g32:r32", "hqq:4:g64:r128",
+         "hqq:4:g32:r32", "hqq:3:g64:r128", "hqq:3:g32:r32", "hqq:2:g32:r32"]
+DEFAULT = ["identity:1.0:int4:rot", "kqsvd@kv:0.9375:int4:rot", "kqsvd@kv:0.75:int4:rot", "kqsvd@kv:0.5:int4:rot",
+           "kqsvd@kv:0.5:int8:rot", "kqsvd:0.5:int4:rot", "kqsvd@kv:0.25:int4:rot"] + PEERS
+
+
+@dataclass
+class Config:
+    spec: str
+    peer: str | None = None          # "quanto" / "hqq"
+    bits: int = 0
+    group: int = 0
+    residual: int = 0
+    method: str = ""
+    granularity: str = "head"
+    rank: float = 1.0
+    quantize: str | None = None
+    rotate: bool = False
+    calib: str | None = None
+    ratios: dict = field(default_factory=dict)
+    kv_bytes: float = math.nan
+
+
+def parse(spec: str) -> Config:
+    parts = spec.split(":")
+    try:
+        if parts[0] in ("quanto", "hqq"):
+            if len(parts) != 4 or parts[2][0] != "g" or parts[3][0] != "r":
+                raise ValueError
+            return Config(spec, peer=parts[0], bits=int(parts[1]), group=int(parts[2][1:]),
+                          residual=int(parts[3][1:]))
+        method, gran = parts[0].split("@") if "@" in parts[0] else (parts[0], "head")
+        cfg = Config(spec, method=method, granularity=gran, rank=float(parts[1]))
+        for opt in parts[2:]:
+            if opt in ("int8", "int4"):
+                cfg.quantize = opt
+            elif opt == "rot":
+                cfg.rotate = True
+            elif opt.startswith("calib=") and opt[6:] in (*DOMAINS, "mix"):
+                cfg.calib = opt[6:]
+            else:
+                raise ValueError
+        return cfg
+    except (ValueError, IndexError):
+        raise SystemExit(f"bad configuration {spec!r}: expected METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN] "
+                         f"or quanto|hqq:BITS:gGROUP:rRESIDUAL (domains: {', '.join(DOMAINS)}, mix)") from None
+
+
+class Recorder:
+    """make_cache for cache_perplexities that keeps the last cache it made (its bytes are read after the run) and,
+    for a QuantizedCache, the full-precision tokens its first layer holds after every update of the second half."""
+
+    def __init__(self, make):
+        self.make, self.last, self.residuals = make, None, []
+
+    def __call__(self):
+        self.last = cache = self.make()
+        layer = cache.layers[0]
+        if hasattr(layer, "residual_length"):
+            update = layer.update
+
+            def tracked(*a, **k):
+                out = update(*a, **k)
+                if layer.cumulative_length > a[0].shape[-2]:  # after the prefill
+                    self.residuals.append(layer.keys.shape[-2] if layer.keys.dim() == 4 else 0)
+                return out
+            layer.update = tracked
+        return cache
+
+
+def peer_bytes(cache, residuals: list[int], cfg: Config) -> float:
+    """Bytes a QuantizedCache holds / a 16-bit cache's, at the last window's full context: b-bit codes and a 16-bit
+    scale + zero point per group for its quantized tokens, 16 bits for the tokens of its full-precision window,
+    counted as the mean the window held over the second half's steps (it fills and empties as chunks arrive)."""
+    seen = cache.layers[0].cumulative_length
+    residual = sum(residuals) / max(len(residuals), 1)
+    return ((seen - residual) * (cfg.bits + 32 / cfg.group) / 16 + residual) / seen
+
+
+def kvfx_bytes(cache, kv_heads: int, head_dim: int) -> float:
+    tokens = cache.get_seq_length()
+    return cache.nbytes() / (len(cache.layers) * 2 * kv_heads * head_dim * tokens * 2)
+
+
+def run(args) -> str:
+    torch.manual_seed(0)
+    t0 = time.time()
+    model, tok = load_default_model(torch.float32)
+    mcfg = model.config
+    kv_heads, head_dim = mcfg.num_key_value_heads, mcfg.hidden_size // mcfg.num_attention_heads
+    tests = {d: domain_windows(tok, d, "test", args.windows, args.window) for d in args.domains}
+    print(f"loaded model + {len(tests)} domains × {args.windows} windows in {time.time() - t0:.0f}s", flush=True)
+    from transformers import DynamicCache, QuantizedCache
+
+    def ppl(m, windows, make, desc):
+        rec = Recorder(make)
+        out = kvfx.cache_perplexities(m, windows, rec, chunk=args.chunk, progress=False, desc=desc)
+        return out, rec
+
+    base = {}
+    for d, w in tests.items():
+        out, _ = ppl(model, w, lambda: DynamicCache(config=mcfg), d)
+        base[d] = out["cached_second_half"]
+        print(f"original {d}: cache ppl {base[d]:.3f} (forward, 2nd half {out['forward_second_half']:.3f})", flush=True)
+    stats_memo: dict = {}
+    configs = [parse(s) for s in args.configs]
+    for cfg in configs:
+        t1 = time.time()
+        if cfg.peer:
+            def make(cfg=cfg):
+                return QuantizedCache(backend=cfg.peer, config=mcfg, nbits=cfg.bits, q_group_size=cfg.group,
+                                      residual_length=cfg.residual)
+            for d, w in tests.items():
+                out, rec = ppl(model, w, make, d)
+                cfg.ratios[d] = out["cached_second_half"] / base[d]
+            cfg.kv_bytes = peer_bytes(rec.last, rec.residuals, cfg)
+        else:
+            proj = projections(model, tok, cfg, args, stats_memo)
+            compressed = kvfx.compress(torch.compile(model, backend=args.backend), proj, quantize=cfg.quantize)
+            try:
+                for d, w in tests.items():
+                    out, rec = ppl(compressed, w, lambda: kvfx.make_cache(compressed), d)
+                    cfg.ratios[d] = out["cached_second_half"] / base[d]
+                cfg.kv_bytes = kvfx_bytes(rec.last, kv_heads, head_dim)
+            finally:
+                kvfx.decompress(compressed)
+                torch._dynamo.reset()
+        print(f"{cfg.spec:40s} KV bytes {cfg.kv_bytes:.3f}  " +
+              "  ".join(f"{d} {r:.3f}" for d, r in cfg.ratios.items()) + f"  ({time.time() - t1:.0f}s)", flush=True)
+    return table(configs, base, args)
+
+
+def projections(model, tok, cfg: Config, args, memo: dict):
+    source = cfg.calib or args.calib
+    if source not in memo:
+        windows = (calibration_mix(tok, args.calib_windows, args.window) if source == "mix"
+                   else domain_windows(tok, source, "calib", args.calib_windows, args.window))
+        samples = max(getattr(kvfx.calib.get_calibrator(cfg.method), "samples_needed", 0), 0)
+        memo[source] = collect_stats(model, windows.split(1), progress=False, samples=samples)
+    proj = fit(memo[source], cfg.method, cfg.rank, granularity=cfg.granularity)
+    return kvfx.rotate_latents(proj) if cfg.rotate else proj
+
+
+def label(cfg: Config) -> str:
+    if cfg.peer:
+        return f"QuantizedCache {cfg.peer} int{cfg.bits}, group {cfg.group}, window {cfg.residual}"
+    gran = "" if cfg.granularity == "head" else f"@{cfg.granularity}"
+    store = f", {cfg.quantize}" if cfg.quantize else ", float32 latents"
+    calib = f", calibrated on {cfg.calib}" if cfg.calib else ""
+    return f"kvfx {cfg.method}{gran} rank {cfg.rank:g}{store}{', rotated' if cfg.rotate else ''}{calib}"
+
+
+def table(configs, base, args) -> str:
+    domains = list(base)
+    lines = [f"| configuration | KV bytes | {' | '.join(domains)} | worst |",
+             "|---|---|" + "---|" * (len(domains) + 1),
+             f"| original (DynamicCache), cache ppl | 1.000 | {' | '.join(f'{base[d]:.2f}' for d in domains)} | - |"]
+    for cfg in sorted(configs, key=lambda c: -c.kv_bytes):
+        worst = max(cfg.ratios.values())
+        lines.append(f"| {label(cfg)} | {cfg.kv_bytes:.3f} | "
+                     + " | ".join(f"{cfg.ratios[d]:.3f}" for d in domains) + f" | {worst:.3f} |")
+    head = (f"Command: `python benchmarks/domains.py {shlex.join(sys.argv[1:])}` (SmolLM2-135M-Instruct float32; "
+            f"{args.windows} windows × {args.window} tokens per domain, prefill half, chunks of {args.chunk}; "
+            f"kvfx calibrated on {args.calib_windows} windows of {args.calib} calibration text; "
+            f"cells: cache perplexity × the original's)\n"
+            f"Machine: {platform.machine()} CPU ×{torch.get_num_threads()} threads; torch {torch.__version__}, "
+            f"transformers {__import__('transformers').__version__}, Python {platform.python_version()}\n")
+    return head + "\n" + "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", type=lambda s: s.split(","), default=DEFAULT)
+    p.add_argument("--domains", type=lambda s: s.split(","), default=list(DOMAINS))
+    p.add_argument("--windows", type=int, default=8, help="evaluation windows per domain")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--chunk", type=int, default=16, help="tokens per cached step after the prefill")
+    p.add_argument("--calib", default="mix", choices=[*DOMAINS, "mix"], help="kvfx's calibration text")
+    p.add_argument("--calib-windows", type=int, default=8)
+    p.add_argument("--backend", default="inductor", help="torch.compile backend under kvfx's passes")
+    p.add_argument("--section", default="domains", help="RESULTS.md section the table is written to")
+    p.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+    unknown = [d for d in args.domains if d not in DOMAINS]
+    if unknown:
+        raise SystemExit(f"unknown domains {unknown}; known: {', '.join(DOMAINS)}")
+    for spec in args.configs:
+        parse(spec)  # every spec checked before the model loads
+    text = run(args)
+    print(text)
+    if args.write:
+        write_section(text, args.section, f"{args.section}: cache perplexity on every domain, kvfx and peers",
+                      RESULTS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""benchmarks/domains.py: its configuration grammar and its byte accounting (kvfx's cache and the peers' honest
+count), on a tiny Llama. The full table is a command (sweeps `domains`, `domains-calib`), not a test."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvfx
+from helpers import VOCAB, random_projections, tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("kvfx_domains_bench", ROOT / "benchmarks" / "domains.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_configurations_parse_and_bad_ones_are_refused(bench):
+    c = bench.parse("kqsvd@kv:0.9375:int4:rot:calib=code")
+    assert (c.method, c.granularity, c.rank, c.quantize, c.rotate, c.calib) == ("kqsvd", "kv", 0.9375, "int4", True,
+                                                                                 "code")
+    p = bench.parse("hqq:3:g32:r128")
+    assert (p.peer, p.bits, p.group, p.residual) == ("hqq", 3, 32, 128)
+    for bad in ["kqsvd:half", "kqsvd:0.5:int3", "quanto:4:64:r32", "kqsvd:0.5:calib=poetry"]:
+        with pytest.raises(SystemExit, match="bad configuration"):
+            bench.parse(bad)
+    for spec in bench.DEFAULT:
+        bench.parse(spec)
+
+
+def test_kvfx_bytes_are_what_its_cache_holds(bench):
+    m = tiny_llama(2, heads=4, kv_heads=2, head_dim=32)
+    proj = random_projections(m, rank=16)
+    cm = kvfx.compress(torch.compile(m, backend="eager"), proj, quantize="int4")
+    rec = bench.Recorder(lambda: kvfx.make_cache(cm))
+    windows = torch.randint(3, VOCAB, (1, 48), generator=torch.Generator().manual_seed(0))
+    kvfx.cache_perplexities(cm, windows, rec, chunk=8, progress=False)
+    assert rec.last.get_seq_length() == 48
+    # int4 rows of 16 numbers: 8 code bytes + 1 scale byte, against 2 bytes × 32 numbers per head
+    assert bench.kvfx_bytes(rec.last, 2, 32) == pytest.approx(9 / 64) == pytest.approx(proj.kv_fraction("int4"))
+    kvfx.decompress(cm)
+
+
+def test_peer_bytes_count_codes_scales_zero_points_and_the_window_it_held(bench):
+    pytest.importorskip("optimum.quanto")
+    from transformers import QuantizedCache
+    m = tiny_llama(2, heads=4, kv_heads=2, head_dim=32)
+    cfg = bench.parse("quanto:4:g32:r16")
+    rec = bench.Recorder(lambda: QuantizedCache(backend="quanto", config=m.config, nbits=4, q_group_size=32,
+                                                residual_length=16))
+    windows = torch.randint(3, VOCAB, (1, 64), generator=torch.Generator().manual_seed(0))
+    kvfx.cache_perplexities(m, windows, rec, chunk=8, progress=False)
+    # prefill 32 tokens (quantized), then chunks of 8: the window holds 8, then 8 + 8 >= 16 flushes it, ...
+    assert rec.residuals == [8, 0, 8, 0]
+    mean = 4
+    expected = ((64 - mean) * (4 + 32 / 32) / 16 + mean) / 64
+    assert bench.peer_bytes(rec.last, rec.residuals, cfg) == pytest.approx(expected)
