@@ -138,9 +138,10 @@ def run(args) -> str:
     print(f"loaded model + {len(tests)} domains × {args.windows} windows in {time.time() - t0:.0f}s", flush=True)
     from transformers import DynamicCache, QuantizedCache
 
-    def ppl(m, windows, make, desc):
+    def ppl(m, windows, make, desc, batch=True):
         rec = Recorder(make)
-        out = kvfx.cache_perplexities(m, windows, rec, chunk=args.chunk, progress=False, desc=desc)
+        out = kvfx.cache_perplexities(m, windows, rec, chunk=args.chunk, progress=False, desc=desc,
+                                      batch_size=args.batch if batch else 1)
         return out, rec
 
     base = {}
@@ -157,7 +158,7 @@ def run(args) -> str:
                 return QuantizedCache(backend=cfg.peer, config=mcfg, nbits=cfg.bits, q_group_size=cfg.group,
                                       residual_length=cfg.residual)
             for d, w in tests.items():
-                out, rec = ppl(model, w, make, d)
+                out, rec = ppl(model, w, make, d, batch=cfg.peer != "hqq")  # HQQ's groups span the batch
                 cfg.ratios[d] = out["cached_second_half"] / base[d]
             cfg.kv_bytes = peer_bytes(rec.last, rec.residuals, cfg)
         else:
@@ -221,6 +222,8 @@ def main(argv=None) -> None:
     p.add_argument("--windows", type=int, default=8, help="evaluation windows per domain")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--chunk", type=int, default=16, help="tokens per cached step after the prefill")
+    p.add_argument("--batch", type=int, default=8,
+                   help="windows run side by side (the same numbers; HQQ, whose groups span the batch, runs one)")
     p.add_argument("--calib", default="mix", choices=[*DOMAINS, "mix"], help="kvfx's calibration text")
     p.add_argument("--calib-windows", type=int, default=8)
     p.add_argument("--backend", default="inductor", help="torch.compile backend under kvfx's passes")

@@ -31,23 +31,26 @@ def _logits(out) -> torch.Tensor:
 
 @torch.no_grad()
 def cache_perplexities(model, windows: torch.Tensor, make_cache: Callable[[], object], chunk: int = 16,
-                       progress: bool = True, desc: str = "perplexity") -> dict[str, float]:
+                       progress: bool = True, desc: str = "perplexity", batch_size: int = 1) -> dict[str, float]:
     """{"forward", "forward_second_half", "cached_second_half"} perplexities of `model` (a transformers causal
-    LM, compressed or not) on `windows` [n, L]; make_cache() returns a fresh cache for one window."""
+    LM, compressed or not) on `windows` [n, L]; make_cache() returns a fresh cache for one batch of windows.
+    batch_size > 1 runs that many windows side by side through one cache: the same numbers for a cache whose
+    rows do not depend on other sequences (kvfx's, transformers' Dynamic/Static, quanto's per-token groups), not for
+    one that quantizes across the batch (HQQ's axis-0 groups)."""
     if windows.dim() != 2 or windows.shape[1] < 4:
         raise ValueError(f"windows must be [n, L] token ids with L >= 4, got shape {tuple(windows.shape)}.")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}.")
+    if chunk < 1 or batch_size < 1:
+        raise ValueError(f"chunk and batch_size must be >= 1, got {chunk} and {batch_size}.")
     kw = cache_kwarg(model)
     n, length = windows.shape
     half = length // 2
     sums = {"forward": 0.0, "forward_second_half": 0.0, "cached_second_half": 0.0}
-    for ids in tqdm(windows.split(1), desc=desc, unit="window", disable=not progress):
+    for ids in tqdm(windows.split(batch_size), desc=desc, unit="batch", disable=not progress):
         logits = _logits(model(input_ids=ids, use_cache=False))
         sums["forward"] += _nll(logits[:, :-1], ids[:, 1:])
         sums["forward_second_half"] += _nll(logits[:, half - 1:-1], ids[:, half:])
         cache = make_cache()
-        positions = torch.arange(length, device=ids.device)[None]
+        positions = torch.arange(length, device=ids.device)[None].expand(ids.shape[0], -1)
         parts = [_logits(model(input_ids=ids[:, :half], position_ids=positions[:, :half], use_cache=True,
                                **{kw: cache}))[:, -1:]]
         for s in range(half, length, chunk):  # whole chunks (one compiled shape); the last prediction is unused
