@@ -13,8 +13,11 @@ CPU: a C++ kernel (lowbit_attention.cpp), built on first use with torch.utils.cp
 compiler and ninja; cached under ~/.cache/torch_extensions). It reads the cache's [:, :, :N] views of its
 reserved storage in place, decodes a block of rows into a buffer that stays in L1/L2, and computes the block's
 scores as 16-row tiles (one query row against 16 key rows in registers, reduced by a shuffle tree) and its value
-sums in registers, with an online softmax per split-K chunk. Without a compiler, and on other devices (no Triton
-kernel yet), the op runs `reference`: the same numbers, without the saving. `kernel_available()` says which.
+sums in registers, with an online softmax per split-K chunk. Without a compiler the op runs `reference`: the same
+numbers, without the saving. `kernel_available()` says which.
+
+CUDA: a Triton split-K kernel (lowbit_attention_triton.py) when triton is installed, tested in Triton's interpreter
+on CPU (tests/ops/test_lowbit_attention_triton.py); without triton, and on other devices, `reference`.
 """
 from __future__ import annotations
 
@@ -91,6 +94,10 @@ def kernel_available(device: str | torch.device = "cpu") -> bool:
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rk: int, rv: int, kind: str,
                      scale: float, mask: torch.Tensor | None, shared: bool) -> torch.Tensor:
     """softmax(scale·q·Kᵀ + mask)·V over stored low-bit rows; q [b, h, g, Rk] -> [b, h, g, Rv]."""
+    if q.device.type == "cuda":  # the Triton kernel when triton is installed (lowbit_attention_triton.py)
+        from . import lowbit_attention_triton as tri
+        if tri.HAVE_TRITON and tri.supported(rk, rv, shared):
+            return tri.decode_attention_triton(q, kc, vc, rk, rv, kind, scale, mask, shared)
     ext = _extension() if q.device.type == "cpu" else None
     if ext is None:
         return reference(q, kc, vc, rk, rv, kind, scale, mask, shared).contiguous()
