@@ -52,7 +52,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_data_args(p: argparse.ArgumentParser, windows: int, what: str) -> None:
     p.add_argument("--data", default="builtin", metavar="FILE|builtin[:DOMAIN]",
-                   help=f"text to {what}: `builtin` ({BUILTIN_HELP}), `builtin:DOMAIN` (one of kvfx.data.DOMAINS: "
+                   help=f"text to {what}: `builtin` (calibrate: the calibration halves of the four shipped texts in turn, "
+                        f"`builtin:mix`; eval: the WikiText-2 test split), `builtin:DOMAIN` (one of kvfx.data.DOMAINS: "
                         f"wikitext, code, docs, fiction; `builtin:mix` for calibration) or a UTF-8 text file "
                         f"(default builtin)")
     p.add_argument("--windows", type=positive_int, default=windows, metavar="N",
@@ -66,15 +67,13 @@ def add_backend_arg(p: argparse.ArgumentParser) -> None:
                         "`eager` compiles in seconds)")
 
 
-BUILTIN_HELP = "WikiText-2"
-
-
 def _builtin_domain(data: str, split: str) -> str | None:
     """The domain `--data builtin[:DOMAIN]` names ("mix": the calibration mix), None for a file."""
     from ..data import DOMAINS
     if data != "builtin" and not data.startswith("builtin:"):
         return None
-    domain = data.partition(":")[2] or "wikitext"
+    # bare `builtin`: calibrate on the mix (it holds off-domain, RESULTS.md "domains"), evaluate on WikiText-2
+    domain = data.partition(":")[2] or ("mix" if split == "calibration" else "wikitext")
     if domain not in DOMAINS and not (domain == "mix" and split == "calibration"):
         mix = ", or mix" if split == "calibration" else ""
         raise CliError(f"unknown builtin text {domain!r}; use builtin:{{{','.join(DOMAINS)}}}{mix}")

@@ -34,7 +34,7 @@ def test_info(calibrated):
     for want in ("ranks            30 shared K+V × 2", "latent format    int4, rotated",
                  "bytes per token  32 (16-bit cache: 128; 0.250 of its bytes)",
                  "model            LlamaForCausalLM (layers 2, heads 4, kv_heads 2, head_dim 8, vocab 49152",
-                 "calibration data builtin WikiText-2 (wiki.valid.tokens), 64 tokens",
+                 "calibration data builtin mix of wikitext, code, docs, fiction (calibration texts), 64 tokens",
                  "recipe           budget 0.25, kqsvd@kv, int4", "model.layers.1.self_attn"):
         assert want in text, text
 
