@@ -7,6 +7,7 @@ real step reads them: each layer's rows come from memory). Prints ms per layer, 
 
     python benchmarks/kernel.py                  # N=16384, batch 1
     python benchmarks/kernel.py --batch 4 --n 4096
+    KVFX_NO_AMX=1 python benchmarks/kernel.py    # int8/int4 rows decoded to float32 (CPUs without AMX-INT8)
 """
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ def main() -> None:
     args = p.parse_args()
     if not la.kernel_available("cpu"):
         raise SystemExit("the C++ kernel did not build here (needs a C++ compiler and ninja)")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N={args.n}, batch {args.batch}")
+    rows = "integer dot products (AMX)" if la.integer_path("cpu") else "decoded to float32"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N={args.n}, batch {args.batch}; "
+          f"int8/int4 rows: {rows} (KVFX_NO_AMX=1: decoded)")
     print(f"{'latent':18s} {'warm kernel':>11s} {'warm SDPA':>10s} {'GFLOP/s':>8s} {'cold kernel':>11s} "
           f"{'cold SDPA':>10s} {'cold GB/s':>9s}   (ms per layer)")
     for name, (h, g, r, shared, storage) in SHAPES.items():

@@ -9,12 +9,20 @@ re-read of a copy several times larger than what is stored.
 The same op serves 16/32-bit latents (kind "float": the rows as stored, float32 / bfloat16 / float16) where many
 query rows share each cached row (a `layer` / `kv` latent read by every query head).
 
-CPU: a C++ kernel (lowbit_attention.cpp), built on first use with torch.utils.cpp_extension (needs a C++
-compiler and ninja; cached under ~/.cache/torch_extensions). It reads the cache's [:, :, :N] views of its
-reserved storage in place, decodes a block of rows into a buffer that stays in L1/L2, and computes the block's
-scores as 16-row tiles (one query row against 16 key rows in registers, reduced by a shuffle tree) and its value
-sums in registers, with an online softmax per split-K chunk. Without a compiler the op runs `reference`: the same
-numbers, without the saving. `kernel_available()` says which.
+CPU: a C++ kernel (lowbit_attention.cpp), built on first use with torch.utils.cpp_extension (needs a C++ compiler
+and ninja; cached under ~/.cache/torch_extensions). It reads the cache's [:, :, :N] views of its reserved storage
+in place, a block of rows at a time, with an online softmax per split-K chunk. On CPUs with AMX-INT8 (Sapphire
+Rapids and later; `integer_path()`) int8 / int4 rows never become floats: the tile unit computes the scores as int8
+dot products of the stored codes with the query, rounded once per call to integers (12 bits for int4, 16 for int8,
+one scale per query row), and the value sums as int8 dot products of the codes with the softmax weights times the
+rows' scales, rounded per block of rows to 16 bits; float arithmetic only applies the per-group scales and runs the
+softmax. On SmolLM2's decode inputs these roundings move the output by at most ~1.3e-3 (int4) / ~3e-4 (int8) of its
+size, 200 (int4) / 80 (int8) times less than the cache's own rounding moves it (tests/ops/test_lowbit_attention.py
+bounds them). Elsewhere, for 16/32-bit latents, and with KVFX_NO_AMX=1, the kernel decodes a block of rows into a
+float32 buffer that stays in L1/L2 and computes the block's scores as 16-row tiles (one query row against 16 key
+rows in registers, reduced by a shuffle tree) and its value sums in registers: the reference's numbers up to
+float32 round-off. Without a compiler the op runs `reference` (float32), without the saving. `kernel_available()`
+says which.
 
 CUDA: a Triton split-K kernel (lowbit_attention_triton.py) when triton is installed, tested in Triton's interpreter
 on CPU (tests/ops/test_lowbit_attention_triton.py); without triton, and on other devices, `reference`.
@@ -69,17 +77,24 @@ def _decoded(rows: torch.Tensor, width: int, kind: str) -> torch.Tensor:
     return rows.float() if kind == "float" else quant.dequantize(rows, torch.float32, width, kind)
 
 
+def _build(arch: str = "native"):
+    """lowbit_attention.cpp compiled for -march=`arch` (another arch: another module, e.g. "x86-64-v2" for the
+    portable code a CPU without AVX-512 and AMX runs; torch caches each build under ~/.cache/torch_extensions)."""
+    from torch.utils.cpp_extension import load_inline
+    src = (Path(__file__).with_name("lowbit_attention.cpp")).read_text()
+    flags = ["-O3", f"-march={arch}", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+             "-fno-trapping-math"]
+    name = "kvfx_lowbit_attention" + ("" if arch == "native" else "_" + arch.replace("-", "_").replace(".", "_"))
+    return load_inline(name, cpp_sources=[src], functions=["decode_attention", "integer_path"], extra_cflags=flags,
+                       extra_ldflags=["-fopenmp"], verbose=False)
+
+
 def _extension():
     """The compiled CPU kernel module, or None (built once per process; failures logged once)."""
     if "module" not in _EXT:
         _EXT["module"] = None
         try:
-            from torch.utils.cpp_extension import load_inline
-            src = (Path(__file__).with_name("lowbit_attention.cpp")).read_text()
-            flags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-math",
-                     "-fno-signed-zeros", "-fno-trapping-math"]
-            _EXT["module"] = load_inline("kvfx_lowbit_attention", cpp_sources=[src], functions=["decode_attention"],
-                                         extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+            _EXT["module"] = _build()
         except Exception as e:  # noqa: BLE001 - no compiler / ninja: fall back to the reference, say so once
             log.warning("kvfx: low-bit decode kernel not built (%s); decode dequantises the cache instead "
                         "(same numbers, slower). Install a C++ compiler and `pip install ninja`.", e)
@@ -88,6 +103,12 @@ def _extension():
 
 def kernel_available(device: str | torch.device = "cpu") -> bool:
     return torch.device(device).type == "cpu" and _extension() is not None
+
+
+def integer_path(device: str | torch.device = "cpu") -> bool:
+    """Whether the C++ kernel computes int8 / int4 rows with integer dot products here (AMX-INT8; see the module
+    docstring); False: it decodes them to float32 (KVFX_NO_AMX=1 forces that)."""
+    return kernel_available(device) and bool(_extension().integer_path())
 
 
 @torch.library.custom_op("kvfx::decode_attention", mutates_args=())

@@ -1,6 +1,7 @@
 """kvfx::decode_attention (the C++ CPU kernel) against its plain-torch reference (dequantise the whole cache, then
 SDPA), and the decode pass calling it on the stored codes of kvfx's low-bit cache."""
 import copy
+import platform
 
 import pytest
 import torch
@@ -15,6 +16,72 @@ from kvfx.ops import lowbit_attention as la
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The integer path (lowbit_attention.cpp, AMX): each query row, times the softmax scale, is rounded to integers
+# |x| <= Q_STEPS[kind] (one scale per row: max |scale·q| / Q); the value sums' weights p·s_v to 0 <= x <= 32512 of
+# their largest per block (two digits, 16 bits). Nothing else is rounded.
+Q_STEPS = {"int4": 2032, "int8": 32512}
+W_STEPS = 32512
+
+
+def _exact(q, k, v, scale, mask):
+    """float64 softmax(scale·q·kᵀ + mask) and its output."""
+    s = scale * q.double() @ k.transpose(-1, -2)
+    if mask is not None:
+        s = s + la._additive(mask, k.shape[2]).double()[:, None, None, :]
+    p = torch.softmax(s, -1)
+    return p, p @ v
+
+
+def _rounded_query(q, steps, scale):
+    """scale·q rounded to |x| <= steps per row as the integer path does (float32 like the kernel, half to even like
+    VCVTPS2DQ), in float64."""
+    amax = q.abs().amax(-1, keepdim=True) * abs(scale)
+    inv = torch.where(amax > 0, scale * steps / amax, torch.zeros_like(amax)).float()
+    return torch.round(q.float() * inv).double() * (amax.double() / steps)
+
+
+def _column_scales(stored, width, kind):
+    """Each stored number's scale 2^(e/8), [..., width] (kvfx/quant.py)."""
+    fmt = quant.FORMATS[kind]
+    e = stored[..., fmt.code_bytes(width):].double()
+    return torch.exp2(e / quant.SCALE_STEPS).repeat_interleave(fmt.group or width, -1)[..., :width]
+
+
+def _weight_bound(p, v, sv):
+    """|Δout| from the weights' rounding: each weight w = p·s_v is off by at most max w / (2·32512), and an output
+    column sums codes v / s_v with them: <= max_n(p_n·s_v,n) · sum_n |v_n / s_v,n| / 65024 (p = the softmax)."""
+    return (p[..., :, None] * sv[:, :, None]).amax(-2) * (v.abs() / sv).sum(-2)[:, :, None, :] / (2 * W_STEPS)
+
+
+def _integer_bound(q, kc, vc, rk, rv, kind, scale, mask, shared):
+    """(exact output, bound on |kernel - exact|) of the integer path, float64. The query's rounding (at most half a
+    step, max |scale·q_g| / (2Q), per number) moves each score by at most d_gn = step_g/2 · ||k_n||_1, and the
+    softmax's output by at most 2·D·sum_n p_n |v_n - out| (first order, D = max_n d_gn; times e^(2D) for the rest);
+    plus the weights' rounding (_weight_bound) and float32 round-off."""
+    rv = rk if shared else rv
+    k = quant.dequantize(kc, torch.float64, rk, kind)
+    v = k if shared else quant.dequantize(vc, torch.float64, rv, kind)
+    p, out = _exact(q, k, v, scale, mask)
+    step = (scale * q.double()).abs().amax(-1, keepdim=True) / Q_STEPS[kind]
+    d = torch.where(p > 0, step / 2 * k.abs().sum(-1)[:, :, None, :], torch.zeros_like(p)).amax(-1, keepdim=True)
+    spread = (p[..., None] * (v[:, :, None] - out[:, :, :, None]).abs()).sum(-2)
+    bound = 2 * d * spread * torch.exp(2 * d) + _weight_bound(p, v, _column_scales(kc if shared else vc, rv, kind))
+    return out, bound + 1e-5 * max(1.0, out.abs().max().item())
+
+
+def _assert_matches(out, q, kc, vc, rk, rv, kind, scale, mask, shared):
+    """The op against the plain-torch reference: float32 round-off (1e-5 of the output's size: the kernel folds the
+    scale into q and sums in another order than SDPA), or, for int8 / int4 rows on the integer path, the bound of
+    its rounding (_integer_bound: ~1e-3 (int4) / ~1e-4 (int8) of the output's size on these inputs, far below the
+    cache's own rounding)."""
+    ref = la.reference(q, kc, vc, rk, rv, kind, scale, mask, shared)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    if kind in quant.FORMATS and la.integer_path("cpu"):
+        _, bound = _integer_bound(q, kc, vc, rk, rv, kind, scale, mask, shared)
+        err = (out.double() - ref.double()).abs()
+        assert (err <= bound).all(), f"{(err / bound).max().item():.3g} x the bound"
+    else:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
 
 
 def test_kernel_builds_here():
@@ -46,20 +113,100 @@ def _case(b, h, g, n, rk, rv, kind, mask, shared, seed):
 def test_kernel_matches_reference(b, h, g, n, rk, rv, kind, mask, shared, seed):
     q, kc, vc, m = _case(b, h, g, n, rk, rv, kind, mask, shared, seed)
     kind = "float" if kind in FLOATS else kind
-    ref = la.reference(q, kc, vc, rk, rv, kind, 0.125, m, shared)
     out = torch.ops.kvfx.decode_attention(q, kc, vc, rk, rv, kind, 0.125, m, shared)
-    assert out.shape == ref.shape == (b, h, g, rk if shared else rv)
-    # float32 round-off of the output's own size (a shared latent's values are the keys, ~3× larger): the kernel
-    # folds the scale into q and sums in another order than SDPA
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
+    assert out.shape == (b, h, g, rk if shared else rv)
+    _assert_matches(out, q, kc, vc, rk, rv, kind, 0.125, m, shared)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_portable_path_matches_reference(kind, monkeypatch):
+    """KVFX_NO_AMX=1: int8 / int4 rows decoded to float32 (the path of CPUs without AMX), the reference's numbers to
+    float32 round-off."""
+    monkeypatch.setenv("KVFX_NO_AMX", "1")
+    assert not la.integer_path("cpu")
+    for i, (g, n, rk, rv, shared, mask) in enumerate([(9, 700, 70, 70, True, "bool"), (3, 300, 33, 17, False, None),
+                                                      (20, 40, 5, 64, False, "float")]):
+        q, kc, vc, m = _case(2, 2, g, n, rk, rv, kind, mask, shared, i)
+        out = torch.ops.kvfx.decode_attention(q, kc, vc, rk, rv, kind, 0.125, m, shared)
+        ref = la.reference(q, kc, vc, rk, rv, kind, 0.125, m, shared)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 build flags")
+def test_portable_build_matches_reference():
+    """The file built for a CPU without AVX-512 and AMX (-march=x86-64-v2: the plain-C++ loops, the #if'd-out
+    paths), every row kind: the reference's numbers (float32 round-off). A second module, built once and cached."""
+    ext = la._build("x86-64-v2")
+    assert not ext.integer_path()
+    for i, kind in enumerate(["int8", "int4", *FLOATS]):
+        q, kc, vc, m = _case(2, 2, 9, 300, 70, 45, kind, "bool", i % 2 == 0, i)
+        kind = "float" if kind in FLOATS else kind
+        out = ext.decode_attention(q, kc, vc, 70, 45, la._BITS[kind], 0.125, m.reshape(2, 300), i % 2 == 0)
+        ref = la.reference(q, kc, vc, 70, 45, kind, 0.125, m, i % 2 == 0)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
+
+
+# (g, n, rk, rv, shared, mask): widths across int4 groups and int8 64-column chunks, odd ones, more than 16 query
+# rows (two row blocks of tiles), several row blocks and a ragged last one, masks
+ROUNDING_CASES = [(9, 300, 360, 360, True, None), (3, 40, 32, 32, False, "bool"), (20, 150, 70, 9, False, "float"),
+                  (1, 129, 65, 130, False, None), (16, 64, 1, 33, False, "bool")]
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("case", ROUNDING_CASES)
+def test_integer_path_rounds_only_the_query_and_the_weights(kind, case):
+    """The integer path against float64 attention with the query rounded as documented (Q_STEPS): what is left is
+    the weights' rounding (_weight_bound), so a query quantised wrongly (a lost digit, columns out of order, a wrong
+    scale) fails: a query rounded to 8 bits (its low digit lost) fails the same tolerance."""
+    if not la.integer_path("cpu"):
+        pytest.skip("no integer path on this CPU (AMX-INT8)")
+    g, n, rk, rv, shared, mask = case
+    q, kc, vc, m = _case(1, 2, g, n, rk, rv, kind, mask, shared, 4)
+    out = torch.ops.kvfx.decode_attention(q, kc, vc, rk, rv, kind, 0.125, m, shared)
+    rounded, tol = _assert_rounds_as_documented(out, q, kc, vc, rk, rv, kind, 0.125, m, shared)
+    if rk > 1:  # (one column rounds exactly)
+        k = quant.dequantize(kc, torch.float64, rk, kind)
+        _, lost_digit = _exact(_rounded_query(q, 127, 0.125), k, k if shared else quant.dequantize(
+            vc, torch.float64, rv, kind), 1.0, m)
+        assert ((lost_digit - rounded).abs() > tol).any()
+
+
+def _assert_rounds_as_documented(out, q, kc, vc, rk, rv, kind, scale, mask, shared):
+    """out against float64 attention with the query rounded as documented (Q_STEPS): what is left is the weights'
+    rounding (_weight_bound). Returns the exact output and that tolerance."""
+    k = quant.dequantize(kc, torch.float64, rk, kind)
+    v = k if shared else quant.dequantize(vc, torch.float64, rv, kind)
+    p, exact = _exact(q, k, v, scale, mask)
+    _, rounded = _exact(_rounded_query(q, Q_STEPS[kind], scale), k, v, 1.0, mask)
+    tol = _weight_bound(p, v, _column_scales(kc if shared else vc, rv, kind)) + 1e-5 * exact.abs().max()
+    err = (out.double() - rounded).abs()
+    assert (err <= tol).all(), f"{(err / tol).max().item():.3g} x the tolerance"
+    return rounded, tol
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_masked_rows_cost_no_precision(kind):
+    """Masked rows (a static cache's empty slots, padding) may hold anything: rows 100x larger than the rest, masked,
+    leave the others' weights their 16 bits (each block's weights are rounded against its largest *weight*)."""
+    if not la.integer_path("cpu"):
+        pytest.skip("no integer path on this CPU (AMX-INT8)")
+    gen = torch.Generator().manual_seed(5)
+    k, v = torch.randn(2, 1, 300, 40, generator=gen), torch.randn(2, 1, 300, 40, generator=gen)
+    mask = torch.rand(2, 1, 1, 300, generator=gen) > 0.5
+    mask[..., 0] = True
+    k, v = [torch.where(mask.reshape(2, 1, 300, 1), x, 100 * x) for x in (k, v)]
+    kc, vc = quant.quantize(k, kind), quant.quantize(v, kind)
+    q = torch.randn(2, 1, 9, 40, generator=gen)
+    out = torch.ops.kvfx.decode_attention(q, kc, vc, 40, 40, kind, 0.2, mask, False)
+    _assert_rounds_as_documented(out, q, kc, vc, 40, 40, kind, 0.2, mask, False)
 
 
 def test_long_context_split_over_chunks_and_threads():
     """Long N: several split-K chunks merged by log-sum-exp, on every thread."""
     torch.set_num_threads(2)
     q, kc, vc, m = _case(1, 1, 9, 20000, 96, 96, "int4", "bool", True, 0)
-    torch.testing.assert_close(torch.ops.kvfx.decode_attention(q, kc, vc, 96, 96, "int4", 0.1, m, True),
-                               la.reference(q, kc, vc, 96, 96, "int4", 0.1, m, True), rtol=1e-5, atol=1e-5)
+    _assert_matches(torch.ops.kvfx.decode_attention(q, kc, vc, 96, 96, "int4", 0.1, m, True), q, kc, vc, 96, 96,
+                    "int4", 0.1, m, True)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
@@ -74,11 +221,10 @@ def test_cache_views_are_read_in_place(kind, monkeypatch):
     assert not kc.is_contiguous()
     q = torch.randn(2, 3, 4, 40, generator=gen)
     m = torch.rand(2, 1, 1, 613, generator=gen) > 0.2
-    ref = la.reference(q, kc.contiguous(), vc.contiguous(), 40, 40, kind, 0.2, m)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = torch.ops.kvfx.decode_attention(q, kc, vc, 40, 40, kind, 0.2, m, False)
     assert max(e.cpu_memory_usage for e in prof.events()) < kc.numel()
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    _assert_matches(out, q, kc.contiguous(), vc.contiguous(), 40, 40, kind, 0.2, m, False)
 
 
 def test_bfloat16_queries_come_back_in_their_dtype():
