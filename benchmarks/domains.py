@@ -44,10 +44,11 @@ from kvfx.models import load_default_model  # noqa: E402
 
 from results_file import RESULTS, write_section  # noqa: E402
 
-PEERS = ["quanto:4:g64:r128", "quanto:4:g32:r32", "quanto:2:g64:r128", "quanto:2:g32:r32", "hqq:4:g64:r128",
-         "hqq:4:g32:r32", "hqq:3:g64:r128", "hqq:3:g32:r32", "hqq:2:g32:r32"]
-DEFAULT = ["identity:1.0:int4:rot", "kqsvd@kv:0.9375:int4:rot", "kqsvd@kv:0.75:int4:rot", "kqsvd@kv:0.5:int4:rot",
-           "kqsvd@kv:0.5:int8:rot", "kqsvd:0.5:int4:rot", "kqsvd@kv:0.25:int4:rot"] + PEERS
+# in the order they run: the configurations that answer most first (a run writes its table after each one)
+DEFAULT = ["kqsvd@kv:0.9375:int4:rot", "quanto:4:g64:r128", "kqsvd@kv:0.9375:int4:rot:calib=wikitext", "hqq:3:g32:r32",
+           "kqsvd@kv:0.5:int4:rot", "quanto:2:g64:r128", "kqsvd@kv:0.5", "kqsvd@kv:0.5:calib=wikitext",
+           "quanto:4:g32:r32", "hqq:4:g64:r128", "kqsvd@kv:0.5:int8:rot", "identity:1.0:int4:rot", "quanto:2:g32:r32",
+           "hqq:2:g32:r32", "kqsvd@kv:0.25:int4:rot"]
 
 
 @dataclass
@@ -124,8 +125,9 @@ def peer_bytes(cache, residuals: list[int], cfg: Config) -> float:
 
 
 def kvfx_bytes(cache, kv_heads: int, head_dim: int) -> float:
-    tokens = cache.get_seq_length()
-    return cache.nbytes() / (len(cache.layers) * 2 * kv_heads * head_dim * tokens * 2)
+    """Bytes kvfx's cache holds / a 16-bit cache's for the same sequences and tokens."""
+    batch, tokens = cache.layers[0].keys.shape[0], cache.get_seq_length()
+    return cache.nbytes() / (len(cache.layers) * batch * 2 * kv_heads * head_dim * tokens * 2)
 
 
 def run(args) -> str:
@@ -174,6 +176,8 @@ def run(args) -> str:
                 torch._dynamo.reset()
         print(f"{cfg.spec:40s} KV bytes {cfg.kv_bytes:.3f}  " +
               "  ".join(f"{d} {r:.3f}" for d, r in cfg.ratios.items()) + f"  ({time.time() - t1:.0f}s)", flush=True)
+        if args.write and cfg is not configs[-1]:  # a long run keeps what it measured so far, marked partial
+            write(table([c for c in configs if c.ratios], base, args, partial=len(configs)), args)
     return table(configs, base, args)
 
 
@@ -197,7 +201,7 @@ def label(cfg: Config) -> str:
     return f"kvfx {cfg.method}{gran} rank {cfg.rank:g}{store}{', rotated' if cfg.rotate else ''}{calib}"
 
 
-def table(configs, base, args) -> str:
+def table(configs, base, args, partial: int = 0) -> str:
     domains = list(base)
     lines = [f"| configuration | KV bytes | {' | '.join(domains)} | worst |",
              "|---|---|" + "---|" * (len(domains) + 1),
@@ -211,7 +215,8 @@ def table(configs, base, args) -> str:
             f"kvfx calibrated on {args.calib_windows} windows of {args.calib} calibration text; "
             f"cells: cache perplexity × the original's)\n"
             f"Machine: {platform.machine()} CPU ×{torch.get_num_threads()} threads; torch {torch.__version__}, "
-            f"transformers {__import__('transformers').__version__}, Python {platform.python_version()}\n")
+            f"transformers {__import__('transformers').__version__}, Python {platform.python_version()}\n"
+            + (f"**Partial: {len(configs)} of {partial} configurations measured so far.**\n" if partial else ""))
     return head + "\n" + "\n".join(lines) + "\n"
 
 
@@ -238,8 +243,11 @@ def main(argv=None) -> None:
     text = run(args)
     print(text)
     if args.write:
-        write_section(text, args.section, f"{args.section}: cache perplexity on every domain, kvfx and peers",
-                      RESULTS)
+        write(text, args)
+
+
+def write(text: str, args) -> None:
+    write_section(text, args.section, f"{args.section}: cache perplexity on every domain, kvfx and peers", RESULTS)
 
 
 if __name__ == "__main__":
