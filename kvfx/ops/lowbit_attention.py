@@ -81,7 +81,9 @@ def _build(arch: str = "native"):
     """lowbit_attention.cpp compiled for -march=`arch` (another arch: another module, e.g. "x86-64-v2" for the
     portable code a CPU without AVX-512 and AMX runs; torch caches each build under ~/.cache/torch_extensions)."""
     from torch.utils.cpp_extension import load_inline
-    src = (Path(__file__).with_name("lowbit_attention.cpp")).read_text()
+    here = Path(__file__).parent  # the AMX part lives in its own file, pasted in (so the source hash covers it)
+    src = (here / "lowbit_attention.cpp").read_text().replace(
+        '#include "lowbit_attention_amx.h"', (here / "lowbit_attention_amx.h").read_text())
     flags = ["-O3", f"-march={arch}", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
              "-fno-trapping-math"]
     name = "kvfx_lowbit_attention" + ("" if arch == "native" else "_" + arch.replace("-", "_").replace(".", "_"))
