@@ -103,12 +103,12 @@ def token_windows(tokenizer, text: str, n_windows: int, window: int) -> torch.Te
 
 def wikitext_test_windows(tokenizer, n_windows: int = 16, window: int = 512) -> torch.Tensor:
     """Evaluation windows from the WikiText-2 raw test split, LongTensor [n_windows, window]."""
-    return token_windows(tokenizer, _read("wiki.test.raw"), n_windows, window)
+    return domain_windows(tokenizer, "wikitext", "test", n_windows, window)
 
 
 def wikitext_calibration_windows(tokenizer, n_windows: int = 8, window: int = 512) -> torch.Tensor:
     """Calibration windows from the WikiText-2 validation split (``wiki.valid.tokens``)."""
-    return token_windows(tokenizer, _read("wiki.valid.tokens"), n_windows, window)
+    return domain_windows(tokenizer, "wikitext", "calib", n_windows, window)
 
 
 @torch.no_grad()
