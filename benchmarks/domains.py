@@ -17,6 +17,8 @@ Configurations (--configs, comma-separated):
     METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN]   kvfx: calibrator, granularity (head/layer/kv), rank
                                                           fraction of the latent's width, storage, rotation, and
                                                           the calibration text (default --calib)
+    METHOD@kv:BUDGET:bits[:calib=DOMAIN]                  kvfx.allocate_bits: bits per latent direction (int8 /
+                                                          int4 / int2 bands) in BUDGET × the 16-bit bytes
     quanto|hqq:BITS:gGROUP:rRESIDUAL                      transformers' QuantizedCache
 
     python benchmarks/domains.py                               # default configurations (~40 min)
@@ -63,6 +65,7 @@ class Config:
     rank: float = 1.0
     quantize: str | None = None
     rotate: bool = False
+    per_direction: bool = False      # kvfx.allocate_bits: RANK is the byte budget, bits per direction
     calib: str | None = None
     ratios: dict = field(default_factory=dict)
     kv_bytes: float = math.nan
@@ -83,13 +86,16 @@ def parse(spec: str) -> Config:
                 cfg.quantize = opt
             elif opt == "rot":
                 cfg.rotate = True
+            elif opt == "bits" and gran == "kv":
+                cfg.per_direction = True
             elif opt.startswith("calib=") and opt[6:] in (*DOMAINS, "mix"):
                 cfg.calib = opt[6:]
             else:
                 raise ValueError
         return cfg
     except (ValueError, IndexError):
-        raise SystemExit(f"bad configuration {spec!r}: expected METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN] "
+        raise SystemExit(f"bad configuration {spec!r}: expected METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN], "
+                         f"METHOD@kv:BUDGET:bits[:calib=DOMAIN] "
                          f"or quanto|hqq:BITS:gGROUP:rRESIDUAL (domains: {', '.join(DOMAINS)}, mix)") from None
 
 
@@ -165,7 +171,8 @@ def run(args) -> str:
             cfg.kv_bytes = peer_bytes(rec.last, rec.residuals, cfg)
         else:
             proj = projections(model, tok, cfg, args, stats_memo)
-            compressed = kvfx.compress(torch.compile(model, backend=args.backend), proj, quantize=cfg.quantize)
+            compressed = kvfx.compress(torch.compile(model, backend=args.backend), proj,
+                                      quantize=proj.quantize if cfg.per_direction else cfg.quantize)
             try:
                 for d, w in tests.items():
                     out, rec = ppl(compressed, w, lambda: kvfx.make_cache(compressed), d)
@@ -188,6 +195,9 @@ def projections(model, tok, cfg: Config, args, memo: dict):
                    else domain_windows(tok, source, "calib", args.calib_windows, args.window))
         samples = max(getattr(kvfx.calib.get_calibrator(cfg.method), "samples_needed", 0), 0)
         memo[source] = collect_stats(model, windows.split(1), progress=False, samples=samples)
+    if cfg.per_direction:  # RANK is the budget: bits per latent direction over the full-width fit
+        return kvfx.allocate_bits(memo[source], fit(memo[source], cfg.method, 1.0, granularity=cfg.granularity),
+                                  cfg.rank)
     proj = fit(memo[source], cfg.method, cfg.rank, granularity=cfg.granularity)
     return kvfx.rotate_latents(proj) if cfg.rotate else proj
 
@@ -196,6 +206,9 @@ def label(cfg: Config) -> str:
     if cfg.peer:
         return f"QuantizedCache {cfg.peer} int{cfg.bits}, group {cfg.group}, window {cfg.residual}"
     gran = "" if cfg.granularity == "head" else f"@{cfg.granularity}"
+    if cfg.per_direction:
+        return (f"kvfx {cfg.method}{gran}, bits per direction (int8/int4/int2 bands) in {cfg.rank:g} of the bytes"
+                + (f", calibrated on {cfg.calib}" if cfg.calib else ""))
     store = f", {cfg.quantize}" if cfg.quantize else ", float32 latents"
     calib = f", calibrated on {cfg.calib}" if cfg.calib else ""
     return f"kvfx {cfg.method}{gran} rank {cfg.rank:g}{store}{', rotated' if cfg.rotate else ''}{calib}"

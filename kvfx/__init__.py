@@ -8,6 +8,7 @@ The `kvfx` command (kvfx/cli) wraps the same calls: kvfx explain / calibrate / e
 """
 from .cache import LowRankCache
 from .calib.allocate import Budget
+from .calib.bits import allocate_bits
 from .calib.refine import Refine, refine
 from .calib.collect import calibrate
 from .calib.matryoshka import truncate
@@ -26,6 +27,6 @@ __version__ = "0.1.0"
 
 
 __all__ = ["calibrate", "best_config", "compress", "decompress", "make_cache", "cache_perplexities", "explain", "Explanation",
-           "Budget", "Refine", "refine", "sensitivity", "allocate", "truncate", "rotate_latents",
+           "Budget", "Refine", "refine", "sensitivity", "allocate", "truncate", "rotate_latents", "allocate_bits",
            "Projections", "SiteProjection", "SiteShape", "ProjectionError", "UnsupportedAttention", "LowRankCache",
            "counters", "model_fingerprint"]

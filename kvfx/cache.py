@@ -25,6 +25,8 @@ class _LowRankLayerMixin:
 
     def _init_projection(self, proj: SiteProjection, dtype, device, quantize=None) -> None:
         quant.check(quantize)
+        for width in {proj.key_rank, 0 if proj.shared else proj.value_rank} - {0}:
+            quant.row_bytes(quantize, width)  # a bands format must span the latent (a clear error, before any write)
         self.kvfx_quantize = quantize
         cast = lambda t: t.to(dtype=dtype, device=device).contiguous()  # noqa: E731
         # joint latent: down is [h·d, R] (2-D) and the cache holds one latent "head" [b, 1, N, R]
@@ -153,11 +155,11 @@ class LowRankCache(Cache):
             raise ValueError(f"cache kind must be 'dynamic' or 'static', got {kind!r}.")
         if kind == "static" and not max_cache_len:
             raise ValueError("a static low-rank cache needs max_cache_len (prompt + new tokens).")
-        sites = list(projections.sites.values())
+        sites = [(p, quant.site(quantize, n)) for n, p in projections.sites.items()]
         if kind == "dynamic":  # max_cache_len: room reserved for that many tokens (it grows past them)
-            layers = [LowRankDynamicLayer(p, dtype, device, quantize, reserve=max_cache_len or 0) for p in sites]
+            layers = [LowRankDynamicLayer(p, dtype, device, q, reserve=max_cache_len or 0) for p, q in sites]
         else:
-            layers = [LowRankStaticLayer(p, max_cache_len, dtype, device, quantize) for p in sites]
+            layers = [LowRankStaticLayer(p, max_cache_len, dtype, device, q) for p, q in sites]
         super().__init__(layers=layers)
         self.kind, self.quantize = kind, quantize
 

@@ -130,6 +130,20 @@ def _first_forward(module, compiled, *args, **kwargs):
     return out
 
 
+def check_formats(projections: Projections, quantize) -> None:
+    """Every site's format fits its latent (a bands format spans exactly its columns; a dict names every site)."""
+    if quantize is None or not isinstance(projections, Projections):
+        return
+    for name, p in projections.sites.items():
+        kind = quant.site(quantize, name)
+        if kind:
+            for width in {p.key_rank, 0 if p.shared else p.value_rank} - {0}:
+                try:
+                    quant.row_bytes(kind, width)
+                except ValueError as e:
+                    raise ValueError(f"site {name}: {e}") from None
+
+
 def compress(model: torch.nn.Module, projections: Projections, *, cache: str = "dynamic",
              fold: bool = True, quantize: str | None = "auto", check_model: bool = True) -> torch.nn.Module:
     """Apply `projections` to every attention site of `model` (plain or torch.compile'd).
@@ -141,7 +155,8 @@ def compress(model: torch.nn.Module, projections: Projections, *, cache: str = "
     (R/2 + R/32) / (2 · R), of the same latents in a 16-bit cache; `kvfx.rotate_latents(projections)` first
     makes the rounding much cheaper (exact, folded into the projections). `quantize="auto"` (the default) takes
     the format the projections record (`projections.quantize`, set by kvfx.best_config / `kvfx calibrate`), 16-bit
-    latents if none; None forces 16-bit latents. Projections that record the model they were calibrated on
+    latents if none; None forces 16-bit latents. A dict {site: format} gives each site its own (kvfx.allocate_bits
+    records one: bits per latent direction, e.g. "int8x64+int4x224+int2x64"). Projections that record the model they were calibrated on
     (kvfx.provenance) are refused for another model unless `check_model=False`. Checks everything first: on error
     the model is left exactly as it was.
     """
@@ -154,6 +169,7 @@ def compress(model: torch.nn.Module, projections: Projections, *, cache: str = "
         quantize = projections.quantize if isinstance(projections, Projections) else None
     quant.check(quantize)
     _check_model(module, projections, check_model)
+    check_formats(projections, quantize)
     dtype, device = _param_info(module)
     projections = projections.to(dtype=torch.float32)
     backend = KvfxBackend(projections, opts, fold=fold, quantize=quantize)

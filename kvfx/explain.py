@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import quant
 from .passes.compile import options_of
 from .passes.match import AttentionSite, find_sites
 
@@ -59,7 +60,8 @@ def _row(site: AttentionSite, projections, quantize=None) -> SiteRow:
     if projections is not None and site.name in projections.sites:
         p = projections.sites[site.name]
         ranks = f"{p.key_rank} shared" if p.shared else f"{p.key_rank}/{p.value_rank}"
-        ranks += f" {quantize}" if quantize else ""
+        kind = quant.site(quantize, site.name) if quantize else None
+        ranks += f" {kind}" if kind else ""
     return SiteRow(site.name, site.num_heads, site.num_kv_heads, site.head_dim, site.rope, fold or "-",
                    site.k.cache, site.status, "; ".join(site.notes), ranks)
 

@@ -170,9 +170,9 @@ class Projections:
         return self.report.get("provenance") or {}
 
     @property
-    def quantize(self) -> str | None:
-        """The latent storage format these projections were made for ("int8" / "int4"; None: 16-bit). kvfx.compress
-        applies it unless told otherwise."""
+    def quantize(self) -> str | dict | None:
+        """The latent storage format these projections were made for ("int8" / "int4" / "int2"; None: 16-bit; a
+        dict {site: format} from kvfx.allocate_bits). kvfx.compress applies it unless told otherwise."""
         return self.report.get("quantize")
 
     @property
@@ -181,10 +181,10 @@ class Projections:
         return {n: [p.key_rank, p.value_rank] for n, p in self.sites.items()}
 
     def kv_fraction(self, quantize: str | None = None) -> float:
-        """Cached numbers per token after / before (keys and values together); with quantize="int8" or "int4",
-        cached bytes (codes plus scale bytes, kvfx.quant) / the bytes of an uncompressed 16-bit cache."""
+        """Cached numbers per token after / before (keys and values together); with a low-bit format (kvfx.quant: one,
+        or a dict {site: format}), cached bytes (codes plus scale bytes, kvfx.quant) / the bytes of an uncompressed 16-bit cache."""
         before = sum(2 * s.kv_heads * s.head_dim for s in self.shapes.values())
-        return sum(p.cached_bytes(quantize) for p in self.sites.values()) / (2 * before)
+        return sum(p.cached_bytes(quant.site(quantize, n)) for n, p in self.sites.items()) / (2 * before)
 
     def report_table(self) -> str:
         """Per-site calibration report: ranks, relative key-logit / value-output error, ε gap (kqsvd)."""
@@ -216,7 +216,7 @@ class Projections:
         if self.provenance:
             meta["provenance"] = json.dumps(self.provenance | {"format_version": FORMAT_VERSION}, default=float)
         if self.quantize:
-            meta["quantize"] = self.quantize
+            meta["quantize"] = self.quantize if isinstance(self.quantize, str) else json.dumps(self.quantize)
         path = Path(path)  # written next to the target, then renamed: no half-written file under the name
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:

@@ -1,17 +1,24 @@
 """Low-bit storage for the rank-R latents: rank and precision multiply (Palu-style low-rank + quantisation).
 
 Each cached latent row (one token of one latent head, R numbers) is cut into groups; each group stores its
-numbers as signed integer codes plus ONE int8 scale code e: x ≈ q · 2^(e/8). The log scale with
-eighth-of-an-octave steps spans 2^-16 … 2^15.9 in one byte and costs under 0.13 bit of precision against an
-exact absmax scale. Formats (`quantize=`):
+numbers as integer codes plus ONE int8 scale code e (step 2^(e/8)). The log scale with eighth-of-an-octave steps
+spans 2^-16 … 2^15.9 in one byte and costs under 0.13 bit of precision against an exact absmax scale. Formats
+(`quantize=`):
 
-* "int8": codes in [-127, 127], one scale per row: R + 1 bytes.
+* "int8": codes in [-127, 127] (x ≈ q·2^(e/8)), one scale per row: R + 1 bytes.
 * "int4": codes in [-7, 7] packed two per byte, one scale per 32 numbers: ⌈R/2⌉ + ⌈R/32⌉ bytes. Calibrated
   latents put their largest directions first, so groups of consecutive columns get scales that follow the
   decay of their variance.
+* "int2": four codes per byte, one scale per 32 numbers. Two bits take the four mid-rise levels
+  x ≈ (q + ½)·2^(e/8), q in [-2, 1] (symmetric codes would leave three: 0.43 of a Gaussian's variance as error,
+  against 0.126 for these four).
+* bands, e.g. "int8x64+int4x224+int2x64": bits per latent direction. The row's columns, in order, are cut into
+  bands stored in the formats named (the band "int8" with one scale per band); a row is the bands' rows one
+  after the other. kvfx.allocate_bits chooses them (reverse water-filling over the calibrated directions).
 
-A stored row is one int8 vector [codes | scale codes], so the cache holds a single int8 tensor
-[b, h, N, row_bytes(R)] per slot and transformers' own Dynamic and Static layers store it unchanged.
+A per-site dict {site name: format} gives each attention site its own (`site`). A stored row is one int8 vector
+[codes | scale codes] per band, so the cache holds a single int8 tensor [b, h, N, row_bytes(R)] per slot and
+transformers' own Dynamic and Static layers store it unchanged.
 
 Without kvfx's cache (perplexity runs, transformers' own cache) the rewrite pass inserts `fake_quant` on the
 latents, so every path computes attention on the same rounded latents. Gradients pass straight through.
@@ -19,7 +26,9 @@ Rounding and scaling run in float32 whatever the model's dtype, then cast back.
 """
 from __future__ import annotations
 
+import functools
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +39,8 @@ SCALE_STEPS = 8  # scale codes per octave
 @dataclass(frozen=True)
 class Format:
     bits: int
-    group: int | None  # numbers per scale code; None: one scale for the whole row
+    group: int | None  # numbers per scale code; None: one scale for the whole row (or band)
+    midrise: bool = False  # levels (q + ½)·step, q in [-2^(bits-1), 2^(bits-1) - 1]; else q·step, |q| <= qmax
 
     @property
     def qmax(self) -> int:
@@ -43,23 +53,84 @@ class Format:
         return math.ceil(width * self.bits / 8)
 
     def row_bytes(self, width: int) -> int:
-        return self.code_bytes(width) + self.groups(width)
+        return self.code_bytes(width) + self.groups(width) if width else 0
 
 
-FORMATS = {"int8": Format(8, None), "int4": Format(4, 32)}
+FORMATS = {"int8": Format(8, None), "int4": Format(4, 32), "int2": Format(2, 32, midrise=True)}
 QUANTIZE = (None, *FORMATS)
+_CHOICES = ("None (latents stored in the model's dtype), 'int8', 'int4', 'int2', bands such as "
+            "'int8x64+int4x224+int2x64' (bits x columns, in column order) or a dict {site: format}")
+_BAND = re.compile(r"int([248])x([1-9][0-9]*)")
+
+
+@functools.lru_cache(maxsize=None)
+def bands_of(kind: str) -> tuple[tuple[Format, int], ...] | None:
+    """A bands format ("int8x64+int4x224+…") as ((Format, width), …); None for a whole-row format."""
+    if kind in FORMATS:
+        return None
+    parts = [_BAND.fullmatch(p) for p in kind.split("+")]
+    if not all(parts):
+        raise ValueError(f"quantize must be {_CHOICES}, got {kind!r}.")
+    return tuple((FORMATS[f"int{m[1]}"], int(m[2])) for m in parts)
 
 
 def check(quantize, what: str = "quantize") -> None:
-    if quantize not in QUANTIZE:
-        raise ValueError(f"{what} must be None (latents stored in the model's dtype), 'int8' or 'int4', "
-                         f"got {quantize!r}.")
+    if isinstance(quantize, dict):
+        for v in quantize.values():
+            check(v, what)
+        return
+    if quantize is not None and not (isinstance(quantize, str) and (quantize in FORMATS or _valid_bands(quantize))):
+        raise ValueError(f"{what} must be {_CHOICES}, got {quantize!r}.")
+
+
+def _valid_bands(kind: str) -> bool:
+    try:
+        return bands_of(kind) is not None
+    except ValueError:
+        return False
+
+
+def site(quantize, name: str):
+    """The format of attention site `name` under `quantize` (a format, or a dict {site: format})."""
+    if isinstance(quantize, dict):
+        if name not in quantize:
+            raise ValueError(f"quantize names formats per site but not {name!r} (it names {sorted(quantize)[:3]}…); "
+                             "give every site a format (None: 16-bit).")
+        return quantize[name]
+    return quantize
+
+
+def describe(quantize) -> str:
+    """A short human label: "int4", "16-bit", or "bits per direction (30 sites, 25.0 … 25.0 % …)"."""
+    if isinstance(quantize, dict):
+        kinds = set(quantize.values())
+        return next(iter(kinds)) or "16-bit" if len(kinds) == 1 else f"bits per direction ({len(quantize)} site formats)"
+    return quantize or "16-bit"
+
+
+def width_of(kind: str) -> int | None:
+    """Columns a bands format spans (None: any width)."""
+    bands = bands_of(kind)
+    return None if bands is None else sum(w for _, w in bands)
+
+
+def layout(kind: str, width: int) -> tuple[tuple[Format, int], ...]:
+    """The (Format, columns) bands a row of `width` numbers is stored as."""
+    bands = bands_of(kind)
+    if bands is None:
+        return ((FORMATS[kind], width),)
+    if sum(w for _, w in bands) != width:
+        raise ValueError(f"format {kind!r} spans {sum(w for _, w in bands)} latent columns, but this latent has {width}; "
+                         "use the format kvfx.allocate_bits chose for these projections.")
+    return bands
 
 
 def row_bytes(quantize: str | None, width: int) -> int:
     """Bytes one cached row of `width` latent numbers takes; None: 2·width (a 16-bit cache, the reference)."""
     check(quantize)
-    return 2 * width if quantize is None else FORMATS[quantize].row_bytes(width)
+    if quantize is None:
+        return 2 * width
+    return sum(fmt.row_bytes(w) for fmt, w in layout(quantize, width))
 
 
 def _split(x: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, ...]:
@@ -71,53 +142,78 @@ def _split(x: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, ...]:
 def _codes(x: torch.Tensor, fmt: Format) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per group of x [..., R]: (codes q [..., group], scale code e [..., 1]), float32 holding integers."""
     out = []
+    top = 2 ** (fmt.bits - 1) if fmt.midrise else fmt.qmax  # steps from 0 to the group's largest |x|
     for part in _split(x.float(), fmt):
         amax = part.detach().abs().amax(-1, keepdim=True).clamp_min(1e-30)
-        e = torch.ceil(torch.log2(amax / fmt.qmax) * SCALE_STEPS).clamp(-128, 127)
-        out.append((torch.round(part * torch.exp2(-e / SCALE_STEPS)).clamp(-fmt.qmax, fmt.qmax), e))
+        e = torch.ceil(torch.log2(amax / top) * SCALE_STEPS).clamp(-128, 127)
+        y = part * torch.exp2(-e / SCALE_STEPS)
+        q = torch.floor(y).clamp(-top, top - 1) if fmt.midrise else torch.round(y).clamp(-top, top)
+        out.append((q, e))
     return out
 
 
-def _scaled(groups) -> torch.Tensor:
-    return torch.cat([q * torch.exp2(e / SCALE_STEPS) for q, e in groups], -1)
+def _scaled(groups, fmt: Format) -> torch.Tensor:
+    half = 0.5 if fmt.midrise else 0.0
+    return torch.cat([(q + half) * torch.exp2(e / SCALE_STEPS) for q, e in groups], -1)
 
 
-def _pack4(q: torch.Tensor) -> torch.Tensor:
-    """Codes in [-7, 7] (float) -> one byte value per pair: 16·high + (low mod 16), in [-112, 127]."""
-    if q.shape[-1] % 2:
-        q = torch.cat((q, torch.zeros_like(q[..., :1])), -1)
-    low, high = q[..., 0::2], q[..., 1::2]
-    return 16 * high + torch.remainder(low, 16)
+def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes (float, signed, `bits` wide) -> one signed byte value per 8/bits codes, the first code in the lowest
+    bits: Σ_j 2^(bits·j)·(q_j mod 2^bits), the last code kept signed (so the byte is an int8 value)."""
+    per = 8 // bits
+    if q.shape[-1] % per:
+        q = torch.cat((q, q.new_zeros(*q.shape[:-1], per - q.shape[-1] % per)), -1)
+    parts = [q[..., j::per] for j in range(per)]
+    out = parts[-1] * 2 ** (bits * (per - 1))
+    for j in range(per - 1):
+        out = out + torch.remainder(parts[j], 2 ** bits) * 2 ** (bits * j)
+    return out
 
 
-def _unpack4(b: torch.Tensor, width: int) -> torch.Tensor:
-    """Inverse of _pack4 (float in, float out): the first `width` codes."""
-    high = torch.floor(b / 16)
-    low = b - 16 * high
-    low = torch.where(low > 7, low - 16, low)
-    return torch.stack((low, high), -1).flatten(-2)[..., :width]
+def _unpack(b: torch.Tensor, bits: int, width: int) -> torch.Tensor:
+    """Inverse of _pack (float in, float out): the first `width` codes."""
+    per, m = 8 // bits, 2 ** bits
+    codes, rest = [], b
+    for _ in range(per - 1):
+        low = torch.remainder(rest, m)
+        codes.append(torch.where(low >= m // 2, low - m, low))
+        rest = (rest - low) / m
+    codes.append(rest)
+    return torch.stack(codes, -1).flatten(-2)[..., :width]
+
+
+def _quantize_band(x: torch.Tensor, fmt: Format) -> torch.Tensor:
+    groups = _codes(x, fmt)
+    q = torch.cat([q for q, _ in groups], -1)
+    codes = q if fmt.bits == 8 else _pack(q, fmt.bits)
+    return torch.cat([codes] + [e for _, e in groups], -1)
+
+
+def _dequantize_band(stored: torch.Tensor, width: int, fmt: Format) -> torch.Tensor:
+    nb = fmt.code_bytes(width)
+    codes, e = stored[..., :nb].float(), stored[..., nb:].float()
+    q = codes if fmt.bits == 8 else _unpack(codes, fmt.bits, width)
+    return _scaled(zip(_split(q, fmt), e.split(1, -1)), fmt)
 
 
 def quantize(x: torch.Tensor, kind: str = "int8") -> torch.Tensor:
-    """[..., R] float -> [..., row_bytes(R)] int8: the codes, then the row's scale codes."""
-    fmt = FORMATS[kind]
-    groups = _codes(x, fmt)
-    q = torch.cat([q for q, _ in groups], -1)
-    codes = _pack4(q) if fmt.bits == 4 else q
-    return torch.cat([codes] + [e for _, e in groups], -1).to(torch.int8)
+    """[..., R] float -> [..., row_bytes(R)] int8: per band, the codes, then the band's scale codes."""
+    bands = layout(kind, x.shape[-1])
+    xs = x.split([w for _, w in bands], -1)
+    return torch.cat([_quantize_band(part, fmt) for part, (fmt, _) in zip(xs, bands)], -1).to(torch.int8)
 
 
 def dequantize(stored: torch.Tensor, dtype: torch.dtype, width: int, kind: str = "int8") -> torch.Tensor:
     """[..., row_bytes(width)] int8 -> [..., width] in `dtype`."""
-    fmt = FORMATS[kind]
-    nb = fmt.code_bytes(width)
-    codes, e = stored[..., :nb].float(), stored[..., nb:].float()
-    q = _unpack4(codes, width) if fmt.bits == 4 else codes
-    return _scaled(zip(_split(q, fmt), e.split(1, -1))).to(dtype)
+    bands = layout(kind, width)
+    parts = stored.split([fmt.row_bytes(w) for fmt, w in bands], -1)
+    return torch.cat([_dequantize_band(p, w, fmt) for p, (fmt, w) in zip(parts, bands)], -1).to(dtype)
 
 
 def fake_quant(x: torch.Tensor, kind: str = "int8") -> torch.Tensor:
     """x rounded as the cache stores it: dequantize(quantize(x)) without the integer tensor, in x's dtype
     (straight-through gradient when x requires one)."""
-    rounded = _scaled(_codes(x, FORMATS[kind])).to(x.dtype)
+    bands = layout(kind, x.shape[-1])
+    xs = x.split([w for _, w in bands], -1)
+    rounded = torch.cat([_scaled(_codes(p, fmt), fmt) for p, (fmt, _) in zip(xs, bands)], -1).to(x.dtype)
     return x + (rounded - x).detach() if x.requires_grad else rounded

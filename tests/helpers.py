@@ -169,14 +169,14 @@ def _register_ref():
 
 def reference_model(model, projections: Projections, quantize: str | None = None):
     """A deepcopy of an HF model whose attention computes the low-rank math with `projections` (eager); quantize:
-    on latents rounded as a low-bit cache stores them ("int8", "int4")."""
+    on latents rounded as a low-bit cache stores them ("int8", "int4", bands; a dict: per site)."""
     _register_ref()
     ref = copy.deepcopy(model)
     ref.config._attn_implementation = "kvfx_ref"
     for name, mod in ref.named_modules():
         if name in projections.sites:
             mod.kvfx_ref_proj = projections.sites[name]
-            mod.kvfx_ref_quantize = quantize
+            mod.kvfx_ref_quantize = quantize.get(name) if isinstance(quantize, dict) else quantize
     missing = set(projections.sites) - {n for n, m in ref.named_modules() if hasattr(m, "kvfx_ref_proj")}
     assert not missing, missing
     return ref

@@ -18,21 +18,61 @@ KINDS = ("int8", "int4")
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.sampled_from(KINDS), st.integers(1, 100), st.floats(-12, 12), st.integers(0, 2**16))
+@given(st.sampled_from(KINDS + ("int2",)), st.integers(1, 100), st.floats(-12, 12), st.integers(0, 2**16))
 def test_round_trip_error_within_half_a_step(kind, width, log_scale, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, width, generator=g) * 2.0 ** log_scale
     stored = quant.quantize(x, kind)
-    nbytes = width + 1 if kind == "int8" else math.ceil(width / 2) + math.ceil(width / 32)
+    per_byte = {"int8": 1, "int4": 2, "int2": 4}[kind]
+    nbytes = math.ceil(width / per_byte) + (1 if kind == "int8" else math.ceil(width / 32))
     assert stored.dtype == torch.int8 and stored.shape == (3, nbytes) and quant.row_bytes(kind, width) == nbytes
     back = quant.dequantize(stored, torch.float32, width, kind)
-    qmax, group = (127, width) if kind == "int8" else (7, 32)
-    # per group: the scale is at most an eighth of an octave above amax/qmax, and at least 2^-16 (smallest code)
+    top, group = {"int8": (127, width), "int4": (7, 32), "int2": (2, 32)}[kind]
+    # per group: the scale is at most an eighth of an octave above amax/top, and at least 2^-16 (smallest code)
     amax = torch.cat([p.abs().amax(-1, keepdim=True).expand_as(p) for p in x.split(group, -1)], -1)
-    step = (amax / qmax * 2 ** (1 / quant.SCALE_STEPS)).clamp_min(2.0 ** -16)
+    step = (amax / top * 2 ** (1 / quant.SCALE_STEPS)).clamp_min(2.0 ** -16)
     assert ((back - x).abs() <= step / 2 * (1 + 1e-5)).all()
     assert torch.equal(quant.fake_quant(x, kind), back)  # the rewrite's rounding is the cache's
     assert torch.allclose(back, low_bit_round(x.double(), kind).float(), rtol=1e-6, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(("int8", "int4", "int2")), st.integers(1, 70)), min_size=1, max_size=4),
+       st.integers(0, 2**16))
+def test_bands_store_each_band_in_its_format(bands, seed):
+    kind = "+".join(f"{k}x{w}" for k, w in bands)
+    width = sum(w for _, w in bands)
+    x = torch.randn(2, 5, width, generator=torch.Generator().manual_seed(seed)) * 3
+    stored = quant.quantize(x, kind)
+    assert stored.shape == (2, 5, quant.row_bytes(kind, width))
+    assert quant.row_bytes(kind, width) == sum(quant.row_bytes(k, w) for k, w in bands)
+    back = quant.dequantize(stored, torch.float32, width, kind)
+    assert torch.equal(quant.fake_quant(x, kind), back)
+    assert torch.allclose(back, low_bit_round(x.double(), kind).float(), rtol=1e-6, atol=0)
+    # each band's bytes are that band stored alone, in column order
+    at, col = 0, 0
+    for k, w in bands:
+        n = quant.row_bytes(k, w)
+        assert torch.equal(stored[..., at:at + n], quant.quantize(x[..., col:col + w], k))
+        at, col = at + n, col + w
+
+
+def test_int2_packs_four_codes_per_byte_at_mid_rise_levels():
+    x = torch.tensor([[1.5, -1.5, -0.5, 0.5, 1.5]])  # amax 1.5 -> 2·s >= 1.5: s = 2^(e/8) with e = -3 (0.771)
+    stored = quant.quantize(x, "int2")
+    s = 2 ** (-3 / 8)
+    codes = [1, -2, -1, 0, 1]  # floor(x / s)
+    assert stored[0, :2].tolist() == [64 * 0 + 16 * 3 + 4 * 2 + 1, 1] and stored[0, 2].item() == -3
+    assert torch.allclose(quant.dequantize(stored, torch.float32, 5, "int2"), (torch.tensor([codes]) + 0.5) * s)
+
+
+def test_bands_refuse_a_latent_of_another_width():
+    with pytest.raises(ValueError, match="spans 96 latent columns, but this latent has 40"):
+        quant.row_bytes("int8x32+int4x64", 40)
+    with pytest.raises(ValueError, match="bands such as"):
+        quant.check("int8x32+int3x64")
+    with pytest.raises(ValueError, match="not 'b'"):
+        quant.site({"a": "int4"}, "b")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -128,13 +168,15 @@ def test_budget_priced_in_stored_bytes():
 def test_bad_quantize_refused_and_nothing_applied(llama):
     m, projs = llama
     forward = m.forward
-    with pytest.raises(ValueError, match="quantize must be None .*, 'int8' or 'int4', got 'int3'"):
+    with pytest.raises(ValueError, match="quantize must be None .*'int2', bands .*, got 'int3'"):
         kvfx.compress(torch.compile(m, backend="eager"), projs["shared"], quantize="int3")
     assert getattr(m, "_kvfx", None) is None and m.forward == forward
-    with pytest.raises(ValueError, match="Budget quantize must be None .*'int4', got 'fp8'"):
+    with pytest.raises(ValueError, match="Budget quantize must be None .*'int2'.*got 'fp8'"):
         kvfx.Budget(0.25, quantize="fp8")
+    with pytest.raises(ValueError, match="bits per direction come from kvfx.allocate_bits"):
+        kvfx.Budget(0.25, quantize="int8x8+int4x32")
     with pytest.raises(ValueError, match="Refine: quantize must be"):
-        kvfx.Refine(quantize="int2")
+        kvfx.Refine(quantize="int3x10")
     with pytest.raises(ValueError, match="quantize must be"):
         kvfx.LowRankCache(random_projections(m, rank=4), quantize=8)
 

@@ -38,7 +38,7 @@ class Budget:
     # "output": one currency for both, the relative attention-output error through softmax and W_O on the
     # calibration sequences with only that side projected (needs samples: kvfx.calibrate keeps them)
     measure: str = "calibrator"
-    # None: kv_fraction counts cached numbers; "int8" / "int4": kv_fraction counts bytes of a low-bit latent
+    # None: kv_fraction counts cached numbers; "int8" / "int4" / "int2": kv_fraction counts bytes of a low-bit latent
     # cache (kvfx.compress(..., quantize=...); kvfx.quant.row_bytes per row) against an uncompressed 16-bit cache
     quantize: str | None = None
 
@@ -55,6 +55,9 @@ class Budget:
         if self.measure not in ("calibrator", "output"):
             raise ValueError(f"Budget measure must be 'calibrator' or 'output', got {self.measure!r}.")
         quant.check(self.quantize, "Budget quantize")
+        if not (self.quantize is None or self.quantize in quant.FORMATS):
+            raise ValueError(f"Budget quantize prices ranks in one whole-row format (None, 'int8', 'int4', 'int2'), "
+                             f"got {self.quantize!r}; bits per direction come from kvfx.allocate_bits instead.")
         if self.multiple < 1 or self.min_rank < 1:
             raise ValueError("Budget multiple and min_rank must be >= 1.")
 

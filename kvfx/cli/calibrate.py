@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from .. import quant
 from .common import add_data_args, add_model_args, budget, check_output, model_and_windows, say
 
 
@@ -41,7 +42,7 @@ def run(args) -> int:
             raise
         raise CliError(str(e)) from None
     projections.save(out)
-    fmt = projections.quantize or "16-bit"
+    fmt = quant.describe(projections.quantize)
     print(f"wrote {out}: {len(projections.sites)} attention sites, {fmt} latents, "
           f"{projections.kv_fraction(projections.quantize):.3f} of the 16-bit KV-cache bytes")
     say(f"next: kvfx eval {args.model} {out}   (or kvfx info {out})")

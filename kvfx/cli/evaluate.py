@@ -6,6 +6,7 @@ or the user's text file.
 """
 from __future__ import annotations
 
+from .. import quant
 from .common import CliError, add_backend_arg, add_data_args, add_model_args, model_and_windows, say
 
 
@@ -47,10 +48,10 @@ def run(args) -> int:
     compressed = kvfx.compress(torch.compile(model, backend=args.backend), projections)
     ppl = cache_perplexities(compressed, windows, lambda: kvfx.make_cache(compressed, max_cache_len=windows.shape[1]),
                              args.chunk, desc="kvfx")
-    after = sum(p.cached_bytes(fmt) for p in projections.sites.values())
+    after = sum(p.cached_bytes(quant.site(fmt, n)) for n, p in projections.sites.items())
     print(f"{description}: {windows.shape[0]} window(s) of {windows.shape[1]} tokens")
     print(table([("original", original_bytes, base),
-                 (f"kvfx {projections.method}, {fmt or '16-bit'} latents", after, ppl)]))
+                 (f"kvfx {projections.method}, {quant.describe(fmt)} latents", after, ppl)]))
     ratio = ppl["cached_second_half"] / base["cached_second_half"]
     print(f"cache: {after / original_bytes:.3f} of the 16-bit bytes; perplexity through the cache {ratio:.3f}x the "
           "original's")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+from .. import quant
 from .common import CliError, add_backend_arg, add_model_args, check_applicable, load_model, positive_int, say
 
 WARMUP_TOKENS = 3  # a prefill, a static decode step and a symbolic one: the graphs generate compiles
@@ -69,7 +70,7 @@ def run(args) -> int:
         cache = kvfx.make_cache(compressed, max_cache_len=total)
         text1, n1, speed1 = _generate(compressed, ids, cache, args.max_new_tokens, tokenizer, kw)
         bytes1, tokens1 = cache_nbytes(cache), cache.get_seq_length()
-    fmt = projections.quantize or "16-bit"
+    fmt = quant.describe(projections.quantize)
     print(f"prompt: {args.prompt}\n")
     print(f"original:\n{text0}\n")
     print(f"kvfx ({projections.method}, {fmt} latents):\n{text1}\n")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from .. import quant
+
 
 def add_arguments(p) -> None:
     p.add_argument("projections", metavar="P.safetensors", help="a projections file (kvfx calibrate -o ...)")
@@ -19,11 +21,11 @@ def describe(projections) -> list[str]:
     fmt = projections.quantize
     shapes = list(projections.shapes.values())
     before = sum(4 * s.kv_heads * s.head_dim for s in shapes)  # bytes of a 16-bit K+V cache per token
-    after = sum(p.cached_bytes(fmt) for p in projections.sites.values())
+    after = sum(p.cached_bytes(quant.site(fmt, n)) for n, p in projections.sites.items())
     lines = [f"method           {projections.method} ({projections.report.get('granularity', '?')} granularity)",
              f"attention sites  {len(projections.sites)}",
              f"ranks            {_ranks(projections)}",
-             f"latent format    {fmt or '16-bit (none recorded)'}"
+             f"latent format    {quant.describe(fmt) if fmt else '16-bit (none recorded)'}"
              + (", rotated" if projections.report.get("rotation") else ""),
              f"bytes per token  {after} (16-bit cache: {before}; {after / before:.3f} of its bytes)"]
     alloc = projections.report.get("allocation")
@@ -52,7 +54,7 @@ def describe(projections) -> list[str]:
     recipe = prov.get("recipe")
     if "budget" in prov or recipe:
         lines.append(f"recipe           budget {prov.get('budget')}, {prov.get('method')}, "
-                     f"{prov.get('quantize') or '16-bit'}"
+                     f"{quant.describe(prov.get('quantize'))}"
                      + (f", {', '.join(f'{k} {v}' for k, v in recipe.items())}" if recipe else ""))
     return lines
 
@@ -66,5 +68,6 @@ def run(args) -> int:
     if args.sites:
         for name, p in projections.sites.items():
             rank = f"{p.key_rank} shared" if p.shared else f"{p.key_rank}/{p.value_rank}"
-            print(f"  {name:40s} {rank:12s} {p.cached_bytes(projections.quantize)} bytes/token")
+            print(f"  {name:40s} {rank:12s} {p.cached_bytes(quant.site(projections.quantize, name))} bytes/token"
+                  + (f"  {quant.site(projections.quantize, name)}" if isinstance(projections.quantize, dict) else ""))
     return 0

@@ -54,12 +54,29 @@ inline vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-enum Kind { kInt8, kInt4, kF32, kBF16, kF16 };
+enum Kind { kInt8, kInt4, kF32, kBF16, kF16, kBands };
+
+// One band of a bands row (kvfx/quant.py): `width` columns from column `col`, stored from byte `at` as codes of
+// `bits` bits (8: symmetric, one scale for the band; 4: symmetric, 2: mid-rise, one scale per 32 numbers).
+struct Band {
+  int bits, width, col, at, code_bytes;
+};
 
 // One stored row: `row_elems` elements of the cache tensor, decoding to `decoded` floats.
 struct Format {
   Kind kind;
   int width, group, code_bytes, row_elems, decoded;
+  std::vector<Band> bands;  // kBands: decoded in column order
+  Format(const std::vector<int64_t>& spec) : kind(kBands), width(0), group(0), code_bytes(0), row_elems(0) {
+    for (size_t i = 0; i + 1 < spec.size(); i += 2) {
+      Band b{static_cast<int>(spec[i]), static_cast<int>(spec[i + 1]), width, row_elems, 0};
+      b.code_bytes = (b.width * b.bits + 7) / 8;
+      bands.push_back(b);
+      width += b.width;
+      row_elems += b.code_bytes + (b.bits == 8 ? 1 : (b.width + 31) / 32);
+    }
+    decoded = width;
+  }
   Format(Kind kind_, int width_) : kind(kind_), width(width_) {
     if (kind == kInt8 || kind == kInt4) {
       const int bits = kind == kInt8 ? 8 : 4;
@@ -81,10 +98,84 @@ inline float bf16_to_float(uint16_t h) {
   return x;
 }
 
+#if defined(__AVX512F__)
+// (x0 y0 x1 y1 …): the first 16 of the 32 lanes interleaved, and the last 16
+inline void interleave(__m512 x, __m512 y, __m512& lo, __m512& hi) {
+  const __m512i a = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i b = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  lo = _mm512_permutex2var_ps(x, a, y), hi = _mm512_permutex2var_ps(x, b, y);
+}
+// the same for pairs of lanes (64-bit units)
+inline void interleave_pairs(__m512 x, __m512 y, __m512& lo, __m512& hi) {
+  const __m512i a = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), b = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+  lo = _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(x), a, _mm512_castps_pd(y)));
+  hi = _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(x), b, _mm512_castps_pd(y)));
+}
+#endif
+
+// One band of a bands row into out[0, width), in column order.
+inline void decode_band(const int8_t* __restrict row, const Band& b, const float* lut, float* __restrict out) {
+  const int8_t* codes = row + b.at;
+  const int8_t* e = codes + b.code_bytes;
+  int c = 0;
+  if (b.bits == 8) {
+    const float s = lut[e[0] + 128];
+#if defined(__AVX512F__)
+    const __m512 sv = _mm512_set1_ps(s);
+    for (; c + 16 <= b.width; c += 16)
+      _mm512_storeu_ps(out + c, _mm512_mul_ps(sv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + c))))));
+#endif
+    for (; c < b.width; ++c) out[c] = s * static_cast<float>(codes[c]);
+    return;
+  }
+  if (b.bits == 4) {
+#if defined(__AVX512F__)
+    for (; c + 32 <= b.width; c += 32) {  // a group: 16 bytes, 32 numbers
+      const __m512i w = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + c / 2)));
+      const __m512 s = _mm512_set1_ps(lut[e[c / 32] + 128]);
+      __m512 lo, hi;
+      interleave(_mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 28), 28))),
+                 _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_srai_epi32(w, 4))), lo, hi);
+      _mm512_storeu_ps(out + c, lo), _mm512_storeu_ps(out + c + 16, hi);
+    }
+#endif
+    for (; c < b.width; ++c) {
+      const int8_t byte = codes[c / 2];
+      out[c] = lut[e[c / 32] + 128] * static_cast<float>(c % 2 ? byte >> 4 : static_cast<int8_t>(byte << 4) >> 4);
+    }
+    return;
+  }
+#if defined(__AVX512F__)  // int2: 16 bytes = 64 numbers = two groups
+  for (; c + 64 <= b.width; c += 64) {
+    const __m512i w = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + c / 4)));
+    const __m512 s = _mm512_insertf32x8(_mm512_set1_ps(lut[e[c / 32] + 128]),
+                                        _mm256_set1_ps(lut[e[c / 32 + 1] + 128]), 1);
+    __m512 p[4];
+    for (int j = 0; j < 4; ++j)  // code j of each byte, sign-extended, at its level (q + 1/2)·s
+      p[j] = _mm512_mul_ps(s, _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 30 - 2 * j), 30)),
+                                            _mm512_set1_ps(0.5f)));
+    __m512 a0, a1, b0, b1, o0, o1, o2, o3;
+    interleave(p[0], p[1], a0, a1), interleave(p[2], p[3], b0, b1);
+    interleave_pairs(a0, b0, o0, o1), interleave_pairs(a1, b1, o2, o3);
+    _mm512_storeu_ps(out + c, o0), _mm512_storeu_ps(out + c + 16, o1);
+    _mm512_storeu_ps(out + c + 32, o2), _mm512_storeu_ps(out + c + 48, o3);
+  }
+#endif
+  for (; c < b.width; ++c) {
+    const int q = static_cast<int8_t>(codes[c / 4] << (6 - 2 * (c % 4))) >> 6;
+    out[c] = lut[e[c / 32] + 128] * (static_cast<float>(q) + 0.5f);
+  }
+}
+
 // int8: out = the row's R numbers. int4: out = [even columns | odd columns] (the low and high nibbles of the
 // code bytes, each a contiguous run: the loops vectorise); the caller permutes q and the output to match.
-// Floats: the row converted to float32.
+// Bands: each band's columns in order. Floats: the row converted to float32.
 inline void decode_row(const char* __restrict raw, const Format& f, const float* lut, float* __restrict out) {
+  if (f.kind == kBands) {
+    for (const Band& b : f.bands) decode_band(reinterpret_cast<const int8_t*>(raw), b, lut, out + b.col);
+    return;
+  }
   if (f.kind == kF32) {
     std::memcpy(out, raw, f.width * sizeof(float));
     return;
@@ -255,14 +346,18 @@ bool integer_path() {
 // Returns [B, H, G, Rv] float32. int4 rows decode as [even columns | odd columns] (decode_row), and the integer path
 // has its own column order (amx): the query is gathered into that order and the output scattered back here.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64_t rk, int64_t rv,
-                               int64_t bits, double scale, c10::optional<torch::Tensor> mask_opt, bool shared) {
+                               int64_t bits, double scale, c10::optional<torch::Tensor> mask_opt, bool shared,
+                               std::vector<int64_t> kbands, std::vector<int64_t> vbands) {
   TORCH_CHECK(q.dim() == 4 && kc.dim() == 4 && q.scalar_type() == torch::kFloat32, "q must be [B, H, G, R] float32");
   Kind kind;
-  if (bits == 8 || bits == 4) {
+  if (bits == -1) {  // bands (kbands / vbands: bits, width, bits, width, …)
+    TORCH_CHECK(kc.scalar_type() == torch::kInt8, "codes must be int8");
+    kind = kBands;
+  } else if (bits == 8 || bits == 4) {
     TORCH_CHECK(kc.scalar_type() == torch::kInt8, "codes must be int8");
     kind = bits == 8 ? kInt8 : kInt4;
   } else {
-    TORCH_CHECK(bits == 0, "bits must be 8, 4 or 0 (float latents)");
+    TORCH_CHECK(bits == 0, "bits must be 8, 4, -1 (bands) or 0 (float latents)");
     const auto t = kc.scalar_type();
     TORCH_CHECK(t == torch::kFloat32 || t == torch::kBFloat16 || t == torch::kHalf,
                 "float latents must be float32, bfloat16 or float16");
@@ -276,7 +371,10 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
   if (vc.stride(3) != 1) vc = vc.contiguous();
   const int64_t B = q.size(0), H = q.size(1), G = q.size(2), N = kc.size(2);
   if (shared) rv = rk;
-  const Format fk(kind, rk), fv(kind, rv);
+  const Format fk = kind == kBands ? Format(kbands) : Format(kind, rk);
+  const Format fv = kind == kBands ? Format(shared ? kbands : vbands) : Format(kind, rv);
+  TORCH_CHECK(fk.width == rk && fv.width == rv, "bands span ", fk.width, " / ", fv.width, " columns, expected ", rk,
+              " / ", rv);
   TORCH_CHECK(kc.size(3) == fk.row_elems, "key rows hold ", kc.size(3), " elements, expected ", fk.row_elems);
   TORCH_CHECK(shared || vc.size(3) == fv.row_elems, "value rows hold ", vc.size(3), " elements, expected ",
               fv.row_elems);

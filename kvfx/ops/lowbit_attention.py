@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .. import quant
 
 log = logging.getLogger(__name__)
-_BITS = {"int8": 8, "int4": 4, "float": 0}  # "float": 16/32-bit latents as stored
+_BITS = {"int8": 8, "int4": 4, "float": 0}  # "float": 16/32-bit latents as stored; others: bands (quant.layout)
 _EXT: dict = {}
 
 
@@ -71,6 +71,11 @@ def reference(q, kc, vc, rk: int, rv: int, kind: str, scale: float, mask=None, s
     m = _additive(mask, kc.shape[2])
     m = None if m is None else m[:, None, None, :]
     return F.scaled_dot_product_attention(q.float(), k, v, attn_mask=m, scale=scale).to(q.dtype)
+
+
+def _band_spec(kind: str, width: int) -> list[int]:
+    """[bits, columns, bits, columns, …] of a bands format (or int2) for the C++ kernel."""
+    return [n for fmt, w in quant.layout(kind, width) for n in (fmt.bits, w)]
 
 
 def _decoded(rows: torch.Tensor, width: int, kind: str) -> torch.Tensor:
@@ -119,7 +124,7 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rk: in
     """softmax(scale·q·Kᵀ + mask)·V over stored low-bit rows; q [b, h, g, Rk] -> [b, h, g, Rv]."""
     if q.device.type == "cuda":  # the Triton kernel when triton is installed (lowbit_attention_triton.py)
         from . import lowbit_attention_triton as tri
-        if tri.HAVE_TRITON and tri.supported(rk, rv, shared):
+        if tri.HAVE_TRITON and kind in _BITS and tri.supported(rk, rv, shared):
             return tri.decode_attention_triton(q, kc, vc, rk, rv, kind, scale, mask, shared)
     ext = _extension() if q.device.type == "cpu" else None
     if ext is None:
@@ -128,8 +133,10 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rk: in
     m = None if mask is None else mask.reshape(mask.shape[0], kc.shape[2])
     if m is not None and m.dtype not in (torch.bool, torch.float32):
         m = m.float()
-    out = ext.decode_attention(q if q.dtype == torch.float32 else q.float(), kc, vc, rk, rv, _BITS[kind], scale, m,
-                               shared)
+    bits = _BITS.get(kind, -1)  # -1: bands (int2 is one band)
+    out = ext.decode_attention(q if q.dtype == torch.float32 else q.float(), kc, vc, rk, rv, bits, scale, m, shared,
+                               _band_spec(kind, rk) if bits < 0 else [],
+                               _band_spec(kind, rv) if bits < 0 and not shared else [])
     return out if out.dtype == q.dtype else out.to(q.dtype)
 
 

@@ -100,9 +100,10 @@ class RankSpaceRewrite:
         with self.g.inserting_before(site.sdpa):
             if proj.shared:  # one latent c = k·A + v·C read as key and value
                 k2 = v2 = self.g.call_function(torch.add, (k2, v2))
-            if self.quantize:
-                k2 = self.g.call_function(quant.fake_quant, (k2, self.quantize))
-                v2 = k2 if proj.shared else self.g.call_function(quant.fake_quant, (v2, self.quantize))
+            kind = quant.site(self.quantize, site.name)
+            if kind:
+                k2 = self.g.call_function(quant.fake_quant, (k2, kind))
+                v2 = k2 if proj.shared else self.g.call_function(quant.fake_quant, (v2, kind))
                 counters["kvfx"]["quantized"] += 1
         return k2, v2
 

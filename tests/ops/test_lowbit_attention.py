@@ -76,7 +76,7 @@ def _assert_matches(out, q, kc, vc, rk, rv, kind, scale, mask, shared):
     cache's own rounding)."""
     ref = la.reference(q, kc, vc, rk, rv, kind, scale, mask, shared)
     assert out.shape == ref.shape and out.dtype == ref.dtype
-    if kind in quant.FORMATS and la.integer_path("cpu"):
+    if kind in Q_STEPS and la.integer_path("cpu"):
         _, bound = _integer_bound(q, kc, vc, rk, rv, kind, scale, mask, shared)
         err = (out.double() - ref.double()).abs()
         assert (err <= bound).all(), f"{(err / bound).max().item():.3g} x the bound"
@@ -118,6 +118,34 @@ def test_kernel_matches_reference(b, h, g, n, rk, rv, kind, mask, shared, seed):
     _assert_matches(out, q, kc, vc, rk, rv, kind, 0.125, m, shared)
 
 
+@settings(max_examples=40, deadline=None)
+@given(g=st.integers(1, 9), n=st.integers(1, 400), widths=st.lists(st.integers(1, 140), min_size=1, max_size=3),
+       bits=st.lists(st.sampled_from([8, 4, 2]), min_size=3, max_size=3), rv=st.integers(1, 70),
+       mask=st.sampled_from([None, "bool"]), shared=st.booleans(), seed=st.integers(0, 99))
+def test_bands_and_int2_rows_match_reference(g, n, widths, bits, rv, mask, shared, seed):
+    """Bits per direction (kvfx.quant bands: int8 / int4 / int2 runs of columns in one row) and whole int2 rows: the
+    kernel decodes each band in column order (AVX-512 for whole groups, scalar tails), the reference's numbers to
+    float32 round-off. Widths cross group ends (32) and the 64-number int2 vectors."""
+    kind = "+".join(f"int{b}x{w}" for b, w in zip(bits, widths))
+    rk = sum(widths)
+    gen = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(2, 1, n, rk, generator=gen) * 3, torch.randn(2, 1, n, rv, generator=gen)
+    kc, vc = quant.quantize(k, kind), quant.quantize(v, "int2")
+    q = torch.randn(2, 1, g, rk, generator=gen)
+    m = None if mask is None else torch.rand(2, 1, 1, n, generator=gen) > 0.3
+    if m is not None:
+        m[..., 0] = True
+    if not shared:  # keys and values in different formats: check each side through a one-format call
+        out = torch.ops.kvfx.decode_attention(q, kc, kc, rk, rk, kind, 0.125, m, False)
+        _assert_matches(out, q, kc, kc, rk, rk, kind, 0.125, m, False)
+        q2 = torch.randn(2, 1, g, rv, generator=gen)
+        out = torch.ops.kvfx.decode_attention(q2, vc, vc, rv, rv, "int2", 0.125, m, False)
+        _assert_matches(out, q2, vc, vc, rv, rv, "int2", 0.125, m, False)
+    else:
+        out = torch.ops.kvfx.decode_attention(q, kc, kc, rk, rk, kind, 0.125, m, True)
+        _assert_matches(out, q, kc, kc, rk, rk, kind, 0.125, m, True)
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_portable_path_matches_reference(kind, monkeypatch):
     """KVFX_NO_AMX=1: int8 / int4 rows decoded to float32 (the path of CPUs without AMX), the reference's numbers to
@@ -138,10 +166,12 @@ def test_portable_build_matches_reference():
     paths), every row kind: the reference's numbers (float32 round-off). A second module, built once and cached."""
     ext = la._build("x86-64-v2")
     assert not ext.integer_path()
-    for i, kind in enumerate(["int8", "int4", *FLOATS]):
+    for i, kind in enumerate(["int8", "int4", "int2", *FLOATS]):
         q, kc, vc, m = _case(2, 2, 9, 300, 70, 45, kind, "bool", i % 2 == 0, i)
         kind = "float" if kind in FLOATS else kind
-        out = ext.decode_attention(q, kc, vc, 70, 45, la._BITS[kind], 0.125, m.reshape(2, 300), i % 2 == 0)
+        bands = (lambda w: la._band_spec(kind, w)) if kind == "int2" else (lambda w: [])
+        out = ext.decode_attention(q, kc, vc, 70, 45, la._BITS.get(kind, -1), 0.125, m.reshape(2, 300), i % 2 == 0,
+                                   bands(70), bands(45))
         ref = la.reference(q, kc, vc, 70, 45, kind, 0.125, m, i % 2 == 0)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
 
