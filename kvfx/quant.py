@@ -26,7 +26,6 @@ Rounding and scaling run in float32 whatever the model's dtype, then cast back.
 """
 from __future__ import annotations
 
-import functools
 import math
 import re
 from dataclasses import dataclass
@@ -63,9 +62,9 @@ _CHOICES = ("None (latents stored in the model's dtype), 'int8', 'int4', 'int2',
 _BAND = re.compile(r"int([248])x([1-9][0-9]*)")
 
 
-@functools.lru_cache(maxsize=None)
 def bands_of(kind: str) -> tuple[tuple[Format, int], ...] | None:
-    """A bands format ("int8x64+int4x224+…") as ((Format, width), …); None for a whole-row format."""
+    """A bands format ("int8x64+int4x224+…") as ((Format, width), …); None for a whole-row format. (Not memoised:
+    Dynamo traces it inside the cache's update, and folds it to a constant.)"""
     if kind in FORMATS:
         return None
     parts = [_BAND.fullmatch(p) for p in kind.split("+")]
