@@ -196,16 +196,8 @@ inline void decode_row(const char* __restrict raw, const Format& f, const float*
   }
   const int8_t* row = reinterpret_cast<const int8_t*>(raw);
   const int8_t* e = row + f.code_bytes;
-  if (f.kind == kInt8) {
-    const float s = lut[e[0] + 128];
-    int c = 0;
-#if defined(__AVX512F__)
-    const __m512 sv = _mm512_set1_ps(s);
-    for (; c + 16 <= f.width; c += 16)
-      _mm512_storeu_ps(out + c, _mm512_mul_ps(sv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c))))));
-#endif
-    for (; c < f.width; ++c) out[c] = s * static_cast<float>(row[c]);
+  if (f.kind == kInt8) {  // one band of int8 codes
+    decode_band(row, Band{8, f.width, 0, 0, f.code_bytes}, lut, out);
     return;
   }
   float* lo = out;
