@@ -17,8 +17,10 @@ Configurations (--configs, comma-separated):
     METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN]   kvfx: calibrator, granularity (head/layer/kv), rank
                                                           fraction of the latent's width, storage, rotation, and
                                                           the calibration text (default --calib)
-    METHOD@kv:BUDGET:bits[:calib=DOMAIN]                  kvfx.allocate_bits: bits per latent direction (int8 /
-                                                          int4 / int2 bands) in BUDGET × the 16-bit bytes
+    METHOD@kv:BUDGET:bits[:measured][:calib=DOMAIN]       kvfx.allocate_bits: bits per latent direction (int8 /
+                                                          int4 / int2 bands) in BUDGET × the 16-bit bytes;
+                                                          measured: bytes between layers priced by a
+                                                          kvfx.sensitivity profile (2 calibration windows)
     quanto|hqq:BITS:gGROUP:rRESIDUAL                      transformers' QuantizedCache
 
     python benchmarks/domains.py                               # default configurations (~40 min)
@@ -66,6 +68,7 @@ class Config:
     quantize: str | None = None
     rotate: bool = False
     per_direction: bool = False      # kvfx.allocate_bits: RANK is the byte budget, bits per direction
+    measured: bool = False           # allocate_bits with a kvfx.sensitivity profile (bytes between layers)
     calib: str | None = None
     ratios: dict = field(default_factory=dict)
     kv_bytes: float = math.nan
@@ -88,6 +91,8 @@ def parse(spec: str) -> Config:
                 cfg.rotate = True
             elif opt == "bits" and gran == "kv":
                 cfg.per_direction = True
+            elif opt == "measured" and cfg.per_direction:
+                cfg.measured = True
             elif opt.startswith("calib=") and opt[6:] in (*DOMAINS, "mix"):
                 cfg.calib = opt[6:]
             else:
@@ -95,7 +100,7 @@ def parse(spec: str) -> Config:
         return cfg
     except (ValueError, IndexError):
         raise SystemExit(f"bad configuration {spec!r}: expected METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN], "
-                         f"METHOD@kv:BUDGET:bits[:calib=DOMAIN] "
+                         f"METHOD@kv:BUDGET:bits[:measured][:calib=DOMAIN] "
                          f"or quanto|hqq:BITS:gGROUP:rRESIDUAL (domains: {', '.join(DOMAINS)}, mix)") from None
 
 
@@ -195,9 +200,14 @@ def projections(model, tok, cfg: Config, args, memo: dict):
                    else domain_windows(tok, source, "calib", args.calib_windows, args.window))
         samples = max(getattr(kvfx.calib.get_calibrator(cfg.method), "samples_needed", 0), 0)
         memo[source] = collect_stats(model, windows.split(1), progress=False, samples=samples)
+        memo[source, "windows"] = windows
     if cfg.per_direction:  # RANK is the budget: bits per latent direction over the full-width fit
-        return kvfx.allocate_bits(memo[source], fit(memo[source], cfg.method, 1.0, granularity=cfg.granularity),
-                                  cfg.rank)
+        full = fit(memo[source], cfg.method, 1.0, granularity=cfg.granularity)
+        if cfg.measured and (source, "profile") not in memo:
+            memo[source, "profile"] = kvfx.sensitivity(model, full, memo[source, "windows"][:2].split(1),
+                                                       ranks=(0.75, 0.875, 1.0), progress=False)
+        return kvfx.allocate_bits(memo[source], full, cfg.rank,
+                                  profile=memo[source, "profile"] if cfg.measured else None)
     proj = fit(memo[source], cfg.method, cfg.rank, granularity=cfg.granularity)
     return kvfx.rotate_latents(proj) if cfg.rotate else proj
 
@@ -208,6 +218,7 @@ def label(cfg: Config) -> str:
     gran = "" if cfg.granularity == "head" else f"@{cfg.granularity}"
     if cfg.per_direction:
         return (f"kvfx {cfg.method}{gran}, bits per direction (int8/int4/int2 bands) in {cfg.rank:g} of the bytes"
+                + (", layers priced by measured sensitivity" if cfg.measured else "")
                 + (f", calibrated on {cfg.calib}" if cfg.calib else ""))
     store = f", {cfg.quantize}" if cfg.quantize else ", float32 latents"
     calib = f", calibrated on {cfg.calib}" if cfg.calib else ""

@@ -8,6 +8,8 @@ real step reads them: each layer's rows come from memory). Prints ms per layer, 
     python benchmarks/kernel.py                  # N=16384, batch 1
     python benchmarks/kernel.py --batch 4 --n 4096
     KVFX_NO_AMX=1 python benchmarks/kernel.py    # int8/int4 rows decoded to float32 (CPUs without AMX-INT8)
+
+Bands rows (kv-bits-*) always take the float path.
 """
 from __future__ import annotations
 
@@ -24,7 +26,10 @@ from kvfx.ops import lowbit_attention as la
 # name: (latent heads, query rows per latent head, width, shared K+V latent, storage)
 SHAPES = {"head-0.5-float32": (3, 3, 32, False, "float32"), "kv-0.5-float32": (1, 9, 192, True, "float32"),
           "head-0.5-int8": (3, 3, 32, False, "int8"), "head-0.5-int4": (3, 3, 32, False, "int4"),
-          "kv-0.5-int8": (1, 9, 192, True, "int8"), "kv-0.9375-int4": (1, 9, 360, True, "int4")}
+          "kv-0.5-int8": (1, 9, 192, True, "int8"), "kv-0.9375-int4": (1, 9, 360, True, "int4"),
+          # kvfx.allocate_bits' bands (int8 / int4 / int2 runs of one row) at 25 % and 12.5 % of a 16-bit cache
+          "kv-bits-0.25": (1, 9, 304, True, "int8x80+int4x176+int2x48"),
+          "kv-bits-0.125": (1, 9, 256, True, "int4x96+int2x160")}
 
 
 def _rows(b, h, n, width, storage, spare=512):

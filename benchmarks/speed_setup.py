@@ -16,7 +16,9 @@ import torch
 
 import kvfx
 from kvfx.cache import cache_nbytes
+from kvfx.calib.collect import collect_stats, fit
 from kvfx.compress import cache_kwarg
+from kvfx.data import calibration_mix
 
 GiB, MiB = 2 ** 30, 2 ** 20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,7 +86,8 @@ def model_label(name: str, shape: Shape) -> str:
 def load_model(name: str, config, dtype: torch.dtype, device: torch.device):
     if name == "smollm2":
         from kvfx.models import load_default_model
-        model = load_default_model(dtype)[0]
+        model, tok = load_default_model(dtype)
+        model.kvfx_bench_tokenizer = tok  # real calibration text for layouts that depend on it (allocate_bits)
     else:
         from transformers import LlamaForCausalLM
         from transformers.initialization import no_init_weights
@@ -125,7 +128,7 @@ class Config:
     family: str                      # "original", "kvfx" or "peer"
     granularity: str = "head"
     rank: float = 1.0
-    quantize: str | None = None      # kvfx latents stored as int8 / int4 (rotated first)
+    quantize: str | None = None      # kvfx latents stored as int8 / int4 (rotated first); "bits": allocate_bits
     method: str = "kqsvd"
     nbits: int = 0                   # peer: quanto bits
 
@@ -137,6 +140,7 @@ class Config:
 
 
 _KVFX = re.compile(r"kvfx-(head|layer|kv)-([0-9]*\.?[0-9]+)(?:-(int8|int4))?")
+_BITS = re.compile(r"kvfx-kv-bits-([0-9]*\.?[0-9]+)")  # kvfx.allocate_bits: int8/int4/int2 bands in BUDGET
 DEFAULT_CONFIGS = ["original-dynamic", "original-static", "kvfx-head-0.5", "kvfx-head-0.25", "kvfx-layer-0.5",
                    "kvfx-layer-0.25", "kvfx-kv-0.5", "kvfx-kv-0.25", "kvfx-kv-0.5-int8", "kvfx-kv-0.9375-int4",
                    "kvfx-kv-0.5-int4", "kvfx-identity", "peer-quanto-int4", "peer-quanto-int2"]
@@ -149,12 +153,15 @@ def parse_config(name: str) -> Config:
         return Config(name, "kvfx", method="identity")
     if name in ("peer-quanto-int4", "peer-quanto-int2"):
         return Config(name, "peer", nbits=int(name[-1]))
+    m = _BITS.fullmatch(name)
+    if m and 0 < float(m.group(1)) < 1:
+        return Config(name, "kvfx", "kv", float(m.group(1)), "bits")
     m = _KVFX.fullmatch(name)
     if m and 0 < float(m.group(2)) <= 1:
         return Config(name, "kvfx", m.group(1), float(m.group(2)), m.group(3))
     raise ValueError(f"unknown configuration {name!r}: use original-dynamic, original-static, kvfx-identity, "
-                     "peer-quanto-int4, peer-quanto-int2 or kvfx-{head|layer|kv}-RANK[-int8|-int4] with RANK in "
-                     "(0, 1] (e.g. kvfx-kv-0.5-int8)")
+                     "peer-quanto-int4, peer-quanto-int2, kvfx-{head|layer|kv}-RANK[-int8|-int4] with RANK in "
+                     "(0, 1] (e.g. kvfx-kv-0.5-int8) or kvfx-kv-bits-BUDGET (allocate_bits, BUDGET in (0, 1))")
 
 
 class Applied:
@@ -166,7 +173,8 @@ class Applied:
         self.peer_opts = peer_opts
         if config.family == "kvfx":
             proj = projections_for(model, config, projections)
-            kvfx.compress(torch.compile(model, **compile_opts), proj, cache=kind, quantize=config.quantize)
+            kvfx.compress(torch.compile(model, **compile_opts), proj, cache=kind,
+                          quantize=proj.quantize if config.quantize == "bits" else config.quantize)
         else:
             model.forward = torch.compile(model.forward, **compile_opts)
 
@@ -214,11 +222,20 @@ def release_memory() -> None:
 
 def projections_for(model, config: Config, memo: dict):
     """Projections for a kvfx config. Speed does not depend on their values, so they are calibrated on one batch of
-    128 random tokens; int8/int4 latents are rotated first (kvfx.rotate_latents: exact, what a quality run does)."""
+    128 random tokens; int8/int4 latents are rotated first (kvfx.rotate_latents: exact, what a quality run does);
+    "bits" latents come from kvfx.allocate_bits, whose band widths (how many columns a row keeps, so how much
+    arithmetic a step does) depend on the statistics: on SmolLM2 they are calibrated on 4 windows of the shipped
+    calibration mix, the layout a quality run gets; on random-weight models, on the random tokens."""
     key = (config.method, config.granularity, config.rank, config.quantize is not None)
     if key not in memo:
         device = next(model.parameters()).device
         ids = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+        if config.quantize == "bits":
+            tok = getattr(model, "kvfx_bench_tokenizer", None)
+            windows = calibration_mix(tok, 4, 512).split(1) if tok is not None else [ids]
+            stats = collect_stats(model, [w.to(device) for w in windows], progress=False)
+            memo[key] = kvfx.allocate_bits(stats, fit(stats, config.method, 1.0, granularity="kv"), config.rank)
+            return memo[key]
         proj = kvfx.calibrate(model, [ids.to(device)], method=config.method, rank=config.rank,
                               granularity=config.granularity, progress=False)
         memo[key] = kvfx.rotate_latents(proj) if config.quantize else proj

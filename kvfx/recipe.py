@@ -1,20 +1,22 @@
 """`kvfx.best_config`: the best known configuration for a byte budget, in one call.
 
-The recipe is what benchmarks/RESULTS.md measured best on SmolLM2 (sections "Shared K+V latent" and
-"Low-bit latents"):
+The recipe is what benchmarks/RESULTS.md measured best on SmolLM2 (sections "Shared K+V latent", "Low-bit
+latents", "domains" and "domains-bits"):
 
 1. statistics once, closed-form kqsvd fit of ONE shared K+V latent per layer (`granularity="kv"`);
-2. the latent format: int8 from 37.5 % of the bytes up (there its latent keeps 287 of SmolLM2's 384 K+V numbers:
-   37.75; at 50.8 % int8 is lossless, 36.13), int4 below (at 25 % int4 keeps 360 numbers: 38.00, where int8 keeps
-   191: 51.33; at 12.5 % int4 60.45 vs int8 156.56; int4 cannot use more than 26.6 %, its full width); a budget
-   of 1 keeps the 16-bit cache at full width (exact);
-3. ranks: the widest latent that fits the budget at every layer, or — `measured=True` — ranks from the
-   model's measured sensitivity (kvfx.sensitivity + kvfx.allocate; 12.5 % int4: 60.45 → 58.12);
-4. `kvfx.rotate_latents` for a low-bit latent (25 % int4: 45.88 → 38.00);
-5. optionally `kvfx.refine` through the rounding (12.5 % int4, measured ranks: 58.12 → 43.92 in 80 steps).
+2. the latent format: below 37.5 % of the bytes, bits per latent direction (`kvfx.allocate_bits`: balanced
+   directions in int8 / int4 / int2 bands, the rest dropped, rotated within bands; through the cache on four text
+   domains at 25 % 1.013-1.021 × the original where the uniform int4 latent is 1.021-1.048, at 12.5 % 1.22-1.35 ×
+   where the uniform int4 latent at 13.3 % was 1.34-1.68); from 37.5 % up, int8 at the widest rank that fits (at
+   37.5 % its latent keeps 287 of SmolLM2's 384 K+V numbers: 37.75 WikiText-2 perplexity, at 50.8 % int8 is
+   lossless, 36.13), then `kvfx.rotate_latents`; a budget of 1 keeps the 16-bit cache at full width (exact);
+3. `measured=True`: the model's measured sensitivity (kvfx.sensitivity) prices each layer's error, so bytes move
+   between layers (allocate_bits' `profile`; int8: kvfx.allocate's ranks, 12.5 % int4: 60.45 → 58.12);
+4. optionally `kvfx.refine` through the rounding (12.5 % int4, measured ranks: 58.12 → 43.92 in 80 steps).
 
-The chosen format is recorded (`projections.quantize`), so `kvfx.compress(model, projections)` applies it, and the
-projections are stamped with their provenance (kvfx.provenance).
+The chosen formats are recorded (`projections.quantize`: one format, or {site: bands}), so
+`kvfx.compress(model, projections)` applies them, and the projections are stamped with their provenance
+(kvfx.provenance).
 """
 from __future__ import annotations
 
@@ -31,9 +33,10 @@ from .projections import Projections
 from .provenance import stamp
 
 METHOD, GRANULARITY = "kqsvd", "kv"
-INT8_FROM = 0.375         # step 2: the smallest budget at which int8 was measured to beat int4
+INT8_FROM = 0.375         # step 2: below this budget, bits per latent direction (kvfx.allocate_bits)
 REFINE_LR = 2e-4          # shared latents diverge at 1e-3 (RESULTS.md); every measured refine row used 2e-4
-SENSITIVITY_STEPS = 8     # the ⅛ grid of the measured low-bit rows
+SENSITIVITY_STEPS = 8     # the ⅛ grid of the measured int8 rows
+PROBE_RANKS = (0.75, 0.875, 1.0)  # allocate_bits prices each layer from its two least-cut probes
 
 
 def widest(quantize: str | None, budget: float, width: int) -> int:
@@ -48,17 +51,24 @@ def check_budget(budget) -> None:
         raise ValueError(f"budget must be a fraction of the 16-bit KV-cache bytes in (0, 1], got {budget!r}.")
 
 
-def choose_format(budget: float, width: int) -> str | None:
-    """Step 2 of the recipe, for a layer of K+V width `width`."""
+def choose_format(budget: float, width: int, per_direction: bool = True) -> str | None:
+    """Step 2 of the recipe, for a layer of K+V width `width`: None (16-bit, full width), "int8", "bits"
+    (kvfx.allocate_bits' bands) or, with per_direction=False, "int4" (one format for the whole row)."""
     check_budget(budget)
     if budget >= 1:
         return None
     if budget >= INT8_FROM:
         return "int8"
-    if widest("int4", budget, width) < 1:
-        raise ValueError(f"budget {budget} is below what one int4 number per token and layer takes "
-                         f"({quant.row_bytes('int4', 1) / (2 * width):.4f} of the bytes); raise the budget.")
-    return "int4"
+    if not per_direction:
+        if widest("int4", budget, width) < 1:
+            raise ValueError(f"budget {budget} is below what one int4 number per token and layer takes "
+                             f"({quant.row_bytes('int4', 1) / (2 * width):.4f} of the bytes); raise the budget.")
+        return "int4"
+    smallest = quant.row_bytes("int2", min(16, width)) / (2 * width)
+    if budget < smallest:
+        raise ValueError(f"budget {budget} is below what the smallest band takes ({min(16, width)} int2 numbers per "
+                         f"token and layer: {smallest:.4f} of the bytes); raise the budget.")
+    return "bits"
 
 
 def _say(progress: bool):
@@ -78,16 +88,20 @@ def _minutes(seconds: float) -> str:
 
 def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine_steps: int = 0,
                 measured: bool | None = None, progress: bool = True, data: str | None = None,
-                log: Callable[[str], None] | None = None) -> Projections:
+                log: Callable[[str], None] | None = None, per_direction: bool = True) -> Projections:
     """Projections for `model` whose cache takes `budget` × the bytes of an uncompressed 16-bit cache, by the
     best recipe measured so far (module docstring). batches: calibration windows (LongTensor [n, T] or a list
     of them). refine_steps: end-to-end training steps (0: closed form only; ~13 s per 512-token step for
-    SmolLM2 on 2 CPU cores). measured: ranks from measured sensitivity (2 CPU cores, SmolLM2: ~15 min for one
-    window); None: only when refining. data: a description of the calibration text, for the provenance."""
+    SmolLM2 on 2 CPU cores). measured: price each layer by the model's measured sensitivity (2 CPU cores, SmolLM2,
+    one window: bands ~1 min, int4 / int8 ranks ~15 min); None: only when refining. data: a description of the
+    calibration text, for the provenance. per_direction=False: below 37.5 %, one int4 format for every row at the
+    widest rank that fits instead of bands — worse per byte (RESULTS.md "domains-bits") but its decode runs the AMX
+    integer path, where bands take the float path ("speed-bands": slower at 1k tokens and in bfloat16)."""
     from .calib.collect import collect_stats, fit
     from .calib.refine import Refine, refine
     from .calib.sensitivity import allocate, sensitivity
     from .calib.allocate import Budget
+    from .calib.bits import allocate_bits
     from .passes.compile import options_of
     from .rotate import rotate_latents
 
@@ -106,10 +120,20 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
     say(f"calibration statistics over {windows.shape[0]} window(s) of {windows.shape[1]} tokens")
     stats = collect_stats(module, windows.split(1), progress=progress)
     width = {n: 2 * st.kv_heads * st.head_dim for n, st in stats.items()}
-    fmt = choose_format(budget, max(width.values()))
-    say(f"latent format: {fmt or '16-bit'} ({time.perf_counter() - t0:.0f} s so far)")
+    fmt = choose_format(budget, max(width.values()), per_direction)
+    say(f"latent format: {'int8 / int4 / int2 bands per direction' if fmt == 'bits' else fmt or '16-bit'} "
+        f"({time.perf_counter() - t0:.0f} s so far)")
 
-    if measured and budget < 1:
+    if fmt == "bits":
+        full = fit(stats, METHOD, rank=1.0, granularity=GRANULARITY)
+        profile = None
+        if measured:
+            probes = len(stats) * (len(PROBE_RANKS) - 1)
+            say(f"measured sensitivity: {probes} forwards of one window, "
+                f"{_minutes(probes * _forward_seconds(module, windows[0]))} (estimate)")
+            profile = sensitivity(module, full, windows[:1], ranks=PROBE_RANKS, progress=progress)
+        projections = allocate_bits(stats, full, budget, profile=profile)
+    elif measured and budget < 1:
         full = fit(stats, METHOD, rank=1.0, granularity=GRANULARITY)
         probes = sum(len(range(1, SENSITIVITY_STEPS)) for _ in stats)
         say(f"measured sensitivity: {probes} forwards of one window, "
@@ -119,8 +143,9 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
     else:
         ranks = {n: widest(fmt, budget, w) for n, w in width.items()}
         projections = fit(stats, METHOD, rank=ranks, granularity=GRANULARITY)
-    if fmt is not None:
+    if fmt is not None and fmt != "bits":
         projections = rotate_latents(projections)
+    fmt = projections.quantize if fmt == "bits" else fmt
 
     if refine_steps:
         step = 3 * _forward_seconds(module, windows[0])

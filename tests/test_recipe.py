@@ -18,9 +18,14 @@ def windows(n: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("budget,fmt", [(1.0, None), (0.75, "int8"), (0.5, "int8"), (0.375, "int8"),
-                                        (0.25, "int4"), (0.125, "int4"), (0.0625, "int4")])
+                                        (0.25, "bits"), (0.125, "bits"), (0.0625, "bits"), (0.007, "bits")])
 def test_choose_format(budget, fmt):
     assert choose_format(budget, 384) == fmt
+
+
+def test_budget_below_one_band_is_refused():
+    with pytest.raises(ValueError, match="below what the smallest band takes .* raise the budget"):
+        choose_format(0.005, 384)  # 16 int2 numbers (5 bytes) of a 768-byte row: 0.0065
 
 
 def test_widest_matches_measured_rows():
@@ -37,16 +42,18 @@ def test_budget_range(bad):
 def test_best_config_meets_budget_and_compress_applies_its_format(tmp_path):
     m = tiny_llama(2)
     P = kvfx.best_config(m, windows(), 0.25, progress=False, data="random tokens")
-    assert P.quantize == "int4" and P.kv_fraction("int4") <= 0.25 and P.report["rotation"]["seeds"] == [0]
+    assert isinstance(P.quantize, dict) and set(P.quantize) == set(P.sites)  # bands per site (allocate_bits)
+    assert P.kv_fraction(P.quantize) <= 0.25 and P.report["rotation"]["seeds"] == [0]
+    assert P.report["bits"]["budget"] == 0.25 and P.report["bits"]["across_sites"] is None
     assert all(p.shared for p in P.sites.values())
     prov = P.provenance
-    assert prov["budget"] == 0.25 and prov["quantize"] == "int4" and prov["method"] == "kqsvd@kv"
+    assert prov["budget"] == 0.25 and prov["quantize"] == P.quantize and prov["method"] == "kqsvd@kv"
     assert prov["data"] == {"description": "random tokens", "windows": 2, "window": 16, "tokens": 32}
     assert prov["recipe"]["rotated"] and not prov["recipe"]["measured"]
     path = tmp_path / "p.safetensors"
     P.save(path)
     cm = kvfx.compress(torch.compile(m, backend="eager"), Projections.load(path))
-    assert cm._kvfx.quantize == "int4"  # from the file, no argument
+    assert cm._kvfx.quantize == P.quantize  # from the file, no argument
     kvfx.decompress(cm)
     cm = kvfx.compress(torch.compile(m, backend="eager"), P, quantize=None)  # an explicit None wins
     assert cm._kvfx.quantize is None
@@ -56,11 +63,24 @@ def test_best_config_meets_budget_and_compress_applies_its_format(tmp_path):
 def test_measured_and_refined():
     m = tiny_llama(2)
     P = kvfx.best_config(m, windows(3), 0.125, refine_steps=2, progress=False)
-    assert P.quantize == "int4" and P.kv_fraction("int4") <= 0.125
-    assert P.report["allocation"]["budget"] == 0.125 and P.report["allocation"]["quantize"] == "int4"
-    assert P.report["refine"]["steps"] == 2 and P.report["refine"]["quantize"] == "int4"
+    assert isinstance(P.quantize, dict) and P.kv_fraction(P.quantize) <= 0.125
+    assert P.report["bits"]["across_sites"] == "measured KL per unit of error"  # layers priced by the model's KL
+    assert P.report["refine"]["steps"] == 2 and P.report["refine"]["quantize"] == P.quantize
     assert P.provenance["recipe"] == {"measured": True, "rotated": True, "refine_steps": 2, "refine_lr": 2e-4}
     assert P.method.endswith("+refine")
+
+
+def test_uniform_int4_on_request():
+    m = tiny_llama(1)
+    P = kvfx.best_config(m, windows(), 0.25, progress=False, per_direction=False)
+    assert P.quantize == "int4" and P.kv_fraction("int4") <= 0.25 and P.report["rotation"]["seeds"] == [0]
+    assert choose_format(0.25, 384, per_direction=False) == "int4"
+
+
+def test_int8_range_keeps_uniform_rotated_int8():
+    m = tiny_llama(1)
+    P = kvfx.best_config(m, windows(), 0.5, progress=False)
+    assert P.quantize == "int8" and P.kv_fraction("int8") <= 0.5 and P.report["rotation"]["seeds"] == [0]
 
 
 def test_budget_one_is_exact_16_bit():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import torch
 
@@ -54,15 +55,16 @@ def spectrum(st, proj, key_weight: float = DEFAULT_KEY_WEIGHT) -> tuple[torch.Te
     return torch.einsum("ir,ij,jr->r", a, g_in, a), torch.einsum("ir,ij,jr->r", b, g_out, b)
 
 
-def choose_bands(lam: torch.Tensor, budget_bytes: float, bits=BITS, step: int = STEP):
-    """Band edges for importances `lam` (descending): ((bits, columns), …) of least predicted error whose row
-    fits `budget_bytes`, and that error (relative to Σ lam). Raises if not even one column fits."""
+def frontier(lam: torch.Tensor, bits=BITS, step: int = STEP) -> list[tuple[int, float, tuple]]:
+    """Every band choice worth having for importances `lam` (descending): (row bytes, predicted error in units of
+    lam, ((bits, columns), …)), bytes ascending and error strictly descending (the Pareto front over the band
+    edges, multiples of `step` columns; error Σ_bands ε_b (Σ_band √λ)² / n_band + Σ_dropped λ)."""
     lam = lam.double().clamp_min(0)
     n = lam.numel()
     root = torch.cat([lam.new_zeros(1), lam.sqrt().cumsum(0)]).tolist()
     cum = torch.cat([lam.new_zeros(1), lam.cumsum(0)]).tolist()
     edges = sorted(set(range(0, n + 1, step)) | {n})
-    best, best_bands = float("inf"), None
+    points = {}
     for cuts in itertools.combinations_with_replacement(edges, len(bits)):
         nbytes, err, lo, bands = 0, 0.0, 0, []
         for b, hi in zip(bits, cuts):
@@ -71,24 +73,75 @@ def choose_bands(lam: torch.Tensor, budget_bytes: float, bits=BITS, step: int = 
                 err += format_error(b) * (root[hi] - root[lo]) ** 2 / (hi - lo)
                 bands.append((b, hi - lo))
             lo = hi
-        if nbytes > budget_bytes or not bands:
-            continue
         err += cum[n] - cum[lo]
+        if bands and err < points.get(nbytes, (float("inf"),))[0]:
+            points[nbytes] = (err, tuple(bands))
+    front, best = [], float("inf")
+    for nbytes in sorted(points):
+        err, bands = points[nbytes]
         if err < best:
-            best, best_bands = err, tuple(bands)
-    if best_bands is None:
-        smallest = min(quant.row_bytes(f"int{b}", min(step, n)) for b in bits)
+            front.append((nbytes, err, bands))
+            best = err
+    return front
+
+
+def choose_bands(lam: torch.Tensor, budget_bytes: float, bits=BITS, step: int = STEP):
+    """Band edges for importances `lam` (descending): ((bits, columns), …) of least predicted error whose row
+    fits `budget_bytes`, and that error (relative to Σ lam). Raises if not even one column fits."""
+    front = frontier(lam, bits, step)
+    fits = [pt for pt in front if pt[0] <= budget_bytes]
+    if not fits:
         raise ValueError(f"a budget of {budget_bytes:.1f} bytes per token and site is below the smallest band "
-                         f"({smallest} bytes: {min(step, n)} columns at int{min(bits)}); raise the budget.")
-    return best_bands, best / cum[n] if cum[n] > 0 else 0.0
+                         f"({front[0][0]} bytes: {front[0][2][0][1]} columns at int{front[0][2][0][0]}); raise the "
+                         "budget.")
+    total = float(lam.double().clamp_min(0).sum())
+    return fits[-1][2], fits[-1][1] / total if total > 0 else 0.0
+
+
+def spend(fronts: dict, weights: dict, total_bytes: float) -> dict:
+    """One point of each site's frontier, {site: (bytes, error, bands)}, of least Σ weight·error with Σ bytes ≤
+    total_bytes — exactly: a multiple-choice knapsack over whole bytes (dynamic programming, one pass per site over
+    every byte count). Raises if the cheapest points do not fit."""
+    cap = int(math.floor(total_bytes + 1e-9))
+    floor = sum(f[0][0] for f in fronts.values())
+    if floor > cap:
+        raise ValueError(f"the byte budget ({total_bytes:.0f} bytes per token) is below the cheapest bands of "
+                         f"every site ({floor} bytes: {min(step_cols(f) for f in fronts.values())} columns of "
+                         "int2 each); raise the budget.")
+    best = torch.zeros(cap + 1, dtype=torch.float64)  # least cost of the sites so far within b bytes
+    choices = []
+    for name, front in fronts.items():
+        new = torch.full_like(best, math.inf)
+        arg = torch.full((cap + 1,), -1, dtype=torch.long)
+        for i, (nbytes, err, _) in enumerate(front):
+            if nbytes > cap:
+                break
+            cand = torch.full_like(best, math.inf)
+            cand[nbytes:] = best[:cap + 1 - nbytes] + weights[name] * err
+            better = cand < new
+            new, arg = torch.where(better, cand, new), torch.where(better, i, arg)
+        best = new
+        choices.append((name, arg))
+    chosen, b = {}, cap
+    for name, arg in reversed(choices):
+        pt = fronts[name][int(arg[b])]
+        chosen[name], b = pt, b - pt[0]
+    return {name: chosen[name] for name in fronts}
+
+
+def step_cols(front) -> int:
+    return sum(n for _, n in front[0][2])
 
 
 def allocate_bits(stats: dict, projections: Projections, budget: float, seed: int = 0,
-                  key_weight: float = DEFAULT_KEY_WEIGHT) -> Projections:
+                  key_weight: float = DEFAULT_KEY_WEIGHT, profile: dict | None = None) -> Projections:
     """Shared K+V latents (fit(stats, "kqsvd", rank=1.0, granularity="kv")) cut, balanced, banded and rotated so
-    that each site's cached row takes `budget` × the bytes of its 16-bit keys and values (module docstring).
-    stats: the collect_stats result the projections were fitted to. The result records its formats
-    (report["quantize"], a dict {site: bands}) and the predicted relative error per site (report["bits"])."""
+    that the cached rows take `budget` × the bytes of the sites' 16-bit keys and values (module docstring).
+    stats: the collect_stats result the projections were fitted to. profile: a kvfx.sensitivity profile of the
+    same projections; with it, bytes move between sites (layers) to where the model's output loses least, each
+    site's predicted error priced by its measured KL per unit of error; without it, every site gets the same share
+    of its bytes. The result records its formats (report["quantize"], a dict {site: bands}) and the predicted
+    relative error and bytes per site (report["bits"])."""
     if not isinstance(projections, Projections):
         raise TypeError(f"allocate_bits needs kvfx.Projections, got {type(projections).__name__}.")
     if not (isinstance(budget, (int, float)) and 0 < budget < 1):
@@ -102,24 +155,68 @@ def allocate_bits(stats: dict, projections: Projections, budget: float, seed: in
     if missing:
         raise ValueError(f"allocate_bits needs the statistics of every site; {missing[0]} has none (pass the "
                          "collect_stats result the projections were fitted to).")
+    spectra = {n: spectrum(stats[n], p, key_weight) for n, p in projections.sites.items()}
+    weights = None if profile is None else kl_per_error(projections, spectra, profile)
+    plan = _plan(projections, spectra, budget, weights)  # every site planned before any is built
     gen = torch.Generator().manual_seed(seed)
-    sites, formats, predicted = {}, {}, {}
-    for name, p in projections.sites.items():  # plan every site before building any (errors leave nothing made)
-        var, w = spectrum(stats[name], p, key_weight)
-        lam = var * w
-        order = torch.argsort(lam, descending=True)
-        shape = projections.shapes[name]
-        bands, err = choose_bands(lam[order], budget * 4 * shape.kv_heads * shape.head_dim)
-        formats[name] = "+".join(f"int{b}x{n}" for b, n in bands)
-        predicted[name] = err
-        keep = order[: sum(n for _, n in bands)]
+    sites = {}
+    for name, p in projections.sites.items():
+        var, w = spectra[name]
+        bands = plan[name][2]
+        keep = torch.argsort(var * w, descending=True)[: sum(n for _, n in bands)]
         t = (w[keep] / var[keep].clamp_min(1e-300)).clamp_min(1e-300) ** 0.25
         t = t * (var[keep].sum() / (var[keep] * t * t).sum()).sqrt()  # the latent's total variance kept
         rot = torch.block_diag(*[random_orthogonal(n, gen) for _, n in bands])
         turn = lambda x, s: ((x.double()[..., keep] * s) @ rot).to(x.dtype).contiguous()  # noqa: E731
         sites[name] = p.like(key_down=turn(p.key_down, t), value_down=turn(p.value_down, t),
                              key_up=turn(p.key_up, 1 / t), value_up=turn(p.value_up, 1 / t))
+    lam_total = {n: float((v * w).clamp_min(0).sum()) for n, (v, w) in spectra.items()}
     report = dict(projections.report) | {
-        "quantize": formats, "rotation": {"seeds": rotation_seeds(projections) + [seed]},
-        "bits": {"budget": budget, "formats": list(BITS), "step": STEP, "predicted_error": predicted}}
+        "quantize": {n: "+".join(f"int{b}x{c}" for b, c in plan[n][2]) for n in plan},
+        "rotation": {"seeds": rotation_seeds(projections) + [seed]},
+        "bits": {"budget": budget, "formats": list(BITS), "step": STEP,
+                 "across_sites": "measured KL per unit of error" if weights else None,
+                 "row_bytes": {n: plan[n][0] for n in plan},
+                 "predicted_error": {n: plan[n][1] / lam_total[n] if lam_total[n] > 0 else 0.0 for n in plan}}}
     return Projections(sites, dict(projections.shapes), projections.method, report)
+
+
+def _plan(projections: Projections, spectra: dict, budget: float, weights: dict | None) -> dict:
+    """{site: (row bytes, predicted error in λ units, bands)} within budget × the sites' 16-bit row bytes."""
+    shares = {n: budget * 4 * s.kv_heads * s.head_dim for n, s in projections.shapes.items()}
+    fronts = {n: frontier(torch.sort(v * w, descending=True).values) for n, (v, w) in spectra.items()}
+    if weights is None:
+        plan = {}
+        for n, f in fronts.items():
+            fits = [pt for pt in f if pt[0] <= shares[n]]
+            if not fits:
+                raise ValueError(f"a budget of {budget:g} gives site {n} {shares[n]:.1f} bytes per token, below the "
+                                 f"smallest band ({f[0][0]} bytes: {step_cols(f)} columns of int{f[0][2][0][0]}); "
+                                 "raise the budget.")
+            plan[n] = fits[-1]
+        return plan
+    return spend(fronts, weights, sum(shares.values()))
+
+
+def kl_per_error(projections: Projections, spectra: dict, profile: dict) -> dict:
+    """{site: model KL per unit of predicted error} from a kvfx.sensitivity profile of these projections: the KL
+    of the two least-cut probes over the importance λ they dropped (columns in the projections' order)."""
+    sites = profile.get("sites") if isinstance(profile, dict) else None
+    if not sites or set(sites) != set(projections.sites):
+        raise ValueError("allocate_bits: the profile does not cover these projections' sites; measure it with "
+                         "kvfx.sensitivity(model, projections, windows) on the same projections.")
+    base, out = float(profile.get("base", 0.0)), {}
+    for name, (var, w) in spectra.items():
+        lam = (var * w).clamp_min(0)
+        points = {int(r): float(v) for r, v in sites[name].get("latent", {}).items() if int(r) < lam.numel()}
+        if not points:
+            raise ValueError(f"allocate_bits: the profile of site '{name}' has no cut latent ranks (it was measured "
+                             "on projections of another form); measure it on these projections.")
+        top = sorted(points)[-2:]
+        dropped = sum(float(lam[r:].sum()) for r in top)
+        out[name] = max(sum(points[r] - base for r in top), 0.0) / dropped if dropped > 0 else 0.0
+    if not any(out.values()):
+        raise ValueError("allocate_bits: the profile measures no KL at its two least-cut ranks (the directions they "
+                         "drop carry nothing); probe lower ranks, e.g. kvfx.sensitivity(..., ranks=(0.5, 0.75, 1.0)).")
+    floor = min(v for v in out.values() if v > 0) * 1e-3  # a site never measured to matter still costs a little
+    return {n: max(v, floor) for n, v in out.items()}

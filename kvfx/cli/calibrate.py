@@ -1,7 +1,8 @@
 """`kvfx calibrate MODEL --budget 0.25 -o P.safetensors`: the best known configuration for a byte budget.
 
-Thin over kvfx.best_config (kvfx/recipe.py): shared K+V latent (kqsvd), the latent format that fits the budget,
-rotation, optionally measured ranks and end-to-end refinement. The file records its format (`kvfx compress`
+Thin over kvfx.best_config (kvfx/recipe.py): shared K+V latent (kqsvd), the latent formats that fit the budget
+(bits per latent direction below 37.5 %, int8 above), rotation, optionally measured sensitivity and end-to-end
+refinement. The file records its format (`kvfx compress`
 applies it) and its provenance (model fingerprint, data, recipe), and is written whole or not at all.
 """
 from __future__ import annotations
@@ -23,8 +24,12 @@ def add_arguments(p) -> None:
                    help="end-to-end training steps after the closed form (default 0; ~13 s per 512-token step "
                         "for SmolLM2 on 2 CPU cores; 80 is what the measured rows used)")
     p.add_argument("--measured", action=argparse.BooleanOptionalAction, default=None,
-                   help="ranks per layer from the model's measured sensitivity (slow: ~7 forwards per layer); "
-                        "default: on when refining")
+                   help="price each layer by the model's measured sensitivity (2 forwards per layer below 37.5 %% "
+                        "of the bytes, 7 above); default: on when refining")
+    p.add_argument("--per-direction", action=argparse.BooleanOptionalAction, default=True,
+                   help="below 37.5 %% of the bytes, bits per latent direction (int8/int4/int2 bands; best per byte, "
+                        "decoded on the kernel's float path); --no-per-direction: one int4 format for every row "
+                        "(decoded on the AMX integer path where the CPU has it)")
 
 
 def run(args) -> int:
@@ -36,7 +41,7 @@ def run(args) -> int:
     model, _, windows, description = model_and_windows(args, "calibration")
     try:
         projections = kvfx.best_config(model, windows, args.budget, refine_steps=args.refine,
-                                       measured=args.measured, data=description)
+                                       measured=args.measured, data=description, per_direction=args.per_direction)
     except ValueError as e:
         if isinstance(e, kvfx.ProjectionError) or not str(e).startswith(("unsupported", "budget")):
             raise

@@ -6,7 +6,7 @@ import torch
 import kvfx
 from helpers import compressed, model_inputs, reference_model, rel_err, run, tiny_llama
 from kvfx import quant
-from kvfx.calib.bits import choose_bands, format_error
+from kvfx.calib.bits import choose_bands, format_error, frontier, spend
 from kvfx.calib.collect import collect_stats, fit
 from kvfx.compress import cache_kwarg
 
@@ -36,6 +36,45 @@ def test_bands_fit_the_budget_and_water_fill(decay, budget):
 def test_unreachable_budget_is_refused():
     with pytest.raises(ValueError, match="below the smallest band .* raise the budget"):
         choose_bands(torch.ones(64, dtype=torch.float64), 3.0)
+
+
+def test_frontier_is_the_pareto_front_of_every_band_choice():
+    lam = 0.93 ** torch.arange(48, dtype=torch.float64)
+    front = frontier(lam)
+    assert all(a[0] < b[0] and a[1] > b[1] for a, b in zip(front, front[1:]))
+    for nbytes, err, bands in front:  # each point's bytes and error are what its bands cost
+        assert sum(quant.row_bytes(f"int{b}", n) for b, n in bands) == nbytes
+        lo, want = 0, 0.0
+        for b, n in bands:
+            want += format_error(b) * float(lam[lo:lo + n].sqrt().sum()) ** 2 / n
+            lo += n
+        assert err == pytest.approx(want + float(lam[lo:].sum()))
+    for budget in (10, 20, 33.5, 60):  # choose_bands takes the front's best point within the budget
+        bands, err = choose_bands(lam, budget)
+        best = max(pt for pt in front if pt[0] <= budget)
+        assert bands == best[2] and err == pytest.approx(best[1] / float(lam.sum()))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_spend_across_sites_is_near_the_exhaustive_optimum(seed):
+    """Three sites of different spectra and weights: the knapsack's choice fits the bytes, never loses to equal
+    shares, and is the best of every combination of frontier points."""
+    import itertools
+    g = torch.Generator().manual_seed(seed)
+    fronts = {s: frontier(torch.sort(torch.rand(48, generator=g, dtype=torch.float64) ** (2 + 4 * s),
+                                     descending=True).values) for s in range(3)}
+    weights = {s: float(torch.rand((), generator=g)) * 10 ** s for s in range(3)}
+    total = 3 * 16.0 + float(torch.randint(0, 40, (), generator=g))
+    chosen = spend(fronts, weights, total)
+    cost = lambda pick: sum(weights[s] * pt[1] for s, pt in pick.items())  # noqa: E731
+    assert sum(pt[0] for pt in chosen.values()) <= total
+    best = min((dict(enumerate(c)) for c in itertools.product(*fronts.values())
+                if sum(pt[0] for pt in c) <= total), key=cost)
+    assert cost(chosen) == pytest.approx(cost(best), rel=1e-12)
+    equal = {s: max(pt for pt in f if pt[0] <= total / 3) for s, f in fronts.items()}
+    assert cost(chosen) <= cost(equal) + 1e-12
+    with pytest.raises(ValueError, match="below the cheapest bands of every site"):
+        spend(fronts, weights, sum(f[0][0] for f in fronts.values()) - 1)
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +158,41 @@ def test_bad_input(setup):
     with pytest.raises(ValueError, match="spans 8 latent columns"):
         kvfx.compress(torch.compile(m, backend="eager"), proj, quantize=other)
     assert getattr(m, "_kvfx", None) is None and m.forward == forward
+
+
+def test_measured_profile_moves_bytes_between_layers(setup):
+    """With a sensitivity profile, a layer whose cuts cost the model more KL gets more bytes; the cache holds the
+    budget in total."""
+    m, stats, full = setup
+    names = list(full.sites)
+    plain = kvfx.allocate_bits(stats, full, 0.125)
+    width = full.sites[names[0]].key_rank
+    probes = {int(width * 0.75): 1.0, int(width * 0.875): 0.5, width: 0.0}
+    profile = {"base": 0.0, "sites": {n: {"latent": {r: kl * (100 if n == names[0] else 1) for r, kl in probes.items()}}
+                                      for n in names}}
+    proj = kvfx.allocate_bits(stats, full, 0.125, profile=profile)
+    rows, before = proj.report["bits"]["row_bytes"], plain.report["bits"]["row_bytes"]
+    assert rows[names[0]] > before[names[0]] and rows[names[1]] < before[names[1]]
+    assert proj.kv_fraction(proj.quantize) <= 0.125 and proj.report["bits"]["across_sites"]
+    x = model_inputs(m, tokens=10)
+    with compressed(m, proj) as cm, torch.no_grad():
+        cache = kvfx.make_cache(cm)
+        cm(x, **{cache_kwarg(cm): cache}, use_cache=True)
+    assert cache.nbytes() / (2 * 2 * 2 * 32 * 10 * 2) == pytest.approx(proj.kv_fraction(proj.quantize))
+
+
+def test_real_profile_and_bad_profiles(setup):
+    m, stats, full = setup
+    windows = [model_inputs(m, tokens=16, seed=s) for s in range(2)]
+    # the tiny model's K+V (width 128) span its 64 hidden numbers: the last directions carry nothing to cut
+    flat = kvfx.sensitivity(m, full, windows, ranks=(0.75, 0.875, 1.0), progress=False)
+    with pytest.raises(ValueError, match="no KL at its two least-cut ranks .* probe lower ranks"):
+        kvfx.allocate_bits(stats, full, 0.25, profile=flat)
+    profile = kvfx.sensitivity(m, full, windows, ranks=(0.25, 0.375, 1.0), progress=False)
+    proj = kvfx.allocate_bits(stats, full, 0.25, profile=profile)
+    assert proj.kv_fraction(proj.quantize) <= 0.25 and proj.report["bits"]["across_sites"]
+    with pytest.raises(ValueError, match="does not cover these projections' sites"):
+        kvfx.allocate_bits(stats, full, 0.25, profile={"base": 0.0, "sites": {}})
+    other = {"base": 0.0, "sites": {n: {"key": {8: 1.0}, "value": {8: 1.0}} for n in full.sites}}
+    with pytest.raises(ValueError, match="no cut latent ranks"):
+        kvfx.allocate_bits(stats, full, 0.25, profile=other)
