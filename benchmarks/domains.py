@@ -176,6 +176,10 @@ def run(args) -> str:
             cfg.kv_bytes = peer_bytes(rec.last, rec.residuals, cfg)
         else:
             proj = projections(model, tok, cfg, args, stats_memo)
+            if cfg.per_direction:
+                err = proj.report["bits"]["predicted_error"]
+                print(f"{cfg.spec}: mean predicted error {sum(err.values()) / len(err):.4g} of the layers' objective",
+                      flush=True)
             compressed = kvfx.compress(torch.compile(model, backend=args.backend), proj,
                                       quantize=proj.quantize if cfg.per_direction else cfg.quantize)
             try:
