@@ -17,10 +17,13 @@ Configurations (--configs, comma-separated):
     METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN]   kvfx: calibrator, granularity (head/layer/kv), rank
                                                           fraction of the latent's width, storage, rotation, and
                                                           the calibration text (default --calib)
-    METHOD@kv:BUDGET:bits[:measured][:calib=DOMAIN]       kvfx.allocate_bits: bits per latent direction (int8 /
+    METHOD@kv:BUDGET:bits[:measured][:refine=STEPS][:calib=DOMAIN]
+                                                          kvfx.allocate_bits: bits per latent direction (int8 /
                                                           int4 / int2 bands) in BUDGET × the 16-bit bytes;
                                                           measured: bytes between layers priced by a
-                                                          kvfx.sensitivity profile (2 calibration windows)
+                                                          kvfx.sensitivity profile (2 calibration windows);
+                                                          refine: then STEPS of kvfx.refine through the bands
+                                                          (lr 2e-4, the calibration windows, last 2 held out)
     quanto|hqq:BITS:gGROUP:rRESIDUAL                      transformers' QuantizedCache
 
     python benchmarks/domains.py                               # default configurations (~40 min)
@@ -69,6 +72,7 @@ class Config:
     rotate: bool = False
     per_direction: bool = False      # kvfx.allocate_bits: RANK is the byte budget, bits per direction
     measured: bool = False           # allocate_bits with a kvfx.sensitivity profile (bytes between layers)
+    refine: int = 0                  # kvfx.refine steps through the bands after allocate_bits
     calib: str | None = None
     ratios: dict = field(default_factory=dict)
     kv_bytes: float = math.nan
@@ -93,6 +97,8 @@ def parse(spec: str) -> Config:
                 cfg.per_direction = True
             elif opt == "measured" and cfg.per_direction:
                 cfg.measured = True
+            elif opt.startswith("refine=") and cfg.per_direction and int(opt[7:]) > 0:
+                cfg.refine = int(opt[7:])
             elif opt.startswith("calib=") and opt[6:] in (*DOMAINS, "mix"):
                 cfg.calib = opt[6:]
             else:
@@ -100,7 +106,7 @@ def parse(spec: str) -> Config:
         return cfg
     except (ValueError, IndexError):
         raise SystemExit(f"bad configuration {spec!r}: expected METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN], "
-                         f"METHOD@kv:BUDGET:bits[:measured][:calib=DOMAIN] "
+                         f"METHOD@kv:BUDGET:bits[:measured][:refine=STEPS][:calib=DOMAIN] "
                          f"or quanto|hqq:BITS:gGROUP:rRESIDUAL (domains: {', '.join(DOMAINS)}, mix)") from None
 
 
@@ -210,8 +216,12 @@ def projections(model, tok, cfg: Config, args, memo: dict):
         if cfg.measured and (source, "profile") not in memo:
             memo[source, "profile"] = kvfx.sensitivity(model, full, memo[source, "windows"][:2].split(1),
                                                        ranks=(0.75, 0.875, 1.0), progress=False)
-        return kvfx.allocate_bits(memo[source], full, cfg.rank,
+        proj = kvfx.allocate_bits(memo[source], full, cfg.rank,
                                   profile=memo[source, "profile"] if cfg.measured else None)
+        if cfg.refine:
+            proj = kvfx.refine(model, proj, memo[source, "windows"],
+                               kvfx.Refine(steps=cfg.refine, lr=2e-4, quantize=proj.quantize), progress=False)
+        return proj
     proj = fit(memo[source], cfg.method, cfg.rank, granularity=cfg.granularity)
     return kvfx.rotate_latents(proj) if cfg.rotate else proj
 
@@ -223,6 +233,7 @@ def label(cfg: Config) -> str:
     if cfg.per_direction:
         return (f"kvfx {cfg.method}{gran}, bits per direction (int8/int4/int2 bands) in {cfg.rank:g} of the bytes"
                 + (", layers priced by measured sensitivity" if cfg.measured else "")
+                + (f", refined {cfg.refine} steps" if cfg.refine else "")
                 + (f", calibrated on {cfg.calib}" if cfg.calib else ""))
     store = f", {cfg.quantize}" if cfg.quantize else ", float32 latents"
     calib = f", calibrated on {cfg.calib}" if cfg.calib else ""
