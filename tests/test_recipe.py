@@ -20,12 +20,12 @@ def windows(n: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("budget,fmt", [(1.0, None), (0.75, "int8"), (0.5, "int8"), (0.375, "int8"),
                                         (0.25, "bits"), (0.125, "bits"), (0.0625, "bits"), (0.007, "bits")])
 def test_choose_format(budget, fmt):
-    assert choose_format(budget, 384) == fmt
+    assert choose_format(budget, 384, per_direction=True) == fmt
 
 
 def test_budget_below_one_band_is_refused():
     with pytest.raises(ValueError, match="below what the smallest band takes .* raise the budget"):
-        choose_format(0.005, 384)  # 16 int2 numbers (5 bytes) of a 768-byte row: 0.0065
+        choose_format(0.005, 384, per_direction=True)  # 16 int2 numbers (5 bytes) of a 768-byte row: 0.0065
 
 
 def test_widest_matches_measured_rows():
@@ -41,7 +41,7 @@ def test_budget_range(bad):
 
 def test_best_config_meets_budget_and_compress_applies_its_format(tmp_path):
     m = tiny_llama(2)
-    P = kvfx.best_config(m, windows(), 0.25, progress=False, data="random tokens")
+    P = kvfx.best_config(m, windows(), 0.25, progress=False, data="random tokens", per_direction=True)
     assert isinstance(P.quantize, dict) and set(P.quantize) == set(P.sites)  # bands per site (allocate_bits)
     assert P.kv_fraction(P.quantize) <= 0.25 and P.report["rotation"]["seeds"] == [0]
     assert P.report["bits"]["budget"] == 0.25 and P.report["bits"]["across_sites"] is None
@@ -62,7 +62,7 @@ def test_best_config_meets_budget_and_compress_applies_its_format(tmp_path):
 
 def test_measured_and_refined():
     m = tiny_llama(2)
-    P = kvfx.best_config(m, windows(3), 0.125, refine_steps=2, progress=False)
+    P = kvfx.best_config(m, windows(3), 0.125, refine_steps=2, progress=False, per_direction=True)
     assert isinstance(P.quantize, dict) and P.kv_fraction(P.quantize) <= 0.125
     assert P.report["bits"]["across_sites"] == "measured KL per unit of error"  # layers priced by the model's KL
     assert P.report["refine"]["steps"] == 2 and P.report["refine"]["quantize"] == P.quantize

@@ -16,7 +16,8 @@ from conftest import error_lines, kvfx_cli
 @pytest.fixture(scope="module")
 def calibrated(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cal") / "p.safetensors"
-    res = kvfx_cli("calibrate", tiny_dir, "--budget", "0.25", "--windows", "2", "--window", "32", "-o", out)
+    res = kvfx_cli("calibrate", tiny_dir, "--budget", "0.25", "--windows", "2", "--window", "32", "--per-direction",
+                   "-o", out)
     assert res.returncode == 0, res.stderr
     return out, res
 
@@ -75,7 +76,8 @@ def test_projections_of_another_model_refused(calibrated, other_dir, tmp_path):
 def test_calibrate_default_model(tmp_path):
     """The bundled SmolLM2, as the README's quick start runs it (tiny settings)."""
     out = tmp_path / "smollm2.safetensors"
-    res = kvfx_cli("calibrate", "default", "--budget", "0.125", "--windows", "1", "--window", "64", "-o", out)
+    res = kvfx_cli("calibrate", "default", "--budget", "0.125", "--windows", "1", "--window", "64", "--per-direction",
+                   "-o", out)
     assert res.returncode == 0, res.stderr
     # bits per direction; 64 tokens span few directions, so the bands may keep fewer bytes than the budget allows
     found = re.search(r"30 attention sites, ((int\d+x\d+\+?)+|bits per direction \(30 site formats\)) latents, "
