@@ -9,7 +9,7 @@ real step reads them: each layer's rows come from memory). Prints ms per layer, 
     python benchmarks/kernel.py --batch 4 --n 4096
     KVFX_NO_AMX=1 python benchmarks/kernel.py    # int8/int4 rows decoded to float32 (CPUs without AMX-INT8)
 
-Bands rows (kv-bits-*) always take the float path.
+Bands rows (kv-bits-*) take the integer path too (int2 codes as int4 groups, the int8 band as int8 chunks).
 """
 from __future__ import annotations
 

@@ -42,6 +42,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -388,11 +389,19 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
     const int64_t col = j < f.code_bytes ? 2 * j : 2 * (j - f.code_bytes) + 1;
     return col < f.width ? col : -1;  // the padding nibble of an odd width
   };
-  const bool use_amx = (kind == kInt8 || kind == kInt4) && rk > 0 && rv > 0 && integer_path();
+  const bool use_amx = (kind == kInt8 || kind == kInt4 || kind == kBands) && rk > 0 && rv > 0 && integer_path();
+#if KVFX_AMX
+  // bands on the integer path: units, scale groups and column orders of the key and value rows
+  std::unique_ptr<amx::BandPlan> kplan, vplan;
+  if (use_amx && kind == kBands) kplan.reset(new amx::BandPlan(fk, true)), vplan.reset(new amx::BandPlan(fv, false));
+#endif
   // decoded rows are zero-padded to whole vectors; a block of rows (a multiple of 16) stays within ~24 KiB. The
   // integer path accumulates whole value tiles: int4 32 columns a group, int8 64 a chunk.
   const int64_t Rkp = round_up(std::max<int64_t>(Rk, 1), W);
-  const int64_t Rvp = !use_amx ? round_up(std::max<int64_t>(Rv, 1), W) : round_up(rv, kind == kInt4 ? 32 : 64);
+  int64_t Rvp = !use_amx ? round_up(std::max<int64_t>(Rv, 1), W) : round_up(rv, kind == kInt4 ? 32 : 64);
+#if KVFX_AMX
+  if (vplan) Rvp = 16 * vplan->ctiles;
+#endif
   // the output column of each accumulated one (-1: padding)
   std::vector<int64_t> columns(Rvp);
   for (int64_t j = 0; j < Rvp; ++j) {
@@ -400,7 +409,10 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
     if (use_amx) {  // int4: tile (group, nibble) lane i = column 32·group + 2i + nibble; int8 see value_tiles
       const int64_t tile = j / 16, lane = j % 16;
       col = kind == kInt4 ? 32 * (tile / 2) + 2 * lane + tile % 2
-                          : 64 * (tile / 4) + 16 * (lane / 4) + 4 * (tile % 4) + lane % 4;
+          : kind == kInt8 ? 64 * (tile / 4) + 16 * (lane / 4) + 4 * (tile % 4) + lane % 4 : -1;
+#if KVFX_AMX
+      if (vplan) col = vplan->column(j);
+#endif
     }
     columns[j] = col < rv ? col : -1;
   }
@@ -437,12 +449,20 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
     pr.rk = rk, pr.rv = rv, pr.cbk = fk.code_bytes, pr.cbv = fv.code_bytes;
     pr.ngk = kind == kInt4 ? (rk + 31) / 32 : 1, pr.ngv = kind == kInt4 ? (rv + 31) / 32 : 1;
     pr.ktiles = kind == kInt4 ? pr.ngk : (rk + 63) / 64, pr.vtiles = Rvp / 16, pr.Rvp = Rvp;
+    pr.cslots = kind == kInt4 ? pr.ngk : 2;
+    for (int64_t i = 0; i < (kind == kInt4 ? pr.ngv : (pr.vtiles + 1) / 2); ++i)  // C tile pairs, weight groups
+      pr.item_ct.push_back(static_cast<int>(2 * i)), pr.item_ws.push_back(kind == kInt4 ? static_cast<int>(i) : 0);
+    if (kplan) {
+      pr.plan = kplan.get(), pr.vplan = vplan.get();
+      pr.ngk = kplan->groups.size(), pr.ngv = vplan->groups.size(), pr.ktiles = kplan->units.size();
+      pr.cslots = kplan->slots, pr.item_ct = vplan->item_ct, pr.item_ws = vplan->item_ws;
+    }
     pr.Gb = static_cast<int>(std::min<int64_t>(G, 16)), pr.NGB = static_cast<int>((G + pr.Gb - 1) / pr.Gb);
     std::vector<int8_t> qdigits(B * H * pr.NGB * pr.ktiles * pr.digits() * pr.Gb * 64 + 64, 0);
     std::vector<float> qscales(B * H * G);
     int8_t* qa = reinterpret_cast<int8_t*>(round_up(reinterpret_cast<int64_t>(qdigits.data()), 64));
     pr.qa = qa, pr.qsc = qscales.data();
-    amx::quantize_queries(pr, qp, sc, qa, qscales.data());
+    (kplan ? amx::quantize_band_queries : amx::quantize_queries)(pr, qp, sc, qa, qscales.data());
     pr.kp = kp, pr.vp = vp;
     pr.ksb = ksb, pr.ksh = ksh, pr.ksn = ksn, pr.vsb = vsb, pr.vsh = vsh, pr.vsn = vsn;
     pr.mp = mp, pr.mbp = mbp, pr.mask_b = mask_b, pr.lut = lut;

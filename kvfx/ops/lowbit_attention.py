@@ -12,7 +12,8 @@ query rows share each cached row (a `layer` / `kv` latent read by every query he
 CPU: a C++ kernel (lowbit_attention.cpp), built on first use with torch.utils.cpp_extension (needs a C++ compiler
 and ninja; cached under ~/.cache/torch_extensions). It reads the cache's [:, :, :N] views of its reserved storage
 in place, a block of rows at a time, with an online softmax per split-K chunk. On CPUs with AMX-INT8 (Sapphire
-Rapids and later; `integer_path()`) int8 / int4 rows never become floats: the tile unit computes the scores as int8
+Rapids and later; `integer_path()`) int8 / int4 / int2 rows and bands (bits per direction: lowbit_attention_amx_bands.h)
+never become floats: the tile unit computes the scores as int8
 dot products of the stored codes with the query, rounded once per call to integers (12 bits for int4, 16 for int8,
 one scale per query row), and the value sums as int8 dot products of the codes with the softmax weights times the
 rows' scales, rounded per block of rows to 16 bits; float arithmetic only applies the per-group scales and runs the
@@ -87,8 +88,9 @@ def _build(arch: str = "native"):
     portable code a CPU without AVX-512 and AMX runs; torch caches each build under ~/.cache/torch_extensions)."""
     from torch.utils.cpp_extension import load_inline
     here = Path(__file__).parent  # the AMX part lives in its own file, pasted in (so the source hash covers it)
-    src = (here / "lowbit_attention.cpp").read_text().replace(
-        '#include "lowbit_attention_amx.h"', (here / "lowbit_attention_amx.h").read_text())
+    src = (here / "lowbit_attention.cpp").read_text()
+    for part in ("lowbit_attention_amx.h", "lowbit_attention_amx_bands.h"):
+        src = src.replace(f'#include "{part}"', (here / part).read_text())
     flags = ["-O3", f"-march={arch}", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
              "-fno-trapping-math"]
     name = "kvfx_lowbit_attention" + ("" if arch == "native" else "_" + arch.replace("-", "_").replace(".", "_"))

@@ -131,6 +131,8 @@ struct Perm4 {
   }
 };
 
+struct BandPlan;  // bands (lowbit_attention_amx_bands.h)
+
 struct Problem {
   Kind kind;
   bool shared;
@@ -147,8 +149,13 @@ struct Problem {
   int64_t mask_b;
   const float* lut;
   float *part_m, *part_l, *part_o;
+  const BandPlan* plan = nullptr;   // bands: the key rows' units (ktiles of them) and score groups (ngk)
+  const BandPlan* vplan = nullptr;  // bands: the value rows' (vtiles C tiles, ngv weight groups)
+  int64_t cslots;                   // int32 C slots of one batch of scores (int4: ngk; int8: 2; bands: plan)
+  std::vector<int> item_ct, item_ws;  // value work items: C tiles (ct, ct + 1 if < vtiles) and their weight group
 
-  int digits() const { return kind == kInt4 ? 1 : 2; }  // A tiles per key unit (int4: both digits in one row)
+  int digits() const { return kind == kInt4 ? 1 : 2; }  // A tiles per key unit (int4: both digits in one row;
+                                                        // bands: two, the 4/2-bit units use the first)
   int64_t qoffset(int64_t bh, int gb, int64_t unit, int digit) const {
     return (((bh * NGB + gb) * ktiles + unit) * digits() + digit) * Gb * 64;
   }
@@ -215,8 +222,9 @@ class Worker {
     for (int t = 6; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;                         // B 6-7
     size_t used = 0;
     auto take = [&](size_t bytes) { const size_t at = used; used += round_up(bytes, 64); return at; };
-    const size_t o_ks = take(4 * P.ngk * BN), o_vs = take(P.shared ? 0 : 4 * P.ngv * BN),
-                 o_sb = take(2 * P.ktiles * 1024), o_cs = take(2 * 4 * std::max<int64_t>(P.ktiles, 2) * Gb * 16),
+    const bool same_scales = P.shared && !P.plan;  // bands: the key scales carry multipliers (BandPlan::Scales)
+    const size_t o_ks = take(4 * P.ngk * BN), o_vs = take(same_scales ? 0 : 4 * P.ngv * BN),
+                 o_sb = take(2 * P.ktiles * 1024), o_cs = take(2 * 4 * std::max<int64_t>(P.cslots, 2) * Gb * 16),
                  o_s = take(4 * P.G * BN), o_vb = take(2 * P.vtiles * (BN / 64) * 1024),
                  o_av = take(NGB * P.ngv * 2 * (BN / 64) * Gb * 64), o_ps = take(4 * P.G * P.ngv),
                  o_cv = take(2 * 4 * 4 * Gb * 16), o_pf = take(4 * P.G);
@@ -224,7 +232,7 @@ class Worker {
     if (scratch.size() < used + 64) scratch.resize(used + 64);
     char* base = reinterpret_cast<char*>(round_up(reinterpret_cast<int64_t>(scratch.data()), 64));
     ks = reinterpret_cast<float*>(base + o_ks);
-    vs = P.shared ? ks : reinterpret_cast<float*>(base + o_vs);
+    vs = same_scales ? ks : reinterpret_cast<float*>(base + o_vs);
     sb = reinterpret_cast<int8_t*>(base + o_sb);
     cs = reinterpret_cast<int32_t*>(base + o_cs);
     s_ = reinterpret_cast<float*>(base + o_s);
@@ -261,12 +269,12 @@ class Worker {
   int64_t block = 0;  // blocks done (for vb_at)
 
   void scales(const char* const* rows, int64_t cb, int64_t ng, float* out) const;
-  void key_tiles(const char* const* rows, int t);
-  void value_tiles(const char* const* rows, int t);
+  void key_tiles(const char* const* rows, int8_t* sbp, bool four, int64_t at, int64_t cb, int64_t n);
+  void value_tiles(const char* const* rows, int t, bool four, int64_t at, int64_t cb, int64_t n, int64_t ct0);
   // double buffers: what the tile unit may still be reading is not overwritten by the vector work that follows
   int8_t* sb_at(int t) const { return sb + (t % 2) * P.ktiles * 1024; }
   int8_t* vb_at(int64_t b) const { return vb + (b % 2) * P.vtiles * (BN / 64) * 1024; }
-  int32_t* cs_at(int t) const { return cs + (t % 2) * std::max<int64_t>(P.ktiles, 2) * Gb * 16; }
+  int32_t* cs_at(int t) const { return cs + (t % 2) * std::max<int64_t>(P.cslots, 2) * Gb * 16; }
   int32_t* cv_at(int64_t i) const { return cv + (i % 2) * 4 * Gb * 16; }
   void score_tiles(int64_t bh, int gb, int t);
   void score_sums(int64_t bh, int gb, int t, const float* add);
@@ -274,6 +282,12 @@ class Worker {
   void weights(int gb, int64_t j);
   void value_sums(int gb, int64_t i, float* o);
   void value_tile_ops(int gb, int64_t i);
+  // bands (lowbit_attention_amx_bands.h)
+  void band_scales(const char* const* rows, const BandPlan& plan, float* out) const;
+  void band_key_tiles(const char* const* rows, int t);
+  void band_value_tiles(const char* const* rows, int t);
+  void band_score_tiles(int64_t bh, int gb, int t);
+  void band_score_sums(int64_t bh, int gb, int t, const float* add);
 };
 
 // The block's scale codes -> out[j * BN + r] = 2^(e/8), 0 for missing rows. Several groups: 16 rows at a time,
@@ -307,15 +321,17 @@ void Worker::scales(const char* const* rows, int64_t cb, int64_t ng, float* out)
 // The B tiles of 16 key rows: sb[unit * 1024], 16 rows of 64 bytes, row i byte 4n + b = key row n's code of
 // column col(i, b). int4 group j: rows 2d, 2d + 1 = 16 · the low, high nibbles of the group's dword d, rows 8 + 2d,
 // 9 + 2d the same unscaled. int8 chunk c: row d = columns 64c + 4d .. 64c + 4d + 3.
-void Worker::key_tiles(const char* const* rows, int t) {
-  int8_t* __restrict const sbp = sb_at(t);
-  const int64_t ngk = P.ngk, cbk = P.cbk, nch = i4 ? (16 * ngk + 63) / 64 : (P.rk + 63) / 64;
+// (A run of int4 or int8 codes from byte `at` of each row, `cb` bytes: `n` groups (int4) or columns (int8), into
+// the tiles from sbp; bands call it per band, lowbit_attention_amx_bands.h.)
+void Worker::key_tiles(const char* const* rows, int8_t* __restrict sbp, bool four, int64_t at, int64_t cb, int64_t n) {
+  const int64_t ngk = n, nch = four ? (16 * n + 63) / 64 : (n + 63) / 64;
   for (int64_t c = 0; c < nch; ++c) {
-    const __mmask64 m = first_bytes(cbk - 64 * c);
+    const __mmask64 m = first_bytes(cb - 64 * c);
     __m512i z[16];
-    for (int n = 0; n < 16; ++n) z[n] = rows[n] ? _mm512_maskz_loadu_epi8(m, rows[n] + 64 * c) : _mm512_setzero_si512();
+    for (int r = 0; r < 16; ++r)
+      z[r] = rows[r] ? _mm512_maskz_loadu_epi8(m, rows[r] + at + 64 * c) : _mm512_setzero_si512();
     transpose16(z);
-    if (i4) {
+    if (four) {
       const int64_t groups = std::min<int64_t>(4, ngk - 4 * c);
       for (int64_t jj = 0; jj < groups; ++jj) {
         int8_t* tile = sbp + (4 * c + jj) * 1024;
@@ -337,10 +353,12 @@ void Worker::key_tiles(const char* const* rows, int t) {
 // Rows n0..n0+3 fill one tile row (byte 4i + k = row n0 + k, column i); tile row 4L + m holds rows 16m + 4L .. of
 // the step, the order in which weights() packs the weights. int4 tiles (group j, nibble): column i = 32j + 2i +
 // nibble; int8 tiles (chunk c, i): lane 4L + t = column 64c + 16L + 4i + t (the unpack order).
-void Worker::value_tiles(const char* const* rows, int t) {  // rows 16t .. 16t + 15 of the block
+// (Arguments as key_tiles'; the tiles from C tile ct0.)
+void Worker::value_tiles(const char* const* rows, int t, bool four, int64_t at, int64_t cbv, int64_t n,
+                         int64_t ct0) {  // rows 16t .. 16t + 15 of the block
   const int u0 = 4 * t;
-  int8_t* __restrict const vbp = vb_at(block);
-  const int64_t nch = i4 ? (16 * P.ngv + 63) / 64 : (P.rv + 63) / 64, ngv = P.ngv, cbv = P.cbv;
+  int8_t* __restrict const vbp = vb_at(block) + ct0 * (BN / 64) * 1024;
+  const int64_t nch = four ? (16 * n + 63) / 64 : (n + 63) / 64, ngv = n;
   const __m512i pa = perm.a, pb = perm.b, pc0 = perm.c0, pc1 = perm.c1;
   for (int64_t c = 0; c < nch; ++c) {
     const __mmask64 m = first_bytes(cbv - 64 * c);
@@ -349,8 +367,9 @@ void Worker::value_tiles(const char* const* rows, int t) {  // rows 16t .. 16t +
       const char* const* r4 = rows + 4 * (u - u0);
       int8_t* dst = vbp + ((u / 16) * 1024 + (4 * (u % 4) + (u % 16) / 4) * 64);
       __m512i z[4];
-      for (int k = 0; k < 4; ++k) z[k] = r4[k] ? _mm512_maskz_loadu_epi8(m, r4[k] + 64 * c) : _mm512_setzero_si512();
-      if (i4) {
+      for (int k = 0; k < 4; ++k)
+        z[k] = r4[k] ? _mm512_maskz_loadu_epi8(m, r4[k] + at + 64 * c) : _mm512_setzero_si512();
+      if (four) {
         const __m512i p01a = _mm512_permutex2var_epi8(z[0], pa, z[1]), p01b = _mm512_permutex2var_epi8(z[0], pb, z[1]);
         const __m512i p23a = _mm512_permutex2var_epi8(z[2], pa, z[3]), p23b = _mm512_permutex2var_epi8(z[2], pb, z[3]);
         const __m512i y[4] = {_mm512_permutex2var_epi8(p01a, pc0, p23a), _mm512_permutex2var_epi8(p01a, pc1, p23a),
@@ -511,7 +530,7 @@ void Worker::weights(int gb, int64_t j) {
 
 // The tile unit's part of work item i: int32 sums of C tiles (ct, ct + 1) by digit into cv_at(i).
 void Worker::value_tile_ops(int gb, int64_t i) {
-  const int64_t j = i4 ? i : 0, ct = 2 * i;
+  const int64_t j = P.item_ws[i], ct = P.item_ct[i];
   const bool two = ct + 1 < P.vtiles;
   const int G8 = Gb;
   const int8_t* ahi = av + ((gb * P.ngv + j) * 2 * (BN / 64)) * G8 * 64;
@@ -544,7 +563,7 @@ void Worker::value_tile_ops(int gb, int64_t i) {
 
 // ... and the vector part: o += weight scale · (256 · hi + lo).
 void Worker::value_sums(int gb, int64_t i, float* o) {
-  const int64_t ngv = P.ngv, Rvp = P.Rvp, j = i4 ? i : 0, ct = 2 * i;
+  const int64_t ngv = P.ngv, Rvp = P.Rvp, j = P.item_ws[i], ct = P.item_ct[i];
   const bool two = ct + 1 < P.vtiles;
   const int G8 = Gb, g0 = gb * G8, gn = static_cast<int>(std::min<int64_t>(G8, P.G - g0));
   const int32_t* __restrict const cvp = cv_at(i);
@@ -561,6 +580,9 @@ void Worker::value_sums(int gb, int64_t i, float* o) {
 
 void Worker::run(int64_t task) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  auto sums = [&](int64_t bh_, int gb, int t, const float* add) {
+    P.plan ? band_score_sums(bh_, gb, t, add) : score_sums(bh_, gb, t, add);
+  };
   const int64_t G = P.G, N = P.N;
   const int64_t bh = task / P.chunks, c = task % P.chunks, b = bh / P.H, h = bh % P.H;
   const char* krows = P.kp + b * P.ksb + h * P.ksh;
@@ -584,32 +606,40 @@ void Worker::run(int64_t task) {
     const int64_t moff = (P.mask_b == 1 ? 0 : b) * N + r0;
     for (int r = 0; r < BN; ++r)
       add[r] = r >= rows ? kNegInf : P.mp ? P.mp[moff + r] : P.mbp && !P.mbp[moff + r] ? kNegInf : 0.0f;
-    scales(kr, P.cbk, P.ngk, ks);
-    if (!P.shared) scales(vr, P.cbv, P.ngv, vs);
+    if (P.plan) {
+      band_scales(kr, *P.plan, ks);
+      band_scales(P.shared ? kr : vr, *P.vplan, vs);
+    } else {
+      scales(kr, P.cbk, P.ngk, ks);
+      if (!P.shared) scales(vr, P.cbv, P.ngv, vs);
+    }
     // Tile instructions run one after another on the tile unit; each batch is followed in program order by
     // vector work that does not wait for it (the next rows' layouts, the previous batch's sums), so the two overlap.
     const int T = (rows + 15) / 16;
     for (int t = 0; t < BN / 16; ++t) {
       if (t < T) {
-        key_tiles(kr + 16 * t, t);
+        if (P.plan) band_key_tiles(kr + 16 * t, t);
+        else key_tiles(kr + 16 * t, sb_at(t), i4, 0, P.cbk, i4 ? P.ngk : P.rk);
         for (int gb = 0; gb < NGB; ++gb) {
-          score_tiles(bh, gb, t);
-          if (gb + 1 < NGB) score_sums(bh, gb, t, add + 16 * t);
+          P.plan ? band_score_tiles(bh, gb, t) : score_tiles(bh, gb, t);
+          if (gb + 1 < NGB) sums(bh, gb, t, add + 16 * t);
         }
       } else {  // missing rows
         for (int64_t g = 0; g < G; ++g) std::fill(s_ + g * BN + 16 * t, s_ + g * BN + 16 * t + 16, kNegInf);
       }
-      value_tiles((P.shared ? kr : vr) + 16 * t, t);
-      if (t > 0 && t - 1 < T) score_sums(bh, NGB - 1, t - 1, add + 16 * (t - 1));
+      const char* const* vrows16 = (P.shared ? kr : vr) + 16 * t;
+      if (P.plan) band_value_tiles(vrows16, t);
+      else value_tiles(vrows16, t, i4, 0, P.cbv, i4 ? P.ngv : P.rv, 0);
+      if (t > 0 && t - 1 < T) sums(bh, NGB - 1, t - 1, add + 16 * (t - 1));
     }
-    if (T == BN / 16) score_sums(bh, NGB - 1, T - 1, add + 16 * (T - 1));
+    if (T == BN / 16) sums(bh, NGB - 1, T - 1, add + 16 * (T - 1));
     softmax(m, l, o);
-    const int64_t items = i4 ? P.ngv : (P.vtiles + 1) / 2;
+    const int64_t items = static_cast<int64_t>(P.item_ct.size());
     for (int gb = 0; gb < NGB; ++gb) {
-      weights(gb, 0);
+      weights(gb, P.item_ws[0]);
       for (int64_t i = 0; i < items; ++i) {
         value_tile_ops(gb, i);
-        if (i4 && i + 1 < items) weights(gb, i + 1);
+        if (i + 1 < items && P.item_ws[i + 1] != P.item_ws[i]) weights(gb, P.item_ws[i + 1]);
         if (i > 0) value_sums(gb, i - 1, o);
       }
       value_sums(gb, items - 1, o);
@@ -618,5 +648,6 @@ void Worker::run(int64_t task) {
   }
 }
 
+#include "lowbit_attention_amx_bands.h"  // bands on the tile unit, pasted in by lowbit_attention.py
 }  // namespace amx
 #endif  // KVFX_AMX

@@ -17,10 +17,17 @@ from kvfx.ops import lowbit_attention as la
 pytestmark = pytest.mark.usefixtures("one_thread")
 FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The integer path (lowbit_attention.cpp, AMX): each query row, times the softmax scale, is rounded to integers
-# |x| <= Q_STEPS[kind] (one scale per row: max |scale·q| / Q); the value sums' weights p·s_v to 0 <= x <= 32512 of
-# their largest per block (two digits, 16 bits). Nothing else is rounded.
-Q_STEPS = {"int4": 2032, "int8": 32512}
+# |x| <= Q (one scale per row: max |scale·q| / Q; Q = 32512 for int8 rows and the columns of an int8 band, 2032 for
+# int4 rows and the columns of int4 / int2 bands); the value sums' weights p·s_v to 0 <= x <= 32512 of their
+# largest per block (two digits, 16 bits). Nothing else is rounded.
+Q_STEPS = {8: 32512, 4: 2032, 2: 2032}
 W_STEPS = 32512
+
+
+def _query_steps(kind, width):
+    """Q of each of the row's columns (above), float64 [width]."""
+    return torch.cat([torch.full((w,), float(Q_STEPS[fmt.bits]), dtype=torch.float64)
+                      for fmt, w in quant.layout(kind, width)])
 
 
 def _exact(q, k, v, scale, mask):
@@ -33,18 +40,22 @@ def _exact(q, k, v, scale, mask):
 
 
 def _rounded_query(q, steps, scale):
-    """scale·q rounded to |x| <= steps per row as the integer path does (float32 like the kernel, half to even like
-    VCVTPS2DQ), in float64."""
+    """scale·q rounded to |x| <= steps (a number, or one per column) per row as the integer path does (float32 like
+    the kernel, half to even like VCVTPS2DQ), in float64."""
     amax = q.abs().amax(-1, keepdim=True) * abs(scale)
-    inv = torch.where(amax > 0, scale * steps / amax, torch.zeros_like(amax)).float()
+    steps = torch.as_tensor(steps, dtype=torch.float64)
+    inv = torch.where(amax > 0, scale * steps.float() / amax, torch.zeros_like(amax)).float()
     return torch.round(q.float() * inv).double() * (amax.double() / steps)
 
 
 def _column_scales(stored, width, kind):
-    """Each stored number's scale 2^(e/8), [..., width] (kvfx/quant.py)."""
-    fmt = quant.FORMATS[kind]
-    e = stored[..., fmt.code_bytes(width):].double()
-    return torch.exp2(e / quant.SCALE_STEPS).repeat_interleave(fmt.group or width, -1)[..., :width]
+    """Each stored number's scale 2^(e/8), [..., width] (kvfx/quant.py; per band)."""
+    bands = quant.layout(kind, width)
+    out = []
+    for part, (fmt, w) in zip(stored.split([fmt.row_bytes(w) for fmt, w in bands], -1), bands):
+        e = part[..., fmt.code_bytes(w):].double()
+        out.append(torch.exp2(e / quant.SCALE_STEPS).repeat_interleave(fmt.group or w, -1)[..., :w])
+    return torch.cat(out, -1)
 
 
 def _weight_bound(p, v, sv):
@@ -62,8 +73,9 @@ def _integer_bound(q, kc, vc, rk, rv, kind, scale, mask, shared):
     k = quant.dequantize(kc, torch.float64, rk, kind)
     v = k if shared else quant.dequantize(vc, torch.float64, rv, kind)
     p, out = _exact(q, k, v, scale, mask)
-    step = (scale * q.double()).abs().amax(-1, keepdim=True) / Q_STEPS[kind]
-    d = torch.where(p > 0, step / 2 * k.abs().sum(-1)[:, :, None, :], torch.zeros_like(p)).amax(-1, keepdim=True)
+    amax = (scale * q.double()).abs().amax(-1, keepdim=True)
+    d = amax / 2 * (k.abs() / _query_steps(kind, rk)).sum(-1)[:, :, None, :]
+    d = torch.where(p > 0, d, torch.zeros_like(p)).amax(-1, keepdim=True)
     spread = (p[..., None] * (v[:, :, None] - out[:, :, :, None]).abs()).sum(-2)
     bound = 2 * d * spread * torch.exp(2 * d) + _weight_bound(p, v, _column_scales(kc if shared else vc, rv, kind))
     return out, bound + 1e-5 * max(1.0, out.abs().max().item())
@@ -73,10 +85,10 @@ def _assert_matches(out, q, kc, vc, rk, rv, kind, scale, mask, shared):
     """The op against the plain-torch reference: float32 round-off (1e-5 of the output's size: the kernel folds the
     scale into q and sums in another order than SDPA), or, for int8 / int4 rows on the integer path, the bound of
     its rounding (_integer_bound: ~1e-3 (int4) / ~1e-4 (int8) of the output's size on these inputs, far below the
-    cache's own rounding)."""
+    cache's own rounding); bands and int2 rows likewise."""
     ref = la.reference(q, kc, vc, rk, rv, kind, scale, mask, shared)
     assert out.shape == ref.shape and out.dtype == ref.dtype
-    if kind in Q_STEPS and la.integer_path("cpu"):
+    if kind != "float" and la.integer_path("cpu"):
         _, bound = _integer_bound(q, kc, vc, rk, rv, kind, scale, mask, shared)
         err = (out.double() - ref.double()).abs()
         assert (err <= bound).all(), f"{(err / bound).max().item():.3g} x the bound"
@@ -123,9 +135,10 @@ def test_kernel_matches_reference(b, h, g, n, rk, rv, kind, mask, shared, seed):
        bits=st.lists(st.sampled_from([8, 4, 2]), min_size=3, max_size=3), rv=st.integers(1, 70),
        mask=st.sampled_from([None, "bool"]), shared=st.booleans(), seed=st.integers(0, 99))
 def test_bands_and_int2_rows_match_reference(g, n, widths, bits, rv, mask, shared, seed):
-    """Bits per direction (kvfx.quant bands: int8 / int4 / int2 runs of columns in one row) and whole int2 rows: the
-    kernel decodes each band in column order (AVX-512 for whole groups, scalar tails), the reference's numbers to
-    float32 round-off. Widths cross group ends (32) and the 64-number int2 vectors."""
+    """Bits per direction (kvfx.quant bands: int8 / int4 / int2 runs of columns in one row) and whole int2 rows: on
+    the integer path (AMX) within the bound of its rounding, elsewhere (each band decoded in column order) the
+    reference's numbers to float32 round-off. Widths cross group ends (32), 64-column int8 units and the 64-number
+    int2 vectors."""
     kind = "+".join(f"int{b}x{w}" for b, w in zip(bits, widths))
     rk = sum(widths)
     gen = torch.Generator().manual_seed(seed)
@@ -207,11 +220,37 @@ def _assert_rounds_as_documented(out, q, kc, vc, rk, rv, kind, scale, mask, shar
     k = quant.dequantize(kc, torch.float64, rk, kind)
     v = k if shared else quant.dequantize(vc, torch.float64, rv, kind)
     p, exact = _exact(q, k, v, scale, mask)
-    _, rounded = _exact(_rounded_query(q, Q_STEPS[kind], scale), k, v, 1.0, mask)
+    _, rounded = _exact(_rounded_query(q, _query_steps(kind, rk), scale), k, v, 1.0, mask)
     tol = _weight_bound(p, v, _column_scales(kc if shared else vc, rv, kind)) + 1e-5 * exact.abs().max()
     err = (out.double() - rounded).abs()
     assert (err <= tol).all(), f"{(err / tol).max().item():.3g} x the tolerance"
     return rounded, tol
+
+
+# (format, g, n, shared, mask): bands as kvfx.allocate_bits makes them (edges at 16 columns, an int8 band beside
+# int4 / int2 ones, partial groups), int8 bands over several 64-column units, odd widths, whole int2 rows
+BAND_CASES = [("int8x48+int4x224+int2x80", 9, 300, True, None), ("int4x16+int2x16", 20, 150, False, "bool"),
+              ("int8x130+int2x20", 3, 129, False, "float"), ("int2x100+int4x17", 16, 64, True, "bool"),
+              ("int2", 9, 257, False, None), ("int8x7+int4x3+int2x5", 1, 40, True, None)]
+
+
+@pytest.mark.parametrize("case", BAND_CASES)
+def test_integer_path_rounds_bands_as_documented(case):
+    """Bands on the integer path: 4/2-bit units summed as int4 groups (int2 as k = 2q + 1 at half the scale), int8
+    bands as int8 chunks, one query scale per row with the int8 band's columns at 16x the precision of the rest
+    (_query_steps): float64 attention with the query rounded so leaves only the weights' rounding; a query rounded
+    to 8 bits fails that tolerance."""
+    if not la.integer_path("cpu"):
+        pytest.skip("no integer path on this CPU (AMX-INT8)")
+    kind, g, n, shared, mask = case
+    rk = quant.width_of(kind) or 70
+    q, kc, vc, m = _case(1, 2, g, n, rk, rk, kind, mask, shared, 6)
+    out = torch.ops.kvfx.decode_attention(q, kc, vc, rk, rk, kind, 0.125, m, shared)
+    rounded, tol = _assert_rounds_as_documented(out, q, kc, vc, rk, rk, kind, 0.125, m, shared)
+    k = quant.dequantize(kc, torch.float64, rk, kind)
+    _, lost_digit = _exact(_rounded_query(q, 127, 0.125), k, k if shared else quant.dequantize(
+        vc, torch.float64, rk, kind), 1.0, m)
+    assert ((lost_digit - rounded).abs() > tol).any()
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])

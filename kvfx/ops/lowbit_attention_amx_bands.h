@@ -1,0 +1,299 @@
+// The integer path for bits per latent direction (kvfx/quant.py bands: int8 / int4 / int2 runs of columns in one
+// row). Not a standalone header: lowbit_attention.py pastes it into lowbit_attention_amx.h where that file says
+// `#include "lowbit_attention_amx_bands.h"` (inside namespace amx, after class Worker).
+//
+// A band row is cut into units the tile unit takes as they are:
+// * a 4-bit or 2-bit unit: one scale group (32 columns of the band). Its codes become one 64-byte operand row per
+//   key row: 16·k for the group's 32 columns, then k (int4: the nibbles, sign-extended; int2: k = 2q + 1 for the
+//   mid-rise level q + ½, so x = k · 2^(e/8) / 2, exact), against one A row of the query's two digits x = 16·hi + lo
+//   (|x| <= 2032) in the same column order: one TDPBSSD sums k·x over the group, as the int4 format's path does.
+// * an 8-bit unit: 64 columns of an int8 band (one scale for the band): the codes as they are, against the two
+//   digits of x = 256·hi + lo (|x| <= 32512), two accumulators, as the int8 format's path does; the units of one
+//   band sum into the same accumulators.
+// One scale per query row, for a row with an 8-bit band 1/32512 of its largest |scale·q| (its 4/2-bit units round
+// the query to 16 of those steps, 1/2032, and their sums count 16×), else 1/2032. Values: each unit's codes as
+// int8 (the same k) in tiles of 16 output columns (2 per 4/2-bit unit, 4 per 8-bit unit), weighted per value
+// scale group as the other formats' (weights() and value_sums(), per item = a pair of C tiles and its group).
+
+// One stored band's units, scales and column orders (keys or values; built once per call from the Format).
+struct BandPlan {
+  struct Unit {
+    int bits, at, bytes, col, cols;  // codes from byte `at` (`bytes` of them), band columns col .. col + cols
+  };
+  struct Group {
+    bool i8;
+    int u0, u1, slot;  // units [u0, u1); int32 sums in C slots slot (4/2-bit) or slot, slot + 1 (8-bit digits)
+  };
+  struct Run {  // one band: its units u0 .. and value C tiles ct0 ..; n = groups (4/2-bit) or columns (8-bit)
+    int bits, at, cb, n, u0, ct0;
+  };
+  struct Scales {
+    int at, n, first;  // n scale codes from byte `at` -> rows first .. first + n - 1 of ks / vs
+    float mult;        // times this (int2: ½; a 4/2-bit key group beside an 8-bit band: ×16, see the top)
+  };
+  std::vector<Unit> units;
+  std::vector<Group> groups;  // keys: score groups; values: weight groups (one per Scales row)
+  std::vector<Scales> scales;
+  std::vector<Run> runs;
+  bool has8 = false;
+  int slots = 0, ctiles = 0;
+  std::vector<int> item_ct, item_ws;  // values: C tile pairs and their weight group
+
+  BandPlan() = default;
+  explicit BandPlan(const Format& f, bool keys) {
+    for (const Band& b : f.bands) has8 |= b.bits == 8;
+    int ct = 0;
+    for (const Band& b : f.bands) {
+      const int first = static_cast<int>(groups.size());
+      runs.push_back({b.bits, b.at, b.code_bytes, b.bits == 8 ? b.width : (b.width + 31) / 32,
+                      static_cast<int>(units.size()), ct});
+      ct += b.bits == 8 ? 4 * ((b.width + 63) / 64) : 2 * ((b.width + 31) / 32);
+      if (b.bits == 8) {
+        const int u0 = static_cast<int>(units.size());
+        for (int c = 0; c < b.width; c += 64) units.push_back({8, b.at + c, std::min(64, b.width - c), b.col + c,
+                                                               std::min(64, b.width - c)});
+        groups.push_back({true, u0, static_cast<int>(units.size()), slots});
+        slots += 2;
+        scales.push_back({b.at + b.code_bytes, 1, first, 1.0f});
+      } else {
+        const int per = 8 / b.bits;
+        for (int c = 0; c < b.width; c += 32) {
+          const int cols = std::min(32, b.width - c);
+          groups.push_back({false, static_cast<int>(units.size()), static_cast<int>(units.size()) + 1, slots++});
+          units.push_back({b.bits, b.at + c / per, (cols + per - 1) / per, b.col + c, cols});
+        }
+        const float mult = (b.bits == 2 ? 0.5f : 1.0f) * (keys && has8 ? 16.0f : 1.0f);
+        scales.push_back({b.at + b.code_bytes, (b.width + 31) / 32, first, mult});
+      }
+    }
+    for (size_t g = 0; g < groups.size(); ++g)  // values: 2 C tiles a 4/2-bit unit, 4 an 8-bit one
+      for (int u = groups[g].u0; u < groups[g].u1; ++u) {
+        const int n = units[u].bits == 8 ? 4 : 2;
+        for (int k = 0; k < n; k += 2) item_ct.push_back(ctiles + k), item_ws.push_back(static_cast<int>(g));
+        ctiles += n;
+      }
+  }
+
+  // The value column of accumulated column j (C tile j / 16, lane j % 16), -1 for padding.
+  int64_t column(int64_t j) const {
+    int ct = 0;
+    for (const Unit& u : units) {
+      const int n = u.bits == 8 ? 4 : 2;
+      if (j / 16 < ct + n) {
+        const int t = static_cast<int>(j / 16) - ct, lane = static_cast<int>(j % 16), L = lane / 4, m = lane % 4;
+        // 8-bit: the int8 format's unpack order; 4-bit: the int4 format's (nibble t); 2-bit: byte (L, 4t + m) of
+        // value_z
+        const int local = u.bits == 8 ? 16 * L + 4 * t + m : u.bits == 4 ? 2 * lane + t : 4 * (4 * t + m) + L;
+        return local < u.cols ? u.col + local : -1;
+      }
+      ct += n;
+    }
+    return -1;
+  }
+
+  // Key unit u's operand row: byte K pairs with query column key_column(u, K) and digit `digit`.
+  // Returns column * 4 + digit (0/1: hi/lo of the 4/2-bit rounding, 2/3: hi/lo of the 8-bit one), -1 for padding.
+  int query_entry(int u, int tile, int K) const {
+    const Unit& x = units[u];
+    int local, digit;
+    if (x.bits == 8) {
+      local = K, digit = 2 + tile;
+    } else {
+      if (tile == 1) return -1;
+      const int k = K % 32, r = K / 4 % 8;  // int4: the int4 format's order; int2: see int2_key_tiles
+      local = x.bits == 4 ? 8 * (k / 8) + 2 * (k % 4) + (k / 4) % 2 : 16 * (r / 4) + 4 * (K % 4) + r % 4;
+      digit = K / 32;
+    }
+    return local < x.cols ? (x.col + local) * 4 + digit : -1;
+  }
+};
+
+// GF2P8AFFINEQB matrices of the 2-bit field f: 16·(2q + 1) without its constant bit 4, and 2q + 1 without bit 0.
+constexpr int kF16Src[4][8] = {{-1, -1, -1, -1, -1, 0, 1, 1}, {-1, -1, -1, -1, -1, 2, 3, 3},
+                               {-1, -1, -1, -1, -1, 4, 5, 5}, {-1, -1, -1, -1, -1, 6, 7, 7}};
+constexpr int kF1Src[4][8] = {{-1, 0, 1, 1, 1, 1, 1, 1}, {-1, 2, 3, 3, 3, 3, 3, 3},
+                              {-1, 4, 5, 5, 5, 5, 5, 5}, {-1, 6, 7, 7, 7, 7, 7, 7}};
+
+// A 2-bit value unit's codes as int8 k = 2q + 1, 8 in the low half of each 128-bit lane L: byte b = field L of
+// code byte b.
+inline __m512i value_z(const BandPlan::Unit& u, const char* row) {
+  const __m128i x = _mm_maskz_loadu_epi8(static_cast<__mmask16>(first_bytes(u.bytes)), row + u.at);
+  const __m512i m = _mm512_setr_epi64(affine(kF1Src[0]), 0, affine(kF1Src[1]), 0, affine(kF1Src[2]), 0,
+                                      affine(kF1Src[3]), 0);
+  return _mm512_or_si512(_mm512_gf2p8affine_epi64_epi8(_mm512_broadcastq_epi64(x), m, 0), _mm512_set1_epi8(1));
+}
+
+// The query rows as A tiles: per key unit two 64-byte rows (digits; a 4/2-bit unit uses the first), in its columns'
+// order (BandPlan::query_entry), one scale per row (qsc).
+void quantize_band_queries(const Problem& P, const float* q, float sc, int8_t* qa, float* qsc) {
+  const BandPlan& K = *P.plan;
+  const float bound = K.has8 ? kQ8 : kQ4;
+  const int64_t rk = P.rk, pad = 4 * rk;  // digits[d * rk + c]: digit d (BandPlan::query_entry) of column c; [pad] = 0
+  std::vector<int> at(K.units.size() * 128);
+  for (size_t u = 0; u < K.units.size(); ++u)
+    for (int t = 0; t < 2; ++t)
+      for (int k = 0; k < 64; ++k) {
+        const int e = K.query_entry(static_cast<int>(u), t, k);
+        at[(u * 2 + t) * 64 + k] = e < 0 ? static_cast<int>(pad) : (e % 4) * static_cast<int>(rk) + e / 4;
+      }
+  std::vector<int8_t> digits(pad + 1, 0);
+  for (int64_t bh = 0; bh < P.B * P.H; ++bh)
+    for (int64_t g = 0; g < P.G; ++g) {
+      const int gb = static_cast<int>(g / P.Gb), gr = static_cast<int>(g % P.Gb);
+      const float* qg = q + (bh * P.G + g) * rk;
+      float amax = 0.0f;
+      for (int64_t c = 0; c < rk; ++c) amax = std::max(amax, std::abs(qg[c]));
+      amax *= std::abs(sc);
+      qsc[bh * P.G + g] = amax / bound;
+      const float inv4 = amax > 0 ? sc * kQ4 / amax : 0.0f, inv8 = amax > 0 ? sc * kQ8 / amax : 0.0f;
+      for (int64_t c = 0; c < rk; c += 16) {  // x = 16·hi + lo (|x| <= 2032), 256·hi + lo (|x| <= 32512)
+        const __mmask16 m = static_cast<__mmask16>(first_bytes(rk - c));
+        const __m512 y = _mm512_maskz_loadu_ps(m, qg + c);
+        const __m512i x4 = _mm512_cvtps_epi32(_mm512_mul_ps(y, _mm512_set1_ps(inv4)));
+        const __m512i x8 = _mm512_cvtps_epi32(_mm512_mul_ps(y, _mm512_set1_ps(inv8)));
+        const __m512i h4 = _mm512_srai_epi32(_mm512_add_epi32(x4, _mm512_set1_epi32(8)), 4);
+        const __m512i h8 = _mm512_srai_epi32(_mm512_add_epi32(x8, _mm512_set1_epi32(128)), 8);
+        _mm512_mask_cvtepi32_storeu_epi8(&digits[c], m, h4);
+        _mm512_mask_cvtepi32_storeu_epi8(&digits[rk + c], m, _mm512_sub_epi32(x4, _mm512_slli_epi32(h4, 4)));
+        _mm512_mask_cvtepi32_storeu_epi8(&digits[2 * rk + c], m, h8);
+        _mm512_mask_cvtepi32_storeu_epi8(&digits[3 * rk + c], m, _mm512_sub_epi32(x8, _mm512_slli_epi32(h8, 8)));
+      }
+      for (size_t u = 0; u < K.units.size(); ++u)
+        for (int t = 0; t < 2; ++t) {
+          int8_t* row = qa + P.qoffset(bh, gb, static_cast<int64_t>(u), t) + gr * 64;
+          const int* src = &at[(u * 2 + t) * 64];
+          for (int k = 0; k < 64; ++k) row[k] = digits[src[k]];
+        }
+    }
+}
+
+// The block's scale codes of the bands (ks, or vs for values) times their multipliers.
+void Worker::band_scales(const char* const* rows, const BandPlan& plan, float* out) const {
+  for (const BandPlan::Scales& s : plan.scales) {
+    scales(rows, s.at, s.n, out + s.first * BN);
+    if (s.mult != 1.0f)
+      for (int64_t i = s.first * BN; i < (s.first + s.n) * BN; i += 16)
+        _mm512_store_ps(out + i, _mm512_mul_ps(_mm512_load_ps(out + i), _mm512_set1_ps(s.mult)));
+  }
+}
+
+// B tiles of key rows 16t .. 16t + 15: unit u's at sb_at(t) + u · 1024. int8 and int4 bands as those formats';
+// int2 bands 64 code bytes (8 groups) at a time, transposed, group j's dwords 2j + w (w = 0, 1) giving tile rows
+// 4w + f = 16·k of field f and 8 + 4w + f = k: byte 4r + i of an A row is column 16(r' / 4) + 4i + r' % 4 of the
+// group (r' = r % 8), the hi digit for r < 8.
+void Worker::band_key_tiles(const char* const* rows, int t) {
+  int8_t* __restrict const sbp = sb_at(t);
+  for (const BandPlan::Run& b : P.plan->runs) {
+    int8_t* tiles = sbp + b.u0 * 1024;
+    if (b.bits != 2) {
+      key_tiles(rows, tiles, b.bits == 4, b.at, b.cb, b.n);
+      continue;
+    }
+    for (int64_t c = 0; c < (b.cb + 63) / 64; ++c) {
+      const __mmask64 m = first_bytes(b.cb - 64 * c);
+      __m512i z[16];
+      for (int r = 0; r < 16; ++r)
+        z[r] = rows[r] ? _mm512_maskz_loadu_epi8(m, rows[r] + b.at + 64 * c) : _mm512_setzero_si512();
+      transpose16(z);
+      for (int64_t j = 0; j < std::min<int64_t>(8, b.n - 8 * c); ++j) {
+        int8_t* tile = tiles + (8 * c + j) * 1024;
+        for (int w = 0; w < 2; ++w)
+          for (int f = 0; f < 4; ++f) {
+            const __m512i x = z[2 * j + w];
+            put(tile + (4 * w + f) * 64, _mm512_or_si512(_mm512_gf2p8affine_epi64_epi8(
+                x, _mm512_set1_epi64(affine(kF16Src[f])), 0), _mm512_set1_epi8(16)));
+            put(tile + (8 + 4 * w + f) * 64, _mm512_or_si512(_mm512_gf2p8affine_epi64_epi8(
+                x, _mm512_set1_epi64(affine(kF1Src[f])), 0), _mm512_set1_epi8(1)));
+          }
+      }
+    }
+  }
+}
+
+// B tiles of the block's values (rows 16t .. 16t + 15), value_tiles' row order; C tiles per unit as BandPlan.
+void Worker::band_value_tiles(const char* const* rows, int t) {
+  const int u0 = 4 * t;
+  int8_t* __restrict const vbp = vb_at(block);
+  const BandPlan& V = *P.vplan;
+  constexpr int64_t kTile = (BN / 64) * 1024;
+  for (const BandPlan::Run& b : V.runs)
+    if (b.bits != 2) value_tiles(rows, t, b.bits == 4, b.at, b.cb, b.n, b.ct0);
+  int ct = 0;
+  for (const BandPlan::Unit& x : V.units) {
+    if (x.bits != 2) {
+      ct += x.bits == 8 ? 4 : 2;
+      continue;
+    }
+    for (int u = u0; u < u0 + 4; ++u) {
+      const char* const* r4 = rows + 4 * (u - u0);
+      int8_t* dst = vbp + ct * kTile + ((u / 16) * 1024 + (4 * (u % 4) + (u % 16) / 4) * 64);
+      __m512i z[4];
+      for (int k = 0; k < 4; ++k) z[k] = r4[k] ? value_z(x, r4[k]) : _mm512_setzero_si512();
+      const __m512i a = _mm512_unpacklo_epi8(z[0], z[1]), c = _mm512_unpacklo_epi8(z[2], z[3]);
+      put(dst, _mm512_unpacklo_epi16(a, c));
+      put(dst + kTile, _mm512_unpackhi_epi16(a, c));
+    }
+    ct += 2;
+  }
+}
+
+// Scores of key rows 16t .. 16t + 15 for g-block gb: per score group its int32 sums into cs_at(t). Two 4/2-bit
+// groups at a time on two accumulators (C 0, 1 from A 4, 5 and B 6, 7), as score_tiles does for int4; an 8-bit
+// group's digits on C 2, 3.
+void Worker::band_score_tiles(int64_t bh, int gb, int t) {
+  const int8_t* __restrict const sbp = sb_at(t);
+  int32_t* __restrict const csp = cs_at(t);
+  const auto& groups = P.plan->groups;
+  for (size_t j = 0; j < groups.size(); ++j) {
+    const BandPlan::Group& s = groups[j];
+    if (s.i8) {
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int u = s.u0; u < s.u1; ++u) {
+        _tile_loadd(4, P.qtile(bh, gb, u, 0), 64);
+        _tile_loadd(5, P.qtile(bh, gb, u, 1), 64);
+        _tile_loadd(6, sbp + u * 1024, 64);
+        _tile_dpbssd(2, 4, 6);
+        _tile_dpbssd(3, 5, 6);
+      }
+      _tile_stored(2, csp + s.slot * Gb * 16, 64);
+      _tile_stored(3, csp + (s.slot + 1) * Gb * 16, 64);
+      continue;
+    }
+    const bool two = j + 1 < groups.size() && !groups[j + 1].i8;
+    _tile_loadd(4, P.qtile(bh, gb, s.u0, 0), 64);
+    _tile_loadd(6, sbp + s.u0 * 1024, 64);
+    _tile_zero(0);
+    _tile_dpbssd(0, 4, 6);
+    if (two) {
+      _tile_loadd(5, P.qtile(bh, gb, groups[j + 1].u0, 0), 64);
+      _tile_loadd(7, sbp + groups[j + 1].u0 * 1024, 64);
+      _tile_zero(1);
+      _tile_dpbssd(1, 5, 7);
+    }
+    _tile_stored(0, csp + s.slot * Gb * 16, 64);
+    if (two) _tile_stored(1, csp + groups[++j].slot * Gb * 16, 64);
+  }
+}
+
+// ... and the vector part: s_[g * BN + 16t ..] = q scale · sum over groups of key scale · int32 sum, plus `add`.
+void Worker::band_score_sums(int64_t bh, int gb, int t, const float* add) {
+  const __m512 addv = _mm512_loadu_ps(add);
+  const int32_t* __restrict const csp = cs_at(t);
+  const float* __restrict const kst = ks + 16 * t;
+  float* __restrict const st = s_ + 16 * t;
+  const float* qs = P.qsc + bh * P.G;
+  const int g0 = gb * Gb, gn = static_cast<int>(std::min<int64_t>(Gb, P.G - g0));
+  const auto& groups = P.plan->groups;
+  for (int gr = 0; gr < gn; ++gr) {
+    __m512 acc = _mm512_setzero_ps();
+    for (size_t j = 0; j < groups.size(); ++j) {
+      __m512 x = _mm512_cvtepi32_ps(_mm512_load_si512(csp + (groups[j].slot * Gb + gr) * 16));
+      if (groups[j].i8)
+        x = _mm512_fmadd_ps(x, _mm512_set1_ps(256.0f),
+                            _mm512_cvtepi32_ps(_mm512_load_si512(csp + ((groups[j].slot + 1) * Gb + gr) * 16)));
+      acc = _mm512_fmadd_ps(x, _mm512_load_ps(kst + j * BN), acc);
+    }
+    _mm512_store_ps(st + (g0 + gr) * BN, _mm512_fmadd_ps(acc, _mm512_set1_ps(qs[g0 + gr]), addv));
+  }
+}
