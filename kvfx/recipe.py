@@ -4,12 +4,12 @@ The recipe is what benchmarks/RESULTS.md measured best on SmolLM2 (sections "Sha
 latents", "domains" and "domains-bits"):
 
 1. statistics once, closed-form kqsvd fit of ONE shared K+V latent per layer (`granularity="kv"`);
-2. the latent format: below 37.5 % of the bytes int4 at the widest rank that fits, rotated (decoded on the AMX
-   integer path), or with `per_direction=True` bits per latent direction (`kvfx.allocate_bits`: balanced
+2. the latent format: below 37.5 % of the bytes bits per latent direction (`kvfx.allocate_bits`: balanced
    directions in int8 / int4 / int2 bands, the rest dropped, rotated within bands; through the cache on four text
    domains at 25 % 1.013-1.021 × the original where the uniform int4 latent is 1.021-1.048, at 12.5 % 1.22-1.35 ×
-   where the uniform int4 latent at 13.3 % was 1.34-1.68); from 37.5 % up, int8 at the widest rank that fits (at
-   37.5 % its latent keeps 287 of SmolLM2's 384 K+V numbers: 37.75 WikiText-2 perplexity, at 50.8 % int8 is
+   where the uniform int4 latent at 13.3 % was 1.34-1.68; decoded on the AMX integer path like int4, RESULTS.md
+   "speed-bands"), or with `per_direction=False` int4 at the widest rank that fits, rotated; from 37.5 % up, int8
+   at the widest rank that fits (at 37.5 % its latent keeps 287 of SmolLM2's 384 K+V numbers: 37.75 WikiText-2 perplexity, at 50.8 % int8 is
    lossless, 36.13), then `kvfx.rotate_latents`; a budget of 1 keeps the 16-bit cache at full width (exact);
 3. `measured=True`: the model's measured sensitivity (kvfx.sensitivity) prices each layer's error, so bytes move
    between layers (allocate_bits' `profile`; int8: kvfx.allocate's ranks, 12.5 % int4: 60.45 → 58.12);
@@ -52,7 +52,7 @@ def check_budget(budget) -> None:
         raise ValueError(f"budget must be a fraction of the 16-bit KV-cache bytes in (0, 1], got {budget!r}.")
 
 
-def choose_format(budget: float, width: int, per_direction: bool = False) -> str | None:
+def choose_format(budget: float, width: int, per_direction: bool = True) -> str | None:
     """Step 2 of the recipe, for a layer of K+V width `width`: None (16-bit, full width), "int8", "bits"
     (kvfx.allocate_bits' bands) or, with per_direction=False, "int4" (one format for the whole row)."""
     check_budget(budget)
@@ -89,16 +89,16 @@ def _minutes(seconds: float) -> str:
 
 def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine_steps: int = 0,
                 measured: bool | None = None, progress: bool = True, data: str | None = None,
-                log: Callable[[str], None] | None = None, per_direction: bool = False) -> Projections:
+                log: Callable[[str], None] | None = None, per_direction: bool = True) -> Projections:
     """Projections for `model` whose cache takes `budget` × the bytes of an uncompressed 16-bit cache, by the
     best recipe measured so far (module docstring). batches: calibration windows (LongTensor [n, T] or a list
     of them). refine_steps: end-to-end training steps (0: closed form only; ~13 s per 512-token step for
     SmolLM2 on 2 CPU cores). measured: price each layer by the model's measured sensitivity (2 CPU cores, SmolLM2,
     one window: bands ~1 min, int4 / int8 ranks ~15 min); None: only when refining. data: a description of the
-    calibration text, for the provenance. per_direction=True: below 37.5 %, bits per latent direction (kvfx.allocate_bits'
-    bands) instead of one int4 format at the widest rank that fits — better per byte (RESULTS.md "domains-bits") but
-    decoded on the kernel's float path, below the bytes-ideal speed in bfloat16 and at 1k tokens ("speed-bands"); the
-    default keeps int4, which the AMX integer path decodes."""
+    calibration text, for the provenance. per_direction (default True): below 37.5 %, bits per latent direction
+    (kvfx.allocate_bits' bands), better per byte than one int4 format at the widest rank that fits (RESULTS.md
+    "domains-bits") and decoded on the same AMX integer path at about its speed ("speed-bands"); False: that int4
+    format."""
     from .calib.collect import collect_stats, fit
     from .calib.refine import Refine, refine
     from .calib.sensitivity import allocate, sensitivity

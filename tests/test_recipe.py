@@ -41,7 +41,7 @@ def test_budget_range(bad):
 
 def test_best_config_meets_budget_and_compress_applies_its_format(tmp_path):
     m = tiny_llama(2)
-    P = kvfx.best_config(m, windows(), 0.25, progress=False, data="random tokens", per_direction=True)
+    P = kvfx.best_config(m, windows(), 0.25, progress=False, data="random tokens")  # default: bits
     assert isinstance(P.quantize, dict) and set(P.quantize) == set(P.sites)  # bands per site (allocate_bits)
     assert P.kv_fraction(P.quantize) <= 0.25 and P.report["rotation"]["seeds"] == [0]
     assert P.report["bits"]["budget"] == 0.25 and P.report["bits"]["across_sites"] is None

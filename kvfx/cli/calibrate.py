@@ -26,10 +26,10 @@ def add_arguments(p) -> None:
     p.add_argument("--measured", action=argparse.BooleanOptionalAction, default=None,
                    help="price each layer by the model's measured sensitivity (2 forwards per layer below 37.5 %% "
                         "of the bytes, 7 above); default: on when refining")
-    p.add_argument("--per-direction", action=argparse.BooleanOptionalAction, default=False,
-                   help="below 37.5 %% of the bytes, bits per latent direction (int8/int4/int2 bands; best per byte, "
-                        "decoded on the kernel's float path, below the bytes-ideal speed in bfloat16 and at 1k tokens); "
-                        "default: one int4 format for every row (decoded on the AMX integer path where the CPU has it)")
+    p.add_argument("--per-direction", action=argparse.BooleanOptionalAction, default=True,
+                   help="below 37.5 %% of the bytes, bits per latent direction (int8/int4/int2 bands, the default: "
+                        "best per byte, decoded on the AMX integer path); --no-per-direction: one int4 format for "
+                        "every row")
 
 
 def run(args) -> int:

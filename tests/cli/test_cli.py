@@ -16,8 +16,7 @@ from conftest import error_lines, kvfx_cli
 @pytest.fixture(scope="module")
 def calibrated(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cal") / "p.safetensors"
-    res = kvfx_cli("calibrate", tiny_dir, "--budget", "0.25", "--windows", "2", "--window", "32", "--per-direction",
-                   "-o", out)
+    res = kvfx_cli("calibrate", tiny_dir, "--budget", "0.25", "--windows", "2", "--window", "32", "-o", out)
     assert res.returncode == 0, res.stderr
     return out, res
 
