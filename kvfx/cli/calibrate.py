@@ -19,7 +19,7 @@ def add_arguments(p) -> None:
                    help="bytes the cache may keep, as a fraction of an uncompressed 16-bit cache, in (0, 1] "
                         "(0.25: 4x smaller)")
     p.add_argument("-o", "--output", required=True, metavar="P.safetensors", help="projections file to write")
-    add_data_args(p, windows=8, what="calibrate on")
+    add_data_args(p, windows=32, what="calibrate on")
     p.add_argument("--refine", type=int, default=0, metavar="STEPS",
                    help="end-to-end training steps after the closed form (default 0; ~13 s per 512-token step "
                         "for SmolLM2 on 2 CPU cores; 80 is what the measured rows used)")

@@ -253,6 +253,19 @@ def test_integer_path_rounds_bands_as_documented(case):
     assert ((lost_digit - rounded).abs() > tol).any()
 
 
+@pytest.mark.parametrize("case", BAND_CASES)
+def test_bands_on_the_float_path_match_reference(case, monkeypatch):
+    """KVFX_NO_AMX=1 (CPUs without AMX-INT8): band rows decoded to float32 in column order, the reference's numbers
+    to float32 round-off."""
+    monkeypatch.setenv("KVFX_NO_AMX", "1")
+    kind, g, n, shared, mask = case
+    rk = quant.width_of(kind) or 70
+    q, kc, vc, m = _case(2, 1, g, n, rk, rk, kind, mask, shared, 7)
+    out = torch.ops.kvfx.decode_attention(q, kc, vc, rk, rk, kind, 0.125, m, shared)
+    ref = la.reference(q, kc, vc, rk, rk, kind, 0.125, m, shared)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_masked_rows_cost_no_precision(kind):
     """Masked rows (a static cache's empty slots, padding) may hold anything: rows 100x larger than the rest, masked,
