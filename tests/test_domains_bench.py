@@ -69,3 +69,23 @@ def test_peer_bytes_count_codes_scales_zero_points_and_the_window_it_held(bench)
     mean = 4
     expected = ((64 - mean) * (4 + 32 / 32) / 16 + mean) / 64
     assert bench.peer_bytes(rec.last, rec.residuals, cfg) == pytest.approx(expected)
+
+
+def test_frontier_plot_reads_the_domains_tables(tmp_path):
+    """benchmarks/plot_frontier.py: every kvfx / peer row of a domains table (not the original's, not other tables),
+    each once; the frontier keeps only points nothing beats on bytes and worst domain; the plot is written."""
+    spec = importlib.util.spec_from_file_location("kvfx_plot_frontier", ROOT / "benchmarks" / "plot_frontier.py")
+    pf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pf)
+    table = ("| configuration | KV bytes | wikitext | code | worst |\n|---|---|---|---|---|\n"
+             "| original (DynamicCache), cache ppl | 1.000 | 24.35 | 6.64 | - |\n"
+             "| kvfx a | 0.250 | 1.02 | 1.03 | 1.03 |\n| QuantizedCache quanto int4 | 0.360 | 1.0 | 1.02 | 1.02 |\n"
+             "| kvfx b | 0.125 | 1.3 | 1.2 | 1.3 |\n| kvfx c | 0.200 | 1.4 | 1.5 | 1.5 |\n\n"
+             "| method | ppl |\n|---|---|\n| kvfx other | 9.0 |\n")
+    points = pf.load_points(table + table)
+    assert points == [("kvfx a", 0.25, 1.03), ("QuantizedCache quanto int4", 0.36, 1.02), ("kvfx b", 0.125, 1.3),
+                      ("kvfx c", 0.2, 1.5)]
+    assert pf.frontier([(x, y) for c, x, y in points if c.startswith("kvfx")]) == [(0.125, 1.3), (0.25, 1.03)]
+    results = tmp_path / "R.md"
+    results.write_text(table)
+    assert pf.plot(results, tmp_path / "f.png").stat().st_size > 0
