@@ -9,7 +9,6 @@ at each byte level or below (every kvfx row, whatever its recipe); issue 18's ta
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -73,11 +72,8 @@ def plot(results: Path, out: Path) -> Path:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
-    p.add_argument("--out", type=Path, default=HERE / "frontier.png")
-    args = p.parse_args(argv)
-    print(plot(args.results, args.out))
+    from results_file import plot_main
+    plot_main(__doc__, plot, HERE / "frontier.png", argv)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -69,11 +68,8 @@ def plot(results: Path, out: Path) -> Path:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
-    p.add_argument("--out", type=Path, default=HERE / "quality.png")
-    args = p.parse_args(argv)
-    print(plot(args.results, args.out))
+    from results_file import plot_main
+    plot_main(__doc__, plot, HERE / "quality.png", argv)
 
 
 if __name__ == "__main__":

@@ -21,3 +21,13 @@ def write_section(text: str, section: str, title: str, path: Path = RESULTS) -> 
     else:
         body = body.rstrip() + f"\n\n## {title}\n\n" + block + "\n"
     path.write_text(body)
+
+
+def plot_main(doc: str, plot, out: Path, argv=None) -> None:
+    """A plotting script's command line: --results (this file) and --out (`out`), then print what plot() wrote."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=out)
+    args = p.parse_args(argv)
+    print(plot(args.results, args.out))

@@ -287,7 +287,7 @@ class Worker {
   void band_key_tiles(const char* const* rows, int t);
   void band_value_tiles(const char* const* rows, int t);
   void band_score_tiles(int64_t bh, int gb, int t);
-  void band_score_sums(int64_t bh, int gb, int t, const float* add);
+  void band_sums(const int32_t* csp, const float* kst, float* st, const float* qs, int g0, int gn, __m512 addv) const;
 };
 
 // The block's scale codes -> out[j * BN + r] = 2^(e/8), 0 for missing rows. Several groups: 16 rows at a time,
@@ -437,7 +437,9 @@ void Worker::score_sums(int64_t bh, int gb, int t, const float* add) {
   const float* qs = P.qsc + bh * P.G;
   const int64_t ngk = P.ngk;
   const int G8 = Gb, g0 = gb * G8, gn = static_cast<int>(std::min<int64_t>(G8, P.G - g0));
-  if (i4) {
+  if (P.plan) {  // bands: per score group its sum (8-bit groups: 256 · hi + lo) times the group's key scale
+    band_sums(csp, kst, st, qs, g0, gn, addv);
+  } else if (i4) {
     for (int gr = 0; gr < gn; ++gr) {
       __m512 acc = _mm512_setzero_ps();
       for (int64_t j = 0; j < ngk; ++j)
@@ -580,9 +582,6 @@ void Worker::value_sums(int gb, int64_t i, float* o) {
 
 void Worker::run(int64_t task) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  auto sums = [&](int64_t bh_, int gb, int t, const float* add) {
-    P.plan ? band_score_sums(bh_, gb, t, add) : score_sums(bh_, gb, t, add);
-  };
   const int64_t G = P.G, N = P.N;
   const int64_t bh = task / P.chunks, c = task % P.chunks, b = bh / P.H, h = bh % P.H;
   const char* krows = P.kp + b * P.ksb + h * P.ksh;
@@ -622,7 +621,7 @@ void Worker::run(int64_t task) {
         else key_tiles(kr + 16 * t, sb_at(t), i4, 0, P.cbk, i4 ? P.ngk : P.rk);
         for (int gb = 0; gb < NGB; ++gb) {
           P.plan ? band_score_tiles(bh, gb, t) : score_tiles(bh, gb, t);
-          if (gb + 1 < NGB) sums(bh, gb, t, add + 16 * t);
+          if (gb + 1 < NGB) score_sums(bh, gb, t, add + 16 * t);
         }
       } else {  // missing rows
         for (int64_t g = 0; g < G; ++g) std::fill(s_ + g * BN + 16 * t, s_ + g * BN + 16 * t + 16, kNegInf);
@@ -630,9 +629,9 @@ void Worker::run(int64_t task) {
       const char* const* vrows16 = (P.shared ? kr : vr) + 16 * t;
       if (P.plan) band_value_tiles(vrows16, t);
       else value_tiles(vrows16, t, i4, 0, P.cbv, i4 ? P.ngv : P.rv, 0);
-      if (t > 0 && t - 1 < T) sums(bh, NGB - 1, t - 1, add + 16 * (t - 1));
+      if (t > 0 && t - 1 < T) score_sums(bh, NGB - 1, t - 1, add + 16 * (t - 1));
     }
-    if (T == BN / 16) sums(bh, NGB - 1, T - 1, add + 16 * (T - 1));
+    if (T == BN / 16) score_sums(bh, NGB - 1, T - 1, add + 16 * (T - 1));
     softmax(m, l, o);
     const int64_t items = static_cast<int64_t>(P.item_ct.size());
     for (int gb = 0; gb < NGB; ++gb) {

@@ -276,14 +276,10 @@ void Worker::band_score_tiles(int64_t bh, int gb, int t) {
   }
 }
 
-// ... and the vector part: s_[g * BN + 16t ..] = q scale · sum over groups of key scale · int32 sum, plus `add`.
-void Worker::band_score_sums(int64_t bh, int gb, int t, const float* add) {
-  const __m512 addv = _mm512_loadu_ps(add);
-  const int32_t* __restrict const csp = cs_at(t);
-  const float* __restrict const kst = ks + 16 * t;
-  float* __restrict const st = s_ + 16 * t;
-  const float* qs = P.qsc + bh * P.G;
-  const int g0 = gb * Gb, gn = static_cast<int>(std::min<int64_t>(Gb, P.G - g0));
+// score_sums' part for bands: st[g] = q scale · sum over score groups of key scale · int32 sum (8-bit: 256·hi + lo)
+// + add, for the gn query rows of the g-block from g0.
+void Worker::band_sums(const int32_t* csp, const float* kst, float* st, const float* qs, int g0, int gn,
+                       __m512 addv) const {
   const auto& groups = P.plan->groups;
   for (int gr = 0; gr < gn; ++gr) {
     __m512 acc = _mm512_setzero_ps();
