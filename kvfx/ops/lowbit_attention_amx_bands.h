@@ -15,7 +15,7 @@
 // int8 (the same k) in tiles of 16 output columns (2 per 4/2-bit unit, 4 per 8-bit unit), weighted per value
 // scale group as the other formats' (weights() and value_sums(), per item = a pair of C tiles and its group).
 
-// One stored band's units, scales and column orders (keys or values; built once per call from the Format).
+// A bands row's units, scale groups and column orders (keys or values; built once per call from its Format).
 struct BandPlan {
   struct Unit {
     int bits, at, bytes, col, cols;  // codes from byte `at` (`bytes` of them), band columns col .. col + cols
