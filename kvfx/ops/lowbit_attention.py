@@ -30,6 +30,7 @@ on CPU (tests/ops/test_lowbit_attention_triton.py); without triton, and on other
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path
@@ -74,9 +75,11 @@ def reference(q, kc, vc, rk: int, rv: int, kind: str, scale: float, mask=None, s
     return F.scaled_dot_product_attention(q.float(), k, v, attn_mask=m, scale=scale).to(q.dtype)
 
 
-def _band_spec(kind: str, width: int) -> list[int]:
-    """[bits, columns, bits, columns, …] of a bands format (or int2) for the C++ kernel."""
-    return [n for fmt, w in quant.layout(kind, width) for n in (fmt.bits, w)]
+@functools.lru_cache(maxsize=256)
+def _band_spec(kind: str, width: int) -> tuple[int, ...]:
+    """(bits, columns, bits, columns, …) of a bands format (or int2) for the C++ kernel (memoised: the op runs it
+    every decode step and layer; Dynamo never traces it, the op is opaque to it)."""
+    return tuple(n for fmt, w in quant.layout(kind, width) for n in (fmt.bits, w))
 
 
 def _decoded(rows: torch.Tensor, width: int, kind: str) -> torch.Tensor:
@@ -137,8 +140,8 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rk: in
         m = m.float()
     bits = _BITS.get(kind, -1)  # -1: bands (int2 is one band)
     out = ext.decode_attention(q if q.dtype == torch.float32 else q.float(), kc, vc, rk, rv, bits, scale, m, shared,
-                               _band_spec(kind, rk) if bits < 0 else [],
-                               _band_spec(kind, rv) if bits < 0 and not shared else [])
+                               list(_band_spec(kind, rk)) if bits < 0 else [],
+                               list(_band_spec(kind, rv)) if bits < 0 and not shared else [])
     return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
