@@ -42,7 +42,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 namespace {
@@ -392,8 +394,10 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
   const bool use_amx = (kind == kInt8 || kind == kInt4 || kind == kBands) && rk > 0 && rv > 0 && integer_path();
 #if KVFX_AMX
   // bands on the integer path: units, scale groups and column orders of the key and value rows
-  std::unique_ptr<amx::BandPlan> kplan, vplan;
-  if (use_amx && kind == kBands) kplan.reset(new amx::BandPlan(fk, true)), vplan.reset(new amx::BandPlan(fv, false));
+  std::shared_ptr<const amx::BandPlans> plans;
+  if (use_amx && kind == kBands) plans = amx::band_plans(fk, fv, kbands, shared ? kbands : vbands);
+  const amx::BandPlan* kplan = plans ? &plans->keys : nullptr;
+  const amx::BandPlan* vplan = plans ? &plans->values : nullptr;
 #endif
   // decoded rows are zero-padded to whole vectors; a block of rows (a multiple of 16) stays within ~24 KiB. The
   // integer path accumulates whole value tiles: int4 32 columns a group, int8 64 a chunk.
@@ -411,7 +415,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
       col = kind == kInt4 ? 32 * (tile / 2) + 2 * lane + tile % 2
           : kind == kInt8 ? 64 * (tile / 4) + 16 * (lane / 4) + 4 * (tile % 4) + lane % 4 : -1;
 #if KVFX_AMX
-      if (vplan) col = vplan->column(j);
+      if (vplan) col = vplan->columns[j];
 #endif
     }
     columns[j] = col < rv ? col : -1;
@@ -453,7 +457,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
     for (int64_t i = 0; i < (kind == kInt4 ? pr.ngv : (pr.vtiles + 1) / 2); ++i)  // C tile pairs, weight groups
       pr.item_ct.push_back(static_cast<int>(2 * i)), pr.item_ws.push_back(kind == kInt4 ? static_cast<int>(i) : 0);
     if (kplan) {
-      pr.plan = kplan.get(), pr.vplan = vplan.get();
+      pr.plan = kplan, pr.vplan = vplan;
       pr.ngk = kplan->groups.size(), pr.ngv = vplan->groups.size(), pr.ktiles = kplan->units.size();
       pr.cslots = kplan->slots, pr.item_ct = vplan->item_ct, pr.item_ws = vplan->item_ws;
     }

@@ -38,6 +38,8 @@ struct BandPlan {
   bool has8 = false;
   int slots = 0, ctiles = 0;
   std::vector<int> item_ct, item_ws;  // values: C tile pairs and their weight group
+  std::vector<int> gather;            // keys: A row byte (u, tile, K) <- digits[gather[..]] (quantize_band_queries)
+  std::vector<int64_t> columns;       // values: the output column of accumulated column j, -1 for padding
 
   BandPlan() = default;
   explicit BandPlan(const Format& f, bool keys) {
@@ -72,6 +74,16 @@ struct BandPlan {
         for (int k = 0; k < n; k += 2) item_ct.push_back(ctiles + k), item_ws.push_back(static_cast<int>(g));
         ctiles += n;
       }
+    const int rk = f.width, pad = 4 * rk;  // digits[d * rk + c]: digit d (query_entry) of column c; [pad] = 0
+    if (keys)
+      for (size_t u = 0; u < units.size(); ++u)
+        for (int t = 0; t < 2; ++t)
+          for (int k = 0; k < 64; ++k) {
+            const int e = query_entry(static_cast<int>(u), t, k);
+            gather.push_back(e < 0 ? pad : (e % 4) * rk + e / 4);
+          }
+    else
+      for (int64_t j = 0; j < 16 * ctiles; ++j) columns.push_back(column(j));
   }
 
   // The value column of accumulated column j (C tile j / 16, lane j % 16), -1 for padding.
@@ -108,6 +120,24 @@ struct BandPlan {
   }
 };
 
+// The key and value plans of a call's band formats, built once per process and format (a decode step calls the
+// kernel once per layer with the same few formats).
+struct BandPlans {
+  BandPlan keys, values;
+};
+std::shared_ptr<const BandPlans> band_plans(const Format& fk, const Format& fv, const std::vector<int64_t>& kbands,
+                                            const std::vector<int64_t>& vbands) {
+  static std::mutex lock;
+  static std::map<std::vector<int64_t>, std::shared_ptr<const BandPlans>> made;
+  std::vector<int64_t> key(kbands);
+  key.push_back(-1);
+  key.insert(key.end(), vbands.begin(), vbands.end());
+  std::lock_guard<std::mutex> hold(lock);
+  auto& plans = made[key];
+  if (!plans) plans = std::make_shared<const BandPlans>(BandPlans{BandPlan(fk, true), BandPlan(fv, false)});
+  return plans;
+}
+
 // GF2P8AFFINEQB matrices of the 2-bit field f: 16·(2q + 1) without its constant bit 4, and 2q + 1 without bit 0.
 constexpr int kF16Src[4][8] = {{-1, -1, -1, -1, -1, 0, 1, 1}, {-1, -1, -1, -1, -1, 2, 3, 3},
                                {-1, -1, -1, -1, -1, 4, 5, 5}, {-1, -1, -1, -1, -1, 6, 7, 7}};
@@ -128,15 +158,8 @@ inline __m512i value_z(const BandPlan::Unit& u, const char* row) {
 void quantize_band_queries(const Problem& P, const float* q, float sc, int8_t* qa, float* qsc) {
   const BandPlan& K = *P.plan;
   const float bound = K.has8 ? kQ8 : kQ4;
-  const int64_t rk = P.rk, pad = 4 * rk;  // digits[d * rk + c]: digit d (BandPlan::query_entry) of column c; [pad] = 0
-  std::vector<int> at(K.units.size() * 128);
-  for (size_t u = 0; u < K.units.size(); ++u)
-    for (int t = 0; t < 2; ++t)
-      for (int k = 0; k < 64; ++k) {
-        const int e = K.query_entry(static_cast<int>(u), t, k);
-        at[(u * 2 + t) * 64 + k] = e < 0 ? static_cast<int>(pad) : (e % 4) * static_cast<int>(rk) + e / 4;
-      }
-  std::vector<int8_t> digits(pad + 1, 0);
+  const int64_t rk = P.rk;
+  std::vector<int8_t> digits(4 * rk + 1, 0);  // BandPlan::gather's source
   for (int64_t bh = 0; bh < P.B * P.H; ++bh)
     for (int64_t g = 0; g < P.G; ++g) {
       const int gb = static_cast<int>(g / P.Gb), gr = static_cast<int>(g % P.Gb);
@@ -161,7 +184,7 @@ void quantize_band_queries(const Problem& P, const float* q, float sc, int8_t* q
       for (size_t u = 0; u < K.units.size(); ++u)
         for (int t = 0; t < 2; ++t) {
           int8_t* row = qa + P.qoffset(bh, gb, static_cast<int64_t>(u), t) + gr * 64;
-          const int* src = &at[(u * 2 + t) * 64];
+          const int* src = &K.gather[(u * 2 + t) * 64];
           for (int k = 0; k < 64; ++k) row[k] = digits[src[k]];
         }
     }
