@@ -198,6 +198,9 @@ def _plan(projections: Projections, spectra: dict, budget: float, weights: dict 
     return spend(fronts, weights, sum(shares.values()))
 
 
+KL_NOISE = 1e-6  # nats a token: KL differences below this are float round-off (they differ by CPU), not measured
+
+
 def kl_per_error(projections: Projections, spectra: dict, profile: dict) -> dict:
     """{site: model KL per unit of predicted error} from a kvfx.sensitivity profile of these projections: the KL
     of the two least-cut probes over the importance λ they dropped (columns in the projections' order)."""
@@ -214,7 +217,8 @@ def kl_per_error(projections: Projections, spectra: dict, profile: dict) -> dict
                              "on projections of another form); measure it on these projections.")
         top = sorted(points)[-2:]
         dropped = sum(float(lam[r:].sum()) for r in top)
-        out[name] = max(sum(points[r] - base for r in top), 0.0) / dropped if dropped > 0 else 0.0
+        kl = sum(points[r] - base for r in top)
+        out[name] = kl / dropped if kl > KL_NOISE and dropped > 0 else 0.0
     if not any(out.values()):
         raise ValueError("allocate_bits: the profile measures no KL at its two least-cut ranks (the directions they "
                          "drop carry nothing); probe lower ranks, e.g. kvfx.sensitivity(..., ranks=(0.5, 0.75, 1.0)).")

@@ -20,14 +20,18 @@
 // * Float (16/32-bit latents; int8 / int4 rows elsewhere, or with KVFX_NO_AMX=1): rows decoded to float32 into
 //   a buffer, the scores as 16-row tiles (one query row against 16 key rows in registers, reduced by a shuffle
 //   tree), the value sums in registers: the reference's numbers up to float32 round-off. Plain C++ (GCC vector
-//   extensions) with AVX-512 intrinsics under #if, so it builds for any CPU.
+//   extensions) with AVX-512 or AVX2 intrinsics under #if, so it builds for any CPU (AVX2: 16 registers of 8
+//   floats, so the score tiles are computed in halves of 8 rows and the value sums 16 columns at a time).
 //
 // Row layout (kvfx/quant.py): int8: R codes, then one scale code e (x = q * 2^(e/8));
 //                             int4: ceil(R/2) bytes of two codes (low nibble first), then one e per 32 numbers.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
+#define KVFX_AVX2 1  // 16 vector registers of 8 floats: scores and value sums in tiles that fit them (AMD Zen 1-3, …)
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512BW__) && defined(__AVX512VBMI__) && \
     defined(__GFNI__) && defined(__linux__)
@@ -114,6 +118,24 @@ inline void interleave_pairs(__m512 x, __m512 y, __m512& lo, __m512& hi) {
   lo = _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(x), a, _mm512_castps_pd(y)));
   hi = _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(x), b, _mm512_castps_pd(y)));
 }
+#elif KVFX_AVX2
+// (x0 y0 x1 y1 …): the first 8 of the 16 lanes interleaved, and the last 8
+inline void interleave(__m256 x, __m256 y, __m256& lo, __m256& hi) {
+  const __m256 a = _mm256_unpacklo_ps(x, y), b = _mm256_unpackhi_ps(x, y);  // [x0 y0 x1 y1 | x4 y4 x5 y5], [x2 …]
+  lo = _mm256_permute2f128_ps(a, b, 0x20), hi = _mm256_permute2f128_ps(a, b, 0x31);
+}
+// the same for pairs of lanes (64-bit units)
+inline void interleave_pairs(__m256 x, __m256 y, __m256& lo, __m256& hi) {
+  const __m256d a = _mm256_unpacklo_pd(_mm256_castps_pd(x), _mm256_castps_pd(y));
+  const __m256d b = _mm256_unpackhi_pd(_mm256_castps_pd(x), _mm256_castps_pd(y));
+  lo = _mm256_castpd_ps(_mm256_permute2f128_pd(a, b, 0x20)), hi = _mm256_castpd_ps(_mm256_permute2f128_pd(a, b, 0x31));
+}
+// 8 codes (int8) from p, sign-extended to 32-bit lanes
+inline __m256i load8_epi32(const int8_t* p) {
+  return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 nibble_lo(__m256i w) { return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 28), 28)); }
+inline __m256 nibble_hi(__m256i w) { return _mm256_cvtepi32_ps(_mm256_srai_epi32(w, 4)); }
 #endif
 
 // One band of a bands row into out[0, width), in column order.
@@ -128,6 +150,10 @@ inline void decode_band(const int8_t* __restrict row, const Band& b, const float
     for (; c + 16 <= b.width; c += 16)
       _mm512_storeu_ps(out + c, _mm512_mul_ps(sv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
                                                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + c))))));
+#elif KVFX_AVX2
+    const __m256 sv = _mm256_set1_ps(s);
+    for (; c + 8 <= b.width; c += 8)
+      _mm256_storeu_ps(out + c, _mm256_mul_ps(sv, _mm256_cvtepi32_ps(load8_epi32(codes + c))));
 #endif
     for (; c < b.width; ++c) out[c] = s * static_cast<float>(codes[c]);
     return;
@@ -141,6 +167,16 @@ inline void decode_band(const int8_t* __restrict row, const Band& b, const float
       interleave(_mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 28), 28))),
                  _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_srai_epi32(w, 4))), lo, hi);
       _mm512_storeu_ps(out + c, lo), _mm512_storeu_ps(out + c + 16, hi);
+    }
+#elif KVFX_AVX2
+    for (; c + 32 <= b.width; c += 32) {  // a group: 16 bytes, 32 numbers, in two halves of 8 bytes
+      const __m256 s = _mm256_set1_ps(lut[e[c / 32] + 128]);
+      for (int h = 0; h < 16; h += 8) {
+        const __m256i w = load8_epi32(codes + c / 2 + h);
+        __m256 lo, hi;
+        interleave(_mm256_mul_ps(s, nibble_lo(w)), _mm256_mul_ps(s, nibble_hi(w)), lo, hi);
+        _mm256_storeu_ps(out + c + 2 * h, lo), _mm256_storeu_ps(out + c + 2 * h + 8, hi);
+      }
     }
 #endif
     for (; c < b.width; ++c) {
@@ -163,6 +199,20 @@ inline void decode_band(const int8_t* __restrict row, const Band& b, const float
     interleave_pairs(a0, b0, o0, o1), interleave_pairs(a1, b1, o2, o3);
     _mm512_storeu_ps(out + c, o0), _mm512_storeu_ps(out + c + 16, o1);
     _mm512_storeu_ps(out + c + 32, o2), _mm512_storeu_ps(out + c + 48, o3);
+  }
+#elif KVFX_AVX2  // int2: 8 bytes = 32 numbers = a group
+  for (; c + 32 <= b.width; c += 32) {
+    const __m256i w = load8_epi32(codes + c / 4);
+    const __m256 s = _mm256_set1_ps(lut[e[c / 32] + 128]);
+    __m256 p[4];
+    for (int j = 0; j < 4; ++j)  // code j of each byte, sign-extended, at its level (q + 1/2)·s
+      p[j] = _mm256_mul_ps(s, _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 30 - 2 * j), 30)),
+                                            _mm256_set1_ps(0.5f)));
+    __m256 a0, a1, b0, b1, o0, o1, o2, o3;
+    interleave(p[0], p[1], a0, a1), interleave(p[2], p[3], b0, b1);
+    interleave_pairs(a0, b0, o0, o1), interleave_pairs(a1, b1, o2, o3);
+    _mm256_storeu_ps(out + c, o0), _mm256_storeu_ps(out + c + 8, o1);
+    _mm256_storeu_ps(out + c + 16, o2), _mm256_storeu_ps(out + c + 24, o3);
   }
 #endif
   for (; c < b.width; ++c) {
@@ -192,6 +242,12 @@ inline void decode_row(const char* __restrict raw, const Format& f, const float*
       _mm512_storeu_ps(out + c, f.kind == kF16 ? _mm512_cvtph_ps(x)
                                                : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16)));
     }
+#elif KVFX_AVX2
+    for (; c + 8 <= f.width; c += 8) {
+      const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h + c));
+      _mm256_storeu_ps(out + c, f.kind == kF16 ? _mm256_cvtph_ps(x)
+                                               : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16)));
+    }
 #endif
     for (; c < f.width; ++c)
       out[c] = f.kind == kBF16 ? bf16_to_float(h[c]) : static_cast<float>(c10::Half(h[c], c10::Half::from_bits()));
@@ -213,8 +269,17 @@ inline void decode_row(const char* __restrict raw, const Format& f, const float*
     _mm512_storeu_ps(lo + j0, _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 28), 28))));
     _mm512_storeu_ps(hi + j0, _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_srai_epi32(w, 4))));
   }
+#elif KVFX_AVX2
+  for (int gi = 0; j0 + 16 <= f.code_bytes; j0 += 16, ++gi) {
+    const __m256 s = _mm256_set1_ps(lut[e[gi] + 128]);
+    for (int h = 0; h < 16; h += 8) {
+      const __m256i w = load8_epi32(row + j0 + h);
+      _mm256_storeu_ps(lo + j0 + h, _mm256_mul_ps(s, nibble_lo(w)));
+      _mm256_storeu_ps(hi + j0 + h, _mm256_mul_ps(s, nibble_hi(w)));
+    }
+  }
 #endif
-  for (int j = j0; j < f.code_bytes; ++j) {  // the last, shorter group (without AVX-512: every group)
+  for (int j = j0; j < f.code_bytes; ++j) {  // the last, shorter group (without AVX-512 or AVX2: every group)
     const float s = lut[e[j / 16] + 128];
     const int8_t byte = row[j];
     lo[j] = s * static_cast<float>(static_cast<int8_t>(byte << 4) >> 4);
@@ -222,6 +287,36 @@ inline void decode_row(const char* __restrict raw, const Format& f, const float*
   }
 }
 
+#if KVFX_AVX2
+// The 8 horizontal sums of a[0..7], as one vector (lane j = sum of a[j])
+inline __m256 reduce8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // [a0..a3 halves | a0..a3 halves]
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// Scores of one query row against 8 decoded key rows (n8 vectors of 8): 8 accumulators and the query in registers.
+inline __m256 dot8(const float* __restrict q, const float* __restrict k, int64_t ld, int64_t n8) {
+  __m256 acc[8];
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t v = 0; v < n8; ++v) {
+    const __m256 qv = _mm256_loadu_ps(q + 8 * v);
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * ld + 8 * v), acc[j]);
+  }
+  return reduce8(acc);
+}
+
+// Scores of one query row against 16 decoded key rows, in two halves of 8 (16 accumulators of 16 would spill).
+inline vf dot16(const float* __restrict q, const float* __restrict k, int64_t ld, int64_t nv) {
+  alignas(64) float r[16];
+  _mm256_store_ps(r, dot8(q, k, ld, 2 * nv));
+  _mm256_store_ps(r + 8, dot8(q, k + 8 * ld, ld, 2 * nv));
+  return load(r);
+}
+#else
 // The 16 horizontal sums of a[0..15], as one vector (lane j = sum of a[j]): a shuffle-and-add tree, 15 adds.
 inline vf reduce16(const vf* a) {
   vf b[8], c[4], d[2];
@@ -254,6 +349,31 @@ inline vf dot16(const float* __restrict q, const float* __restrict k, int64_t ld
   return reduce16(acc);
 }
 
+#endif
+
+#if KVFX_AVX2
+// o[g, 0:16] += sum_r p[g, r] * v[r, 0:16] for GT query rows: 2·GT accumulators of 8 floats in registers.
+template <int GT>
+void accumulate16(const float* __restrict p, int64_t ldp, const float* __restrict v, int64_t ldv, int rows,
+                  float* __restrict o, int64_t ldo) {
+  __m256 acc[GT][2];
+  for (int g = 0; g < GT; ++g) acc[g][0] = _mm256_loadu_ps(o + g * ldo), acc[g][1] = _mm256_loadu_ps(o + g * ldo + 8);
+  for (int r = 0; r < rows; ++r) {
+    const __m256 v0 = _mm256_loadu_ps(v + r * ldv), v1 = _mm256_loadu_ps(v + r * ldv + 8);
+    for (int g = 0; g < GT; ++g) {
+      const __m256 pg = _mm256_broadcast_ss(p + g * ldp + r);
+      acc[g][0] = _mm256_fmadd_ps(pg, v0, acc[g][0]), acc[g][1] = _mm256_fmadd_ps(pg, v1, acc[g][1]);
+    }
+  }
+  for (int g = 0; g < GT; ++g) _mm256_storeu_ps(o + g * ldo, acc[g][0]), _mm256_storeu_ps(o + g * ldo + 8, acc[g][1]);
+}
+
+template <int GT>
+void accumulate_cols(const float* p, int64_t ldp, const float* v, int64_t ldv, int rows, float* o, int64_t ldo,
+                     int64_t nv) {
+  for (int64_t t = 0; t < nv; ++t) accumulate16<GT>(p, ldp, v + t * W, ldv, rows, o + t * W, ldo);
+}
+#else
 // o[g, t] += sum_r p[g, r] * v[r, t] for GT query rows and T vectors of output columns, accumulated in registers.
 template <int GT, int T>
 void accumulate(const float* __restrict p, int64_t ldp, const float* __restrict v, int64_t ldv, int rows,
@@ -285,6 +405,8 @@ void accumulate_cols(const float* p, int64_t ldp, const float* v, int64_t ldv, i
     default: break;
   }
 }
+
+#endif
 
 // The block's value sum for all G query rows, four at a time.
 void accumulate_values(const float* p, int64_t ldp, const float* v, int64_t ldv, int rows, float* o, int64_t ldo,

@@ -21,8 +21,8 @@ softmax. On SmolLM2's decode inputs these roundings move the output by at most ~
 size, 200 (int4) / 80 (int8) times less than the cache's own rounding moves it (tests/ops/test_lowbit_attention.py
 bounds them). Elsewhere, for 16/32-bit latents, and with KVFX_NO_AMX=1, the kernel decodes a block of rows into a
 float32 buffer that stays in L1/L2 and computes the block's scores as 16-row tiles (one query row against 16 key
-rows in registers, reduced by a shuffle tree) and its value sums in registers: the reference's numbers up to
-float32 round-off. Without a compiler the op runs `reference` (float32), without the saving. `kernel_available()`
+rows in registers, reduced by a shuffle tree; on AVX2-only CPUs such as AMD Zen 1-3, two halves of 8 rows, so the
+accumulators fit 16 registers) and its value sums in registers: the reference's numbers up to float32 round-off. Without a compiler the op runs `reference` (float32), without the saving. `kernel_available()`
 says which.
 
 CUDA: a Triton split-K kernel (lowbit_attention_triton.py) when triton is installed, tested in Triton's interpreter

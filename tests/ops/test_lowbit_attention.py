@@ -174,18 +174,23 @@ def test_portable_path_matches_reference(kind, monkeypatch):
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 build flags")
-def test_portable_build_matches_reference():
-    """The file built for a CPU without AVX-512 and AMX (-march=x86-64-v2: the plain-C++ loops, the #if'd-out
-    paths), every row kind: the reference's numbers (float32 round-off). A second module, built once and cached."""
-    ext = la._build("x86-64-v2")
+@pytest.mark.parametrize("arch", ["x86-64-v2", "x86-64-v3"])
+def test_portable_build_matches_reference(arch):
+    """The file built for a CPU without AVX-512 and AMX, every row kind: the reference's numbers (float32
+    round-off). x86-64-v2: the plain-C++ loops; x86-64-v3: the AVX2 + FMA code (AMD Zen 1-3, Intel before AVX-512:
+    8-float registers, scores in halves of 8 rows). A module per arch, built once and cached."""
+    ext = la._build(arch)
     assert not ext.integer_path()
-    for i, kind in enumerate(["int8", "int4", "int2", *FLOATS]):
-        q, kc, vc, m = _case(2, 2, 9, 300, 70, 45, kind, "bool", i % 2 == 0, i)
+    for i, kind in enumerate(["int8", "int4", "int2", "int8x6+int4x32+int2x32", *FLOATS]):
+        shared = i % 2 == 0
+        rv = 70 if "x" in kind else 45  # bands: one format for keys and values
+        q, kc, vc, m = _case(2, 2, 9, 300, 70, rv, kind, "bool", shared, i)
         kind = "float" if kind in FLOATS else kind
-        bands = (lambda w: la._band_spec(kind, w)) if kind == "int2" else (lambda w: [])
-        out = ext.decode_attention(q, kc, vc, 70, 45, la._BITS.get(kind, -1), 0.125, m.reshape(2, 300), i % 2 == 0,
-                                   bands(70), bands(45))
-        ref = la.reference(q, kc, vc, 70, 45, kind, 0.125, m, i % 2 == 0)
+        bits = la._BITS.get(kind, -1)
+        out = ext.decode_attention(q, kc, vc, 70, rv, bits, 0.125, m.reshape(2, 300), shared,
+                                   list(la._band_spec(kind, 70)) if bits < 0 else [],
+                                   list(la._band_spec(kind, rv)) if bits < 0 else [])
+        ref = la.reference(q, kc, vc, 70, rv, kind, 0.125, m, shared)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
 
 
