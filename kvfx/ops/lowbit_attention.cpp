@@ -136,6 +136,38 @@ inline __m256i load8_epi32(const int8_t* p) {
 }
 inline __m256 nibble_lo(__m256i w) { return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 28), 28)); }
 inline __m256 nibble_hi(__m256i w) { return _mm256_cvtepi32_ps(_mm256_srai_epi32(w, 4)); }
+// an int4 group: 16 bytes of codes -> 32 numbers in column order (the low nibble of byte i is column 2i)
+inline void int4_group(const int8_t* codes, float scale, float* out) {
+  const __m256 s = _mm256_set1_ps(scale);
+  for (int h = 0; h < 16; h += 8) {
+    const __m256i w = load8_epi32(codes + h);
+    __m256 lo, hi;
+    interleave(_mm256_mul_ps(s, nibble_lo(w)), _mm256_mul_ps(s, nibble_hi(w)), lo, hi);
+    _mm256_storeu_ps(out + 2 * h, lo), _mm256_storeu_ps(out + 2 * h + 8, hi);
+  }
+}
+// an int2 group: 8 bytes of codes -> 32 numbers in column order (code j of byte i is column 4i + j)
+inline void int2_group(const int8_t* codes, float scale, float* out) {
+  const __m256i w = load8_epi32(codes);
+  const __m256 s = _mm256_set1_ps(scale);
+  __m256 p[4];
+  for (int j = 0; j < 4; ++j)  // code j of each byte, sign-extended, at its level (q + 1/2)·s
+    p[j] = _mm256_mul_ps(s, _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 30 - 2 * j), 30)),
+                                          _mm256_set1_ps(0.5f)));
+  __m256 a0, a1, b0, b1, o0, o1, o2, o3;
+  interleave(p[0], p[1], a0, a1), interleave(p[2], p[3], b0, b1);
+  interleave_pairs(a0, b0, o0, o1), interleave_pairs(a1, b1, o2, o3);
+  _mm256_storeu_ps(out, o0), _mm256_storeu_ps(out + 8, o1), _mm256_storeu_ps(out + 16, o2), _mm256_storeu_ps(out + 24, o3);
+}
+// a band's last, partial group (`cols` < 32 columns from `code_bytes` bytes): decoded from a zero-padded copy
+template <void (*group)(const int8_t*, float, float*)>
+inline void partial_group(const int8_t* codes, int code_bytes, float scale, int cols, float* out) {
+  alignas(32) int8_t pad[16] = {};
+  alignas(32) float tmp[32];
+  std::memcpy(pad, codes, code_bytes);
+  group(pad, scale, tmp);
+  std::memcpy(out, tmp, cols * sizeof(float));
+}
 #endif
 
 // One band of a bands row into out[0, width), in column order.
@@ -169,14 +201,10 @@ inline void decode_band(const int8_t* __restrict row, const Band& b, const float
       _mm512_storeu_ps(out + c, lo), _mm512_storeu_ps(out + c + 16, hi);
     }
 #elif KVFX_AVX2
-    for (; c + 32 <= b.width; c += 32) {  // a group: 16 bytes, 32 numbers, in two halves of 8 bytes
-      const __m256 s = _mm256_set1_ps(lut[e[c / 32] + 128]);
-      for (int h = 0; h < 16; h += 8) {
-        const __m256i w = load8_epi32(codes + c / 2 + h);
-        __m256 lo, hi;
-        interleave(_mm256_mul_ps(s, nibble_lo(w)), _mm256_mul_ps(s, nibble_hi(w)), lo, hi);
-        _mm256_storeu_ps(out + c + 2 * h, lo), _mm256_storeu_ps(out + c + 2 * h + 8, hi);
-      }
+    for (; c + 32 <= b.width; c += 32) int4_group(codes + c / 2, lut[e[c / 32] + 128], out + c);
+    if (c < b.width) {
+      partial_group<int4_group>(codes + c / 2, b.code_bytes - c / 2, lut[e[c / 32] + 128], b.width - c, out + c);
+      return;
     }
 #endif
     for (; c < b.width; ++c) {
@@ -201,18 +229,10 @@ inline void decode_band(const int8_t* __restrict row, const Band& b, const float
     _mm512_storeu_ps(out + c + 32, o2), _mm512_storeu_ps(out + c + 48, o3);
   }
 #elif KVFX_AVX2  // int2: 8 bytes = 32 numbers = a group
-  for (; c + 32 <= b.width; c += 32) {
-    const __m256i w = load8_epi32(codes + c / 4);
-    const __m256 s = _mm256_set1_ps(lut[e[c / 32] + 128]);
-    __m256 p[4];
-    for (int j = 0; j < 4; ++j)  // code j of each byte, sign-extended, at its level (q + 1/2)·s
-      p[j] = _mm256_mul_ps(s, _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 30 - 2 * j), 30)),
-                                            _mm256_set1_ps(0.5f)));
-    __m256 a0, a1, b0, b1, o0, o1, o2, o3;
-    interleave(p[0], p[1], a0, a1), interleave(p[2], p[3], b0, b1);
-    interleave_pairs(a0, b0, o0, o1), interleave_pairs(a1, b1, o2, o3);
-    _mm256_storeu_ps(out + c, o0), _mm256_storeu_ps(out + c + 8, o1);
-    _mm256_storeu_ps(out + c + 16, o2), _mm256_storeu_ps(out + c + 24, o3);
+  for (; c + 32 <= b.width; c += 32) int2_group(codes + c / 4, lut[e[c / 32] + 128], out + c);
+  if (c < b.width) {
+    partial_group<int2_group>(codes + c / 4, b.code_bytes - c / 4, lut[e[c / 32] + 128], b.width - c, out + c);
+    return;
   }
 #endif
   for (; c < b.width; ++c) {
@@ -412,6 +432,24 @@ void accumulate_cols(const float* p, int64_t ldp, const float* v, int64_t ldv, i
 void accumulate_values(const float* p, int64_t ldp, const float* v, int64_t ldv, int rows, float* o, int64_t ldo,
                        int64_t G, int64_t nv) {
   int64_t g = 0;
+#if KVFX_AVX2  // groups of at most 6 rows, as even as possible (9: 5 + 4): 8-12 accumulators keep both FMA units busy
+  const int64_t groups = (G + 5) / 6;
+  for (int64_t i = 0; i < groups; ++i) {
+    const int64_t n = (G - g + groups - i - 1) / (groups - i);
+    const float* pg = p + g * ldp;
+    float* og = o + g * ldo;
+    switch (n) {
+      case 6: accumulate_cols<6>(pg, ldp, v, ldv, rows, og, ldo, nv); break;
+      case 5: accumulate_cols<5>(pg, ldp, v, ldv, rows, og, ldo, nv); break;
+      case 4: accumulate_cols<4>(pg, ldp, v, ldv, rows, og, ldo, nv); break;
+      case 3: accumulate_cols<3>(pg, ldp, v, ldv, rows, og, ldo, nv); break;
+      case 2: accumulate_cols<2>(pg, ldp, v, ldv, rows, og, ldo, nv); break;
+      default: accumulate_cols<1>(pg, ldp, v, ldv, rows, og, ldo, nv); break;
+    }
+    g += n;
+  }
+  return;
+#endif
   for (; g + 4 <= G; g += 4) accumulate_cols<4>(p + g * ldp, ldp, v, ldv, rows, o + g * ldo, ldo, nv);
   switch (G - g) {
     case 3: accumulate_cols<3>(p + g * ldp, ldp, v, ldv, rows, o + g * ldo, ldo, nv); break;
