@@ -448,8 +448,7 @@ void accumulate_values(const float* p, int64_t ldp, const float* v, int64_t ldv,
     }
     g += n;
   }
-  return;
-#endif
+#else
   for (; g + 4 <= G; g += 4) accumulate_cols<4>(p + g * ldp, ldp, v, ldv, rows, o + g * ldo, ldo, nv);
   switch (G - g) {
     case 3: accumulate_cols<3>(p + g * ldp, ldp, v, ldv, rows, o + g * ldo, ldo, nv); break;
@@ -457,6 +456,7 @@ void accumulate_values(const float* p, int64_t ldp, const float* v, int64_t ldv,
     case 1: accumulate_cols<1>(p + g * ldp, ldp, v, ldv, rows, o + g * ldo, ldo, nv); break;
     default: break;
   }
+#endif
 }
 
 // exp(x) for x <= 0 in plain arithmetic (2^n by exponent bits, 2^f by a degree-6 polynomial, rel. error ~2e-7), so
