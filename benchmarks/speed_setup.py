@@ -57,10 +57,8 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 def model_config(name: str, llama_layers: int):
     if name == "smollm2":
-        from transformers import AutoConfig
-        from kvfx.models import default_model_path
-        directory, file = default_model_path()
-        return AutoConfig.from_pretrained(directory, gguf_file=file)
+        from kvfx.models import default_model_config
+        return default_model_config()
     from transformers import LlamaConfig
     shape = LLAMA_RAND | {"num_hidden_layers": llama_layers} if name == "llama-rand" else LLAMA_TINY
     return LlamaConfig(**shape, max_position_embeddings=65536, bos_token_id=1, eos_token_id=2, pad_token_id=0,

@@ -12,6 +12,7 @@ from kvfx.compress import cache_kwarg
 
 from helpers import reference_greedy
 from kvfx import data, models
+from kvfx.calib.collect import collect_stats, fit
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,7 @@ def test_calibrate_compress_eval_generate(smollm, tmp_path):
 
 
 def _ppl(model, proj, test, quantize):
+    """Perplexity of the compiled, rewritten model (no cache: the pass projects and rounds keys and values)."""
     cm = kvfx.compress(torch.compile(model, backend="eager"), proj, quantize=quantize)
     try:
         return data.perplexity(lambda ids: cm(input_ids=ids, use_cache=False).logits, test, progress=False)
@@ -69,28 +71,42 @@ def _ppl(model, proj, test, quantize):
         torch._dynamo.reset()
 
 
+def _cache_ppl(model, proj, test, quantize):
+    """The same perplexity in eager mode through kvfx's cache (it stores and rounds the latents the pass would)."""
+    return data.perplexity(lambda ids: model(input_ids=ids, past_key_values=kvfx.LowRankCache(proj, quantize=quantize))
+                           .logits, test, progress=False)
+
+
+@pytest.fixture(scope="module")
+def shared_stats(smollm):
+    """Calibration statistics of 2 windows, collected once for both shared-latent tests."""
+    _, tok = smollm
+    calib = data.wikitext_calibration_windows(tok, n_windows=2, window=256)
+    return collect_stats(smollm[0], calib.split(1), progress=False)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,rank,row", [("int8", 192, 193), ("int4", 360, 180 + 12)])
-def test_low_bit_shared_latent(smollm, kind, rank, row):
+def test_low_bit_shared_latent(smollm, shared_stats, kind, rank, row):
     """One shared K+V latent per layer stored in low bits at 25 % of a 16-bit cache's bytes (int8: 192 of the
     384 K+V features; int4: 360): rounding costs little perplexity — for int4 once the latent is rotated — and
     generate's cache really holds int8 rows of `row` bytes."""
     model, tok = smollm
     torch._dynamo.reset()
-    calib = data.wikitext_calibration_windows(tok, n_windows=2, window=256)
     test = data.wikitext_test_windows(tok, n_windows=1, window=256)
-    proj = kvfx.calibrate(model, calib.split(1), method="kqsvd", rank=rank, granularity="kv", progress=False)
+    proj = fit(shared_stats, "kqsvd", rank, granularity="kv")
     assert proj.kv_fraction(kind) == pytest.approx(row / 768)
 
     kvfx.counters.clear()
-    plain, rounded = _ppl(model, proj, test, None), _ppl(model, proj, test, kind)
-    assert kvfx.counters["kvfx"]["quantized"] == 30 and kvfx.counters["kvfx"]["shared"] == 60
+    plain, rounded = _cache_ppl(model, proj, test, None), _ppl(model, proj, test, kind)
+    assert kvfx.counters["kvfx"]["quantized"] == 30 and kvfx.counters["kvfx"]["shared"] == 30
+    assert rounded == pytest.approx(_cache_ppl(model, proj, test, kind), rel=1e-4)  # the pass rounds as the cache
     assert plain != rounded
     if kind == "int8":
         assert abs(rounded / plain - 1) < 0.03, (plain, rounded)
     else:  # int4 rounds a PCA-ordered latent coarsely; rotated, much less (4×512 tokens: 37.84 vs 31.43, plain 30.32)
         proj = kvfx.rotate_latents(proj)
-        rotated = _ppl(model, proj, test, kind)
+        rotated = _cache_ppl(model, proj, test, kind)
         assert rotated < rounded and abs(rotated / plain - 1) < 0.08, (plain, rounded, rotated)
 
     prompt = tok("The capital of France is", return_tensors="pt").input_ids

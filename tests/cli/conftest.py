@@ -26,11 +26,8 @@ def tiny_model_dir(path: Path, tokenizer, seed: int) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from transformers import AutoTokenizer
-
-    from kvfx.models import default_model_path
-    directory, name = default_model_path()
-    return AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    from kvfx.models import default_tokenizer
+    return default_tokenizer()
 
 
 @pytest.fixture(scope="session")

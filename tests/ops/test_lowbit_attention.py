@@ -1,5 +1,6 @@
 """kvfx::decode_attention (the C++ CPU kernel) against its plain-torch reference (dequantise the whole cache, then
 SDPA), and the decode pass calling it on the stored codes of kvfx's low-bit cache."""
+import concurrent.futures
 import copy
 import platform
 
@@ -173,13 +174,25 @@ def test_portable_path_matches_reference(kind, monkeypatch):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 build flags")
-@pytest.mark.parametrize("arch", ["x86-64-v2", "x86-64-v3"])
-def test_portable_build_matches_reference(arch):
+PORTABLE_ARCHS = ("x86-64-v2", "x86-64-v3")
+
+
+@pytest.fixture(scope="module")
+def portable_builds():
+    """Both builds at once (one compiler process each: two cores build them in the time of one)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 build flags")
+    with concurrent.futures.ThreadPoolExecutor(len(PORTABLE_ARCHS)) as pool:
+        builds = {arch: pool.submit(la._build, arch) for arch in PORTABLE_ARCHS}
+    return {arch: build.result() for arch, build in builds.items()}
+
+
+@pytest.mark.parametrize("arch", PORTABLE_ARCHS)
+def test_portable_build_matches_reference(arch, portable_builds):
     """The file built for a CPU without AVX-512 and AMX, every row kind: the reference's numbers (float32
     round-off). x86-64-v2: the plain-C++ loops; x86-64-v3: the AVX2 + FMA code (AMD Zen 1-3, Intel before AVX-512:
     8-float registers, scores in halves of 8 rows). A module per arch, built once and cached."""
-    ext = la._build(arch)
+    ext = portable_builds[arch]
     assert not ext.integer_path()
     for i, kind in enumerate(["int8", "int4", "int2", "int8x6+int4x32+int2x32", *FLOATS]):
         shared = i % 2 == 0
