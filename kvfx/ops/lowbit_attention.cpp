@@ -495,6 +495,49 @@ bool integer_path() {
 #endif
 }
 
+// Stored rows [..., row_elems] (int8 / int4 rows, bits 8 / 4, or bands, bits -1 with `spec` = (bits, columns, …))
+// as float32 [..., width] in column order: kvfx::dequantize, the read of a prefill or a chunk (many query rows,
+// where SDPA over float rows is the right kernel); decode steps never call it. The rows may be a strided view (the
+// cache's [:, :, :N] of its storage); the last dimension must be contiguous. Numbers as decode_row's (one multiply
+// by the scale 2^(e/8) a number): quant.dequantize's up to its exp2's last-bit rounding.
+torch::Tensor dequantize_rows(torch::Tensor stored, int64_t width, int64_t bits, std::vector<int64_t> spec) {
+  TORCH_CHECK(stored.scalar_type() == torch::kInt8 && stored.device().is_cpu() && stored.dim() >= 1,
+              "dequantize_rows: stored rows must be an int8 CPU tensor");
+  std::vector<Band> bands;
+  int row_elems = 0;
+  if (bits == 8 || bits == 4) {
+    const int w = static_cast<int>(width), cb = (w * static_cast<int>(bits) + 7) / 8;
+    if (w > 0) bands.push_back(Band{static_cast<int>(bits), w, 0, 0, cb});
+    row_elems = w == 0 ? 0 : cb + (bits == 8 ? 1 : (w + 31) / 32);
+  } else {
+    const Format f(spec);
+    TORCH_CHECK(f.width == width, "dequantize_rows: the bands span ", f.width, " columns, not ", width);
+    bands = f.bands, row_elems = f.row_elems;
+  }
+  TORCH_CHECK(stored.size(-1) == row_elems, "dequantize_rows: rows of ", stored.size(-1), " bytes, the format has ",
+              row_elems);
+  TORCH_CHECK(stored.stride(-1) == 1 || row_elems <= 1, "dequantize_rows: the last dimension must be contiguous");
+  std::vector<int64_t> sizes = stored.sizes().vec();
+  sizes.back() = width;
+  auto out = torch::empty(sizes, stored.options().dtype(torch::kFloat32));
+  const int64_t lead = stored.dim() - 1, rows = width == 0 ? 0 : out.numel() / width;
+  if (rows == 0) return out;
+  float lut[256];
+  for (int e = -128; e < 128; ++e) lut[e + 128] = std::exp2(static_cast<float>(e) / 8.0f);
+  const int8_t* base = stored.data_ptr<int8_t>();
+  float* op = out.data_ptr<float>();
+  const std::vector<int64_t> sz(stored.sizes().begin(), stored.sizes().end() - 1),
+      st(stored.strides().begin(), stored.strides().end() - 1);
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      int64_t off = 0, rest = i;
+      for (int64_t d = lead - 1; d >= 0; --d) off += (rest % sz[d]) * st[d], rest /= sz[d];
+      for (const Band& b : bands) decode_band(base + off, b, lut, op + i * width + b.col);
+    }
+  });
+  return out;
+}
+
 // q [B, H, G, Rk] float32; kc [B, H, N, kb] and vc [B, H, N, vb], any strides with contiguous rows (vc is ignored
 // when shared: V = K rows): int8 rows of codes (bits 8 or 4, kvfx/quant.py) or, bits 0, float32 / bfloat16 / float16
 // latents of width Rk / Rv; mask: None or [B or 1, N], bool (true = attend) or float32 (added to the scores).

@@ -47,8 +47,14 @@ _EXT: dict = {}
 
 @torch.library.custom_op("kvfx::dequantize", mutates_args=())
 def dequantize(stored: torch.Tensor, width: int, kind: str, dtype: torch.dtype) -> torch.Tensor:
-    """[..., row_bytes(width)] int8 rows -> [..., width] in `dtype` (kvfx.quant.dequantize as one graph node)."""
-    return quant.dequantize(stored, dtype, width, kind).contiguous()  # what the fake kernel promises
+    """[..., row_bytes(width)] int8 rows -> [..., width] in `dtype` (kvfx.quant.dequantize as one graph node; on CPU
+    the C++ kernel's dequantize_rows: one pass over the codes, not quant.dequantize's dozen torch ops a band)."""
+    ext = _extension() if stored.device.type == "cpu" and width > 0 else None
+    if ext is None:
+        return quant.dequantize(stored, dtype, width, kind).contiguous()  # what the fake kernel promises
+    bits = _BITS.get(kind, -1)
+    out = ext.dequantize_rows(stored, width, bits, list(_band_spec(kind, width)) if bits < 0 else [])
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 @dequantize.register_fake
@@ -97,7 +103,7 @@ def _build(arch: str = "native"):
     flags = ["-O3", f"-march={arch}", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
              "-fno-trapping-math"]
     name = "kvfx_lowbit_attention" + ("" if arch == "native" else "_" + arch.replace("-", "_").replace(".", "_"))
-    return load_inline(name, cpp_sources=[src], functions=["decode_attention", "integer_path"], extra_cflags=flags,
+    return load_inline(name, cpp_sources=[src], functions=["decode_attention", "dequantize_rows", "integer_path"], extra_cflags=flags,
                        extra_ldflags=["-fopenmp"], verbose=False)
 
 

@@ -8,6 +8,9 @@ chunk, a draft) the latent can instead be expanded once per cached token, as MLA
 
     k̂ = c·Bᵀ  [b, h, N, d]     v̂ = c·Dᵀ  [b, h, N, d]     out = SDPA(q, k̂, v̂, enable_gqa)          (no ·Dᵀ after)
 
+(each one matrix product by the heads side by side, [R, h·d], viewed as heads the way the original views its
+k / v projections; a shared latent's keys and values in one product by [R, 2·h·d])
+
 which costs h·d·(R_k + R_v) per cached token plus the original's attention. Exact in real arithmetic (q·(c·Bᵀ)ᵀ =
 (q·B)·cᵀ). Expanding is cheaper when
 
@@ -18,6 +21,8 @@ which costs h·d·(R_k + R_v) per cached token plus the original's attention. Ex
 The caches are untouched: they still hold the latents; only how this call reads them changes (counter `expanded`).
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -52,17 +57,38 @@ def worth_expanding(site: AttentionSite, proj: SiteProjection, query: fx.Node) -
         return False
 
 
+def _heads_matrix(up: torch.Tensor) -> torch.Tensor:
+    """[h, d, R] (B or D per kv head) -> [R, h·d]: column block i is head i's Bᵢᵀ, so c·M is every head's c·Bᵢᵀ side
+    by side — one matrix product instead of h thin ones."""
+    return up.permute(2, 0, 1).reshape(up.shape[-1], -1)
+
+
+def _per_head(g: fx.Graph, flat: fx.Node, h: int, d: int) -> fx.Node:
+    """[b, 1, N, h·d] -> [b, h, N, d] (the original's view + transpose of its k / v projections)."""
+    x = g.call_method("unflatten", (g.call_method("squeeze", (flat, 1)), -1, (h, d)))
+    return g.call_method("transpose", (x, 1, 2))
+
+
 def expand_site(rw, site: AttentionSite, proj: SiteProjection, query: fx.Node, key: fx.Node, value: fx.Node) -> None:
     """Rewrite the site's SDPA to read `key` / `value` (the latents, possibly repeated per query head) expanded to
-    the kv heads: SDPA(q, c_k·Bᵀ, c_v·Dᵀ). `rw` is the RankSpaceRewrite (its constants and graph)."""
+    the kv heads: SDPA(q, c_k·Bᵀ, c_v·Dᵀ), each a single matrix product by [R, h·d] (a shared latent: both in one,
+    by [R, 2·h·d]). `rw` is the RankSpaceRewrite (its constants and graph)."""
     g, sdpa = rw.g, site.sdpa
     ck, cv = gu.unrepeat(key), gu.unrepeat(value)
-    heads_k = lambda: proj.key_up.transpose(1, 2)        # [h, R_k, d]  # noqa: E731
-    heads_v = lambda: proj.value_up.transpose(1, 2)      # [h, R_v, d]  # noqa: E731
+    h, d, _ = proj.key_up.shape
     with g.inserting_before(sdpa):
-        k_hat = g.call_function(torch.matmul, (ck, rw._const(site, "key_heads", heads_k, query)))
-        v_hat = g.call_function(torch.matmul, (cv, rw._const(site, "value_heads", heads_v, query)))
-    gqa = site.num_heads != proj.key_up.shape[0]
+        if ck is cv:  # one latent read as key and value: c·[B₀ᵀ … | D₀ᵀ …]
+            both = lambda: torch.cat([_heads_matrix(proj.key_up), _heads_matrix(proj.value_up)], -1)  # noqa: E731
+            kv = g.call_function(torch.matmul, (ck, rw._const(site, "kv_heads", both, query)))
+            halves = g.call_method("split", (kv, h * d, -1))
+            k_flat, v_flat = (g.call_function(operator.getitem, (halves, i)) for i in (0, 1))
+        else:
+            keys = lambda: _heads_matrix(proj.key_up)        # noqa: E731
+            values = lambda: _heads_matrix(proj.value_up)    # noqa: E731
+            k_flat = g.call_function(torch.matmul, (ck, rw._const(site, "key_heads", keys, query)))
+            v_flat = g.call_function(torch.matmul, (cv, rw._const(site, "value_heads", values, query)))
+        k_hat, v_hat = _per_head(g, k_flat, h, d), _per_head(g, v_flat, h, d)
+    gqa = site.num_heads != h
     gu.set_sdpa_args(sdpa, query=query, key=k_hat, value=v_hat, scale=site.scale, enable_gqa=gqa)
     for n in dict.fromkeys((key, value)):
         if n is not ck and n is not cv:

@@ -205,6 +205,47 @@ def test_portable_build_matches_reference(arch, portable_builds):
                                    list(la._band_spec(kind, rv)) if bits < 0 else [])
         ref = la.reference(q, kc, vc, 70, rv, kind, 0.125, m, shared)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
+    for kind, width in DEQUANT_CASES:  # the cache's prefill read, with this build's decoders
+        stored = _stored_view(kind, width, seed=width)
+        bits = la._BITS.get(kind, -1)
+        _check_dequantized(ext.dequantize_rows(stored, width, bits, list(la._band_spec(kind, width)) if bits < 0 else []),
+                           stored, width, kind)
+
+
+# kinds × widths for kvfx::dequantize: int4 groups cut short, one column, int2 and bands with partial groups
+DEQUANT_CASES = [("int8", 192), ("int8", 7), ("int4", 360), ("int4", 45), ("int4", 1), ("int2", 70),
+                 ("int8x6+int4x32+int2x32", 70), ("int8x16+int4x16", 32)]
+
+
+def _stored_view(kind, width, seed):
+    """quantized rows [2, 3, 50, row bytes] as the cache holds them: a [:, :, :50] view of a larger storage."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 50, width, generator=gen) * torch.rand(width, generator=gen) * 3
+    rows = quant.quantize(x, kind)
+    storage = torch.zeros(2, 3, 80, rows.shape[-1], dtype=torch.int8)
+    storage[:, :, :50] = rows
+    return storage[:, :, :50]
+
+
+def _check_dequantized(out, stored, width, kind):
+    """The C++ dequantisation against quant.dequantize: the same numbers up to the scale's last bit (the C++ 2^(e/8)
+    and torch's vectorised exp2 differ in the last bit for some e)."""
+    ref = quant.dequantize(stored.contiguous(), torch.float32, width, kind)
+    assert out.shape == ref.shape and out.dtype == torch.float32 and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=2.5e-7, atol=0)
+
+
+@pytest.mark.parametrize("kind,width", DEQUANT_CASES)
+def test_dequantize_reads_strided_rows_in_column_order(kind, width):
+    if not la.kernel_available("cpu"):
+        pytest.skip("no C++ compiler: kvfx::dequantize runs quant.dequantize itself")
+    stored = _stored_view(kind, width, seed=width)
+    _check_dequantized(torch.ops.kvfx.dequantize(stored, width, kind, torch.float32), stored, width, kind)
+    half = torch.ops.kvfx.dequantize(stored, width, kind, torch.bfloat16)
+    assert torch.equal(half, torch.ops.kvfx.dequantize(stored, width, kind, torch.float32).bfloat16())
+    with pytest.raises(RuntimeError, match="rows of"):
+        la._extension().dequantize_rows(stored[..., 1:], width, la._BITS.get(kind, -1),
+                                        list(la._band_spec(kind, width)) if kind not in la._BITS else [])
 
 
 # (g, n, rk, rv, shared, mask): widths across int4 groups and int8 64-column chunks, odd ones, more than 16 query

@@ -256,8 +256,9 @@ attn_output_4 = torch._C._nn.linear(attn_output_3, kvfx_o_folded_weight, None)""
     def test_llama_shared_prefill_expanded(self):
         gm = shared_prefill_graph()
         # Look for: the cache write of ONE latent c = k·A + v·C (12 wide, one "head"), then, 14 query rows being
-        # above the threshold (12 here), c expanded back to the 2 kv heads (c·Bᵀ, c·Dᵀ: 8 wide) and SDPA run as
-        # the original's (query q_embed, enable_gqa) — no q·B, no ·Dᵀ after, W_O unfolded.
+        # above the threshold (12 here), c expanded back to the 2 kv heads (c·Bᵀ, c·Dᵀ: 8 wide; keys and values of
+        # both heads in one product by [12, 2·2·8], split and viewed as heads) and SDPA run as the original's
+        # (query q_embed, enable_gqa) — no q·B, no ·Dᵀ after, W_O unfolded.
         self.assertExpectedInline(graph_excerpt(gm, "k_embed = ", "o_proj.weight"), """\
 k_embed = mul_7 + mul_8
 transpose_3 = k_embed.transpose(1, 2)
@@ -282,9 +283,17 @@ arange_1 = torch.arange(14, device = device(type='cpu'))
 add_7 = arange_1 + 0
 index_copy__1 = grown_1.index_copy_(2, add_7, v_1)
 new_empty_3 = l_kwargs_cache_layers_0_slots_values_filled.new_empty(0, 14)
-matmul_2 = torch.matmul(keys, kvfx_key_heads)
-matmul_3 = torch.matmul(keys, kvfx_value_heads)
-attn_output = torch._C._nn.scaled_dot_product_attention(q_embed, matmul_2, matmul_3, attn_mask = None, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = True, enable_gqa = True)
+matmul_2 = torch.matmul(keys, kvfx_kv_heads)
+split = matmul_2.split(16, -1)
+getitem_1 = split[0]
+getitem_2 = split[1]
+squeeze = getitem_1.squeeze(1)
+unflatten = squeeze.unflatten(-1, (2, 8))
+transpose = unflatten.transpose(1, 2)
+squeeze_1 = getitem_2.squeeze(1)
+unflatten_1 = squeeze_1.unflatten(-1, (2, 8))
+transpose_6 = unflatten_1.transpose(1, 2)
+attn_output = torch._C._nn.scaled_dot_product_attention(q_embed, transpose, transpose_6, attn_mask = None, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = True, enable_gqa = True)
 attn_output_1 = attn_output.reshape(1, -1, 14, 8)
 transpose_5 = attn_output_1.transpose(1, 2)
 attn_output_2 = transpose_5.contiguous()
