@@ -105,7 +105,7 @@ def _convert() -> tuple[Path | None, tuple | None]:
     loaded = _from_gguf(directory, name, torch.float32)
     try:
         _save_converted(*loaded, target, Path(directory) / name)
-    except OSError:  # read-only home, full disk: this load still works, from the GGUF
+    except Exception:  # noqa: BLE001  (read-only home, full disk, …: this load still works, from the GGUF)
         return None, loaded
     return (target if (target / _MARKER).is_file() else None), loaded
 

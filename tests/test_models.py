@@ -10,8 +10,8 @@ TEXT = "The capital of France is Paris.\ndef f(x):\n    return x ** 2  # ünïco
 
 def _tiny():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
     return LlamaForCausalLM(cfg).eval()
 
 

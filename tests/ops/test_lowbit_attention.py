@@ -208,8 +208,8 @@ def test_portable_build_matches_reference(arch, portable_builds):
     for kind, width in DEQUANT_CASES:  # the cache's prefill read, with this build's decoders
         stored = _stored_view(kind, width, seed=width)
         bits = la._BITS.get(kind, -1)
-        _check_dequantized(ext.dequantize_rows(stored, width, bits, list(la._band_spec(kind, width)) if bits < 0 else []),
-                           stored, width, kind)
+        spec = list(la._band_spec(kind, width)) if bits < 0 else []
+        _check_dequantized(ext.dequantize_rows(stored, width, bits, spec), stored, width, kind)
 
 
 # kinds × widths for kvfx::dequantize: int4 groups cut short, one column, int2 and bands with partial groups
