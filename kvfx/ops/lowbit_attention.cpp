@@ -498,9 +498,12 @@ bool integer_path() {
 // Stored rows [..., row_elems] (int8 / int4 rows, bits 8 / 4, or bands, bits -1 with `spec` = (bits, columns, …))
 // as float32 [..., width] in column order: kvfx::dequantize, the read of a prefill or a chunk (many query rows,
 // where SDPA over float rows is the right kernel); decode steps never call it. The rows may be a strided view (the
-// cache's [:, :, :N] of its storage); the last dimension must be contiguous. Numbers as decode_row's (one multiply
-// by the scale 2^(e/8) a number): quant.dequantize's up to its exp2's last-bit rounding.
-torch::Tensor dequantize_rows(torch::Tensor stored, int64_t width, int64_t bits, std::vector<int64_t> spec) {
+// cache's [:, :, :N] of its storage); the last dimension must be contiguous. `scales` [256]: 2^(e/8) for e = -128 …
+// 127 as torch computes it (its vectorised exp2 differs from std::exp2 in the last bit for some e; the same bits
+// keep the cache's numbers those of quant.fake_quant in compiled code: rounding downstream would amplify a last-bit
+// difference). One multiply by the scale a number, as quant.dequantize.
+torch::Tensor dequantize_rows(torch::Tensor stored, int64_t width, int64_t bits, std::vector<int64_t> spec,
+                              torch::Tensor scales) {
   TORCH_CHECK(stored.scalar_type() == torch::kInt8 && stored.device().is_cpu() && stored.dim() >= 1,
               "dequantize_rows: stored rows must be an int8 CPU tensor");
   std::vector<Band> bands;
@@ -522,8 +525,9 @@ torch::Tensor dequantize_rows(torch::Tensor stored, int64_t width, int64_t bits,
   auto out = torch::empty(sizes, stored.options().dtype(torch::kFloat32));
   const int64_t lead = stored.dim() - 1, rows = width == 0 ? 0 : out.numel() / width;
   if (rows == 0) return out;
-  float lut[256];
-  for (int e = -128; e < 128; ++e) lut[e + 128] = std::exp2(static_cast<float>(e) / 8.0f);
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.numel() == 256 && scales.is_contiguous(),
+              "dequantize_rows: scales must be 256 contiguous float32 numbers");
+  const float* lut = scales.data_ptr<float>();
   const int8_t* base = stored.data_ptr<int8_t>();
   float* op = out.data_ptr<float>();
   const std::vector<int64_t> sz(stored.sizes().begin(), stored.sizes().end() - 1),

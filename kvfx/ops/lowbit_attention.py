@@ -53,8 +53,14 @@ def dequantize(stored: torch.Tensor, width: int, kind: str, dtype: torch.dtype) 
     if ext is None:
         return quant.dequantize(stored, dtype, width, kind).contiguous()  # what the fake kernel promises
     bits = _BITS.get(kind, -1)
-    out = ext.dequantize_rows(stored, width, bits, list(_band_spec(kind, width)) if bits < 0 else [])
+    out = ext.dequantize_rows(stored, width, bits, list(_band_spec(kind, width)) if bits < 0 else [], _scales())
     return out if dtype == torch.float32 else out.to(dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _scales() -> torch.Tensor:
+    """2^(e/8) for the 256 scale codes, computed as quant.dequantize computes them (torch's exp2)."""
+    return torch.exp2(torch.arange(-128, 128, dtype=torch.float32) / quant.SCALE_STEPS).contiguous()
 
 
 @dequantize.register_fake
