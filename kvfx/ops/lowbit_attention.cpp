@@ -495,6 +495,14 @@ bool integer_path() {
 #endif
 }
 
+// The 256 scales 2^(e/8), e = -128 … 127, that rows are decoded with (kvfx.ops.lowbit_attention._scales: torch's
+// exp2, so decoded rows are quant.dequantize's numbers).
+inline const float* scale_table(const torch::Tensor& scales) {
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.numel() == 256 && scales.is_contiguous(),
+              "scales must be 256 contiguous float32 numbers");
+  return scales.data_ptr<float>();
+}
+
 // Stored rows [..., row_elems] (int8 / int4 rows, bits 8 / 4, or bands, bits -1 with `spec` = (bits, columns, …))
 // as float32 [..., width] in column order: kvfx::dequantize, the read of a prefill or a chunk (many query rows,
 // where SDPA over float rows is the right kernel); decode steps never call it. The rows may be a strided view (the
@@ -525,9 +533,7 @@ torch::Tensor dequantize_rows(torch::Tensor stored, int64_t width, int64_t bits,
   auto out = torch::empty(sizes, stored.options().dtype(torch::kFloat32));
   const int64_t lead = stored.dim() - 1, rows = width == 0 ? 0 : out.numel() / width;
   if (rows == 0) return out;
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.numel() == 256 && scales.is_contiguous(),
-              "dequantize_rows: scales must be 256 contiguous float32 numbers");
-  const float* lut = scales.data_ptr<float>();
+  const float* lut = scale_table(scales);
   const int8_t* base = stored.data_ptr<int8_t>();
   float* op = out.data_ptr<float>();
   const std::vector<int64_t> sz(stored.sizes().begin(), stored.sizes().end() - 1),
@@ -549,7 +555,7 @@ torch::Tensor dequantize_rows(torch::Tensor stored, int64_t width, int64_t bits,
 // has its own column order (amx): the query is gathered into that order and the output scattered back here.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64_t rk, int64_t rv,
                                int64_t bits, double scale, c10::optional<torch::Tensor> mask_opt, bool shared,
-                               std::vector<int64_t> kbands, std::vector<int64_t> vbands) {
+                               std::vector<int64_t> kbands, std::vector<int64_t> vbands, torch::Tensor scales) {
   TORCH_CHECK(q.dim() == 4 && kc.dim() == 4 && q.scalar_type() == torch::kFloat32, "q must be [B, H, G, R] float32");
   Kind kind;
   if (bits == -1) {  // bands (kbands / vbands: bits, width, bits, width, …)
@@ -631,8 +637,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
   const int64_t row_floats = Rkp + (shared ? 0 : Rvp);
   const int block = static_cast<int>(std::clamp<int64_t>(24576 / (4 * row_floats) / 16 * 16, 16, 128));
 
-  float lut[256];
-  for (int e = -128; e < 128; ++e) lut[e + 128] = std::exp2(static_cast<float>(e) / 8.0f);
+  const float* lut = scale_table(scales);  // 2^(e/8) as torch computes them: dequantize_rows' numbers
 
   // split-K: chunks of >= 256 tokens, enough tasks for every thread
   const int64_t threads = at::get_num_threads();

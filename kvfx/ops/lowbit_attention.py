@@ -153,7 +153,7 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rk: in
     bits = _BITS.get(kind, -1)  # -1: bands (int2 is one band)
     out = ext.decode_attention(q if q.dtype == torch.float32 else q.float(), kc, vc, rk, rv, bits, scale, m, shared,
                                list(_band_spec(kind, rk)) if bits < 0 else [],
-                               list(_band_spec(kind, rv)) if bits < 0 and not shared else [])
+                               list(_band_spec(kind, rv)) if bits < 0 and not shared else [], _scales())
     return out if out.dtype == q.dtype else out.to(q.dtype)
 
 

@@ -202,7 +202,7 @@ def test_portable_build_matches_reference(arch, portable_builds):
         bits = la._BITS.get(kind, -1)
         out = ext.decode_attention(q, kc, vc, 70, rv, bits, 0.125, m.reshape(2, 300), shared,
                                    list(la._band_spec(kind, 70)) if bits < 0 else [],
-                                   list(la._band_spec(kind, rv)) if bits < 0 else [])
+                                   list(la._band_spec(kind, rv)) if bits < 0 else [], la._scales())
         ref = la.reference(q, kc, vc, 70, rv, kind, 0.125, m, shared)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
     for kind, width in DEQUANT_CASES:  # the cache's prefill read, with this build's decoders
