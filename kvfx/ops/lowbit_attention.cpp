@@ -21,7 +21,8 @@
 //   a buffer, the scores as 16-row tiles (one query row against 16 key rows in registers, reduced by a shuffle
 //   tree), the value sums in registers: the reference's numbers up to float32 round-off. Plain C++ (GCC vector
 //   extensions) with AVX-512 or AVX2 intrinsics under #if, so it builds for any CPU (AVX2: 16 registers of 8
-//   floats, so the score tiles are computed in halves of 8 rows and the value sums 16 columns at a time).
+//   floats, so the scores are tiles of 3 query rows × 4 key rows and the value sums tiles of up to 4 query rows ×
+//   24 columns: 12 accumulators each, every loaded vector used 3-4 times).
 //
 // Row layout (kvfx/quant.py): int8: R codes, then one scale code e (x = q * 2^(e/8));
 //                             int4: ceil(R/2) bytes of two codes (low nibble first), then one e per 32 numbers.
@@ -308,33 +309,52 @@ inline void decode_row(const char* __restrict raw, const Format& f, const float*
 }
 
 #if KVFX_AVX2
-// The 8 horizontal sums of a[0..7], as one vector (lane j = sum of a[j])
-inline __m256 reduce8(const __m256* a) {
-  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // [a0..a3 halves | a0..a3 halves]
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+// The 4 horizontal sums of a[0..3] (lane j = sum of a[j])
+inline __m128 reduce4(const __m256* a) {
+  const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
 }
 
-// Scores of one query row against 8 decoded key rows (n8 vectors of 8): 8 accumulators and the query in registers.
-inline __m256 dot8(const float* __restrict q, const float* __restrict k, int64_t ld, int64_t n8) {
-  __m256 acc[8];
-#pragma GCC unroll 8
-  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+// Scores of GQ query rows (row stride ldq) against 4 decoded key rows (stride ld), n8 vectors of 8 each: 4·GQ
+// accumulators, the GQ query vectors and one key vector in registers (GQ = 3: all 16), 4 + GQ loads per 4·GQ FMAs.
+template <int GQ>
+inline void score_tile(const float* __restrict q, int64_t ldq, const float* __restrict k, int64_t ld, int64_t n8,
+                       const float* add, float* __restrict s, int64_t lds) {
+  __m256 acc[GQ][4];
+#pragma GCC unroll 3
+  for (int g = 0; g < GQ; ++g)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[g][j] = _mm256_setzero_ps();
   for (int64_t v = 0; v < n8; ++v) {
-    const __m256 qv = _mm256_loadu_ps(q + 8 * v);
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * ld + 8 * v), acc[j]);
+    __m256 qv[GQ];
+#pragma GCC unroll 3
+    for (int g = 0; g < GQ; ++g) {
+      qv[g] = _mm256_loadu_ps(q + g * ldq + 8 * v);
+      asm("" : "+x"(qv[g]));
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      __m256 kv = _mm256_loadu_ps(k + j * ld + 8 * v);
+      asm("" : "+x"(kv));  // one load, used GQ times (GCC would fold it into each FMA)
+#pragma GCC unroll 3
+      for (int g = 0; g < GQ; ++g) acc[g][j] = _mm256_fmadd_ps(qv[g], kv, acc[g][j]);
+    }
   }
-  return reduce8(acc);
+  const __m128 a = _mm_loadu_ps(add);
+#pragma GCC unroll 3
+  for (int g = 0; g < GQ; ++g) _mm_storeu_ps(s + g * lds, _mm_add_ps(reduce4(acc[g]), a));
 }
 
-// Scores of one query row against 16 decoded key rows, in two halves of 8 (16 accumulators of 16 would spill).
-inline vf dot16(const float* __restrict q, const float* __restrict k, int64_t ld, int64_t nv) {
-  alignas(64) float r[16];
-  _mm256_store_ps(r, dot8(q, k, ld, 2 * nv));
-  _mm256_store_ps(r + 8, dot8(q, k + 8 * ld, ld, 2 * nv));
-  return load(r);
+// Scores of G query rows against 16 decoded key rows: s[g * lds + j] = q[g] . k[j] + add[j].
+inline void scores16(const float* q, int64_t ldq, int64_t G, const float* k, int64_t ld, int64_t nv, const float* add,
+                     float* s, int64_t lds) {
+  const int64_t n8 = 2 * nv;
+  for (int j = 0; j < 16; j += 4) {
+    int64_t g = 0;
+    for (; g + 3 <= G; g += 3) score_tile<3>(q + g * ldq, ldq, k + j * ld, ld, n8, add + j, s + g * lds + j, lds);
+    if (G - g == 2) score_tile<2>(q + g * ldq, ldq, k + j * ld, ld, n8, add + j, s + g * lds + j, lds);
+    if (G - g == 1) score_tile<1>(q + g * ldq, ldq, k + j * ld, ld, n8, add + j, s + g * lds + j, lds);
+  }
 }
 #else
 // The 16 horizontal sums of a[0..15], as one vector (lane j = sum of a[j]): a shuffle-and-add tree, 15 adds.
@@ -369,29 +389,48 @@ inline vf dot16(const float* __restrict q, const float* __restrict k, int64_t ld
   return reduce16(acc);
 }
 
+// Scores of G query rows against 16 decoded key rows: s[g * lds + j] = q[g] . k[j] + add[j].
+inline void scores16(const float* q, int64_t ldq, int64_t G, const float* k, int64_t ld, int64_t nv, const float* add,
+                     float* s, int64_t lds) {
+  const vf av = load(add);
+  for (int64_t g = 0; g < G; ++g) store(s + g * lds, dot16(q + g * ldq, k, ld, nv) + av);
+}
 #endif
 
 #if KVFX_AVX2
-// o[g, 0:16] += sum_r p[g, r] * v[r, 0:16] for GT query rows: 2·GT accumulators of 8 floats in registers.
-template <int GT>
-void accumulate16(const float* __restrict p, int64_t ldp, const float* __restrict v, int64_t ldv, int rows,
-                  float* __restrict o, int64_t ldo) {
-  __m256 acc[GT][2];
-  for (int g = 0; g < GT; ++g) acc[g][0] = _mm256_loadu_ps(o + g * ldo), acc[g][1] = _mm256_loadu_ps(o + g * ldo + 8);
+// o[g, 0:8·T8] += sum_r p[g, r] * v[r, 0:8·T8] for GT query rows: GT·T8 accumulators, T8 value vectors and one
+// broadcast weight in registers (GT·T8 + T8 + 1 <= 16), T8 + GT loads per GT·T8 FMAs.
+template <int GT, int T8>
+void accumulate8(const float* __restrict p, int64_t ldp, const float* __restrict v, int64_t ldv, int rows,
+                 float* __restrict o, int64_t ldo) {
+  __m256 acc[GT][T8];
+  for (int g = 0; g < GT; ++g)
+    for (int t = 0; t < T8; ++t) acc[g][t] = _mm256_loadu_ps(o + g * ldo + 8 * t);
   for (int r = 0; r < rows; ++r) {
-    const __m256 v0 = _mm256_loadu_ps(v + r * ldv), v1 = _mm256_loadu_ps(v + r * ldv + 8);
+    __m256 vv[T8];
+    for (int t = 0; t < T8; ++t) {
+      vv[t] = _mm256_loadu_ps(v + r * ldv + 8 * t);
+      asm("" : "+x"(vv[t]));  // one load, used GT times (GCC would fold it into each FMA)
+    }
     for (int g = 0; g < GT; ++g) {
       const __m256 pg = _mm256_broadcast_ss(p + g * ldp + r);
-      acc[g][0] = _mm256_fmadd_ps(pg, v0, acc[g][0]), acc[g][1] = _mm256_fmadd_ps(pg, v1, acc[g][1]);
+      for (int t = 0; t < T8; ++t) acc[g][t] = _mm256_fmadd_ps(pg, vv[t], acc[g][t]);
     }
   }
-  for (int g = 0; g < GT; ++g) _mm256_storeu_ps(o + g * ldo, acc[g][0]), _mm256_storeu_ps(o + g * ldo + 8, acc[g][1]);
+  for (int g = 0; g < GT; ++g)
+    for (int t = 0; t < T8; ++t) _mm256_storeu_ps(o + g * ldo + 8 * t, acc[g][t]);
 }
 
+// GT (<= 4) query rows over nv vectors of 16 columns: 24 columns at a time (12 accumulators for 4 rows) an even
+// number of times, then 16 at a time (368 = 14 · 24 + 2 · 16; 32 = 2 · 16).
 template <int GT>
 void accumulate_cols(const float* p, int64_t ldp, const float* v, int64_t ldv, int rows, float* o, int64_t ldo,
                      int64_t nv) {
-  for (int64_t t = 0; t < nv; ++t) accumulate16<GT>(p, ldp, v + t * W, ldv, rows, o + t * W, ldo);
+  const int64_t cols = nv * W;
+  const int64_t wide = (cols / 24) & ~int64_t(1);  // an even count of 24s leaves a multiple of 16
+  int64_t c = 0;
+  for (; c < 24 * wide; c += 24) accumulate8<GT, 3>(p, ldp, v + c, ldv, rows, o + c, ldo);
+  for (; c < cols; c += 16) accumulate8<GT, 2>(p, ldp, v + c, ldv, rows, o + c, ldo);
 }
 #else
 // o[g, t] += sum_r p[g, r] * v[r, t] for GT query rows and T vectors of output columns, accumulated in registers.
@@ -428,19 +467,17 @@ void accumulate_cols(const float* p, int64_t ldp, const float* v, int64_t ldv, i
 
 #endif
 
-// The block's value sum for all G query rows, four at a time.
+// The block's value sum for all G query rows, a few at a time.
 void accumulate_values(const float* p, int64_t ldp, const float* v, int64_t ldv, int rows, float* o, int64_t ldo,
                        int64_t G, int64_t nv) {
   int64_t g = 0;
-#if KVFX_AVX2  // groups of at most 6 rows, as even as possible (9: 5 + 4): 8-12 accumulators keep both FMA units busy
-  const int64_t groups = (G + 5) / 6;
+#if KVFX_AVX2  // groups of at most 4 rows, as even as possible (9: 3 + 3 + 3)
+  const int64_t groups = (G + 3) / 4;
   for (int64_t i = 0; i < groups; ++i) {
     const int64_t n = (G - g + groups - i - 1) / (groups - i);
     const float* pg = p + g * ldp;
     float* og = o + g * ldo;
     switch (n) {
-      case 6: accumulate_cols<6>(pg, ldp, v, ldv, rows, og, ldo, nv); break;
-      case 5: accumulate_cols<5>(pg, ldp, v, ldv, rows, og, ldo, nv); break;
       case 4: accumulate_cols<4>(pg, ldp, v, ldv, rows, og, ldo, nv); break;
       case 3: accumulate_cols<3>(pg, ldp, v, ldv, rows, og, ldo, nv); break;
       case 2: accumulate_cols<2>(pg, ldp, v, ldv, rows, og, ldo, nv); break;
@@ -728,8 +765,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
           alignas(64) float add[16];
           for (int j = 0; j < 16; ++j)
             add[j] = t + j >= rows ? kNegInf : mrow ? mrow[t + j] : mbrow && !mbrow[t + j] ? kNegInf : 0.0f;
-          const vf av = load(add);
-          for (int64_t g = 0; g < G; ++g) store(&s[g * block + t], dot16(&qs[g * Rkp], &kbuf[t * Rkp], Rkp, nvk) + av);
+          scores16(qs.data(), Rkp, G, &kbuf[t * Rkp], Rkp, nvk, add, &s[t], block);
         }
         // online softmax per query row (the block's probabilities overwrite its scores), then the block's values
         for (int64_t g = 0; g < G; ++g) {
