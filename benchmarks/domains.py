@@ -231,7 +231,7 @@ def label(cfg: Config) -> str:
         return f"QuantizedCache {cfg.peer} int{cfg.bits}, group {cfg.group}, window {cfg.residual}"
     gran = "" if cfg.granularity == "head" else f"@{cfg.granularity}"
     if cfg.per_direction:
-        return (f"kvfx {cfg.method}{gran}, bits per direction (int8/int4/int2 bands) in {cfg.rank:g} of the bytes"
+        return (f"kvfx {cfg.method}{gran}, bits per direction (int8/int4/int3/int2 bands) in {cfg.rank:g} of the bytes"
                 + (", layers priced by measured sensitivity" if cfg.measured else "")
                 + (f", refined {cfg.refine} steps" if cfg.refine else "")
                 + (f", calibrated on {cfg.calib}" if cfg.calib else ""))

@@ -34,7 +34,7 @@ def test_configurations_parse_and_bad_ones_are_refused(bench):
     b = bench.parse("kqsvd@kv:0.125:bits:measured")
     assert (b.per_direction, b.measured, b.rank) == (True, True, 0.125) and not bench.parse("kqsvd@kv:0.25:bits").measured
     assert bench.parse("kqsvd@kv:0.125:bits:refine=60").refine == 60
-    for bad in ["kqsvd:half", "kqsvd:0.5:int3", "quanto:4:64:r32", "kqsvd:0.5:calib=poetry", "kqsvd@kv:0.25:measured",
+    for bad in ["kqsvd:half", "kqsvd:0.5:int5", "quanto:4:64:r32", "kqsvd:0.5:calib=poetry", "kqsvd@kv:0.25:measured",
                 "kqsvd@kv:0.25:bits:refine=0", "kqsvd@kv:0.25:refine=5"]:
         with pytest.raises(SystemExit, match="bad configuration"):
             bench.parse(bad)

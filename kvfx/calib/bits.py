@@ -8,10 +8,11 @@ steps, all folded into the projections (no runtime cost):
 1. **Balance** each direction to var_i = w_i ∝ √λ_i (A_i·t_i, B_i / t_i: attention unchanged). A band of
    directions rounded together then costs (Σ √λ_i)² / n per unit of the format's relative error — the least any
    per-column scaling gives (Cauchy–Schwarz) — where the cut-balanced factors (‖A_i‖ = ‖B_i‖) cost (Σ var)(Σ w) / n.
-2. **Bands**: leading directions in int8, then int4, then int2, the rest dropped (0 bits) — reverse water-filling
+2. **Bands**: leading directions in int8, then int4, int3, int2, the rest dropped (0 bits) — reverse water-filling
    over λ, chosen per site by exhaustive search over the band edges (multiples of 16 columns) minimising the
    predicted error Σ_bands ε_b (Σ_band √λ)² / n_band + Σ_dropped λ within the site's share of the budget. ε_b is the
-   measured relative error of kvfx.quant's format on Gaussian rows (int8 ~3e-5, int4 ~9e-3, int2 ~0.13).
+   measured relative error of kvfx.quant's format on Gaussian rows (int8 ~3e-5, int4 ~9e-3, int3 ~4e-2, int2
+   ~0.13: each bit between 2 and 4 buys ~3.4x less error, so int3 fills the step a water-filling wants there).
 3. **Rotate within each band** by a seeded random orthogonal matrix (kvfx.rotate's reason: a token's energy spread
    over the band's columns, so its group scales round less).
 
@@ -32,7 +33,7 @@ from ..projections import Projections
 from ..rotate import check_unrotated, random_orthogonal, rotation_seeds
 from .shared import DEFAULT_KEY_WEIGHT, _blocks
 
-BITS = (8, 4, 2)   # the band formats, most precise first (0 bits: dropped)
+BITS = (8, 4, 3, 2)   # the band formats, most precise first (0 bits: dropped)
 STEP = 16          # band edges at multiples of this many columns
 
 
@@ -64,12 +65,13 @@ def frontier(lam: torch.Tensor, bits=BITS, step: int = STEP) -> list[tuple[int, 
     root = torch.cat([lam.new_zeros(1), lam.sqrt().cumsum(0)]).tolist()
     cum = torch.cat([lam.new_zeros(1), lam.cumsum(0)]).tolist()
     edges = sorted(set(range(0, n + 1, step)) | {n})
+    row_bytes = {(b, w): quant.row_bytes(f"int{b}", w) for b in bits for w in range(1, n + 1)}
     points = {}
     for cuts in itertools.combinations_with_replacement(edges, len(bits)):
         nbytes, err, lo, bands = 0, 0.0, 0, []
         for b, hi in zip(bits, cuts):
             if hi > lo:
-                nbytes += quant.row_bytes(f"int{b}", hi - lo)
+                nbytes += row_bytes[b, hi - lo]
                 err += format_error(b) * (root[hi] - root[lo]) ** 2 / (hi - lo)
                 bands.append((b, hi - lo))
             lo = hi

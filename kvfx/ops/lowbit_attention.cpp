@@ -65,7 +65,8 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 enum Kind { kInt8, kInt4, kF32, kBF16, kF16, kBands };
 
 // One band of a bands row (kvfx/quant.py): `width` columns from column `col`, stored from byte `at` as codes of
-// `bits` bits (8: symmetric, one scale for the band; 4: symmetric, 2: mid-rise, one scale per 32 numbers).
+// `bits` bits (8: symmetric, one scale for the band; 4: symmetric, 3 and 2: mid-rise, one scale per 32 numbers;
+// 3: two planes, the low two bits as int2 codes, then the sign bits).
 struct Band {
   int bits, width, col, at, code_bytes;
 };
@@ -78,7 +79,7 @@ struct Format {
   Format(const std::vector<int64_t>& spec) : kind(kBands), width(0), group(0), code_bytes(0), row_elems(0) {
     for (size_t i = 0; i + 1 < spec.size(); i += 2) {
       Band b{static_cast<int>(spec[i]), static_cast<int>(spec[i + 1]), width, row_elems, 0};
-      b.code_bytes = (b.width * b.bits + 7) / 8;
+      b.code_bytes = b.bits == 3 ? (b.width + 3) / 4 + (b.width + 7) / 8 : (b.width * b.bits + 7) / 8;
       bands.push_back(b);
       width += b.width;
       row_elems += b.code_bytes + (b.bits == 8 ? 1 : (b.width + 31) / 32);
@@ -119,7 +120,8 @@ inline void interleave_pairs(__m512 x, __m512 y, __m512& lo, __m512& hi) {
   lo = _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(x), a, _mm512_castps_pd(y)));
   hi = _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(x), b, _mm512_castps_pd(y)));
 }
-#elif KVFX_AVX2
+#endif
+#if defined(__AVX2__)  // (AVX-512 builds too: int3 groups are decoded 8 lanes at a time everywhere)
 // (x0 y0 x1 y1 …): the first 8 of the 16 lanes interleaved, and the last 8
 inline void interleave(__m256 x, __m256 y, __m256& lo, __m256& hi) {
   const __m256 a = _mm256_unpacklo_ps(x, y), b = _mm256_unpackhi_ps(x, y);  // [x0 y0 x1 y1 | x4 y4 x5 y5], [x2 …]
@@ -155,6 +157,26 @@ inline void int2_group(const int8_t* codes, float scale, float* out) {
   for (int j = 0; j < 4; ++j)  // code j of each byte, sign-extended, at its level (q + 1/2)·s
     p[j] = _mm256_mul_ps(s, _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 30 - 2 * j), 30)),
                                           _mm256_set1_ps(0.5f)));
+  __m256 a0, a1, b0, b1, o0, o1, o2, o3;
+  interleave(p[0], p[1], a0, a1), interleave(p[2], p[3], b0, b1);
+  interleave_pairs(a0, b0, o0, o1), interleave_pairs(a1, b1, o2, o3);
+  _mm256_storeu_ps(out, o0), _mm256_storeu_ps(out + 8, o1), _mm256_storeu_ps(out + 16, o2), _mm256_storeu_ps(out + 24, o3);
+}
+// an int3 group: 8 bytes of low bits (int2's layout: bits 2j, 2j + 1 of byte i are column 4i + j) and a 32-bit
+// word of sign bits (bit c: column c) -> 32 numbers in column order, at (low - 4·sign + 1/2)·s
+inline void int3_group(const int8_t* low, const int8_t* sign, float scale, float* out) {
+  const __m256i w = load8_epi32(low), three = _mm256_set1_epi32(3), one = _mm256_set1_epi32(1);
+  uint32_t bits;
+  std::memcpy(&bits, sign, 4);
+  const __m256i sv = _mm256_set1_epi32(static_cast<int>(bits)), at = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256 s = _mm256_set1_ps(scale);
+  __m256 p[4];
+  for (int j = 0; j < 4; ++j) {  // column 4i + j in lane i
+    const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(w, 2 * j), three);
+    const __m256i sg = _mm256_and_si256(_mm256_srlv_epi32(sv, _mm256_add_epi32(at, _mm256_set1_epi32(j))), one);
+    p[j] = _mm256_mul_ps(s, _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(lo, _mm256_slli_epi32(sg, 2))),
+                                          _mm256_set1_ps(0.5f)));
+  }
   __m256 a0, a1, b0, b1, o0, o1, o2, o3;
   interleave(p[0], p[1], a0, a1), interleave(p[2], p[3], b0, b1);
   interleave_pairs(a0, b0, o0, o1), interleave_pairs(a1, b1, o2, o3);
@@ -211,6 +233,17 @@ inline void decode_band(const int8_t* __restrict row, const Band& b, const float
     for (; c < b.width; ++c) {
       const int8_t byte = codes[c / 2];
       out[c] = lut[e[c / 32] + 128] * static_cast<float>(c % 2 ? byte >> 4 : static_cast<int8_t>(byte << 4) >> 4);
+    }
+    return;
+  }
+  if (b.bits == 3) {  // the low-bits plane (int2's layout), the sign plane, then the scales
+    const int8_t* sign = codes + (b.width + 3) / 4;
+#if defined(__AVX2__)
+    for (; c + 32 <= b.width; c += 32) int3_group(codes + c / 4, sign + c / 8, lut[e[c / 32] + 128], out + c);
+#endif
+    for (; c < b.width; ++c) {  // the last, partial group (without AVX2: every group)
+      const int q = ((codes[c / 4] >> (2 * (c % 4))) & 3) - 4 * ((sign[c / 8] >> (c % 8)) & 1);
+      out[c] = lut[e[c / 32] + 128] * (static_cast<float>(q) + 0.5f);
     }
     return;
   }
@@ -641,7 +674,11 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
     const int64_t col = j < f.code_bytes ? 2 * j : 2 * (j - f.code_bytes) + 1;
     return col < f.width ? col : -1;  // the padding nibble of an odd width
   };
-  const bool use_amx = (kind == kInt8 || kind == kInt4 || kind == kBands) && rk > 0 && rv > 0 && integer_path();
+  auto has_int3 = [](const Format& f) {
+    return std::any_of(f.bands.begin(), f.bands.end(), [](const Band& b) { return b.bits == 3; });
+  };  // int3 bands have no tile layout on the integer path: decoded to float32 like 16-bit latents
+  const bool use_amx = (kind == kInt8 || kind == kInt4 || kind == kBands) && rk > 0 && rv > 0 &&
+                       !has_int3(fk) && !has_int3(fv) && integer_path();
 #if KVFX_AMX
   // bands on the integer path: units, scale groups and column orders of the key and value rows
   std::shared_ptr<const amx::BandPlans> plans;

@@ -12,8 +12,8 @@ query rows share each cached row (a `layer` / `kv` latent read by every query he
 CPU: a C++ kernel (lowbit_attention.cpp), built on first use with torch.utils.cpp_extension (needs a C++ compiler
 and ninja; cached under ~/.cache/torch_extensions). It reads the cache's [:, :, :N] views of its reserved storage
 in place, a block of rows at a time, with an online softmax per split-K chunk. On CPUs with AMX-INT8 (Sapphire
-Rapids and later; `integer_path()`) int8 / int4 / int2 rows and bands (bits per direction: lowbit_attention_amx_bands.h)
-never become floats: the tile unit computes the scores as int8
+Rapids and later; `integer_path()`) int8 / int4 / int2 rows and bands of them (bits per direction:
+lowbit_attention_amx_bands.h; bands with int3 take the float path) never become floats: the tile unit computes the scores as int8
 dot products of the stored codes with the query, rounded once per call to integers (12 bits for int4, 16 for int8,
 one scale per query row), and the value sums as int8 dot products of the codes with the softmax weights times the
 rows' scales, rounded per block of rows to 16 bits; float arithmetic only applies the per-group scales and runs the
@@ -21,8 +21,8 @@ softmax. On SmolLM2's decode inputs these roundings move the output by at most ~
 size, 200 (int4) / 80 (int8) times less than the cache's own rounding moves it (tests/ops/test_lowbit_attention.py
 bounds them). Elsewhere, for 16/32-bit latents, and with KVFX_NO_AMX=1, the kernel decodes a block of rows into a
 float32 buffer that stays in L1/L2 and computes the block's scores as 16-row tiles (one query row against 16 key
-rows in registers, reduced by a shuffle tree; on AVX2-only CPUs such as AMD Zen 1-3, two halves of 8 rows, so the
-accumulators fit 16 registers) and its value sums in registers: the reference's numbers up to float32 round-off. Without a compiler the op runs `reference` (float32), without the saving. `kernel_available()`
+rows in registers, reduced by a shuffle tree; on AVX2-only CPUs such as AMD Zen 1-3, tiles of 3 query rows × 4 key
+rows, so the accumulators fit 16 registers and each loaded vector serves several) and its value sums in registers: the reference's numbers up to float32 round-off. Without a compiler the op runs `reference` (float32), without the saving. `kernel_available()`
 says which.
 
 CUDA: a Triton split-K kernel (lowbit_attention_triton.py) when triton is installed, tested in Triton's interpreter

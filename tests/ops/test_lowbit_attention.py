@@ -133,11 +133,12 @@ def test_kernel_matches_reference(b, h, g, n, rk, rv, kind, mask, shared, seed):
 
 @settings(max_examples=40, deadline=None)
 @given(g=st.integers(1, 9), n=st.integers(1, 400), widths=st.lists(st.integers(1, 140), min_size=1, max_size=3),
-       bits=st.lists(st.sampled_from([8, 4, 2]), min_size=3, max_size=3), rv=st.integers(1, 70),
+       bits=st.lists(st.sampled_from([8, 4, 3, 2]), min_size=3, max_size=3), rv=st.integers(1, 70),
        mask=st.sampled_from([None, "bool"]), shared=st.booleans(), seed=st.integers(0, 99))
 def test_bands_and_int2_rows_match_reference(g, n, widths, bits, rv, mask, shared, seed):
-    """Bits per direction (kvfx.quant bands: int8 / int4 / int2 runs of columns in one row) and whole int2 rows: on
-    the integer path (AMX) within the bound of its rounding, elsewhere (each band decoded in column order) the
+    """Bits per direction (kvfx.quant bands: int8 / int4 / int3 / int2 runs of columns in one row) and whole int2
+    rows: on the integer path (AMX; bands with int3 take the float path) within the bound of its rounding, elsewhere
+    (each band decoded in column order) the
     reference's numbers to float32 round-off. Widths cross group ends (32), 64-column int8 units and the 64-number
     int2 vectors."""
     kind = "+".join(f"int{b}x{w}" for b, w in zip(bits, widths))
@@ -194,16 +195,17 @@ def test_portable_build_matches_reference(arch, portable_builds):
     8-float registers, scores in halves of 8 rows). A module per arch, built once and cached."""
     ext = portable_builds[arch]
     assert not ext.integer_path()
-    for i, kind in enumerate(["int8", "int4", "int2", "int8x6+int4x32+int2x32", *FLOATS]):
+    for i, kind in enumerate(["int8", "int4", "int2", "int8x6+int4x32+int2x32", "int4x16+int3x70", *FLOATS]):
         shared = i % 2 == 0
-        rv = 70 if "x" in kind else 45  # bands: one format for keys and values
-        q, kc, vc, m = _case(2, 2, 9, 300, 70, rv, kind, "bool", shared, i)
+        rk = quant.width_of(kind) if "x" in kind else 70
+        rv = rk if "x" in kind else 45  # bands: one format for keys and values
+        q, kc, vc, m = _case(2, 2, 9, 300, rk, rv, kind, "bool", shared, i)
         kind = "float" if kind in FLOATS else kind
         bits = la._BITS.get(kind, -1)
-        out = ext.decode_attention(q, kc, vc, 70, rv, bits, 0.125, m.reshape(2, 300), shared,
-                                   list(la._band_spec(kind, 70)) if bits < 0 else [],
+        out = ext.decode_attention(q, kc, vc, rk, rv, bits, 0.125, m.reshape(2, 300), shared,
+                                   list(la._band_spec(kind, rk)) if bits < 0 else [],
                                    list(la._band_spec(kind, rv)) if bits < 0 else [], la._scales())
-        ref = la.reference(q, kc, vc, 70, rv, kind, 0.125, m, shared)
+        ref = la.reference(q, kc, vc, rk, rv, kind, 0.125, m, shared)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
     for kind, width in DEQUANT_CASES:  # the cache's prefill read, with this build's decoders
         stored = _stored_view(kind, width, seed=width)
@@ -214,7 +216,8 @@ def test_portable_build_matches_reference(arch, portable_builds):
 
 # kinds × widths for kvfx::dequantize: int4 groups cut short, one column, int2 and bands with partial groups
 DEQUANT_CASES = [("int8", 192), ("int8", 7), ("int4", 360), ("int4", 45), ("int4", 1), ("int2", 70),
-                 ("int8x6+int4x32+int2x32", 70), ("int8x16+int4x16", 32)]
+                 ("int8x6+int4x32+int2x32", 70), ("int8x16+int4x16", 32), ("int3", 70),
+                 ("int8x16+int4x32+int3x48+int2x16", 112)]
 
 
 def _stored_view(kind, width, seed):
