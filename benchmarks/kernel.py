@@ -29,7 +29,10 @@ SHAPES = {"head-0.5-float32": (3, 3, 32, False, "float32"), "kv-0.5-float32": (1
           "kv-0.5-int8": (1, 9, 192, True, "int8"), "kv-0.9375-int4": (1, 9, 360, True, "int4"),
           # kvfx.allocate_bits' bands (int8 / int4 / int2 runs of one row) at 25 % and 12.5 % of a 16-bit cache
           "kv-bits-0.25": (1, 9, 304, True, "int8x80+int4x176+int2x48"),
-          "kv-bits-0.125": (1, 9, 256, True, "int4x96+int2x160")}
+          "kv-bits-0.125": (1, 9, 256, True, "int4x96+int2x160"),
+          # the same with int3 bands (kvfx.allocate_bits' most common choice for SmolLM2 since int3 exists)
+          "kv-bits3-0.25": (1, 9, 336, True, "int8x64+int4x160+int3x80+int2x32"),
+          "kv-bits3-0.125": (1, 9, 256, True, "int4x64+int3x64+int2x128")}
 
 
 def _rows(b, h, n, width, storage, spare=512):

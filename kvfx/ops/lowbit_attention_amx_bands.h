@@ -1,5 +1,5 @@
 // The integer path for bits per latent direction (kvfx/quant.py bands: int8 / int4 / int2 runs of columns in one
-// row). Not a standalone header: lowbit_attention.py pastes it into lowbit_attention_amx.h where that file says
+// row; bands with int3 runs take the float path, lowbit_attention.cpp's `use_amx`). Not a standalone header: lowbit_attention.py pastes it into lowbit_attention_amx.h where that file says
 // `#include "lowbit_attention_amx_bands.h"` (inside namespace amx, after class Worker).
 //
 // A band row is cut into units the tile unit takes as they are:
