@@ -19,7 +19,8 @@ Configurations (--configs, comma-separated):
                                                           the calibration text (default --calib)
     METHOD@kv:BUDGET:bits[:measured][:refine=STEPS][:calib=DOMAIN]
                                                           kvfx.allocate_bits: bits per latent direction (int8 /
-                                                          int4 / int2 bands) in BUDGET × the 16-bit bytes;
+                                                          int4 / int3 / int2 bands, --bit-levels) in BUDGET ×
+                                                          the 16-bit bytes;
                                                           measured: bytes between layers priced by a
                                                           kvfx.sensitivity profile (2 calibration windows);
                                                           refine: then STEPS of kvfx.refine through the bands
@@ -37,7 +38,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -74,6 +75,7 @@ class Config:
     measured: bool = False           # allocate_bits with a kvfx.sensitivity profile (bytes between layers)
     refine: int = 0                  # kvfx.refine steps through the bands after allocate_bits
     calib: str | None = None
+    levels: tuple = (8, 4, 3, 2)     # allocate_bits' band formats (--bit-levels)
     ratios: dict = field(default_factory=dict)
     kv_bytes: float = math.nan
 
@@ -169,7 +171,7 @@ def run(args) -> str:
         base[d] = out["cached_second_half"]
         print(f"original {d}: cache ppl {base[d]:.3f} (forward, 2nd half {out['forward_second_half']:.3f})", flush=True)
     stats_memo: dict = {}
-    configs = [parse(s) for s in args.configs]
+    configs = [replace(parse(s), levels=args.bit_levels) for s in args.configs]
     for cfg in configs:
         t1 = time.time()
         if cfg.peer:
@@ -216,7 +218,7 @@ def projections(model, tok, cfg: Config, args, memo: dict):
         if cfg.measured and (source, "profile") not in memo:
             memo[source, "profile"] = kvfx.sensitivity(model, full, memo[source, "windows"][:2].split(1),
                                                        ranks=(0.75, 0.875, 1.0), progress=False)
-        proj = kvfx.allocate_bits(memo[source], full, cfg.rank,
+        proj = kvfx.allocate_bits(memo[source], full, cfg.rank, levels=cfg.levels,
                                   profile=memo[source, "profile"] if cfg.measured else None)
         if cfg.refine:
             proj = kvfx.refine(model, proj, memo[source, "windows"],
@@ -231,7 +233,8 @@ def label(cfg: Config) -> str:
         return f"QuantizedCache {cfg.peer} int{cfg.bits}, group {cfg.group}, window {cfg.residual}"
     gran = "" if cfg.granularity == "head" else f"@{cfg.granularity}"
     if cfg.per_direction:
-        return (f"kvfx {cfg.method}{gran}, bits per direction (int8/int4/int3/int2 bands) in {cfg.rank:g} of the bytes"
+        bands = "/".join(f"int{b}" for b in cfg.levels)
+        return (f"kvfx {cfg.method}{gran}, bits per direction ({bands} bands) in {cfg.rank:g} of the bytes"
                 + (", layers priced by measured sensitivity" if cfg.measured else "")
                 + (f", refined {cfg.refine} steps" if cfg.refine else "")
                 + (f", calibrated on {cfg.calib}" if cfg.calib else ""))
@@ -270,6 +273,8 @@ def main(argv=None) -> None:
                    help="windows run side by side (the same numbers; HQQ, whose groups span the batch, runs one)")
     p.add_argument("--calib", default="mix", choices=[*DOMAINS, "mix"], help="kvfx's calibration text")
     p.add_argument("--calib-windows", type=int, default=8)
+    p.add_argument("--bit-levels", type=lambda s: tuple(int(b) for b in s.split(",")), default=(8, 4, 3, 2),
+                   help="band formats of the :bits configurations (8,4,2: as before int3 existed, session 16)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend under kvfx's passes")
     p.add_argument("--section", default="domains", help="RESULTS.md section the table is written to")
     p.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")

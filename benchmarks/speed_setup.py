@@ -129,6 +129,7 @@ class Config:
     quantize: str | None = None      # kvfx latents stored as int8 / int4 (rotated first); "bits": allocate_bits
     method: str = "kqsvd"
     nbits: int = 0                   # peer: quanto bits
+    levels: tuple = (8, 4, 3, 2)     # "bits": allocate_bits' band formats (kvfx-kv-bits842-*: without int3)
 
     def kinds(self, wanted: list[str]) -> list[str]:
         """Cache kinds this configuration runs with (kvfx: each of --cache-kinds)."""
@@ -138,7 +139,7 @@ class Config:
 
 
 _KVFX = re.compile(r"kvfx-(head|layer|kv)-([0-9]*\.?[0-9]+)(?:-(int8|int4))?")
-_BITS = re.compile(r"kvfx-kv-bits-([0-9]*\.?[0-9]+)")  # kvfx.allocate_bits: int8/int4/int2 bands in BUDGET
+_BITS = re.compile(r"kvfx-kv-bits(842)?-([0-9]*\.?[0-9]+)")  # kvfx.allocate_bits' bands in BUDGET (842: no int3)
 DEFAULT_CONFIGS = ["original-dynamic", "original-static", "kvfx-head-0.5", "kvfx-head-0.25", "kvfx-layer-0.5",
                    "kvfx-layer-0.25", "kvfx-kv-0.5", "kvfx-kv-0.25", "kvfx-kv-0.5-int8", "kvfx-kv-0.9375-int4",
                    "kvfx-kv-0.5-int4", "kvfx-identity", "peer-quanto-int4", "peer-quanto-int2"]
@@ -152,14 +153,15 @@ def parse_config(name: str) -> Config:
     if name in ("peer-quanto-int4", "peer-quanto-int2"):
         return Config(name, "peer", nbits=int(name[-1]))
     m = _BITS.fullmatch(name)
-    if m and 0 < float(m.group(1)) < 1:
-        return Config(name, "kvfx", "kv", float(m.group(1)), "bits")
+    if m and 0 < float(m.group(2)) < 1:
+        return Config(name, "kvfx", "kv", float(m.group(2)), "bits", levels=(8, 4, 2) if m.group(1) else (8, 4, 3, 2))
     m = _KVFX.fullmatch(name)
     if m and 0 < float(m.group(2)) <= 1:
         return Config(name, "kvfx", m.group(1), float(m.group(2)), m.group(3))
     raise ValueError(f"unknown configuration {name!r}: use original-dynamic, original-static, kvfx-identity, "
                      "peer-quanto-int4, peer-quanto-int2, kvfx-{head|layer|kv}-RANK[-int8|-int4] with RANK in "
-                     "(0, 1] (e.g. kvfx-kv-0.5-int8) or kvfx-kv-bits-BUDGET (allocate_bits, BUDGET in (0, 1))")
+                     "(0, 1] (e.g. kvfx-kv-0.5-int8) or kvfx-kv-bits-BUDGET (allocate_bits, BUDGET in (0, 1); "
+                     "kvfx-kv-bits842-BUDGET: int8/int4/int2 bands only, as before int3)")
 
 
 class Applied:
@@ -224,7 +226,7 @@ def projections_for(model, config: Config, memo: dict):
     "bits" latents come from kvfx.allocate_bits, whose band widths (how many columns a row keeps, so how much
     arithmetic a step does) depend on the statistics: on SmolLM2 they are calibrated on 4 windows of the shipped
     calibration mix, the layout a quality run gets; on random-weight models, on the random tokens."""
-    key = (config.method, config.granularity, config.rank, config.quantize is not None)
+    key = (config.method, config.granularity, config.rank, config.quantize is not None, config.levels)
     if key not in memo:
         device = next(model.parameters()).device
         ids = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
@@ -232,7 +234,8 @@ def projections_for(model, config: Config, memo: dict):
             tok = getattr(model, "kvfx_bench_tokenizer", None)
             windows = calibration_mix(tok, 4, 512).split(1) if tok is not None else [ids]
             stats = collect_stats(model, [w.to(device) for w in windows], progress=False)
-            memo[key] = kvfx.allocate_bits(stats, fit(stats, config.method, 1.0, granularity="kv"), config.rank)
+            memo[key] = kvfx.allocate_bits(stats, fit(stats, config.method, 1.0, granularity="kv"), config.rank,
+                                           levels=config.levels)
             return memo[key]
         proj = kvfx.calibrate(model, [ids.to(device)], method=config.method, rank=config.rank,
                               granularity=config.granularity, progress=False)

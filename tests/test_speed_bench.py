@@ -153,3 +153,12 @@ def test_parse_bytes(speed):
     assert parse_bytes("8e9") == 8 * 10 ** 9 and parse_bytes("1.5G") == 1.5e9
     with pytest.raises(ValueError):
         parse_bytes("8 parsecs")
+
+
+def test_bits_configs_name_their_band_levels(speed):
+    from speed_setup import parse_config
+    now, before = parse_config("kvfx-kv-bits-0.25"), parse_config("kvfx-kv-bits842-0.125")
+    assert (now.quantize, now.rank, now.levels) == ("bits", 0.25, (8, 4, 3, 2))
+    assert (before.quantize, before.rank, before.levels) == ("bits", 0.125, (8, 4, 2))  # as measured before int3
+    with pytest.raises(ValueError, match="unknown configuration"):
+        parse_config("kvfx-kv-bits842-1.5")

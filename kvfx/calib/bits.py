@@ -136,18 +136,24 @@ def step_cols(front) -> int:
 
 
 def allocate_bits(stats: dict, projections: Projections, budget: float, seed: int = 0,
-                  key_weight: float = DEFAULT_KEY_WEIGHT, profile: dict | None = None) -> Projections:
+                  key_weight: float = DEFAULT_KEY_WEIGHT, profile: dict | None = None,
+                  levels: tuple[int, ...] = BITS) -> Projections:
     """Shared K+V latents (fit(stats, "kqsvd", rank=1.0, granularity="kv")) cut, balanced, banded and rotated so
     that the cached rows take `budget` × the bytes of the sites' 16-bit keys and values (module docstring).
     stats: the collect_stats result the projections were fitted to. profile: a kvfx.sensitivity profile of the
     same projections; with it, bytes move between sites (layers) to where the model's output loses least, each
     site's predicted error priced by its measured KL per unit of error; without it, every site gets the same share
-    of its bytes. The result records its formats (report["quantize"], a dict {site: bands}) and the predicted
-    relative error and bytes per site (report["bits"])."""
+    of its bytes. levels: the band formats to choose from (bits, a subset of BITS; (8, 4, 2) is the allocation
+    before int3 existed). The result records its formats (report["quantize"], a dict {site: bands}) and the
+    predicted relative error and bytes per site (report["bits"])."""
     if not isinstance(projections, Projections):
         raise TypeError(f"allocate_bits needs kvfx.Projections, got {type(projections).__name__}.")
     if not (isinstance(budget, (int, float)) and 0 < budget < 1):
         raise ValueError(f"budget must be a fraction of the 16-bit KV-cache bytes in (0, 1), got {budget!r}.")
+    if not (isinstance(levels, (tuple, list)) and levels and set(levels) <= set(BITS)
+            and list(levels) == sorted(set(levels), reverse=True)):
+        raise ValueError(f"levels must be distinct band formats from {BITS}, most precise first, e.g. (8, 4, 2); "
+                         f"got {levels!r}.")
     check_unrotated(projections, "allocate_bits")
     not_shared = [n for n, p in projections.sites.items() if not p.shared]
     if not_shared:
@@ -159,7 +165,7 @@ def allocate_bits(stats: dict, projections: Projections, budget: float, seed: in
                          "collect_stats result the projections were fitted to).")
     spectra = {n: spectrum(stats[n], p, key_weight) for n, p in projections.sites.items()}
     weights = None if profile is None else kl_per_error(projections, spectra, profile)
-    plan = _plan(projections, spectra, budget, weights)  # every site planned before any is built
+    plan = _plan(projections, spectra, budget, weights, tuple(levels))  # every site planned before any is built
     gen = torch.Generator().manual_seed(seed)
     sites = {}
     for name, p in projections.sites.items():
@@ -176,17 +182,17 @@ def allocate_bits(stats: dict, projections: Projections, budget: float, seed: in
     report = dict(projections.report) | {
         "quantize": {n: "+".join(f"int{b}x{c}" for b, c in plan[n][2]) for n in plan},
         "rotation": {"seeds": rotation_seeds(projections) + [seed]},
-        "bits": {"budget": budget, "formats": list(BITS), "step": STEP,
+        "bits": {"budget": budget, "formats": list(levels), "step": STEP,
                  "across_sites": "measured KL per unit of error" if weights else None,
                  "row_bytes": {n: plan[n][0] for n in plan},
                  "predicted_error": {n: plan[n][1] / lam_total[n] if lam_total[n] > 0 else 0.0 for n in plan}}}
     return Projections(sites, dict(projections.shapes), projections.method, report)
 
 
-def _plan(projections: Projections, spectra: dict, budget: float, weights: dict | None) -> dict:
+def _plan(projections: Projections, spectra: dict, budget: float, weights: dict | None, levels=BITS) -> dict:
     """{site: (row bytes, predicted error in λ units, bands)} within budget × the sites' 16-bit row bytes."""
     shares = {n: budget * 4 * s.kv_heads * s.head_dim for n, s in projections.shapes.items()}
-    fronts = {n: frontier(torch.sort(v * w, descending=True).values) for n, (v, w) in spectra.items()}
+    fronts = {n: frontier(torch.sort(v * w, descending=True).values, levels) for n, (v, w) in spectra.items()}
     if weights is None:
         plan = {}
         for n, f in fronts.items():

@@ -12,8 +12,20 @@ from kvfx.compress import cache_kwarg
 
 
 def test_format_errors_are_ordered_and_near_theory():
-    e8, e4, e2 = (format_error(b) for b in (8, 4, 2))
+    e8, e4, e3, e2 = (format_error(b) for b in (8, 4, 3, 2))
     assert e8 < 1e-4 < e4 < 0.02 < e2 < 0.15  # 2 bits mid-rise: 0.13 (Lloyd-Max's Gaussian optimum is 0.1175)
+    assert 0.02 < e3 < 0.045  # 3 bits mid-rise with a scale per 32 numbers: 0.033 (Lloyd-Max: 0.0345)
+
+
+def test_int3_fills_the_gap_between_int4_and_int2():
+    """A spectrum whose water-filling wants about 3 bits for its middle directions: int3 takes them, and the
+    predicted error at equal bytes is below the int8 / int4 / int2 allocation's."""
+    lam = 0.97 ** torch.arange(128, dtype=torch.float64)
+    for budget in (40.0, 60.0, 80.0):
+        with3, err3 = choose_bands(lam, budget)
+        without, err = choose_bands(lam, budget, bits=(8, 4, 2))
+        assert err3 <= err and 3 not in [b for b, _ in without]
+    assert any(b == 3 for b, _ in choose_bands(lam, 60.0)[0])
 
 
 @pytest.mark.parametrize("decay", [0.9, 0.98, 1.0])
@@ -152,7 +164,13 @@ def test_bad_input(setup):
         kvfx.allocate_bits(stats, full, 1.5)
     with pytest.raises(ValueError, match="below the smallest band"):
         kvfx.allocate_bits(stats, full, 0.01)
+    for bad in ((4, 8), (8, 5), (), (8, 8, 2)):
+        with pytest.raises(ValueError, match="levels must be distinct band formats"):
+            kvfx.allocate_bits(stats, full, 0.25, levels=bad)
+    old = kvfx.allocate_bits(stats, full, 0.25, levels=(8, 4, 2))  # the allocation before int3 existed
+    assert old.report["bits"]["formats"] == [8, 4, 2] and all("int3" not in f for f in old.quantize.values())
     proj = kvfx.allocate_bits(stats, full, 0.25)
+    assert proj.report["bits"]["formats"] == [8, 4, 3, 2]
     other = {n: "int4x8" for n in proj.sites}  # a format for another width: refused before anything is applied
     forward = m.forward
     with pytest.raises(ValueError, match="spans 8 latent columns"):
