@@ -11,7 +11,7 @@ steps, all folded into the projections (no runtime cost):
 2. **Bands**: leading directions in int8, then int4, int3, int2, the rest dropped (0 bits) — reverse water-filling
    over λ, chosen per site by exhaustive search over the band edges (multiples of 16 columns) minimising the
    predicted error Σ_bands ε_b (Σ_band √λ)² / n_band + Σ_dropped λ within the site's share of the budget. ε_b is the
-   measured relative error of kvfx.quant's format on Gaussian rows (int8 ~3e-5, int4 ~9e-3, int3 ~4e-2, int2
+   measured relative error of kvfx.quant's format on Gaussian rows (int8 ~4e-5, int4 ~1.1e-2, int3 ~3.3e-2, int2
    ~0.13: each bit between 2 and 4 buys ~3.4x less error, so int3 fills the step a water-filling wants there).
 3. **Rotate within each band** by a seeded random orthogonal matrix (kvfx.rotate's reason: a token's energy spread
    over the band's columns, so its group scales round less).
