@@ -46,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kvfx  # noqa: E402
+from kvfx.calib.bits import check_levels  # noqa: E402
 from kvfx.calib.collect import collect_stats, fit  # noqa: E402
 from kvfx.data import DOMAINS, calibration_mix, domain_windows  # noqa: E402
 from kvfx.models import load_default_model  # noqa: E402
@@ -284,6 +285,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"unknown domains {unknown}; known: {', '.join(DOMAINS)}")
     for spec in args.configs:
         parse(spec)  # every spec checked before the model loads
+    try:
+        check_levels(args.bit_levels)
+    except ValueError as e:
+        raise SystemExit(f"--bit-levels: {e}") from None
     text = run(args)
     print(text)
     if args.write:

@@ -40,6 +40,8 @@ def test_configurations_parse_and_bad_ones_are_refused(bench):
             bench.parse(bad)
     for spec in bench.DEFAULT:
         bench.parse(spec)
+    with pytest.raises(SystemExit, match="--bit-levels: levels must be distinct band formats"):
+        bench.main(["--bit-levels", "8,5,2"])  # refused before the model loads
 
 
 def test_kvfx_bytes_are_what_its_cache_holds(bench):

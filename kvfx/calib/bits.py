@@ -150,10 +150,7 @@ def allocate_bits(stats: dict, projections: Projections, budget: float, seed: in
         raise TypeError(f"allocate_bits needs kvfx.Projections, got {type(projections).__name__}.")
     if not (isinstance(budget, (int, float)) and 0 < budget < 1):
         raise ValueError(f"budget must be a fraction of the 16-bit KV-cache bytes in (0, 1), got {budget!r}.")
-    if not (isinstance(levels, (tuple, list)) and levels and set(levels) <= set(BITS)
-            and list(levels) == sorted(set(levels), reverse=True)):
-        raise ValueError(f"levels must be distinct band formats from {BITS}, most precise first, e.g. (8, 4, 2); "
-                         f"got {levels!r}.")
+    check_levels(levels)
     check_unrotated(projections, "allocate_bits")
     not_shared = [n for n, p in projections.sites.items() if not p.shared]
     if not_shared:
@@ -187,6 +184,14 @@ def allocate_bits(stats: dict, projections: Projections, budget: float, seed: in
                  "row_bytes": {n: plan[n][0] for n in plan},
                  "predicted_error": {n: plan[n][1] / lam_total[n] if lam_total[n] > 0 else 0.0 for n in plan}}}
     return Projections(sites, dict(projections.shapes), projections.method, report)
+
+
+def check_levels(levels) -> None:
+    """Refuse band formats allocate_bits cannot choose from (distinct, from BITS, most precise first)."""
+    if not (isinstance(levels, (tuple, list)) and levels and set(levels) <= set(BITS)
+            and list(levels) == sorted(set(levels), reverse=True)):
+        raise ValueError(f"levels must be distinct band formats from {BITS}, most precise first, e.g. (8, 4, 2); "
+                         f"got {levels!r}.")
 
 
 def _plan(projections: Projections, spectra: dict, budget: float, weights: dict | None, levels=BITS) -> dict:

@@ -149,6 +149,13 @@ inline void int4_group(const int8_t* codes, float scale, float* out) {
     _mm256_storeu_ps(out + 2 * h, lo), _mm256_storeu_ps(out + 2 * h + 8, hi);
   }
 }
+// 32 numbers from four planes (plane j, lane i: column 4i + j) stored in column order
+inline void store_columns(const __m256* p, float* out) {
+  __m256 a0, a1, b0, b1, o0, o1, o2, o3;
+  interleave(p[0], p[1], a0, a1), interleave(p[2], p[3], b0, b1);
+  interleave_pairs(a0, b0, o0, o1), interleave_pairs(a1, b1, o2, o3);
+  _mm256_storeu_ps(out, o0), _mm256_storeu_ps(out + 8, o1), _mm256_storeu_ps(out + 16, o2), _mm256_storeu_ps(out + 24, o3);
+}
 // an int2 group: 8 bytes of codes -> 32 numbers in column order (code j of byte i is column 4i + j)
 inline void int2_group(const int8_t* codes, float scale, float* out) {
   const __m256i w = load8_epi32(codes);
@@ -157,10 +164,7 @@ inline void int2_group(const int8_t* codes, float scale, float* out) {
   for (int j = 0; j < 4; ++j)  // code j of each byte, sign-extended, at its level (q + 1/2)·s
     p[j] = _mm256_mul_ps(s, _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 30 - 2 * j), 30)),
                                           _mm256_set1_ps(0.5f)));
-  __m256 a0, a1, b0, b1, o0, o1, o2, o3;
-  interleave(p[0], p[1], a0, a1), interleave(p[2], p[3], b0, b1);
-  interleave_pairs(a0, b0, o0, o1), interleave_pairs(a1, b1, o2, o3);
-  _mm256_storeu_ps(out, o0), _mm256_storeu_ps(out + 8, o1), _mm256_storeu_ps(out + 16, o2), _mm256_storeu_ps(out + 24, o3);
+  store_columns(p, out);
 }
 // an int3 group: 8 bytes of low bits (int2's layout: bits 2j, 2j + 1 of byte i are column 4i + j) and a 32-bit
 // word of sign bits (bit c: column c) -> 32 numbers in column order, at (low - 4·sign + 1/2)·s
@@ -177,10 +181,7 @@ inline void int3_group(const int8_t* low, const int8_t* sign, float scale, float
     p[j] = _mm256_mul_ps(s, _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(lo, _mm256_slli_epi32(sg, 2))),
                                           _mm256_set1_ps(0.5f)));
   }
-  __m256 a0, a1, b0, b1, o0, o1, o2, o3;
-  interleave(p[0], p[1], a0, a1), interleave(p[2], p[3], b0, b1);
-  interleave_pairs(a0, b0, o0, o1), interleave_pairs(a1, b1, o2, o3);
-  _mm256_storeu_ps(out, o0), _mm256_storeu_ps(out + 8, o1), _mm256_storeu_ps(out + 16, o2), _mm256_storeu_ps(out + 24, o3);
+  store_columns(p, out);
 }
 // a band's last, partial group (`cols` < 32 columns from `code_bytes` bytes): decoded from a zero-padded copy
 template <void (*group)(const int8_t*, float, float*)>
