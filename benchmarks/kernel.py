@@ -7,9 +7,10 @@ real step reads them: each layer's rows come from memory). Prints ms per layer, 
 
     python benchmarks/kernel.py                  # N=16384, batch 1
     python benchmarks/kernel.py --batch 4 --n 4096
-    KVFX_NO_AMX=1 python benchmarks/kernel.py    # int8/int4 rows decoded to float32 (CPUs without AMX-INT8)
+    KVFX_NO_AMX=1 python benchmarks/kernel.py    # low-bit rows decoded to float32 (no integer path)
 
-Bands rows (kv-bits-*) take the integer path too (int2 codes as int4 groups, the int8 band as int8 chunks).
+Bands rows (kv-bits-*) take the integer path too: on AMX int2 codes as int4 groups, the int8 band as int8 chunks
+(not int3 bands); on AVX2 int4 / int3 / int2 codes as 4-bit integers (not bands with an int8 band).
 """
 from __future__ import annotations
 
@@ -61,7 +62,9 @@ def main() -> None:
     args = p.parse_args()
     if not la.kernel_available("cpu"):
         raise SystemExit("the C++ kernel did not build here (needs a C++ compiler and ninja)")
-    rows = "integer dot products (AMX)" if la.integer_path("cpu") else "decoded to float32"
+    path = la.integer_rounding("cpu")
+    rows = {"amx": "integer dot products (AMX)", "avx2": "int4 / int3 / int2 codes: integer dot products (AVX2)",
+            None: "decoded to float32"}[path]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N={args.n}, batch {args.batch}; "
           f"int8/int4 rows: {rows} (KVFX_NO_AMX=1: decoded)")
     print(f"{'latent':18s} {'warm kernel':>11s} {'warm SDPA':>10s} {'GFLOP/s':>8s} {'cold kernel':>11s} "

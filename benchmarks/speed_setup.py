@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import re
 import statistics
 import time
@@ -130,6 +131,7 @@ class Config:
     method: str = "kqsvd"
     nbits: int = 0                   # peer: quanto bits
     levels: tuple = (8, 4, 3, 2)     # "bits": allocate_bits' band formats (kvfx-kv-bits842-*: without int3)
+    decoded: bool = False            # low-bit rows decoded to float32 in the kernel (KVFX_NO_AMX=1: no integer path)
 
     def kinds(self, wanted: list[str]) -> list[str]:
         """Cache kinds this configuration runs with (kvfx: each of --cache-kinds)."""
@@ -138,8 +140,8 @@ class Config:
         return ["quantized"] if self.family == "peer" else list(wanted)
 
 
-_KVFX = re.compile(r"kvfx-(head|layer|kv)-([0-9]*\.?[0-9]+)(?:-(int8|int4))?")
-_BITS = re.compile(r"kvfx-kv-bits(842)?-([0-9]*\.?[0-9]+)")  # kvfx.allocate_bits' bands in BUDGET (842: no int3)
+_KVFX = re.compile(r"kvfx-(head|layer|kv)-([0-9]*\.?[0-9]+)(?:-(int8|int4))?(-decoded)?")
+_BITS = re.compile(r"kvfx-kv-bits(842)?-([0-9]*\.?[0-9]+)(-decoded)?")  # allocate_bits' bands in BUDGET (842: no int3)
 DEFAULT_CONFIGS = ["original-dynamic", "original-static", "kvfx-head-0.5", "kvfx-head-0.25", "kvfx-layer-0.5",
                    "kvfx-layer-0.25", "kvfx-kv-0.5", "kvfx-kv-0.25", "kvfx-kv-0.5-int8", "kvfx-kv-0.9375-int4",
                    "kvfx-kv-0.5-int4", "kvfx-identity", "peer-quanto-int4", "peer-quanto-int2"]
@@ -154,14 +156,16 @@ def parse_config(name: str) -> Config:
         return Config(name, "peer", nbits=int(name[-1]))
     m = _BITS.fullmatch(name)
     if m and 0 < float(m.group(2)) < 1:
-        return Config(name, "kvfx", "kv", float(m.group(2)), "bits", levels=(8, 4, 2) if m.group(1) else (8, 4, 3, 2))
+        return Config(name, "kvfx", "kv", float(m.group(2)), "bits", levels=(8, 4, 2) if m.group(1) else (8, 4, 3, 2),
+                      decoded=bool(m.group(3)))
     m = _KVFX.fullmatch(name)
-    if m and 0 < float(m.group(2)) <= 1:
-        return Config(name, "kvfx", m.group(1), float(m.group(2)), m.group(3))
+    if m and 0 < float(m.group(2)) <= 1 and not (m.group(4) and not m.group(3)):
+        return Config(name, "kvfx", m.group(1), float(m.group(2)), m.group(3), decoded=bool(m.group(4)))
     raise ValueError(f"unknown configuration {name!r}: use original-dynamic, original-static, kvfx-identity, "
                      "peer-quanto-int4, peer-quanto-int2, kvfx-{head|layer|kv}-RANK[-int8|-int4] with RANK in "
                      "(0, 1] (e.g. kvfx-kv-0.5-int8) or kvfx-kv-bits-BUDGET (allocate_bits, BUDGET in (0, 1); "
-                     "kvfx-kv-bits842-BUDGET: int8/int4/int2 bands only, as before int3)")
+                     "kvfx-kv-bits842-BUDGET: int8/int4/int2 bands only, as before int3); a low-bit kvfx "
+                     "configuration + '-decoded': its rows decoded to float32 in the kernel (no integer path)")
 
 
 class Applied:
@@ -171,6 +175,8 @@ class Applied:
         self.model, self.config, self.kind, self.note = model, config, kind, ""
         self.cache_kwarg = cache_kwarg(model)
         self.peer_opts = peer_opts
+        if config.decoded:  # the kernel reads the switch at every call: this configuration's rows only
+            os.environ["KVFX_NO_AMX"] = "1"
         if config.family == "kvfx":
             proj = projections_for(model, config, projections)
             kvfx.compress(torch.compile(model, **compile_opts), proj, cache=kind,
@@ -196,6 +202,8 @@ class Applied:
         self.note = f"eager: compile failed ({reason})"
 
     def undo(self) -> None:
+        if self.config.decoded:
+            os.environ.pop("KVFX_NO_AMX", None)
         if self.config.family == "kvfx":
             try:
                 kvfx.decompress(self.model)

@@ -162,3 +162,13 @@ def test_bits_configs_name_their_band_levels(speed):
     assert (before.quantize, before.rank, before.levels) == ("bits", 0.125, (8, 4, 2))  # as measured before int3
     with pytest.raises(ValueError, match="unknown configuration"):
         parse_config("kvfx-kv-bits842-1.5")
+
+
+def test_decoded_configs_switch_the_integer_path_off(speed):
+    """'-decoded': the same low-bit configuration with its rows decoded to float32 in the kernel (KVFX_NO_AMX=1 while
+    its rows run), so the integer path and the float path are measured side by side in one run."""
+    from speed_setup import parse_config
+    assert parse_config("kvfx-kv-bits-0.125-decoded").decoded and parse_config("kvfx-head-0.5-int4-decoded").decoded
+    assert not parse_config("kvfx-head-0.5-int4").decoded
+    with pytest.raises(ValueError, match="unknown configuration"):
+        parse_config("kvfx-head-0.5-decoded")  # 16-bit latents have no integer path to switch off

@@ -17,6 +17,10 @@
 //   runs the softmax. The roundings (query: 1/4064 of its row's largest |q| for int4, 1/65024 for int8; weights:
 //   1/65024 of the block's largest) move the output by at most ~1.3e-3 (int4) / ~3e-4 (int8) of its size on
 //   SmolLM2's decode inputs, 200 / 80 times less than the cache's own rounding does; see lowbit_attention_amx.h.
+// * Integer on AVX2 (int4 / int3 / int2 rows and bands of them, CPUs with AVX2 but not AVX-512: AMD Zen 1-3;
+//   namespace avx2i, lowbit_attention_avx2i.h): the codes as 4-bit integers with an offset, VPMADDUBSW against the
+//   query rounded to 8 bits per 32-column group (scores) and against the weights p·s rounded to 8 bits per block
+//   (value sums); float arithmetic applies the scales and runs the softmax.
 // * Float (16/32-bit latents; int8 / int4 rows elsewhere, or with KVFX_NO_AMX=1): rows decoded to float32 into
 //   a buffer, the scores as 16-row tiles (one query row against 16 key rows in registers, reduced by a shuffle
 //   tree), the value sums in registers: the reference's numbers up to float32 round-off. Plain C++ (GCC vector
@@ -550,19 +554,58 @@ inline float exp_nonpositive(float x) {
 }
 
 
-#include "lowbit_attention_amx.h"  // the integer path (namespace amx), pasted in by lowbit_attention.py
+// The online softmax of a block of scores (G query rows, stride lds; rows valid of `padded`, a multiple of 16): the
+// running max m and sum l per query row, the accumulators o (stride ldo) rescaled where the max moves, and the
+// block's probabilities exp(s - m) written over its scores (0 for the spare rows and for a block wholly masked).
+void softmax_block(float* s, int64_t lds, int rows, int padded, int64_t G, float* m, float* l, float* o, int64_t ldo) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = s + g * lds;
+    vf vmax = vf{} + kNegInf;  // spare rows hold -inf
+    for (int r = 0; r < padded; r += 16) { const vf x = load(sg + r); vmax = x > vmax ? x : vmax; }
+    float bmax = kNegInf;
+    for (int j = 0; j < W; ++j) bmax = std::max(bmax, vmax[j]);
+    if (bmax == kNegInf) {  // every row of the block masked
+      std::fill(sg, sg + padded, 0.0f);
+      continue;
+    }
+    const float mnew = std::max(m[g], bmax);
+    if (m[g] != mnew) {
+      const float corr = exp_nonpositive(m[g] - mnew);
+      l[g] *= corr;
+      float* og = o + g * ldo;
+      for (int64_t i = 0; i < ldo; ++i) og[i] *= corr;
+    }
+    m[g] = mnew;
+    float sum = 0.0f;
+    for (int r = 0; r < padded; ++r) {
+      sg[r] = r < rows ? exp_nonpositive(sg[r] - mnew) : 0.0f;
+      sum += sg[r];
+    }
+    l[g] += sum;
+  }
+}
+
+
+#include "lowbit_attention_amx.h"    // the integer path on AMX (namespace amx), pasted in by lowbit_attention.py
+#include "lowbit_attention_avx2i.h"  // the integer path on AVX2 (namespace avx2i), likewise
 
 }  // namespace
 
-// Whether int8 / int4 rows take the integer path here: built with AMX-INT8 (and AVX-512 VBMI, GFNI), the CPU and the
-// OS allow it at run time, and the environment variable KVFX_NO_AMX is unset (or "0"). Otherwise they are decoded to
-// float32 like the 16/32-bit latents (the portable path; KVFX_NO_AMX=1 forces it, for tests and benchmarks).
-bool integer_path() {
-#if KVFX_AMX
+// Which integer path int4 / int2 rows and bands take here: 1, AMX (int8 rows too; built with AMX-INT8, AVX-512 VBMI
+// and GFNI, and the CPU and the OS allow it at run time), 2, AVX2 (built with AVX2 but not AVX-512; int8 rows take
+// the float path), or 0 where there is none or the environment variable KVFX_NO_AMX is set (not "0"): rows are
+// decoded to float32 like the 16/32-bit latents (the portable path; KVFX_NO_AMX=1 forces it, for tests and
+// benchmarks, on either CPU).
+int64_t integer_path() {
   const char* off = std::getenv("KVFX_NO_AMX");
-  return !(off && *off && std::strcmp(off, "0") != 0) && amx::ready();
+  if (off && *off && std::strcmp(off, "0") != 0) return 0;
+#if KVFX_AMX
+  return amx::ready() ? 1 : 0;
+#elif KVFX_AVX2
+  return 2;
 #else
-  return false;
+  return 0;
 #endif
 }
 
@@ -679,7 +722,17 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
     return std::any_of(f.bands.begin(), f.bands.end(), [](const Band& b) { return b.bits == 3; });
   };  // int3 bands have no tile layout on the integer path: decoded to float32 like 16-bit latents
   const bool use_amx = (kind == kInt8 || kind == kInt4 || kind == kBands) && rk > 0 && rv > 0 &&
-                       !has_int3(fk) && !has_int3(fv) && integer_path();
+                       !has_int3(fk) && !has_int3(fv) && integer_path() == 1;
+#if KVFX_AVX2
+  // the AVX2 integer path: int4 rows and bands (a plan each for the key and value rows; none: the float path)
+  std::unique_ptr<avx2i::Plan> kplan_i, vplan_i;
+  if ((kind == kInt4 || kind == kBands) && rk > 0 && rv > 0 && integer_path() == 2) {
+    kplan_i = avx2i::plan_of(fk);
+    if (!shared) vplan_i = avx2i::plan_of(fv);
+    if (!shared && !vplan_i) kplan_i.reset();
+  }
+  const avx2i::Plan* vplan_avx2 = kplan_i ? (shared ? kplan_i.get() : vplan_i.get()) : nullptr;
+#endif
 #if KVFX_AMX
   // bands on the integer path: units, scale groups and column orders of the key and value rows
   std::shared_ptr<const amx::BandPlans> plans;
@@ -694,6 +747,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
 #if KVFX_AMX
   if (vplan) Rvp = 16 * vplan->ctiles;
 #endif
+#if KVFX_AVX2
+  if (vplan_avx2) Rvp = 32 * vplan_avx2->slots;
+#endif
   // the output column of each accumulated one (-1: padding)
   std::vector<int64_t> columns(Rvp);
   for (int64_t j = 0; j < Rvp; ++j) {
@@ -706,6 +762,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
       if (vplan) col = vplan->columns[j];
 #endif
     }
+#if KVFX_AVX2
+    if (vplan_avx2) col = vplan_avx2->columns[j];
+#endif
     columns[j] = col < rv ? col : -1;
   }
   const int64_t nvk = Rkp / W, nvv = Rvp / W;
@@ -764,6 +823,45 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
     });
   } else
 #endif
+#if KVFX_AVX2
+  if (vplan_avx2) {
+    const avx2i::Plan& kpl = *kplan_i;
+    const avx2i::Plan& vpl = *vplan_avx2;
+    const int64_t ngk = kpl.groups.size(), ngv = vpl.groups.size();
+    avx2i::Queries qq;
+    avx2i::round_queries(kpl, qp, B * H * G, rk, sc, qq);
+    at::parallel_for(0, B * H * chunks, 1, [&](int64_t begin, int64_t end) {
+      avx2i::Buffers buf(ngk, ngv);
+      constexpr int BN = avx2i::BN;
+      std::vector<float> s(G * BN);
+      alignas(32) float add[BN];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bh = task / chunks, c = task % chunks, b = bh / H, h = bh % H;
+        const char* krows = kp + b * ksb + h * ksh;
+        const char* vrows = vp + b * vsb + h * vsh;
+        const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+        float* m = &part_m[task * G];
+        float* l = &part_l[task * G];
+        float* o = &part_o[task * G * Rvp];
+        std::fill(m, m + G, kNegInf);
+        std::fill(l, l + G, 0.0f);
+        std::fill(o, o + G * Rvp, 0.0f);
+        for (int64_t r0 = n0; r0 < n1; r0 += BN) {
+          const int rows = static_cast<int>(std::min<int64_t>(BN, n1 - r0));
+          const int padded = static_cast<int>(round_up(rows, 16));
+          avx2i::decode_block(krows + r0 * ksn, ksn, rows, padded, kpl, lut, true, shared, buf);
+          if (!shared) avx2i::decode_block(vrows + r0 * vsn, vsn, rows, padded, vpl, lut, false, true, buf);
+          const int64_t moff = (mask_b == 1 ? 0 : b) * N + r0;
+          for (int j = 0; j < padded; ++j)
+            add[j] = j >= rows ? kNegInf : mp ? mp[moff + j] : mbp && !mbp[moff + j] ? kNegInf : 0.0f;
+          avx2i::scores(qq, bh * G, G, ngk, buf, padded, add, s.data(), BN);
+          softmax_block(s.data(), BN, rows, padded, G, m, l, o, Rvp);
+          for (int64_t g = 0; g < G; ++g) avx2i::values(vpl, &s[g * BN], padded, buf, o + g * Rvp);
+        }
+      }
+    });
+  } else
+#endif
   at::parallel_for(0, B * H * chunks, 1, [&](int64_t begin, int64_t end) {
     // zero-initialised: the padding columns stay zero (decode_row writes the first Rk / Rv columns only)
     std::vector<float> kbuf(block * Rkp, 0.0f), vbuf(shared ? 0 : block * Rvp, 0.0f), s(G * block), qs(G * Rkp, 0.0f);
@@ -805,32 +903,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
             add[j] = t + j >= rows ? kNegInf : mrow ? mrow[t + j] : mbrow && !mbrow[t + j] ? kNegInf : 0.0f;
           scores16(qs.data(), Rkp, G, &kbuf[t * Rkp], Rkp, nvk, add, &s[t], block);
         }
-        // online softmax per query row (the block's probabilities overwrite its scores), then the block's values
-        for (int64_t g = 0; g < G; ++g) {
-          float* sg = &s[g * block];
-          vf vmax = vf{} + kNegInf;  // spare rows hold -inf
-          for (int r = 0; r < padded; r += 16) { const vf x = load(sg + r); vmax = x > vmax ? x : vmax; }
-          float bmax = kNegInf;
-          for (int j = 0; j < W; ++j) bmax = std::max(bmax, vmax[j]);
-          if (bmax == kNegInf) {  // every row of the block masked
-            std::fill(sg, sg + padded, 0.0f);
-            continue;
-          }
-          const float mnew = std::max(m[g], bmax);
-          if (m[g] != mnew) {
-            const float corr = exp_nonpositive(m[g] - mnew);
-            l[g] *= corr;
-            float* og = o + g * Rvp;
-            for (int64_t i = 0; i < Rvp; ++i) og[i] *= corr;
-          }
-          m[g] = mnew;
-          float sum = 0.0f;
-          for (int r = 0; r < padded; ++r) {
-            sg[r] = r < rows ? exp_nonpositive(sg[r] - mnew) : 0.0f;
-            sum += sg[r];
-          }
-          l[g] += sum;
-        }
+        softmax_block(s.data(), block, rows, padded, G, m, l, o, Rvp);  // then the block's values
         accumulate_values(s.data(), block, vb, ldv, padded, o, Rvp, G, nvv);
       }
     }

@@ -19,7 +19,10 @@ one scale per query row), and the value sums as int8 dot products of the codes w
 rows' scales, rounded per block of rows to 16 bits; float arithmetic only applies the per-group scales and runs the
 softmax. On SmolLM2's decode inputs these roundings move the output by at most ~1.3e-3 (int4) / ~3e-4 (int8) of its
 size, 200 (int4) / 80 (int8) times less than the cache's own rounding moves it (tests/ops/test_lowbit_attention.py
-bounds them). Elsewhere, for 16/32-bit latents, and with KVFX_NO_AMX=1, the kernel decodes a block of rows into a
+bounds them). On CPUs with AVX2 but not AVX-512 (AMD Zen 1-3; lowbit_attention_avx2i.h) int4 / int3 / int2 rows and
+bands of them (not those with an int8 band) take an integer path too: VPMADDUBSW on the codes as 4-bit integers, the
+query rounded to 8 bits per 32-column group and the weights to 8 bits per block (`integer_rounding()` says which
+path runs). Elsewhere, for 16/32-bit latents, and with KVFX_NO_AMX=1, the kernel decodes a block of rows into a
 float32 buffer that stays in L1/L2 and computes the block's scores as 16-row tiles (one query row against 16 key
 rows in registers, reduced by a shuffle tree; on AVX2-only CPUs such as AMD Zen 1-3, tiles of 3 query rows × 4 key
 rows, so the accumulators fit 16 registers and each loaded vector serves several) and its value sums in registers: the reference's numbers up to float32 round-off. Without a compiler the op runs `reference` (float32), without the saving. `kernel_available()`
@@ -104,7 +107,7 @@ def _build(arch: str = "native"):
     from torch.utils.cpp_extension import load_inline
     here = Path(__file__).parent  # the AMX part lives in its own file, pasted in (so the source hash covers it)
     src = (here / "lowbit_attention.cpp").read_text()
-    for part in ("lowbit_attention_amx.h", "lowbit_attention_amx_bands.h"):
+    for part in ("lowbit_attention_amx.h", "lowbit_attention_amx_bands.h", "lowbit_attention_avx2i.h"):
         src = src.replace(f'#include "{part}"', (here / part).read_text())
     flags = ["-O3", f"-march={arch}", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
              "-fno-trapping-math"]
@@ -129,10 +132,29 @@ def kernel_available(device: str | torch.device = "cpu") -> bool:
     return torch.device(device).type == "cpu" and _extension() is not None
 
 
-def integer_path(device: str | torch.device = "cpu") -> bool:
-    """Whether the C++ kernel computes int8 / int4 rows with integer dot products here (AMX-INT8; see the module
-    docstring); False: it decodes them to float32 (KVFX_NO_AMX=1 forces that)."""
-    return kernel_available(device) and bool(_extension().integer_path())
+def integer_path(device: str | torch.device = "cpu", kind: str | None = None) -> bool:
+    """Whether the C++ kernel computes low-bit rows with integer dot products here (see the module docstring): AMX
+    (int8 / int4 / int2 rows and bands without int3) or AVX2 (int4 / int3 / int2 rows and bands without an int8
+    band). `kind`: whether rows of that format do; None: whether any does. False: they are decoded to float32
+    (KVFX_NO_AMX=1 forces that on either CPU)."""
+    rounding = integer_rounding(device)
+    return rounding is not None if kind is None else takes_integer_path(rounding, kind)
+
+
+def takes_integer_path(rounding: str | None, kind: str) -> bool:
+    """Whether rows of format `kind` take the integer path `rounding` ("amx", "avx2"; None: none)."""
+    if rounding is None or kind == "float":
+        return False
+    bits = {fmt.bits for fmt, _ in quant.layout(kind, quant.width_of(kind) or 64)}
+    return 3 not in bits if rounding == "amx" else 8 not in bits
+
+
+def integer_rounding(device: str | torch.device = "cpu") -> str | None:
+    """Which integer path runs here and so how it rounds: "amx" (the query to 12 / 16 bits a row, the value weights
+    to 16 bits), "avx2" (the query to 8 bits a 32-column group, the weights to 8 bits), or None."""
+    if not kernel_available(device):
+        return None
+    return {1: "amx", 2: "avx2"}.get(int(_extension().integer_path()))
 
 
 @torch.library.custom_op("kvfx::decode_attention", mutates_args=())

@@ -23,6 +23,10 @@ FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # largest per block (two digits, 16 bits). Nothing else is rounded.
 Q_STEPS = {8: 32512, 4: 2032, 2: 2032}
 W_STEPS = 32512
+# The AVX2 integer path (lowbit_attention_avx2i.h; int4 / int3 / int2 rows and bands without an int8 band): the query
+# rounded per group of 32 columns of a band to |x| <= 127 (scale: the group's max |scale·q| / 127), the weights p·s_v
+# to 0 <= x <= 255 of their largest per block (8 bits).
+AVX2_Q, AVX2_W = 127, 255
 
 
 def _query_steps(kind, width):
@@ -59,13 +63,45 @@ def _column_scales(stored, width, kind):
     return torch.cat(out, -1)
 
 
+def _groups(kind, width):
+    """The AVX2 path's query groups: (first, end) columns of every 32 columns of each band."""
+    out, col = [], 0
+    for _, w in quant.layout(kind, width):
+        out += [(col + a, col + min(a + 32, w)) for a in range(0, w, 32)]
+        col += w
+    return out
+
+
+def _group_amax(q, kind, width, scale):
+    """max |scale·q| over each column's AVX2 query group, float32 [..., width] (what the kernel divides by)."""
+    v = (scale * q).float()
+    return torch.cat([v[..., a:b].abs().amax(-1, keepdim=True).expand(*v.shape[:-1], b - a)
+                      for a, b in _groups(kind, width)], -1)
+
+
+def _rounded_query_avx2(q, kind, width, scale):
+    """scale·q rounded per group as the AVX2 path does (float32: x = round(v · (127 / amax)), half to even), in
+    float64."""
+    v, amax = (scale * q).float(), _group_amax(q, kind, width, scale)
+    inv = torch.where(amax > 0, AVX2_Q / amax, torch.zeros_like(amax))
+    return torch.round(v * inv).double() * (amax.double() / AVX2_Q)
+
+
+def _weight_bound_avx2(p, v, sv):
+    """|Δout| from the AVX2 path's weights: each w = p·s_v rounds to 8 bits of its block's largest, off by at most
+    min(w, max w / 510) (a weight under half a step becomes 0), times the code it multiplies (|v / s_v|)."""
+    w = p[..., :, None] * sv[:, :, None]  # [b, h, g, n, c]
+    err = torch.minimum(w, w.amax(-2, keepdim=True) / (2 * AVX2_W))
+    return (err * (v.abs() / sv)[:, :, None]).sum(-2)
+
+
 def _weight_bound(p, v, sv):
     """|Δout| from the weights' rounding: each weight w = p·s_v is off by at most max w / (2·32512), and an output
     column sums codes v / s_v with them: <= max_n(p_n·s_v,n) · sum_n |v_n / s_v,n| / 65024 (p = the softmax)."""
     return (p[..., :, None] * sv[:, :, None]).amax(-2) * (v.abs() / sv).sum(-2)[:, :, None, :] / (2 * W_STEPS)
 
 
-def _integer_bound(q, kc, vc, rk, rv, kind, scale, mask, shared):
+def _integer_bound(q, kc, vc, rk, rv, kind, scale, mask, shared, rounding="amx"):
     """(exact output, bound on |kernel - exact|) of the integer path, float64. The query's rounding (at most half a
     step, max |scale·q_g| / (2Q), per number) moves each score by at most d_gn = step_g/2 · ||k_n||_1, and the
     softmax's output by at most 2·D·sum_n p_n |v_n - out| (first order, D = max_n d_gn; times e^(2D) for the rest);
@@ -74,23 +110,31 @@ def _integer_bound(q, kc, vc, rk, rv, kind, scale, mask, shared):
     k = quant.dequantize(kc, torch.float64, rk, kind)
     v = k if shared else quant.dequantize(vc, torch.float64, rv, kind)
     p, out = _exact(q, k, v, scale, mask)
-    amax = (scale * q.double()).abs().amax(-1, keepdim=True)
-    d = amax / 2 * (k.abs() / _query_steps(kind, rk)).sum(-1)[:, :, None, :]
+    sv = _column_scales(kc if shared else vc, rv, kind)
+    if rounding == "avx2":  # half a step of each column's group: max |scale·q| over it / 127
+        half = _group_amax(q, kind, rk, scale).double() / (2 * AVX2_Q)
+        d = half @ k.abs().transpose(-1, -2)
+        weights = _weight_bound_avx2(p, v, sv)
+    else:
+        amax = (scale * q.double()).abs().amax(-1, keepdim=True)
+        d = amax / 2 * (k.abs() / _query_steps(kind, rk)).sum(-1)[:, :, None, :]
+        weights = _weight_bound(p, v, sv)
     d = torch.where(p > 0, d, torch.zeros_like(p)).amax(-1, keepdim=True)
     spread = (p[..., None] * (v[:, :, None] - out[:, :, :, None]).abs()).sum(-2)
-    bound = 2 * d * spread * torch.exp(2 * d) + _weight_bound(p, v, _column_scales(kc if shared else vc, rv, kind))
+    bound = 2 * d * spread * torch.exp(2 * d) + weights
     return out, bound + 1e-5 * max(1.0, out.abs().max().item())
 
 
-def _assert_matches(out, q, kc, vc, rk, rv, kind, scale, mask, shared):
+def _assert_matches(out, q, kc, vc, rk, rv, kind, scale, mask, shared, rounding=None):
     """The op against the plain-torch reference: float32 round-off (1e-5 of the output's size: the kernel folds the
-    scale into q and sums in another order than SDPA), or, for int8 / int4 rows on the integer path, the bound of
-    its rounding (_integer_bound: ~1e-3 (int4) / ~1e-4 (int8) of the output's size on these inputs, far below the
-    cache's own rounding); bands and int2 rows likewise."""
+    scale into q and sums in another order than SDPA), or, for rows on an integer path (`rounding`, default this
+    CPU's), the bound of its rounding (_integer_bound: AMX ~1e-3 (int4) / ~1e-4 (int8) of the output's size on these
+    inputs, far below the cache's own rounding; AVX2 coarser, still below it)."""
     ref = la.reference(q, kc, vc, rk, rv, kind, scale, mask, shared)
     assert out.shape == ref.shape and out.dtype == ref.dtype
-    if kind != "float" and la.integer_path("cpu"):
-        _, bound = _integer_bound(q, kc, vc, rk, rv, kind, scale, mask, shared)
+    rounding = rounding or la.integer_rounding("cpu")
+    if la.takes_integer_path(rounding, kind):
+        _, bound = _integer_bound(q, kc, vc, rk, rv, kind, scale, mask, shared, rounding)
         err = (out.double() - ref.double()).abs()
         assert (err <= bound).all(), f"{(err / bound).max().item():.3g} x the bound"
     else:
@@ -189,29 +233,52 @@ def portable_builds():
 
 
 @pytest.mark.parametrize("arch", PORTABLE_ARCHS)
-def test_portable_build_matches_reference(arch, portable_builds):
-    """The file built for a CPU without AVX-512 and AMX, every row kind: the reference's numbers (float32
-    round-off). x86-64-v2: the plain-C++ loops; x86-64-v3: the AVX2 + FMA code (AMD Zen 1-3, Intel before AVX-512:
-    8-float registers, scores in halves of 8 rows). A module per arch, built once and cached."""
+def test_portable_build_matches_reference(arch, portable_builds, monkeypatch):
+    """The file built for a CPU without AVX-512 and AMX, every row kind, decoded to float32 (KVFX_NO_AMX=1): the
+    reference's numbers (float32 round-off). x86-64-v2: the plain-C++ loops; x86-64-v3: the AVX2 + FMA code (AMD
+    Zen 1-3, Intel before AVX-512: 8-float registers, scores in tiles of 3 query rows × 4 key rows). A module per
+    arch, built once and cached."""
     ext = portable_builds[arch]
+    monkeypatch.setenv("KVFX_NO_AMX", "1")
     assert not ext.integer_path()
     for i, kind in enumerate(["int8", "int4", "int2", "int8x6+int4x32+int2x32", "int4x16+int3x70", *FLOATS]):
-        shared = i % 2 == 0
-        rk = quant.width_of(kind) if "x" in kind else 70
-        rv = rk if "x" in kind else 45  # bands: one format for keys and values
-        q, kc, vc, m = _case(2, 2, 9, 300, rk, rv, kind, "bool", shared, i)
-        kind = "float" if kind in FLOATS else kind
-        bits = la._BITS.get(kind, -1)
-        out = ext.decode_attention(q, kc, vc, rk, rv, bits, 0.125, m.reshape(2, 300), shared,
-                                   list(la._band_spec(kind, rk)) if bits < 0 else [],
-                                   list(la._band_spec(kind, rv)) if bits < 0 else [], la._scales())
-        ref = la.reference(q, kc, vc, rk, rv, kind, 0.125, m, shared)
+        out, ref, _ = _run_build(ext, kind, i)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
     for kind, width in DEQUANT_CASES:  # the cache's prefill read, with this build's decoders
         stored = _stored_view(kind, width, seed=width)
         bits = la._BITS.get(kind, -1)
         spec = list(la._band_spec(kind, width)) if bits < 0 else []
         _check_dequantized(ext.dequantize_rows(stored, width, bits, spec, la._scales()), stored, width, kind)
+
+
+def _run_build(ext, kind, i):
+    """One call of a build's kernel on _case's inputs (shared latents for even i) and the reference's output."""
+    shared = i % 2 == 0
+    rk = quant.width_of(kind) if "x" in kind else 70
+    rv = rk if "x" in kind else 45  # bands: one format for keys and values
+    q, kc, vc, m = _case(2, 2, 9, 300, rk, rv, kind, "bool", shared, i)
+    kind = "float" if kind in FLOATS else kind
+    bits = la._BITS.get(kind, -1)
+    out = ext.decode_attention(q, kc, vc, rk, rv, bits, 0.125, m.reshape(2, 300), shared,
+                               list(la._band_spec(kind, rk)) if bits < 0 else [],
+                               list(la._band_spec(kind, rv)) if bits < 0 else [], la._scales())
+    return out, la.reference(q, kc, vc, rk, rv, kind, 0.125, m, shared), (q, kc, vc, rk, rv, kind, m, shared)
+
+
+def test_avx2_build_takes_its_integer_path(portable_builds, monkeypatch):
+    """The x86-64-v3 build on its own (any x86 CPU with AVX2, whatever this one has): int4 / int3 / int2 rows and
+    bands without an int8 band take the AVX2 integer path, within the bound of its rounding; int8 rows and bands
+    with an int8 band the float path, the reference's numbers."""
+    ext = portable_builds["x86-64-v3"]
+    monkeypatch.delenv("KVFX_NO_AMX", raising=False)
+    assert ext.integer_path() == 2
+    for i, kind in enumerate(["int4", "int2", "int3", "int4x16+int3x70", "int4x40+int2x24", "int8", "int8x6+int4x32"]):
+        out, ref, (q, kc, vc, rk, rv, kind, m, shared) = _run_build(ext, kind, i)
+        if la.takes_integer_path("avx2", kind):
+            _assert_matches(out, q, kc, vc, rk, rv, kind, 0.125, m, shared, rounding="avx2")
+            assert not torch.allclose(out, ref, rtol=1e-5, atol=1e-5)  # rounded, not decoded
+        else:
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
 
 
 # kinds × widths for kvfx::dequantize: int4 groups cut short, one column, int2 and bands with partial groups
@@ -261,59 +328,69 @@ ROUNDING_CASES = [(9, 300, 360, 360, True, None), (3, 40, 32, 32, False, "bool")
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("case", ROUNDING_CASES)
 def test_integer_path_rounds_only_the_query_and_the_weights(kind, case):
-    """The integer path against float64 attention with the query rounded as documented (Q_STEPS): what is left is
-    the weights' rounding (_weight_bound), so a query quantised wrongly (a lost digit, columns out of order, a wrong
-    scale) fails: a query rounded to 8 bits (its low digit lost) fails the same tolerance."""
-    if not la.integer_path("cpu"):
-        pytest.skip("no integer path on this CPU (AMX-INT8)")
+    """The integer path against float64 attention with the query rounded as documented (AMX: Q_STEPS a row; AVX2:
+    127 steps a 32-column group): what is left is the weights' rounding, so a query quantised wrongly (a lost digit,
+    columns out of order, a wrong scale) fails: a query rounded more coarsely (AMX: to 8 bits; AVX2: one scale a
+    row) fails the same tolerance."""
+    if not la.integer_path("cpu", kind):
+        pytest.skip(f"{kind} rows take no integer path on this CPU")
     g, n, rk, rv, shared, mask = case
     q, kc, vc, m = _case(1, 2, g, n, rk, rv, kind, mask, shared, 4)
     out = torch.ops.kvfx.decode_attention(q, kc, vc, rk, rv, kind, 0.125, m, shared)
-    rounded, tol = _assert_rounds_as_documented(out, q, kc, vc, rk, rv, kind, 0.125, m, shared)
-    if rk > 1:  # (one column rounds exactly)
-        k = quant.dequantize(kc, torch.float64, rk, kind)
-        _, lost_digit = _exact(_rounded_query(q, 127, 0.125), k, k if shared else quant.dequantize(
-            vc, torch.float64, rv, kind), 1.0, m)
-        assert ((lost_digit - rounded).abs() > tol).any()
+    _assert_rounds_as_documented(out, q, kc, vc, rk, rv, kind, 0.125, m, shared, coarser=rk > _COARSER_FROM)
 
 
-def _assert_rounds_as_documented(out, q, kc, vc, rk, rv, kind, scale, mask, shared):
-    """out against float64 attention with the query rounded as documented (Q_STEPS): what is left is the weights'
-    rounding (_weight_bound). Returns the exact output and that tolerance."""
+# widths from which a coarser query rounding shows beyond the weights' tolerance (AVX2: its 8-bit weights allow more
+# error than one query scale a row adds to a narrow row; a row of one 32-column group rounds as documented anyway)
+_COARSER_FROM = 100 if la.integer_rounding("cpu") == "avx2" else 1
+
+
+def _assert_rounds_as_documented(out, q, kc, vc, rk, rv, kind, scale, mask, shared, rounding=None, coarser=False):
+    """out against float64 attention with the query rounded as documented: what is left is the weights' rounding
+    (_weight_bound / _weight_bound_avx2). coarser: also check that a query rounded more coarsely than documented
+    (AMX: 8 bits a row; AVX2: 127 steps of the row's largest, not of each group's) misses that tolerance."""
+    rounding = rounding or la.integer_rounding("cpu")
     k = quant.dequantize(kc, torch.float64, rk, kind)
     v = k if shared else quant.dequantize(vc, torch.float64, rv, kind)
     p, exact = _exact(q, k, v, scale, mask)
-    _, rounded = _exact(_rounded_query(q, _query_steps(kind, rk), scale), k, v, 1.0, mask)
-    tol = _weight_bound(p, v, _column_scales(kc if shared else vc, rv, kind)) + 1e-5 * exact.abs().max()
+    sv = _column_scales(kc if shared else vc, rv, kind)
+    if rounding == "avx2":
+        query, weights = _rounded_query_avx2(q, kind, rk, scale), _weight_bound_avx2(p, v, sv)
+        coarse = _rounded_query(q, AVX2_Q, scale)
+    else:
+        query, weights = _rounded_query(q, _query_steps(kind, rk), scale), _weight_bound(p, v, sv)
+        coarse = _rounded_query(q, 127, scale)
+    _, rounded = _exact(query, k, v, 1.0, mask)
+    tol = weights + 1e-5 * exact.abs().max()
     err = (out.double() - rounded).abs()
     assert (err <= tol).all(), f"{(err / tol).max().item():.3g} x the tolerance"
-    return rounded, tol
+    if coarser:
+        _, wrong = _exact(coarse, k, v, 1.0, mask)
+        assert ((wrong - rounded).abs() > tol).any()
 
 
 # (format, g, n, shared, mask): bands as kvfx.allocate_bits makes them (edges at 16 columns, an int8 band beside
-# int4 / int2 ones, partial groups), int8 bands over several 64-column units, odd widths, whole int2 rows
+# int4 / int2 ones, partial groups, int3 bands), int8 bands over several 64-column units, odd widths, whole int2 rows
 BAND_CASES = [("int8x48+int4x224+int2x80", 9, 300, True, None), ("int4x16+int2x16", 20, 150, False, "bool"),
               ("int8x130+int2x20", 3, 129, False, "float"), ("int2x100+int4x17", 16, 64, True, "bool"),
-              ("int2", 9, 257, False, None), ("int8x7+int4x3+int2x5", 1, 40, True, None)]
+              ("int2", 9, 257, False, None), ("int8x7+int4x3+int2x5", 1, 40, True, None),
+              ("int4x64+int3x70+int2x128", 9, 300, True, None), ("int3x45+int2x20", 4, 100, False, "bool")]
 
 
 @pytest.mark.parametrize("case", BAND_CASES)
 def test_integer_path_rounds_bands_as_documented(case):
-    """Bands on the integer path: 4/2-bit units summed as int4 groups (int2 as k = 2q + 1 at half the scale), int8
-    bands as int8 chunks, one query scale per row with the int8 band's columns at 16x the precision of the rest
-    (_query_steps): float64 attention with the query rounded so leaves only the weights' rounding; a query rounded
-    to 8 bits fails that tolerance."""
-    if not la.integer_path("cpu"):
-        pytest.skip("no integer path on this CPU (AMX-INT8)")
+    """Bands on the integer path. AMX: 4/2-bit units summed as int4 groups (int2 as k = 2q + 1 at half the scale),
+    int8 bands as int8 chunks, one query scale per row with the int8 band's columns at 16x the precision of the rest
+    (_query_steps). AVX2: every band's groups of 32 as 4-bit codes with an offset (int2 / int3: q + 8, mid-rise), one
+    query scale a group. Float64 attention with the query rounded so leaves only the weights' rounding; a query
+    rounded more coarsely fails that tolerance."""
     kind, g, n, shared, mask = case
+    if not la.integer_path("cpu", kind):
+        pytest.skip(f"{kind} takes no integer path on this CPU")
     rk = quant.width_of(kind) or 70
     q, kc, vc, m = _case(1, 2, g, n, rk, rk, kind, mask, shared, 6)
     out = torch.ops.kvfx.decode_attention(q, kc, vc, rk, rk, kind, 0.125, m, shared)
-    rounded, tol = _assert_rounds_as_documented(out, q, kc, vc, rk, rk, kind, 0.125, m, shared)
-    k = quant.dequantize(kc, torch.float64, rk, kind)
-    _, lost_digit = _exact(_rounded_query(q, 127, 0.125), k, k if shared else quant.dequantize(
-        vc, torch.float64, rk, kind), 1.0, m)
-    assert ((lost_digit - rounded).abs() > tol).any()
+    _assert_rounds_as_documented(out, q, kc, vc, rk, rk, kind, 0.125, m, shared, coarser=rk > _COARSER_FROM)
 
 
 @pytest.mark.parametrize("case", BAND_CASES)
@@ -333,8 +410,8 @@ def test_bands_on_the_float_path_match_reference(case, monkeypatch):
 def test_masked_rows_cost_no_precision(kind):
     """Masked rows (a static cache's empty slots, padding) may hold anything: rows 100x larger than the rest, masked,
     leave the others' weights their 16 bits (each block's weights are rounded against its largest *weight*)."""
-    if not la.integer_path("cpu"):
-        pytest.skip("no integer path on this CPU (AMX-INT8)")
+    if not la.integer_path("cpu", kind):
+        pytest.skip(f"{kind} rows take no integer path on this CPU")
     gen = torch.Generator().manual_seed(5)
     k, v = torch.randn(2, 1, 300, 40, generator=gen), torch.randn(2, 1, 300, 40, generator=gen)
     mask = torch.rand(2, 1, 1, 300, generator=gen) > 0.5
@@ -401,7 +478,9 @@ def test_decode_steps_read_the_codes(quantize, kind):
         cm = kvfx.compress(torch.compile(copy.deepcopy(m)), P, cache=kind, quantize=quantize)
         out = cm.generate(ids, **gen)
     assert torch.equal(out.sequences, ref.sequences)
-    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=1e-4, atol=1e-4)
+    # the AVX2 integer path rounds the query and the weights to 8 bits (the others: float32 round-off, or AMX's 16)
+    tol = 1e-3 if la.integer_rounding("cpu") == "avx2" and la.integer_path("cpu", quantize) else 1e-4
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=tol, atol=tol)
     assert kvfx.counters["kvfx"]["lowbit_decode"] == 2 * (kvfx.counters["kvfx"]["graphs"] - 1)
     decode = cm._kvfx.backend.graphs[-1].graph
     assert any(n.target is torch.ops.kvfx.decode_attention.default for n in decode.nodes)
