@@ -8,6 +8,7 @@ real step reads them: each layer's rows come from memory). Prints ms per layer, 
     python benchmarks/kernel.py                  # N=16384, batch 1
     python benchmarks/kernel.py --batch 4 --n 4096
     KVFX_NO_AMX=1 python benchmarks/kernel.py    # low-bit rows decoded to float32 (no integer path)
+    KVFX_AVX2_INTEGER=1 python benchmarks/kernel.py   # AVX2-only CPUs: the opt-in integer path
 
 Bands rows (kv-bits-*) take the integer path too: on AMX int2 codes as int4 groups, the int8 band as int8 chunks
 (not int3 bands); on AVX2 int4 / int3 / int2 codes as 4-bit integers (not bands with an int8 band).

@@ -132,6 +132,7 @@ class Config:
     nbits: int = 0                   # peer: quanto bits
     levels: tuple = (8, 4, 3, 2)     # "bits": allocate_bits' band formats (kvfx-kv-bits842-*: without int3)
     decoded: bool = False            # low-bit rows decoded to float32 in the kernel (KVFX_NO_AMX=1: no integer path)
+    avx2_integer: bool = False       # the kernel's opt-in AVX2 integer path (KVFX_AVX2_INTEGER=1)
 
     def kinds(self, wanted: list[str]) -> list[str]:
         """Cache kinds this configuration runs with (kvfx: each of --cache-kinds)."""
@@ -140,8 +141,8 @@ class Config:
         return ["quantized"] if self.family == "peer" else list(wanted)
 
 
-_KVFX = re.compile(r"kvfx-(head|layer|kv)-([0-9]*\.?[0-9]+)(?:-(int8|int4))?(-decoded)?")
-_BITS = re.compile(r"kvfx-kv-bits(842)?-([0-9]*\.?[0-9]+)(-decoded)?")  # allocate_bits' bands in BUDGET (842: no int3)
+_KVFX = re.compile(r"kvfx-(head|layer|kv)-([0-9]*\.?[0-9]+)(?:-(int8|int4))?(-decoded|-avx2int)?")
+_BITS = re.compile(r"kvfx-kv-bits(842)?-([0-9]*\.?[0-9]+)(-decoded|-avx2int)?")  # allocate_bits' bands in BUDGET (842: no int3)
 DEFAULT_CONFIGS = ["original-dynamic", "original-static", "kvfx-head-0.5", "kvfx-head-0.25", "kvfx-layer-0.5",
                    "kvfx-layer-0.25", "kvfx-kv-0.5", "kvfx-kv-0.25", "kvfx-kv-0.5-int8", "kvfx-kv-0.9375-int4",
                    "kvfx-kv-0.5-int4", "kvfx-identity", "peer-quanto-int4", "peer-quanto-int2"]
@@ -157,15 +158,17 @@ def parse_config(name: str) -> Config:
     m = _BITS.fullmatch(name)
     if m and 0 < float(m.group(2)) < 1:
         return Config(name, "kvfx", "kv", float(m.group(2)), "bits", levels=(8, 4, 2) if m.group(1) else (8, 4, 3, 2),
-                      decoded=bool(m.group(3)))
+                      decoded=m.group(3) == "-decoded", avx2_integer=m.group(3) == "-avx2int")
     m = _KVFX.fullmatch(name)
     if m and 0 < float(m.group(2)) <= 1 and not (m.group(4) and not m.group(3)):
-        return Config(name, "kvfx", m.group(1), float(m.group(2)), m.group(3), decoded=bool(m.group(4)))
+        return Config(name, "kvfx", m.group(1), float(m.group(2)), m.group(3), decoded=m.group(4) == "-decoded",
+                      avx2_integer=m.group(4) == "-avx2int")
     raise ValueError(f"unknown configuration {name!r}: use original-dynamic, original-static, kvfx-identity, "
                      "peer-quanto-int4, peer-quanto-int2, kvfx-{head|layer|kv}-RANK[-int8|-int4] with RANK in "
                      "(0, 1] (e.g. kvfx-kv-0.5-int8) or kvfx-kv-bits-BUDGET (allocate_bits, BUDGET in (0, 1); "
                      "kvfx-kv-bits842-BUDGET: int8/int4/int2 bands only, as before int3); a low-bit kvfx "
-                     "configuration + '-decoded': its rows decoded to float32 in the kernel (no integer path)")
+                     "configuration + '-decoded': its rows decoded to float32 in the kernel (no integer path), "
+                     "+ '-avx2int': the kernel's opt-in AVX2 integer path (KVFX_AVX2_INTEGER=1)")
 
 
 class Applied:
@@ -175,8 +178,10 @@ class Applied:
         self.model, self.config, self.kind, self.note = model, config, kind, ""
         self.cache_kwarg = cache_kwarg(model)
         self.peer_opts = peer_opts
-        if config.decoded:  # the kernel reads the switch at every call: this configuration's rows only
+        if config.decoded:  # the kernel reads these switches at every call: this configuration's rows only
             os.environ["KVFX_NO_AMX"] = "1"
+        if config.avx2_integer:
+            os.environ["KVFX_AVX2_INTEGER"] = "1"
         if config.family == "kvfx":
             proj = projections_for(model, config, projections)
             kvfx.compress(torch.compile(model, **compile_opts), proj, cache=kind,
@@ -204,6 +209,8 @@ class Applied:
     def undo(self) -> None:
         if self.config.decoded:
             os.environ.pop("KVFX_NO_AMX", None)
+        if self.config.avx2_integer:
+            os.environ.pop("KVFX_AVX2_INTEGER", None)
         if self.config.family == "kvfx":
             try:
                 kvfx.decompress(self.model)

@@ -166,9 +166,20 @@ def test_bits_configs_name_their_band_levels(speed):
 
 def test_decoded_configs_switch_the_integer_path_off(speed):
     """'-decoded': the same low-bit configuration with its rows decoded to float32 in the kernel (KVFX_NO_AMX=1 while
-    its rows run), so the integer path and the float path are measured side by side in one run."""
+    its rows run); '-avx2int': with the kernel's opt-in AVX2 integer path (KVFX_AVX2_INTEGER=1). So the paths are
+    measured side by side in one run."""
     from speed_setup import parse_config
     assert parse_config("kvfx-kv-bits-0.125-decoded").decoded and parse_config("kvfx-head-0.5-int4-decoded").decoded
-    assert not parse_config("kvfx-head-0.5-int4").decoded
+    assert parse_config("kvfx-head-0.5-int4-avx2int").avx2_integer and parse_config("kvfx-kv-bits-0.125-avx2int").avx2_integer
+    plain = parse_config("kvfx-head-0.5-int4")
+    assert not plain.decoded and not plain.avx2_integer
     with pytest.raises(ValueError, match="unknown configuration"):
-        parse_config("kvfx-head-0.5-decoded")  # 16-bit latents have no integer path to switch off
+        parse_config("kvfx-head-0.5-decoded")  # 16-bit latents have no integer path to switch
+
+
+def test_integer_agreement_refuses_unknown_names_before_loading():
+    """benchmarks/integer_agreement.py: a configuration or domain it does not know is refused (exit 2, naming what
+    it takes) before the model loads."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "integer_agreement.py"), "--configs", "kv-0.3-int4",
+                        "--domains", "poetry"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "kv-0.3-int4, poetry" in r.stderr and "kv-0.9375-int4" in r.stderr

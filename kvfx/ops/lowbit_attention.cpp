@@ -17,8 +17,8 @@
 //   runs the softmax. The roundings (query: 1/4064 of its row's largest |q| for int4, 1/65024 for int8; weights:
 //   1/65024 of the block's largest) move the output by at most ~1.3e-3 (int4) / ~3e-4 (int8) of its size on
 //   SmolLM2's decode inputs, 200 / 80 times less than the cache's own rounding does; see lowbit_attention_amx.h.
-// * Integer on AVX2 (int4 / int3 / int2 rows and bands of them, CPUs with AVX2 but not AVX-512: AMD Zen 1-3;
-//   namespace avx2i, lowbit_attention_avx2i.h): the codes as 4-bit integers with an offset, VPMADDUBSW against the
+// * Integer on AVX2, opt-in (KVFX_AVX2_INTEGER=1; int4 / int3 / int2 rows and bands of them, CPUs with AVX2 but not
+//   AVX-512: AMD Zen 1-3; namespace avx2i, lowbit_attention_avx2i.h): the codes as 4-bit integers with an offset, VPMADDUBSW against the
 //   query rounded to 8 bits per 32-column group (scores) and against the weights p·s rounded to 8 bits per block
 //   (value sums); float arithmetic applies the scales and runs the softmax.
 // * Float (16/32-bit latents; int8 / int4 rows elsewhere, or with KVFX_NO_AMX=1): rows decoded to float32 into
@@ -593,17 +593,20 @@ void softmax_block(float* s, int64_t lds, int rows, int padded, int64_t G, float
 }  // namespace
 
 // Which integer path int4 / int2 rows and bands take here: 1, AMX (int8 rows too; built with AMX-INT8, AVX-512 VBMI
-// and GFNI, and the CPU and the OS allow it at run time), 2, AVX2 (built with AVX2 but not AVX-512; int8 rows take
-// the float path), or 0 where there is none or the environment variable KVFX_NO_AMX is set (not "0"): rows are
-// decoded to float32 like the 16/32-bit latents (the portable path; KVFX_NO_AMX=1 forces it, for tests and
-// benchmarks, on either CPU).
+// and GFNI, and the CPU and the OS allow it at run time), 2, AVX2 (built with AVX2 but not AVX-512, and asked for:
+// KVFX_AVX2_INTEGER=1; its 8-bit roundings move the output more than AMX's, see lowbit_attention_avx2i.h), or 0
+// where there is none or the environment variable KVFX_NO_AMX is set (not "0"): rows are decoded to float32 like
+// the 16/32-bit latents (the portable path; KVFX_NO_AMX=1 forces it, for tests and benchmarks, on either CPU).
+inline bool env_set(const char* name) {
+  const char* v = std::getenv(name);
+  return v && *v && std::strcmp(v, "0") != 0;
+}
 int64_t integer_path() {
-  const char* off = std::getenv("KVFX_NO_AMX");
-  if (off && *off && std::strcmp(off, "0") != 0) return 0;
+  if (env_set("KVFX_NO_AMX")) return 0;
 #if KVFX_AMX
   return amx::ready() ? 1 : 0;
 #elif KVFX_AVX2
-  return 2;
+  return env_set("KVFX_AVX2_INTEGER") ? 2 : 0;
 #else
   return 0;
 #endif
@@ -792,6 +795,26 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
   const float sc = static_cast<float>(scale);
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+  // a split-K task of the float and AVX2 paths: its (batch, head), rows and token range, and its partial results
+  // (running max, sum and value accumulators) initialised
+  struct Task {
+    int64_t bh, b, n0, n1;
+    const char *krows, *vrows;
+    float *m, *l, *o;
+  };
+  auto start_task = [&](int64_t task) {
+    Task t;
+    t.bh = task / chunks, t.b = t.bh / H;
+    const int64_t h = t.bh % H;
+    t.krows = kp + t.b * ksb + h * ksh, t.vrows = vp + t.b * vsb + h * vsh;
+    t.n0 = task % chunks * chunk, t.n1 = std::min(N, t.n0 + chunk);
+    t.m = &part_m[task * G], t.l = &part_l[task * G], t.o = &part_o[task * G * Rvp];
+    std::fill(t.m, t.m + G, kNegInf);
+    std::fill(t.l, t.l + G, 0.0f);
+    std::fill(t.o, t.o + G * Rvp, 0.0f);
+    return t;
+  };
+
 #if KVFX_AMX
   if (use_amx) {
     amx::Problem pr;
@@ -836,19 +859,16 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
       std::vector<float> s(G * BN);
       alignas(32) float add[BN];
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t bh = task / chunks, c = task % chunks, b = bh / H, h = bh % H;
-        const char* krows = kp + b * ksb + h * ksh;
-        const char* vrows = vp + b * vsb + h * vsh;
-        const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-        float* m = &part_m[task * G];
-        float* l = &part_l[task * G];
-        float* o = &part_o[task * G * Rvp];
-        std::fill(m, m + G, kNegInf);
-        std::fill(l, l + G, 0.0f);
-        std::fill(o, o + G * Rvp, 0.0f);
-        for (int64_t r0 = n0; r0 < n1; r0 += BN) {
+        const Task t = start_task(task);
+        const int64_t bh = t.bh, b = t.b, n1 = t.n1;
+        const char *krows = t.krows, *vrows = t.vrows;
+        float *m = t.m, *l = t.l, *o = t.o;
+        for (int64_t r0 = t.n0; r0 < n1; r0 += BN) {
           const int rows = static_cast<int>(std::min<int64_t>(BN, n1 - r0));
           const int padded = static_cast<int>(round_up(rows, 16));
+          const int64_t next = std::min<int64_t>(BN, n1 - r0 - rows);
+          avx2i::prefetch_rows(krows + (r0 + rows) * ksn, next, ksn, fk.row_elems);
+          if (!shared) avx2i::prefetch_rows(vrows + (r0 + rows) * vsn, next, vsn, fv.row_elems);
           avx2i::decode_block(krows + r0 * ksn, ksn, rows, padded, kpl, lut, true, shared, buf);
           if (!shared) avx2i::decode_block(vrows + r0 * vsn, vsn, rows, padded, vpl, lut, false, true, buf);
           const int64_t moff = (mask_b == 1 ? 0 : b) * N + r0;
@@ -868,22 +888,16 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
     const float* vb = shared ? kbuf.data() : vbuf.data();
     const int64_t ldv = shared ? Rkp : Rvp;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / chunks, c = task % chunks, b = bh / H, h = bh % H;
-      const char* krows = kp + b * ksb + h * ksh;
-      const char* vrows = vp + b * vsb + h * vsh;
-      const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+      const Task t = start_task(task);
+      const int64_t bh = t.bh, b = t.b, n1 = t.n1;
+      const char *krows = t.krows, *vrows = t.vrows;
+      float *m = t.m, *l = t.l, *o = t.o;
       for (int64_t g = 0; g < G; ++g)  // the softmax scale folded into the query rows
         for (int64_t j = 0; j < Rk; ++j) {
           const int64_t col = source(fk, j);
           qs[g * Rkp + j] = col < 0 ? 0.0f : sc * qp[(bh * G + g) * rk + col];
         }
-      float* m = &part_m[task * G];
-      float* l = &part_l[task * G];
-      float* o = &part_o[task * G * Rvp];
-      std::fill(m, m + G, kNegInf);
-      std::fill(l, l + G, 0.0f);
-      std::fill(o, o + G * Rvp, 0.0f);
-      for (int64_t r0 = n0; r0 < n1; r0 += block) {
+      for (int64_t r0 = t.n0; r0 < n1; r0 += block) {
         const int rows = static_cast<int>(std::min<int64_t>(block, n1 - r0));
         const int padded = static_cast<int>(round_up(rows, 16));
         for (int r = 0; r < rows; ++r)

@@ -19,9 +19,10 @@ one scale per query row), and the value sums as int8 dot products of the codes w
 rows' scales, rounded per block of rows to 16 bits; float arithmetic only applies the per-group scales and runs the
 softmax. On SmolLM2's decode inputs these roundings move the output by at most ~1.3e-3 (int4) / ~3e-4 (int8) of its
 size, 200 (int4) / 80 (int8) times less than the cache's own rounding moves it (tests/ops/test_lowbit_attention.py
-bounds them). On CPUs with AVX2 but not AVX-512 (AMD Zen 1-3; lowbit_attention_avx2i.h) int4 / int3 / int2 rows and
-bands of them (not those with an int8 band) take an integer path too: VPMADDUBSW on the codes as 4-bit integers, the
-query rounded to 8 bits per 32-column group and the weights to 8 bits per block (`integer_rounding()` says which
+bounds them). On CPUs with AVX2 but not AVX-512 (AMD Zen 1-3; lowbit_attention_avx2i.h), with KVFX_AVX2_INTEGER=1,
+int4 / int3 / int2 rows and bands of them (not those with an int8 band) take an integer path too: VPMADDUBSW on the
+codes as 4-bit integers, the query rounded to 8 bits per 32-column group and the weights to 8 bits per block — 5-17 %
+faster decode steps, but outputs moved ~10× more than by AMX's roundings, so opt-in (`integer_rounding()` says which
 path runs). Elsewhere, for 16/32-bit latents, and with KVFX_NO_AMX=1, the kernel decodes a block of rows into a
 float32 buffer that stays in L1/L2 and computes the block's scores as 16-row tiles (one query row against 16 key
 rows in registers, reduced by a shuffle tree; on AVX2-only CPUs such as AMD Zen 1-3, tiles of 3 query rows × 4 key
@@ -135,8 +136,8 @@ def kernel_available(device: str | torch.device = "cpu") -> bool:
 def integer_path(device: str | torch.device = "cpu", kind: str | None = None) -> bool:
     """Whether the C++ kernel computes low-bit rows with integer dot products here (see the module docstring): AMX
     (int8 / int4 / int2 rows and bands without int3) or AVX2 (int4 / int3 / int2 rows and bands without an int8
-    band). `kind`: whether rows of that format do; None: whether any does. False: they are decoded to float32
-    (KVFX_NO_AMX=1 forces that on either CPU)."""
+    band; only with KVFX_AVX2_INTEGER=1). `kind`: whether rows of that format do; None: whether any does. False:
+    they are decoded to float32 (KVFX_NO_AMX=1 forces that on either CPU)."""
     rounding = integer_rounding(device)
     return rounding is not None if kind is None else takes_integer_path(rounding, kind)
 

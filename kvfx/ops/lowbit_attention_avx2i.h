@@ -11,6 +11,11 @@
 // them to float32, a 360-wide int4 latent the same; bands with an int8 band stay on the float path (their int8
 // columns as two 4-bit digits cost more than they save here), like whole int8 rows.
 //
+// Opt-in (KVFX_AVX2_INTEGER=1): its 8-bit roundings (below) move SmolLM2's attention outputs by ~1 % of their size
+// (median; up to ~4.5 %; about 60 % of it the query's rounding) and its logits by up to ~1.8, so greedy generation
+// can leave the float path's after a few tokens (benchmarks/integer_agreement.py, RESULTS "integer-agreement") — far
+// more than AMX's 16-bit roundings, whose effect is ~200× below the cache's own. Measure a model's quality with it.
+//
 // Codes. Every row is cut into groups of at most 32 columns ("vgroups"). Each vgroup's codes become 32 bytes u in
 // [0, 15] with number = (u + off)·s (s: the group's scale 2^(e/8)): int4 u = c + 8, off -8; int2 / int3 (mid-rise)
 // u = q + 8, off -7.5. Keys are kept transposed, 4 bytes of 8 rows a vector (VPMADDUBSW's rows × 4 columns); values
@@ -181,6 +186,13 @@ inline void store_values(const __m256i* u, int8_t* vp) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(vp + 32 * i), _mm256_unpacklo_epi8(a, b));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(vp + 32 * i + 32), _mm256_unpackhi_epi8(a, b));
   }
+}
+
+// Asks for `rows` rows (stride ld, `bytes` each) to be brought into the cache: the next block's, while this one is
+// computed (its codes are read group by group across the rows, a pattern the hardware prefetcher follows late).
+inline void prefetch_rows(const char* base, int64_t rows, int64_t ld, int64_t bytes) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(base + r * ld + at, _MM_HINT_T0);
 }
 
 // Rows r0 … r0 + rows - 1 (stride ld bytes) of one slot into the buffers, padded to `padded` rows (u = 8, scale 0).
