@@ -21,7 +21,7 @@ softmax. On SmolLM2's decode inputs these roundings move the output by at most ~
 size, 200 (int4) / 80 (int8) times less than the cache's own rounding moves it (tests/ops/test_lowbit_attention.py
 bounds them). On CPUs with AVX2 but not AVX-512 (AMD Zen 1-3; lowbit_attention_avx2i.h), with KVFX_AVX2_INTEGER=1,
 int4 / int3 / int2 rows and bands of them (not those with an int8 band) take an integer path too: VPMADDUBSW on the
-codes as 4-bit integers, the query rounded to 8 bits per 32-column group and the weights to 8 bits per block — 5-17 %
+codes as 4-bit integers, the query rounded to 8 bits per 32-column group and the weights to 8 bits per block — 2-17 %
 faster decode steps, but outputs moved ~10× more than by AMX's roundings, so opt-in (`integer_rounding()` says which
 path runs). Elsewhere, for 16/32-bit latents, and with KVFX_NO_AMX=1, the kernel decodes a block of rows into a
 float32 buffer that stays in L1/L2 and computes the block's scores as 16-row tiles (one query row against 16 key
