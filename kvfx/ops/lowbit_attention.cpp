@@ -18,8 +18,8 @@
 //   1/65024 of the block's largest) move the output by at most ~1.3e-3 (int4) / ~3e-4 (int8) of its size on
 //   SmolLM2's decode inputs, 200 / 80 times less than the cache's own rounding does; see lowbit_attention_amx.h.
 // * Integer on AVX2, opt-in (KVFX_AVX2_INTEGER=1; int4 / int3 / int2 rows and bands of them, CPUs with AVX2 but not
-//   AVX-512: AMD Zen 1-3; namespace avx2i, lowbit_attention_avx2i.h): the codes as 4-bit integers with an offset, VPMADDUBSW against the
-//   query rounded to 8 bits per 32-column group (scores) and against the weights p·s rounded to 8 bits per block
+//   AVX-512: AMD Zen 1-3; namespace avx2i, lowbit_attention_avx2i.h): the codes as 4-bit integers with an offset,
+//   VPMADDUBSW against the query rounded to 8 bits per 32-column group (scores) and against the weights p·s rounded to 8 bits per block
 //   (value sums); float arithmetic applies the scales and runs the softmax.
 // * Float (16/32-bit latents; int8 / int4 rows elsewhere, or with KVFX_NO_AMX=1): rows decoded to float32 into
 //   a buffer, the scores as 16-row tiles (one query row against 16 key rows in registers, reduced by a shuffle
@@ -724,12 +724,13 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
   auto has_int3 = [](const Format& f) {
     return std::any_of(f.bands.begin(), f.bands.end(), [](const Band& b) { return b.bits == 3; });
   };  // int3 bands have no tile layout on the integer path: decoded to float32 like 16-bit latents
+  const int64_t path = integer_path();  // the environment's switches, read once a call
   const bool use_amx = (kind == kInt8 || kind == kInt4 || kind == kBands) && rk > 0 && rv > 0 &&
-                       !has_int3(fk) && !has_int3(fv) && integer_path() == 1;
+                       !has_int3(fk) && !has_int3(fv) && path == 1;
 #if KVFX_AVX2
   // the AVX2 integer path: int4 rows and bands (a plan each for the key and value rows; none: the float path)
   std::unique_ptr<avx2i::Plan> kplan_i, vplan_i;
-  if ((kind == kInt4 || kind == kBands) && rk > 0 && rv > 0 && integer_path() == 2) {
+  if ((kind == kInt4 || kind == kBands) && rk > 0 && rv > 0 && path == 2) {
     kplan_i = avx2i::plan_of(fk);
     if (!shared) vplan_i = avx2i::plan_of(fv);
     if (!shared && !vplan_i) kplan_i.reset();
