@@ -17,10 +17,13 @@ Configurations (--configs, comma-separated):
     METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN]   kvfx: calibrator, granularity (head/layer/kv), rank
                                                           fraction of the latent's width, storage, rotation, and
                                                           the calibration text (default --calib)
-    METHOD@kv:BUDGET:bits[:measured][:refine=STEPS][:calib=DOMAIN]
+    METHOD@kv:BUDGET:bits[:measured][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN]
                                                           kvfx.allocate_bits: bits per latent direction (int8 /
                                                           int4 / int3 / int2 bands, --bit-levels) in BUDGET ×
                                                           the 16-bit bytes;
+                                                          sinks / recent: the first S and last W tokens' latents
+                                                          also held in 16 bits (their bytes reserved from BUDGET
+                                                          at --window tokens);
                                                           measured: bytes between layers priced by a
                                                           kvfx.sensitivity profile (2 calibration windows);
                                                           refine: then STEPS of kvfx.refine through the bands
@@ -75,6 +78,7 @@ class Config:
     per_direction: bool = False      # kvfx.allocate_bits: RANK is the byte budget, bits per direction
     measured: bool = False           # allocate_bits with a kvfx.sensitivity profile (bytes between layers)
     refine: int = 0                  # kvfx.refine steps through the bands after allocate_bits
+    exact: tuple = (0, 0)            # allocate_bits' (sinks, recent): tokens whose latents are held in 16 bits
     calib: str | None = None
     levels: tuple = (8, 4, 3, 2)     # allocate_bits' band formats (--bit-levels)
     ratios: dict = field(default_factory=dict)
@@ -102,6 +106,9 @@ def parse(spec: str) -> Config:
                 cfg.measured = True
             elif opt.startswith("refine=") and cfg.per_direction and int(opt[7:]) > 0:
                 cfg.refine = int(opt[7:])
+            elif opt.startswith(("sinks=", "recent=")) and cfg.per_direction:
+                n = int(opt.split("=")[1])
+                cfg.exact = (n, cfg.exact[1]) if opt[0] == "s" else (cfg.exact[0], n)
             elif opt.startswith("calib=") and opt[6:] in (*DOMAINS, "mix"):
                 cfg.calib = opt[6:]
             else:
@@ -109,7 +116,7 @@ def parse(spec: str) -> Config:
         return cfg
     except (ValueError, IndexError):
         raise SystemExit(f"bad configuration {spec!r}: expected METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN], "
-                         f"METHOD@kv:BUDGET:bits[:measured][:refine=STEPS][:calib=DOMAIN] "
+                         f"METHOD@kv:BUDGET:bits[:measured][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN] "
                          f"or quanto|hqq:BITS:gGROUP:rRESIDUAL (domains: {', '.join(DOMAINS)}, mix)") from None
 
 
@@ -220,7 +227,8 @@ def projections(model, tok, cfg: Config, args, memo: dict):
             memo[source, "profile"] = kvfx.sensitivity(model, full, memo[source, "windows"][:2].split(1),
                                                        ranks=(0.75, 0.875, 1.0), progress=False)
         proj = kvfx.allocate_bits(memo[source], full, cfg.rank, levels=cfg.levels,
-                                  profile=memo[source, "profile"] if cfg.measured else None)
+                                  profile=memo[source, "profile"] if cfg.measured else None,
+                                  exact=cfg.exact, context=args.window)
         if cfg.refine:
             proj = kvfx.refine(model, proj, memo[source, "windows"],
                                kvfx.Refine(steps=cfg.refine, lr=2e-4, quantize=proj.quantize), progress=False)
@@ -237,6 +245,7 @@ def label(cfg: Config) -> str:
         bands = "/".join(f"int{b}" for b in cfg.levels)
         return (f"kvfx {cfg.method}{gran}, bits per direction ({bands} bands) in {cfg.rank:g} of the bytes"
                 + (", layers priced by measured sensitivity" if cfg.measured else "")
+                + (f", first {cfg.exact[0]} and last {cfg.exact[1]} tokens in 16 bits" if sum(cfg.exact) else "")
                 + (f", refined {cfg.refine} steps" if cfg.refine else "")
                 + (f", calibrated on {cfg.calib}" if cfg.calib else ""))
     store = f", {cfg.quantize}" if cfg.quantize else ", float32 latents"

@@ -7,7 +7,9 @@ In eager mode the reconstruction is real and the result is the same low-rank att
 A shared K+V latent (`SiteProjection.shared`) stores one latent c = k·A + v·C in the key slot (the value slot
 stays 0 wide) and rebuilds keys and values from it: c·Bᵀ and c·Dᵀ.
 With `quantize="int8"` or `"int4"` each slot holds int8 rows [codes | scale codes] (kvfx.quant) and reads dequantise
-them.
+them. A format with exact rows ("int4|sinks4|recent32") also keeps the latents of the first and the last tokens in 16
+bits (a fixed buffer of sinks + recent slots, the recent ones a ring) and reads take them where held
+(`kvfx::exact_rows`; a decode step's kernel reads them beside the codes).
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ class _LowRankLayerMixin:
         for width in {proj.key_rank, 0 if proj.shared else proj.value_rank} - {0}:
             quant.row_bytes(quantize, width)  # a bands format must span the latent (a clear error, before any write)
         self.kvfx_quantize = quantize
+        self.kvfx_exact = quant.exact_of(quantize)  # (sinks, recent) tokens whose latents are held in 16 bits
+        self.kvfx_exact_keys = self.kvfx_exact_values = self.kvfx_exact_positions = None
         cast = lambda t: t.to(dtype=dtype, device=device).contiguous()  # noqa: E731
         # joint latent: down is [h·d, R] (2-D) and the cache holds one latent "head" [b, 1, N, R]
         down = lambda t: t[0] if proj.joint else t  # noqa: E731
@@ -45,18 +49,58 @@ class _LowRankLayerMixin:
             return torch.matmul(x.transpose(1, 2).flatten(2), p).unsqueeze(1)
         return torch.matmul(x, p)
 
+    def _keep_exact(self, k: torch.Tensor, v: torch.Tensor, start) -> None:
+        """Write the latents of the sink tokens (positions < S) and of the last W new tokens into their slots: a sink
+        at its position, a recent token at S + (p - S) mod W (a ring); the rest go to the spare last slot, whose
+        position stays -1 (never read). Tensor ops only: no guard on the position, no recompile as it moves."""
+        sinks, recent = self.kvfx_exact
+        slots = sinks + recent + quant.EXACT_SLOTS_SPARE
+        dt = quant.exact_dtype(k.dtype)
+        if self.kvfx_exact_keys is None or self.kvfx_exact_keys.shape[0] != k.shape[0]:
+            self.kvfx_exact_keys = k.new_zeros(*k.shape[:2], slots, k.shape[-1], dtype=dt)
+            self.kvfx_exact_values = v.new_zeros(*v.shape[:2], slots, v.shape[-1], dtype=dt)
+            self.kvfx_exact_positions = torch.full((slots,), -1, dtype=torch.long, device=k.device)
+        p = torch.arange(k.shape[-2], device=k.device) + start
+        keep = (p < sinks) | (p > p[-1] - recent)
+        slot = torch.where(p < sinks, p, sinks + torch.remainder(p - sinks, max(recent, 1)))
+        slot = torch.where(keep, slot, slots - 1)
+        self.kvfx_exact_positions.index_copy_(0, slot, torch.where(keep, p, -1))
+        self.kvfx_exact_keys.index_copy_(2, slot, k.to(dt))
+        if v.shape[-1]:
+            self.kvfx_exact_values.index_copy_(2, slot, v.to(dt))
+
+    def _exact(self, latent: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if not sum(self.kvfx_exact):
+            return latent
+        return torch.ops.kvfx.exact_rows(latent, rows, self.kvfx_exact_positions)
+
+    def _exact_batch(self, fn) -> None:
+        """Apply a batch reordering (beam search, batch selection) to the exact rows as transformers does to keys."""
+        if self.kvfx_exact_keys is not None:
+            self.kvfx_exact_keys, self.kvfx_exact_values = fn(self.kvfx_exact_keys), fn(self.kvfx_exact_values)
+
+    def _exact_crop(self, length: int) -> None:
+        """Forget exact rows at positions >= length (a crop)."""
+        if self.kvfx_exact_positions is not None:
+            self.kvfx_exact_positions.masked_fill_(self.kvfx_exact_positions >= length, -1)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         k = self._down(key_states, self.kvfx_key_down)
         v = self._down(value_states, self.kvfx_value_down)
         if self.kvfx_shared:  # one latent: cached once, read as key and as value
             k, v = k + v, v[..., :0]
         kind, (rk, rv) = self.kvfx_quantize, self.kvfx_widths
+        if sum(self.kvfx_exact):
+            self._keep_exact(k, v, self._start())
         if kind:
             k, v = quant.quantize(k, kind), (quant.quantize(v, kind) if rv else v.to(torch.int8))
         keys, values = self._store(k, v, *args, **kwargs)
         if kind:  # one opaque node each: a decode step reads the codes directly (kvfx::decode_attention)
-            keys = torch.ops.kvfx.dequantize(keys, rk, kind, key_states.dtype)
-            values = torch.ops.kvfx.dequantize(values, rv, kind, key_states.dtype) if rv else values
+            codes = quant.codes_of(kind)
+            keys = self._exact(torch.ops.kvfx.dequantize(keys, rk, codes, key_states.dtype), self.kvfx_exact_keys)
+            if rv:
+                values = self._exact(torch.ops.kvfx.dequantize(values, rv, codes, key_states.dtype),
+                                     self.kvfx_exact_values)
         if self.kvfx_shared:
             return torch.matmul(keys, self.kvfx_key_up), torch.matmul(keys, self.kvfx_value_up)
         return torch.matmul(keys, self.kvfx_key_up), torch.matmul(values, self.kvfx_value_up)
@@ -132,6 +176,25 @@ class LowRankDynamicLayer(_LowRankLayerMixin, DynamicLayer):
     def get_seq_length(self) -> int:
         return self._slots["keys"].filled.shape[-1] if self.is_initialized else 0
 
+    def _start(self):
+        return self.get_seq_length()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self._exact_crop(self.get_seq_length())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._exact_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._exact_batch(lambda t: t[indices, ...])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._exact_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
 
 class LowRankStaticLayer(_LowRankLayerMixin, StaticLayer):
     """Preallocated rank-R cache layer ([batch, kv_heads, max_cache_len, R]) for CUDA graphs."""
@@ -142,6 +205,21 @@ class LowRankStaticLayer(_LowRankLayerMixin, StaticLayer):
     def __init__(self, proj: SiteProjection, max_cache_len: int, dtype=torch.float32, device="cpu", quantize=None):
         super().__init__(max_cache_len=max_cache_len)
         self._init_projection(proj, dtype, device, quantize)
+
+    def _start(self):
+        return self.cumulative_length  # a tensor: the position moves without a guard
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self._exact_crop(int(self.cumulative_length))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._exact_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def reset(self) -> None:
+        super().reset()
+        self._exact_crop(0)
 
 
 class LowRankCache(Cache):
@@ -167,7 +245,8 @@ class LowRankCache(Cache):
         """Bytes held by the cached keys and values (what the cache exists to shrink)."""
         total = 0
         for layer in self.layers:
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None),
+                      getattr(layer, "kvfx_exact_keys", None), getattr(layer, "kvfx_exact_values", None)):
                 if isinstance(t, torch.Tensor):
                     total += t.numel() * t.element_size()
         return total

@@ -72,13 +72,16 @@ class SiteProjection:
             return self.key_rank
         return self.key_down.shape[0] * self.key_rank + self.value_down.shape[0] * self.value_rank
 
-    def cached_bytes(self, quantize: str | None = None) -> int:
+    def cached_bytes(self, quantize: str | None = None, context: int | None = None) -> float:
         """Bytes per token in the cache (keys + values): latent rows stored by kvfx.quant's format, or at
-        16 bits (quantize=None)."""
+        16 bits (quantize=None); with `context`, a format's exact rows (a fixed amount a cache) spread over that
+        many tokens."""
+        def per_token(width: int) -> float:
+            exact = quant.exact_bytes(quantize, width) / context if context and width else 0.0
+            return quant.row_bytes(quantize, width) + exact
         if self.shared:
-            return quant.row_bytes(quantize, self.key_rank)
-        return (self.key_down.shape[0] * quant.row_bytes(quantize, self.key_rank) +
-                self.value_down.shape[0] * quant.row_bytes(quantize, self.value_rank))
+            return per_token(self.key_rank)
+        return self.key_down.shape[0] * per_token(self.key_rank) + self.value_down.shape[0] * per_token(self.value_rank)
 
     @property
     def key_rank(self) -> int:
@@ -180,11 +183,12 @@ class Projections:
         """(key rank, value rank) per site; a shared K+V latent of rank R reads (R, R) and caches R."""
         return {n: [p.key_rank, p.value_rank] for n, p in self.sites.items()}
 
-    def kv_fraction(self, quantize: str | None = None) -> float:
+    def kv_fraction(self, quantize: str | None = None, context: int | None = None) -> float:
         """Cached numbers per token after / before (keys and values together); with a low-bit format (kvfx.quant: one,
-        or a dict {site: format}), cached bytes (codes plus scale bytes, kvfx.quant) / the bytes of an uncompressed 16-bit cache."""
+        or a dict {site: format}), cached bytes (codes plus scale bytes, kvfx.quant) / the bytes of an uncompressed
+        16-bit cache; with `context`, exact rows included as a cache of that many tokens holds them."""
         before = sum(2 * s.kv_heads * s.head_dim for s in self.shapes.values())
-        return sum(p.cached_bytes(quant.site(quantize, n)) for n, p in self.sites.items()) / (2 * before)
+        return sum(p.cached_bytes(quant.site(quantize, n), context) for n, p in self.sites.items()) / (2 * before)
 
     def report_table(self) -> str:
         """Per-site calibration report: ranks, relative key-logit / value-output error, ε gap (kqsvd)."""

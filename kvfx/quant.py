@@ -19,6 +19,13 @@ spans 2^-16 … 2^15.9 in one byte and costs under 0.13 bit of precision against
   bands stored in the formats named (the band "int8" with one scale per band); a row is the bands' rows one
   after the other. kvfx.allocate_bits chooses them (reverse water-filling over the calibrated directions).
 
+Exact rows: a suffix "|sinks4|recent32" (either part) also keeps the latents of the first 4 tokens (attention sinks)
+and of the last 32 (the recent window) in 16 bits (`exact_dtype`) beside the codes, e.g. "int4|sinks4" or
+"int8x64+int4x224|sinks4|recent32". Every token is still stored as codes; a read takes the exact latent where one is
+held (`exact_of`, `codes_of`; kvfx.cache and kvfx::decode_attention); their bytes are a fixed amount a cache
+(`exact_bytes`). Without kvfx's cache the rewrite pass attends the exact latents of the first keys and of those
+within the window of each query (passes/exact_window.py), as a decode step reads them.
+
 A per-site dict {site name: format} gives each attention site its own (`site`). A stored row is one int8 vector
 [codes | scale codes] per band, so the cache holds a single int8 tensor [b, h, N, row_bytes(R)] per slot and
 transformers' own Dynamic and Static layers store it unchanged.
@@ -66,11 +73,32 @@ QUANTIZE = (None, *FORMATS)
 _CHOICES = ("None (latents stored in the model's dtype), 'int8', 'int4', 'int3', 'int2', bands such as "
             "'int8x64+int4x224+int2x64' (bits x columns, in column order) or a dict {site: format}")
 _BAND = re.compile(r"int([2348])x([1-9][0-9]*)")
+_EXACT = re.compile(r"(sinks|recent)([0-9]+)")
+
+
+def codes_of(kind: str | None) -> str | None:
+    """The codes' format of `kind`, without its exact-rows suffix ("int4|sinks4" -> "int4")."""
+    return kind.split("|", 1)[0] if isinstance(kind, str) else kind
+
+
+def exact_of(kind: str | None) -> tuple[int, int]:
+    """(sinks, recent): how many first and last tokens a format keeps unrounded ((0, 0): none)."""
+    if not isinstance(kind, str) or "|" not in kind:
+        return 0, 0
+    found = {"sinks": 0, "recent": 0}
+    for part in kind.split("|")[1:]:
+        m = _EXACT.fullmatch(part)
+        if not m:
+            raise ValueError(f"exact rows are given as '|sinksS' and '|recentW' after the format (e.g. "
+                             f"'int4|sinks4|recent32'), got {part!r} in {kind!r}.")
+        found[m[1]] = int(m[2])
+    return found["sinks"], found["recent"]
 
 
 def bands_of(kind: str) -> tuple[tuple[Format, int], ...] | None:
     """A bands format ("int8x64+int4x224+…") as ((Format, width), …); None for a whole-row format. (Not memoised:
     Dynamo traces it inside the cache's update, and folds it to a constant.)"""
+    kind = codes_of(kind)
     if kind in FORMATS:
         return None
     parts = [_BAND.fullmatch(p) for p in kind.split("+")]
@@ -84,8 +112,11 @@ def check(quantize, what: str = "quantize") -> None:
         for v in quantize.values():
             check(v, what)
         return
-    if quantize is not None and not (isinstance(quantize, str) and (quantize in FORMATS or _valid_bands(quantize))):
-        raise ValueError(f"{what} must be {_CHOICES}, got {quantize!r}.")
+    base = codes_of(quantize)
+    if quantize is not None and not (isinstance(quantize, str) and (base in FORMATS or _valid_bands(base))):
+        raise ValueError(f"{what} must be {_CHOICES}, optionally with exact rows ('|sinks4|recent32'), "
+                         f"got {quantize!r}.")
+    exact_of(quantize)
 
 
 def _valid_bands(kind: str) -> bool:
@@ -123,7 +154,7 @@ def layout(kind: str, width: int) -> tuple[tuple[Format, int], ...]:
     """The (Format, columns) bands a row of `width` numbers is stored as."""
     bands = bands_of(kind)
     if bands is None:
-        return ((FORMATS[kind], width),)
+        return ((FORMATS[codes_of(kind)], width),)
     if sum(w for _, w in bands) != width:
         raise ValueError(f"format {kind!r} spans {sum(w for _, w in bands)} latent columns, but this latent has {width}; "
                          "use the format kvfx.allocate_bits chose for these projections.")
@@ -131,11 +162,27 @@ def layout(kind: str, width: int) -> tuple[tuple[Format, int], ...]:
 
 
 def row_bytes(quantize: str | None, width: int) -> int:
-    """Bytes one cached row of `width` latent numbers takes; None: 2·width (a 16-bit cache, the reference)."""
+    """Bytes one cached row of `width` latent numbers takes as codes; None: 2·width (a 16-bit cache, the reference).
+    Exact rows come on top of it, a fixed number a cache (`exact_bytes`)."""
     check(quantize)
     if quantize is None:
         return 2 * width
     return sum(fmt.row_bytes(w) for fmt, w in layout(quantize, width))
+
+
+EXACT_SLOTS_SPARE = 1  # the exact-rows buffer's one spare slot (where rows not kept are written; never read)
+
+
+def exact_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Exact rows are held in 16 bits: the model's dtype when it has 16 bits, else float16."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float16
+
+
+def exact_bytes(quantize: str | None, width: int) -> int:
+    """Bytes the exact rows of one cached latent head take (sinks + recent + the spare slot, 16 bits a number),
+    however long the context: a cache holds row_bytes per token plus this."""
+    sinks, recent = exact_of(quantize)
+    return 0 if not sinks + recent else 2 * width * (sinks + recent + EXACT_SLOTS_SPARE)
 
 
 def _split(x: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, ...]:

@@ -9,6 +9,7 @@ from transformers import DynamicCache, StaticCache
 
 import kvfx
 from helpers import model_inputs, random_projections, reference_greedy, tiny_gpt2, tiny_llama
+from kvfx import quant
 from kvfx.cache import LowRankDynamicLayer, LowRankStaticLayer, cache_nbytes
 
 NEW = 8
@@ -169,3 +170,120 @@ def test_static_generate_sizes_cache(kwargs):
     assert torch.equal(out, ref)
     expected = 5 + kwargs["max_new_tokens"] if "max_new_tokens" in kwargs else kwargs["max_length"]
     assert out.shape[1] == expected
+
+
+# ---------------------------------------------------------------------------------------------- exact rows
+EXACT = "int4|sinks2|recent3"
+
+
+def _layer_updates(layer, chunks, seed=0):
+    """Feed `chunks` (token counts) of random keys / values [1, 2, n, 8] to a cache layer; all its inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    ks, vs = [], []
+    for n in chunks:
+        k, v = torch.randn(1, 2, n, 8, generator=gen), torch.randn(1, 2, n, 8, generator=gen)
+        keys, _ = layer.update(k, v)
+        ks.append(k), vs.append(v)
+    return torch.cat(ks, 2), torch.cat(vs, 2), keys
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_exact_rows_hold_the_sinks_and_the_last_tokens(kind):
+    """'int4|sinks2|recent3': after 6 + 1 + 4 + 1 tokens the layer holds, in float16, the latents of tokens 0, 1
+    (sinks) and 9, 10, 11 (the last three), and a read returns those rows exact and every other row rounded."""
+    P = random_projections(tiny_llama(1), rank=4)
+    site = P.sites["model.layers.0.self_attn"]
+    layer = (LowRankDynamicLayer(site, quantize=EXACT) if kind == "dynamic"
+             else LowRankStaticLayer(site, 16, quantize=EXACT))
+    k, _, keys = _layer_updates(layer, [6, 1, 4, 1])
+    pos = layer.kvfx_exact_positions
+    assert sorted(pos[pos >= 0].tolist()) == [0, 1, 9, 10, 11] and pos.shape == (2 + 3 + 1,)
+    latent = k @ site.key_down  # [1, 2, 12, 4]
+    for slot, p in enumerate(pos.tolist()):
+        if p >= 0:
+            assert torch.equal(layer.kvfx_exact_keys[:, :, slot], latent[:, :, p].half())
+    assert layer.kvfx_exact_keys.dtype == torch.float16
+    up = site.key_up.transpose(1, 2)
+    exact = latent.half().float() @ up
+    rounded = quant.fake_quant(latent, "int4") @ up
+    for p in range(12):
+        want = exact if p in (0, 1, 9, 10, 11) else rounded
+        torch.testing.assert_close(keys[:, :, p], want[:, :, p], rtol=1e-5, atol=1e-5)
+
+
+def test_exact_rows_follow_crop_and_beam_reordering():
+    P = random_projections(tiny_llama(1), rank=4)
+    layer = LowRankDynamicLayer(P.sites["model.layers.0.self_attn"], quantize=EXACT)
+    _layer_updates(layer, [8])
+    layer.crop(-2)  # 6 tokens left: the exact rows of 6 and 7 are no longer cached tokens
+    pos = layer.kvfx_exact_positions
+    assert sorted(pos[pos >= 0].tolist()) == [0, 1, 5]
+    two = LowRankDynamicLayer(P.sites["model.layers.0.self_attn"], quantize=EXACT)
+    k = torch.randn(2, 2, 5, 8)
+    two.update(k, torch.randn(2, 2, 5, 8))
+    before = two.kvfx_exact_keys.clone()
+    two.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(two.kvfx_exact_keys, before.flip(0))
+
+
+def test_exact_rows_are_counted_and_need_codes():
+    m = tiny_llama(2)
+    P = random_projections(m, rank=4)
+    cache = _prefill(m, model_inputs(m, tokens=7), kvfx.LowRankCache(P, quantize=EXACT))
+    codes = 2 * 2 * (1 * 2 * 7 * quant.row_bytes("int4", 4))  # layers × (k, v) × rows
+    exact = 2 * 2 * (1 * 2) * quant.exact_bytes(EXACT, 4)    # layers × (k, v) × heads × a head's exact rows
+    assert cache.nbytes() == codes + exact and quant.exact_bytes(EXACT, 4) == 2 * 4 * 6
+    with pytest.raises(ValueError, match=r"optionally with exact rows .*got '\|sinks2'"):  # exact rows need codes
+        LowRankDynamicLayer(P.sites["model.layers.0.self_attn"], quantize="|sinks2")
+    with pytest.raises(ValueError, match=r"'\|sinksS' and '\|recentW'.*got 'sink2'"):
+        kvfx.LowRankCache(P, quantize="int4|sink2")
+
+
+@pytest.mark.parametrize("form,backend", [("shared", "inductor"), ("head", "eager"), ("head", "inductor")])
+def test_exact_rows_token_by_token_equal_the_exact_window_forward(form, backend):
+    """Two implementations of one semantics: tokens fed one at a time through kvfx's cache (each step reads the
+    sinks and the last W tokens exact) give the logits of one full forward through the exact-window rewrite
+    (passes/exact_window.py), which picks each (query, key) pair's exact or rounded latent by their distance."""
+    m = tiny_llama(2, head_dim=16)
+    P = random_projections(m, rank=5, seed=4) if form == "head" else _shared_projections(m)
+    ids = model_inputs(m, batch=2, tokens=12)
+    cache = kvfx.LowRankCache(P, quantize="int2|sinks2|recent3")
+    plain = kvfx.LowRankCache(P, quantize="int2")
+    with torch.no_grad():
+        steps = torch.cat([m(ids[:, i:i + 1], past_key_values=cache).logits for i in range(12)], 1)
+        rounded = torch.cat([m(ids[:, i:i + 1], past_key_values=plain).logits for i in range(12)], 1)
+        cm = kvfx.compress(torch.compile(m, backend=backend), P, quantize="int2|sinks2|recent3")
+        full = cm(ids, use_cache=False).logits
+        kvfx.decompress(cm)
+    assert kvfx.counters["kvfx"]["exact_window"] == 2
+    torch.testing.assert_close(full, steps, rtol=1e-5, atol=1e-5)
+    assert (steps - rounded).abs().max() > 1e-2  # the exact rows change the numbers
+
+
+def _shared_projections(m):
+    from kvfx.calib.collect import collect_stats, fit
+    stats = collect_stats(m, [model_inputs(m, batch=2, tokens=16, seed=s) for s in range(2)], progress=False)
+    return fit(stats, "kqsvd", 40, granularity="kv")
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_exact_rows_generate_through_the_kernel(kind):
+    """Compiled (Inductor) generate with exact rows: the decode kernel reads the codes and the exact rows, with the
+    tokens and logits of the uncompressed model run eagerly with kvfx's cache."""
+    m = tiny_llama(2, head_dim=16)
+    P = _shared_projections(m)
+    ids = model_inputs(m, batch=2, tokens=6)
+    gen = dict(do_sample=False, eos_token_id=None, max_new_tokens=10, output_logits=True,
+               return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = m.generate(ids, **gen, past_key_values=kvfx.LowRankCache(P, kind, max_cache_len=16, quantize=EXACT))
+        cm = kvfx.compress(torch.compile(m), P, cache=kind, quantize=EXACT)
+        out = cm.generate(ids, **gen)
+        decode = cm._kvfx.backend.graphs[-1].graph
+        kvfx.decompress(cm)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=1e-4, atol=1e-4)
+    calls = [n for n in decode.nodes if n.target is torch.ops.kvfx.decode_attention.default]
+    assert len(calls) == 2 and all(len(n.args) == 12 for n in calls)  # codes + exact rows + their positions
+    assert not any(n.target in (torch.ops.kvfx.dequantize.default, torch.ops.kvfx.exact_rows.default)
+                   for n in decode.nodes)

@@ -160,8 +160,11 @@ def test_bits_configs_name_their_band_levels(speed):
     now, before = parse_config("kvfx-kv-bits-0.25"), parse_config("kvfx-kv-bits842-0.125")
     assert (now.quantize, now.rank, now.levels) == ("bits", 0.25, (8, 4, 3, 2))
     assert (before.quantize, before.rank, before.levels) == ("bits", 0.125, (8, 4, 2))  # as measured before int3
-    with pytest.raises(ValueError, match="unknown configuration"):
-        parse_config("kvfx-kv-bits842-1.5")
+    assert now.exact == (0, 0) and parse_config("kvfx-kv-bits-0.125-s4r32-decoded").exact == (4, 32)
+    assert parse_config("kvfx-kv-bits-0.125-s4r32-decoded").decoded  # exact rows: sinks 4, recent 32
+    for bad in ("kvfx-kv-bits842-1.5", "kvfx-kv-bits-0.125-s4", "kvfx-kv-0.5-int4-s4r32"):
+        with pytest.raises(ValueError, match="unknown configuration"):
+            parse_config(bad)
 
 
 def test_decoded_configs_switch_the_integer_path_off(speed):

@@ -137,15 +137,19 @@ def step_cols(front) -> int:
 
 def allocate_bits(stats: dict, projections: Projections, budget: float, seed: int = 0,
                   key_weight: float = DEFAULT_KEY_WEIGHT, profile: dict | None = None,
-                  levels: tuple[int, ...] = BITS) -> Projections:
+                  levels: tuple[int, ...] = BITS, exact: tuple[int, int] = (0, 0),
+                  context: int | None = None) -> Projections:
     """Shared K+V latents (fit(stats, "kqsvd", rank=1.0, granularity="kv")) cut, balanced, banded and rotated so
     that the cached rows take `budget` × the bytes of the sites' 16-bit keys and values (module docstring).
     stats: the collect_stats result the projections were fitted to. profile: a kvfx.sensitivity profile of the
     same projections; with it, bytes move between sites (layers) to where the model's output loses least, each
     site's predicted error priced by its measured KL per unit of error; without it, every site gets the same share
     of its bytes. levels: the band formats to choose from (bits, a subset of BITS; (8, 4, 2) is the allocation
-    before int3 existed). The result records its formats (report["quantize"], a dict {site: bands}) and the
-    predicted relative error and bytes per site (report["bits"])."""
+    before int3 existed). exact=(sinks, recent): the formats also keep the latents of the first `sinks` and the last
+    `recent` tokens in 16 bits ("…|sinks4|recent32", kvfx.quant.exact_of); their bytes, a fixed amount a cache,
+    are reserved from the budget at `context` tokens (the full latent's width: an upper bound), so a cache of
+    `context` tokens holds no more than the budget. The result records its formats (report["quantize"], a dict
+    {site: bands}) and the predicted relative error and bytes per site (report["bits"])."""
     if not isinstance(projections, Projections):
         raise TypeError(f"allocate_bits needs kvfx.Projections, got {type(projections).__name__}.")
     if not (isinstance(budget, (int, float)) and 0 < budget < 1):
@@ -160,9 +164,10 @@ def allocate_bits(stats: dict, projections: Projections, budget: float, seed: in
     if missing:
         raise ValueError(f"allocate_bits needs the statistics of every site; {missing[0]} has none (pass the "
                          "collect_stats result the projections were fitted to).")
+    suffix, reserved = _exact_reserve(projections, budget, exact, context)
     spectra = {n: spectrum(stats[n], p, key_weight) for n, p in projections.sites.items()}
     weights = None if profile is None else kl_per_error(projections, spectra, profile)
-    plan = _plan(projections, spectra, budget, weights, tuple(levels))  # every site planned before any is built
+    plan = _plan(projections, spectra, budget - reserved, weights, tuple(levels))  # every site before any is built
     gen = torch.Generator().manual_seed(seed)
     sites = {}
     for name, p in projections.sites.items():
@@ -177,13 +182,34 @@ def allocate_bits(stats: dict, projections: Projections, budget: float, seed: in
                              key_up=turn(p.key_up, 1 / t), value_up=turn(p.value_up, 1 / t))
     lam_total = {n: float((v * w).clamp_min(0).sum()) for n, (v, w) in spectra.items()}
     report = dict(projections.report) | {
-        "quantize": {n: "+".join(f"int{b}x{c}" for b, c in plan[n][2]) for n in plan},
+        "quantize": {n: "+".join(f"int{b}x{c}" for b, c in plan[n][2]) + suffix for n in plan},
         "rotation": {"seeds": rotation_seeds(projections) + [seed]},
         "bits": {"budget": budget, "formats": list(levels), "step": STEP,
                  "across_sites": "measured KL per unit of error" if weights else None,
                  "row_bytes": {n: plan[n][0] for n in plan},
+                 "exact": {"sinks": exact[0], "recent": exact[1], "context": context, "reserved": reserved},
                  "predicted_error": {n: plan[n][1] / lam_total[n] if lam_total[n] > 0 else 0.0 for n in plan}}}
     return Projections(sites, dict(projections.shapes), projections.method, report)
+
+
+def _exact_reserve(projections: Projections, budget: float, exact, context) -> tuple[str, float]:
+    """The format suffix of `exact` = (sinks, recent) and the fraction of the budget its rows take at `context`
+    tokens (the widest site's, at its full latent width)."""
+    if not (isinstance(exact, (tuple, list)) and len(exact) == 2 and all(isinstance(x, int) and x >= 0 for x in exact)):
+        raise ValueError(f"exact must be (sinks, recent), two token counts >= 0, got {exact!r}.")
+    if not sum(exact):
+        return "", 0.0
+    if not isinstance(context, int) or context < 1:
+        raise ValueError("exact rows take a fixed number of bytes a cache: give the context (tokens) the budget is "
+                         f"counted at, e.g. context=512; got {context!r}.")
+    suffix = (f"|sinks{exact[0]}" if exact[0] else "") + (f"|recent{exact[1]}" if exact[1] else "")
+    reserved = max(quant.exact_bytes("int8" + suffix, p.key_down.shape[-1]) / (context * 4 * s.kv_heads * s.head_dim)
+                   for p, s in ((projections.sites[n], projections.shapes[n]) for n in projections.sites))
+    if reserved >= budget:
+        raise ValueError(f"{exact[0]} sink and {exact[1]} recent tokens in 16 bits take {reserved:.3f} of a 16-bit "
+                         f"cache's bytes at {context} tokens, the whole budget of {budget:g}; keep fewer, count at a "
+                         "longer context or raise the budget.")
+    return suffix, reserved
 
 
 def check_levels(levels) -> None:

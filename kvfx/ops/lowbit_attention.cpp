@@ -672,7 +672,9 @@ torch::Tensor dequantize_rows(torch::Tensor stored, int64_t width, int64_t bits,
 // has its own column order (amx): the query is gathered into that order and the output scattered back here.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64_t rk, int64_t rv,
                                int64_t bits, double scale, c10::optional<torch::Tensor> mask_opt, bool shared,
-                               std::vector<int64_t> kbands, std::vector<int64_t> vbands, torch::Tensor scales) {
+                               std::vector<int64_t> kbands, std::vector<int64_t> vbands, torch::Tensor scales,
+                               c10::optional<torch::Tensor> ek_opt, c10::optional<torch::Tensor> ev_opt,
+                               c10::optional<torch::Tensor> epos_opt) {
   TORCH_CHECK(q.dim() == 4 && kc.dim() == 4 && q.scalar_type() == torch::kFloat32, "q must be [B, H, G, R] float32");
   Kind kind;
   if (bits == -1) {  // bands (kbands / vbands: bits, width, bits, width, …)
@@ -724,9 +726,29 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
   auto has_int3 = [](const Format& f) {
     return std::any_of(f.bands.begin(), f.bands.end(), [](const Band& b) { return b.bits == 3; });
   };  // int3 bands have no tile layout on the integer path: decoded to float32 like 16-bit latents
+  // exact rows (16-bit latents a format keeps beside its codes, quant.exact_of): the code rows at their positions
+  // are skipped (score -inf) and the exact rows make one more partial softmax, merged with the split-K chunks'
+  torch::Tensor ek, ev, epos;
+  std::vector<int64_t> held;      // the slots whose position is a cached row
+  std::vector<uint8_t> excluded;  // per cached row: 1 if an exact row stands for its codes
+  if (epos_opt.has_value() && epos_opt->numel() > 0) {
+    TORCH_CHECK(ek_opt.has_value() && (shared || ev_opt.has_value()), "exact rows need their keys and values");
+    epos = epos_opt->to(torch::kLong).contiguous();
+    ek = ek_opt->to(torch::kFloat).contiguous();
+    ev = shared ? ek : ev_opt->to(torch::kFloat).contiguous();
+    const int64_t E = epos.size(0);
+    TORCH_CHECK(ek.dim() == 4 && ek.size(0) == B && ek.size(1) == H && ek.size(2) == E && ek.size(3) == rk &&
+                ev.dim() == 4 && ev.size(0) == B && ev.size(1) == H && ev.size(2) == E && ev.size(3) == rv,
+                "exact rows must be [B, H, slots, R] with one position a slot");
+    excluded.assign(N, 0);
+    const int64_t* pp = epos.data_ptr<int64_t>();
+    for (int64_t j = 0; j < E; ++j)
+      if (pp[j] >= 0 && pp[j] < N && !excluded[pp[j]]) excluded[pp[j]] = 1, held.push_back(j);
+  }
+  const uint8_t* skip = held.empty() ? nullptr : excluded.data();
   const int64_t path = integer_path();  // the environment's switches, read once a call
   const bool use_amx = (kind == kInt8 || kind == kInt4 || kind == kBands) && rk > 0 && rv > 0 &&
-                       !has_int3(fk) && !has_int3(fv) && path == 1;
+                       !has_int3(fk) && !has_int3(fv) && path == 1 && !skip;  // exact rows: the float path
 #if KVFX_AVX2
   // the AVX2 integer path: int4 rows and bands (a plan each for the key and value rows; none: the float path)
   std::unique_ptr<avx2i::Plan> kplan_i, vplan_i;
@@ -874,7 +896,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
           if (!shared) avx2i::decode_block(vrows + r0 * vsn, vsn, rows, padded, vpl, lut, false, true, buf);
           const int64_t moff = (mask_b == 1 ? 0 : b) * N + r0;
           for (int j = 0; j < padded; ++j)
-            add[j] = j >= rows ? kNegInf : mp ? mp[moff + j] : mbp && !mbp[moff + j] ? kNegInf : 0.0f;
+            add[j] = j >= rows || (skip && skip[r0 + j]) ? kNegInf
+                   : mp ? mp[moff + j] : mbp && !mbp[moff + j] ? kNegInf : 0.0f;
           avx2i::scores(qq, bh * G, G, ngk, buf, padded, add, s.data(), BN);
           softmax_block(s.data(), BN, rows, padded, G, m, l, o, Rvp);
           for (int64_t g = 0; g < G; ++g) avx2i::values(vpl, &s[g * BN], padded, buf, o + g * Rvp);
@@ -915,7 +938,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
         for (int t = 0; t < padded; t += 16) {
           alignas(64) float add[16];
           for (int j = 0; j < 16; ++j)
-            add[j] = t + j >= rows ? kNegInf : mrow ? mrow[t + j] : mbrow && !mbrow[t + j] ? kNegInf : 0.0f;
+            add[j] = t + j >= rows || (skip && skip[r0 + t + j]) ? kNegInf
+                   : mrow ? mrow[t + j] : mbrow && !mbrow[t + j] ? kNegInf : 0.0f;
           scores16(qs.data(), Rkp, G, &kbuf[t * Rkp], Rkp, nvk, add, &s[t], block);
         }
         softmax_block(s.data(), block, rows, padded, G, m, l, o, Rvp);  // then the block's values
@@ -923,6 +947,40 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
       }
     }
   });
+
+  // the exact rows' partial softmax, one per query row (a few dozen rows: plain loops)
+  std::vector<float> ex_m(held.empty() ? 0 : B * H * G, kNegInf), ex_l(ex_m.size(), 0.0f), ex_o(ex_m.size() * Rvp);
+  if (!held.empty()) {
+    const int64_t E = epos.size(0);
+    const float *ekp = ek.data_ptr<float>(), *evp = ev.data_ptr<float>();
+    const int64_t* pp = epos.data_ptr<int64_t>();
+    at::parallel_for(0, B * H * G, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> s(held.size());
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t bh = i / G, b = bh / H;
+        const float* qrow = qp + i * rk;
+        float mx = kNegInf;
+        for (size_t e = 0; e < held.size(); ++e) {
+          const int64_t pos = pp[held[e]], moff = (mask_b == 1 ? 0 : b) * N + pos;
+          const float* krow = ekp + (bh * E + held[e]) * rk;
+          float dot = 0.0f;
+          for (int64_t c = 0; c < rk; ++c) dot += qrow[c] * krow[c];
+          s[e] = sc * dot + (mp ? mp[moff] : mbp && !mbp[moff] ? kNegInf : 0.0f);
+          mx = std::max(mx, s[e]);
+        }
+        ex_m[i] = mx;
+        if (mx == kNegInf) continue;
+        float* o = &ex_o[i * Rvp];
+        for (size_t e = 0; e < held.size(); ++e) {
+          const float p = std::exp(s[e] - mx);
+          ex_l[i] += p;
+          const float* vrow = evp + (bh * E + held[e]) * rv;
+          for (int64_t j = 0; j < Rvp; ++j)
+            if (columns[j] >= 0) o[j] += p * vrow[columns[j]];
+        }
+      }
+    });
+  }
 
   auto out = torch::empty({B, H, G, rv}, q.options());
   float* op = out.data_ptr<float>();
@@ -932,6 +990,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
       const int64_t bh = i / G, g = i % G;
       float mmax = kNegInf;
       for (int64_t c = 0; c < chunks; ++c) mmax = std::max(mmax, part_m[(bh * chunks + c) * G + g]);
+      if (!held.empty()) mmax = std::max(mmax, ex_m[i]);
       float* dst = op + i * rv;
       if (mmax == kNegInf) {  // every key masked: SDPA gives NaN
         std::fill(dst, dst + rv, std::numeric_limits<float>::quiet_NaN());
@@ -946,6 +1005,11 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
         total += w * part_l[t];
         const float* src = &part_o[t * Rvp];
         for (int64_t j = 0; j < Rvp; ++j) acc[j] += w * src[j];
+      }
+      if (!held.empty() && ex_m[i] != kNegInf) {
+        const float w = std::exp(ex_m[i] - mmax);
+        total += w * ex_l[i];
+        for (int64_t j = 0; j < Rvp; ++j) acc[j] += w * ex_o[i * Rvp + j];
       }
       const float inv = 1.0f / total;  // one division a row: a division a column cost ~1 us a call
       for (int64_t j = 0; j < Rvp; ++j)

@@ -72,6 +72,23 @@ def _(stored, width, kind, dtype):
     return stored.new_empty((*stored.shape[:-1], width), dtype=dtype)
 
 
+@torch.library.custom_op("kvfx::exact_rows", mutates_args=())
+def exact_rows(latent: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """latent [b, h, N, R] with row p replaced by rows[:, :, j] where positions[j] = p (0 <= p < N; -1: an empty
+    slot): the exact rows a format keeps beside its codes (kvfx.quant.exact_of). One opaque node, so a decode step
+    can hand the codes and these rows to kvfx::decode_attention unread."""
+    n = latent.shape[2]
+    held = (positions >= 0) & (positions < n)
+    out = latent.clone()
+    out[:, :, positions[held]] = rows[:, :, held].to(out.dtype)
+    return out
+
+
+@exact_rows.register_fake
+def _(latent, rows, positions):
+    return torch.empty_like(latent)
+
+
 def _additive(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """SDPA's mask [b|1, 1, 1, N] (bool: True = attend, or additive float) as [b|1, N] additive float32."""
     if mask is None:
@@ -82,10 +99,15 @@ def _additive(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return mask.float()
 
 
-def reference(q, kc, vc, rk: int, rv: int, kind: str, scale: float, mask=None, shared: bool = False):
-    """Plain torch: dequantise the whole cache, then SDPA. q [b, h, g, Rk]; codes [b, h, N, row bytes]."""
+def reference(q, kc, vc, rk: int, rv: int, kind: str, scale: float, mask=None, shared: bool = False,
+              exact_keys=None, exact_values=None, positions=None):
+    """Plain torch: dequantise the whole cache (exact rows where held), then SDPA. q [b, h, g, Rk]; codes
+    [b, h, N, row bytes]; exact rows [b, h, slots, R] at `positions` [slots]."""
     k = _decoded(kc, rk, kind)
     v = k if shared else _decoded(vc, rv, kind)
+    if positions is not None:
+        k = exact_rows(k, exact_keys, positions)
+        v = k if shared else exact_rows(v, exact_values, positions)
     m = _additive(mask, kc.shape[2])
     m = None if m is None else m[:, None, None, :]
     return F.scaled_dot_product_attention(q.float(), k, v, attn_mask=m, scale=scale).to(q.dtype)
@@ -160,15 +182,20 @@ def integer_rounding(device: str | torch.device = "cpu") -> str | None:
 
 @torch.library.custom_op("kvfx::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rk: int, rv: int, kind: str,
-                     scale: float, mask: torch.Tensor | None, shared: bool) -> torch.Tensor:
-    """softmax(scale·q·Kᵀ + mask)·V over stored low-bit rows; q [b, h, g, Rk] -> [b, h, g, Rv]."""
+                     scale: float, mask: torch.Tensor | None, shared: bool, exact_keys: torch.Tensor | None = None,
+                     exact_values: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(scale·q·Kᵀ + mask)·V over stored low-bit rows; q [b, h, g, Rk] -> [b, h, g, Rv]. With exact rows
+    ([b, h, slots, R] 16-bit latents at `positions` [slots], -1: empty) the row at a held position is the exact one,
+    not its codes'."""
+    exact = positions is not None
     if q.device.type == "cuda":  # the Triton kernel when triton is installed (lowbit_attention_triton.py)
         from . import lowbit_attention_triton as tri
-        if tri.HAVE_TRITON and kind in _BITS and tri.supported(rk, rv, shared):
+        if tri.HAVE_TRITON and kind in _BITS and tri.supported(rk, rv, shared) and not exact:
             return tri.decode_attention_triton(q, kc, vc, rk, rv, kind, scale, mask, shared)
     ext = _extension() if q.device.type == "cpu" else None
     if ext is None:
-        return reference(q, kc, vc, rk, rv, kind, scale, mask, shared).contiguous()
+        return reference(q, kc, vc, rk, rv, kind, scale, mask, shared, exact_keys, exact_values,
+                         positions).contiguous()
     # one call, no torch ops around it: the kernel takes SDPA's mask as it is and the columns in their order
     m = None if mask is None else mask.reshape(mask.shape[0], kc.shape[2])
     if m is not None and m.dtype not in (torch.bool, torch.float32):
@@ -176,10 +203,11 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rk: in
     bits = _BITS.get(kind, -1)  # -1: bands (int2 is one band)
     out = ext.decode_attention(q if q.dtype == torch.float32 else q.float(), kc, vc, rk, rv, bits, scale, m, shared,
                                list(_band_spec(kind, rk)) if bits < 0 else [],
-                               list(_band_spec(kind, rv)) if bits < 0 and not shared else [], _scales())
+                               list(_band_spec(kind, rv)) if bits < 0 and not shared else [], _scales(),
+                               exact_keys, None if shared else exact_values, positions)
     return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 @decode_attention.register_fake
-def _(q, kc, vc, rk, rv, kind, scale, mask, shared):
+def _(q, kc, vc, rk, rv, kind, scale, mask, shared, exact_keys=None, exact_values=None, positions=None):
     return q.new_empty((*q.shape[:-1], rk if shared else rv))

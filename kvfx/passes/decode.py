@@ -44,9 +44,22 @@ def _mask_per_row(mask) -> bool:
     return shape is not None and len(shape) == 4 and gu.static_int(shape[1]) == 1 and gu.static_int(shape[2]) == 1
 
 
+def _calls(node, op) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (op.default, op)
+
+
 def _dequantized(node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (
-        torch.ops.kvfx.dequantize.default, torch.ops.kvfx.dequantize)
+    """The cache's read of low-bit rows: dequantize(codes), or exact_rows(dequantize(codes), rows, positions)."""
+    if _calls(node, torch.ops.kvfx.exact_rows):
+        node = node.args[0]
+    return _calls(node, torch.ops.kvfx.dequantize)
+
+
+def _stored(node: fx.Node) -> tuple[tuple, tuple]:
+    """(dequantize's args, (exact rows, positions) or (None, None)) of a read `_dequantized` accepts."""
+    if _calls(node, torch.ops.kvfx.exact_rows):
+        return node.args[0].args, tuple(node.args[1:])
+    return node.args, (None, None)
 
 
 # 16/32-bit latents go to the kernel when at least this many query rows share each cached row (measured on SmolLM2,
@@ -95,13 +108,15 @@ def group_decode_queries(g: fx.Graph, site: AttentionSite, proj: SiteProjection,
         counters["kvfx"]["decode_grouped"] += 1
     if kernel:  # the stored rows, read once in place: no float copy of the cache, no expanded heads
         shared = value is key
-        if lowbit:
-            (kc, rk, kind, _), (vc, rv_stored, _, _) = key.args, value.args
+        exact = ()
+        if lowbit:  # with exact rows the kernel reads them beside the codes (one positions tensor serves both)
+            ((kc, rk, kind, _), (ek, pos)), ((vc, rv_stored, _, _), (ev, _)) = _stored(key), _stored(value)
+            exact = () if pos is None else (ek, ev, pos)
         else:
             kc, vc, rk, rv_stored, kind = key, value, rq, _width(value), "float"
         with g.inserting_before(sdpa):
             new = g.call_function(torch.ops.kvfx.decode_attention.default,
-                                  (q, kc, vc, rk, rv_stored, kind, site.scale, args.get("attn_mask"), shared))
+                                  (q, kc, vc, rk, rv_stored, kind, site.scale, args.get("attn_mask"), shared, *exact))
         sdpa.replace_all_uses_with(new)
         g.erase_node(sdpa)
         site.sdpa = sdpa = new
@@ -170,7 +185,10 @@ def _erase_dead(g: fx.Graph, node: fx.Node) -> None:
     """Erase the bypassed repeat_kv chain and, once nothing reads it, the dequantisation under it."""
     node = gu.erase_dead_layout(g, node)
     if _dequantized(node) and not node.users:
+        inner = node.args[0] if _calls(node, torch.ops.kvfx.exact_rows) else None
         g.erase_node(node)
+        if inner is not None and not inner.users:
+            g.erase_node(inner)
 
 
 def group_decode_sites(gm: fx.GraphModule, sites, projections, consts=None) -> None:

@@ -9,7 +9,8 @@ Two forms of input are handled:
     The pass reassociates SDPA(q, K̃·Bᵀ, Ṽ·Dᵀ) into SDPA(q·B, K̃, Ṽ)·Dᵀ so full-width keys never exist,
     moving repeat_kv's expand/reshape onto the rank-R tensors.
 With low-bit latents (`quantize="int8"` / `"int4"`) the plain path rounds the latents as the cache would store them
-(kvfx.quant.fake_quant; kvfx's cache quantises in its own code), so every path attends over the same numbers.
+(kvfx.quant.fake_quant; kvfx's cache quantises in its own code), so every path attends over the same numbers; a format
+with exact rows attends them where the cache would hold them (exact_window.py).
 With many query rows over a joint latent (prefill) the site reads the latent expanded to its heads instead
 (kvfx/passes/expand.py). The inserted `matmul(x, P)` nodes are recorded on the site (`site.proj`) for the fold pass.
 """
@@ -20,7 +21,7 @@ import torch.fx as fx
 
 from .. import quant
 from ..projections import SiteProjection
-from . import expand
+from . import exact_window, expand
 from . import graph_utils as gu
 from .constants import GraphConstants
 from .counters import counters
@@ -59,7 +60,11 @@ class RankSpaceRewrite:
     def __call__(self, site: AttentionSite, proj: SiteProjection) -> None:
         args = gu.sdpa_args(site.sdpa)
         q, g, sdpa = args["query"], site.group, site.sdpa
-        expanding = expand.worth_expanding(site, proj, q)  # many query rows over a joint latent: read it expanded
+        kind = None if site.lowrank_cache else quant.site(self.quantize, site.name)
+        exact = quant.exact_of(kind)  # (sinks, recent): rows the cache would hold exact (kvfx's cache: its own code)
+        self._exact_latents = None
+        # many query rows over a joint latent: read it expanded (not with an exact window: that attends in rank space)
+        expanding = expand.worth_expanding(site, proj, q) and not sum(exact)
         if not expanding:
             b_q = lambda: proj.key_up.repeat_interleave(g, 0)                    # [H, d, Rk]  # noqa: E731
             site.proj["q"] = q2 = self._mm(q, self._const(site, "key_up", b_q, q), sdpa)
@@ -76,6 +81,9 @@ class RankSpaceRewrite:
         if proj.joint:
             changes["enable_gqa"] = True  # joint latent: one kv "head" serves every query head
         gu.set_sdpa_args(sdpa, **changes)
+        if self._exact_latents is not None:
+            exact_window.replace_sdpa(self.g, site, *self._exact_latents, *exact)
+            sdpa = site.sdpa
         with self.g.inserting_after(sdpa):
             out = self.g.call_function(torch.matmul, (sdpa, None))
         sdpa.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
@@ -101,6 +109,8 @@ class RankSpaceRewrite:
             if proj.shared:  # one latent c = k·A + v·C read as key and value
                 k2 = v2 = self.g.call_function(torch.add, (k2, v2))
             kind = quant.site(self.quantize, site.name)
+            if sum(quant.exact_of(kind)):
+                self._exact_latents = (k2, v2)
             if kind:
                 k2 = self.g.call_function(quant.fake_quant, (k2, kind))
                 v2 = k2 if proj.shared else self.g.call_function(quant.fake_quant, (v2, kind))

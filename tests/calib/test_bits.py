@@ -214,3 +214,28 @@ def test_real_profile_and_bad_profiles(setup):
     other = {"base": 0.0, "sites": {n: {"key": {8: 1.0}, "value": {8: 1.0}} for n in full.sites}}
     with pytest.raises(ValueError, match="no cut latent ranks"):
         kvfx.allocate_bits(stats, full, 0.25, profile=other)
+
+
+def test_exact_rows_are_reserved_from_the_budget(setup):
+    """exact=(sinks, recent): the formats carry the suffix, the codes get the budget less the exact rows' bytes at
+    `context` tokens, and a cache of that many tokens holds no more than the budget — the rows really exact."""
+    m, stats, full = setup
+    plain = kvfx.allocate_bits(stats, full, 0.25)
+    proj = kvfx.allocate_bits(stats, full, 0.25, exact=(1, 2), context=64)
+    assert all(f.endswith("|sinks1|recent2") for f in proj.quantize.values())
+    reserved = proj.report["bits"]["exact"]["reserved"]
+    assert reserved == pytest.approx(2 * 128 * 4 / (64 * 4 * 2 * 32))  # 16 bits × width × 4 slots / 16-bit bytes
+    assert sum(proj.report["bits"]["row_bytes"].values()) < sum(plain.report["bits"]["row_bytes"].values())
+    x = model_inputs(m, tokens=64)
+    with compressed(m, proj) as cm, torch.no_grad():
+        cache = kvfx.make_cache(cm)
+        cm(x, **{cache_kwarg(cm): cache}, use_cache=True)
+    full16 = 2 * 2 * 2 * 32 * 64 * 2
+    assert cache.nbytes() / full16 == pytest.approx(proj.kv_fraction(proj.quantize, context=64))
+    assert cache.nbytes() / full16 <= 0.25 < proj.kv_fraction(proj.quantize, context=16)  # counted at 64 tokens
+    with pytest.raises(ValueError, match="give the context"):
+        kvfx.allocate_bits(stats, full, 0.25, exact=(4, 0))
+    with pytest.raises(ValueError, match="the whole budget of 0.05"):
+        kvfx.allocate_bits(stats, full, 0.05, exact=(4, 32), context=8)
+    with pytest.raises(ValueError, match="exact must be"):
+        kvfx.allocate_bits(stats, full, 0.25, exact=4, context=8)

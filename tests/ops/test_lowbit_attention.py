@@ -245,6 +245,11 @@ def test_portable_build_matches_reference(arch, portable_builds, monkeypatch):
     for i, kind in enumerate(["int8", "int4", "int2", "int8x6+int4x32+int2x32", "int4x16+int3x70", *FLOATS]):
         out, ref, _ = _run_build(ext, kind, i)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
+    q, kc, vc, m = _case(2, 2, 9, 300, 70, 45, "int4", "bool", False, 7)  # exact rows beside the codes
+    ek, ev, pos = _exact_rows(2, 2, 300, 70, 45, 37, 7)
+    out = ext.decode_attention(q, kc, vc, 70, 45, 4, 0.125, m.reshape(2, 300), False, [], [], la._scales(), ek, ev, pos)
+    ref = la.reference(q, kc, vc, 70, 45, "int4", 0.125, m, False, ek, ev, pos)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
     for kind, width in DEQUANT_CASES:  # the cache's prefill read, with this build's decoders
         stored = _stored_view(kind, width, seed=width)
         bits = la._BITS.get(kind, -1)
@@ -262,7 +267,7 @@ def _run_build(ext, kind, i):
     bits = la._BITS.get(kind, -1)
     out = ext.decode_attention(q, kc, vc, rk, rv, bits, 0.125, m.reshape(2, 300), shared,
                                list(la._band_spec(kind, rk)) if bits < 0 else [],
-                               list(la._band_spec(kind, rv)) if bits < 0 else [], la._scales())
+                               list(la._band_spec(kind, rv)) if bits < 0 else [], la._scales(), None, None, None)
     return out, la.reference(q, kc, vc, rk, rv, kind, 0.125, m, shared), (q, kc, vc, rk, rv, kind, m, shared)
 
 
@@ -509,3 +514,67 @@ def test_opcheck(kind):
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.kvfx.dequantize.default, (kc, 9, kind, torch.float32),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def _exact_rows(b, h, n, rk, rv, slots, seed):
+    """16-bit exact rows and their positions: some past the cache (N), some empty (-1), the rest distinct rows."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    pos = torch.randperm(n + 4, generator=gen)[:slots]
+    pos[torch.rand(len(pos), generator=gen) < 0.2] = -1
+    slots = len(pos)
+    ek, ev = torch.randn(b, h, slots, rk, generator=gen).half(), torch.randn(b, h, slots, rv, generator=gen).half()
+    return ek, ev, pos
+
+
+@settings(max_examples=40, deadline=None)
+@given(g=st.integers(1, 9), n=st.integers(1, 600), rk=st.integers(1, 70), rv=st.integers(1, 70),
+       kind=st.sampled_from(["int8", "int4", "int2", "int3", "int8x20+int4x30+int2x20"]),
+       mask=st.sampled_from([None, "bool", "float"]), shared=st.booleans(), slots=st.integers(1, 40),
+       seed=st.integers(0, 99))
+def test_exact_rows_stand_for_their_codes(g, n, rk, rv, kind, mask, shared, slots, seed):
+    """Exact rows (a format's '|sinksS|recentW', kvfx/cache.py): the kernel scores the 16-bit row held for a
+    position instead of its codes, merged with the chunks' partial softmaxes — the reference's numbers (dequantise,
+    replace the held rows, SDPA) to float32 round-off. Positions -1 and >= N are not rows."""
+    if "x" in kind:
+        rk = rv = 70
+    q, kc, vc, m = _case(2, 2, g, n, rk, rv, "int8", mask, shared, seed)
+    gen = torch.Generator().manual_seed(seed)
+    kc, vc = quant.quantize(torch.randn(2, 2, n, rk, generator=gen), kind), quant.quantize(
+        torch.randn(2, 2, n, rv, generator=gen), kind)
+    ek, ev, pos = _exact_rows(2, 2, n, rk, rk if shared else rv, slots, seed)
+    out = torch.ops.kvfx.decode_attention(q, kc, vc, rk, rv, kind, 0.125, m, shared, ek, ev, pos)
+    ref = la.reference(q, kc, vc, rk, rv, kind, 0.125, m, shared, ek, ev, pos)
+    plain = la.reference(q, kc, vc, rk, rv, kind, 0.125, m, shared)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * max(1.0, ref.abs().max().item()))
+    held = ((pos >= 0) & (pos < n)).any()
+    if held and (m is None or m.dtype != torch.bool):  # the rows are really used
+        assert (out - plain).abs().max() > 1e-3
+
+
+def test_exact_rows_op_replaces_the_held_positions():
+    latent = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(1, 2, 5, 3)
+    rows = -torch.ones(1, 2, 4, 3).cumsum(2)  # slot j holds -(j + 1)
+    out = torch.ops.kvfx.exact_rows(latent, rows.half(), torch.tensor([3, -1, 0, 7]))
+    want = latent.clone()
+    want[:, :, 3], want[:, :, 0] = -1.0, -3.0  # slot 1 is empty, slot 3's position is past the 5 rows
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("switch", ["KVFX_NO_AMX", "KVFX_AVX2_INTEGER"])
+def test_every_row_held_exact(switch, monkeypatch):
+    """Every position held exact (a cache shorter than its sinks + window), on the float path and with the AVX2
+    integer path switched on: whole blocks of codes skipped, the output the exact rows' attention."""
+    monkeypatch.setenv(switch, "1")
+    q, kc, vc, _ = _case(1, 2, 9, 300, 64, 64, "int4", None, False, 5)
+    ek, ev = torch.randn(1, 2, 300, 64).half(), torch.randn(1, 2, 300, 64).half()
+    out = torch.ops.kvfx.decode_attention(q, kc, vc, 64, 64, "int4", 0.125, None, False, ek, ev, torch.arange(300))
+    want = torch.nn.functional.scaled_dot_product_attention(q, ek.float(), ev.float(), scale=0.125)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+
+
+def test_exact_rows_opcheck():
+    q, kc, vc, m = _case(1, 2, 3, 20, 9, 7, "int4", "bool", False, 3)
+    ek, ev, pos = _exact_rows(1, 2, 20, 9, 7, 6, 3)
+    torch.library.opcheck(torch.ops.kvfx.decode_attention.default, (q, kc, vc, 9, 7, "int4", 0.3, m, False, ek, ev, pos),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.kvfx.exact_rows.default, (q, ek, pos), test_utils=("test_schema", "test_faketensor"))

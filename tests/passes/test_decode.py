@@ -143,13 +143,15 @@ def test_dynamic_cache_grows_past_its_reserve(llama):
     assert cache.get_seq_length() == ids.shape[1] + 300 < cache.layers[0]._slots["keys"].storage.shape[2]
 
 
-@pytest.mark.parametrize("kind", ["static", "dynamic"])
-def test_256_decode_steps_compile_nothing_after_warm_up(llama, kind):
+@pytest.mark.parametrize("kind,quantize", [("static", None), ("dynamic", None), ("static", "int4|sinks2|recent5"),
+                                           ("dynamic", "int4|sinks2|recent5")])
+def test_256_decode_steps_compile_nothing_after_warm_up(llama, kind, quantize):
     """The issue's recompile target: after warm-up (prefill + a few steps), 256 decode steps under
-    fail_on_recompile, for the static cache (the CUDA-graph path) and the dynamic one."""
+    fail_on_recompile, for the static cache (the CUDA-graph path) and the dynamic one; with exact rows too (their
+    ring's position is a tensor: it moves without a guard)."""
     m, _ = llama
     P = random_projections(m, rank=4, seed=3)
-    cm = kvfx.compress(torch.compile(copy.deepcopy(m), backend="eager"), P, cache=kind)
+    cm = kvfx.compress(torch.compile(copy.deepcopy(m), backend="eager"), P, cache=kind, quantize=quantize)
     ids = torch.randint(3, VOCAB, (1, 4), generator=torch.Generator().manual_seed(0))
     cache = kvfx.make_cache(cm, max_cache_len=4 + 4 + 256)
     kw = {cache_kwarg(cm): cache, "use_cache": True}

@@ -20,9 +20,9 @@ def rewritten(model, *args, quantize=None, **kwargs):
     return cm._kvfx.backend.graphs
 
 
-def decode_graph(kind):
+def decode_graph(kind, quantize=None):
     m = tiny_llama(1)
-    cm = kvfx.compress(torch.compile(m, backend="eager"), random_projections(m, rank=4), cache=kind)
+    cm = kvfx.compress(torch.compile(m, backend="eager"), random_projections(m, rank=4), cache=kind, quantize=quantize)
     with torch.no_grad():
         cm.generate(model_inputs(m, tokens=5), max_new_tokens=2, do_sample=False)
     return cm._kvfx.backend.graphs[-1]  # prefill, then the first decode step
@@ -103,6 +103,54 @@ matmul_2 = torch.matmul(value, kvfx_value_down)
 fake_quant = kvfx_quant_fake_quant(matmul_1, 'int8')
 fake_quant_1 = kvfx_quant_fake_quant(matmul_2, 'int8')
 attn_output = torch._C._nn.scaled_dot_product_attention(matmul, fake_quant, fake_quant_1, attn_mask = attention_mask, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = False)""")
+
+    def test_llama_exact_window(self):
+        m = tiny_llama(1)
+        (gm,) = rewritten(m, model_inputs(m), use_cache=False, quantize="int8|sinks2|recent4")
+        # Look for: the latents rounded by fake_quant as in test_llama_int8_latents, and SDPA replaced by the exact
+        # window's attention, which also reads the unrounded latents (matmul_1, matmul_2) for the first 2 keys and
+        # the 4 nearest each query.
+        self.assertExpectedInline(graph_excerpt(gm, "matmul(q_embed", "attention("), """\
+matmul = torch.matmul(q_embed, kvfx_key_up)
+matmul_1 = torch.matmul(key, kvfx_key_down)
+matmul_2 = torch.matmul(value, kvfx_value_down)
+fake_quant = kvfx_quant_fake_quant(matmul_1, 'int8|sinks2|recent4')
+fake_quant_1 = kvfx_quant_fake_quant(matmul_2, 'int8|sinks2|recent4')
+attention = kvfx_passes_exact_window_attention(matmul, matmul_1, matmul_2, fake_quant, fake_quant_1, attn_mask = attention_mask, is_causal = False, scale = 0.3535533905932738, sinks = 2, recent = 4)""")
+
+    def test_llama_decode_exact_rows(self):
+        gm = decode_graph("dynamic", quantize="int4|sinks2|recent4")
+        # Look for: the cache keeping the step's latent in its exact-rows ring (slot from the position, index_copy_
+        # into kvfx_exact_keys / _positions) beside the int4 codes, and the decode kernel reading both: codes,
+        # exact rows and their positions (no dequantize, no exact_rows node left).
+        ring = graph_excerpt(gm, "k = torch.matmul", "exact_values.index_copy_")
+        step = graph_excerpt(gm, "reshape = q_embed", "decode_attention")  # between them: the int4 rounding
+        self.assertExpectedInline(ring + "\n...\n" + step, """\
+k = torch.matmul(k_embed, kvfx_key_down)
+arange = torch.arange(1, device = device(type='cpu'))
+p = arange + s5
+lt = p < 2
+getitem_11 = p[-1]
+sub = getitem_11 - 4
+gt = p > sub
+keep = lt | gt
+lt_1 = p < 2
+sub_1 = p - 2
+remainder = torch.remainder(sub_1, 4)
+add_5 = 2 + remainder
+slot = torch.where(lt_1, p, add_5)
+slot_1 = torch.where(keep, slot, 6)
+where_2 = torch.where(keep, p, -1)
+index_copy_ = l_kwargs_cache_layers_0_kvfx_exact_positions.index_copy_(0, slot_1, where_2)
+to_5 = k.to(torch.float16)
+index_copy__1 = l_kwargs_cache_layers_0_kvfx_exact_keys.index_copy_(2, slot_1, to_5)
+to_6 = value_states.to(torch.float16)
+index_copy__2 = l_kwargs_cache_layers_0_kvfx_exact_values.index_copy_(2, slot_1, to_6)
+...
+reshape = q_embed.reshape(-1, 2, 2, 8)
+matmul_2 = torch.matmul(reshape, kvfx_key_up_grouped)
+reshape_2 = matmul_2.reshape(-1, 2, 2, 4)
+decode_attention_default = torch.ops.kvfx.decode_attention.default(reshape_2, keys, values, 4, 4, 'int4', 0.3535533905932738, None, False, l_kwargs_cache_layers_0_kvfx_exact_keys, l_kwargs_cache_layers_0_kvfx_exact_values, l_kwargs_cache_layers_0_kvfx_exact_positions)""")
 
     def test_gpt2_fused_qkv(self):
         m = tiny_gpt2(1)
