@@ -60,6 +60,9 @@ class _LowRankLayerMixin:
             self.kvfx_exact_keys = k.new_zeros(*k.shape[:2], slots, k.shape[-1], dtype=dt)
             self.kvfx_exact_values = v.new_zeros(*v.shape[:2], slots, v.shape[-1], dtype=dt)
             self.kvfx_exact_positions = torch.full((slots,), -1, dtype=torch.long, device=k.device)
+            if isinstance(self, StaticLayer) and not torch.compiler.is_compiling():  # CUDA graphs: fixed addresses
+                for t in (self.kvfx_exact_keys, self.kvfx_exact_values, self.kvfx_exact_positions):
+                    torch._dynamo.mark_static_address(t)
         p = torch.arange(k.shape[-2], device=k.device) + start
         keep = (p < sinks) | (p > p[-1] - recent)
         slot = torch.where(p < sinks, p, sinks + torch.remainder(p - sinks, max(recent, 1)))
@@ -83,6 +86,14 @@ class _LowRankLayerMixin:
         """Forget exact rows at positions >= length (a crop)."""
         if self.kvfx_exact_positions is not None:
             self.kvfx_exact_positions.masked_fill_(self.kvfx_exact_positions >= length, -1)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._exact_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def reset(self) -> None:
+        super().reset()
+        self._exact_crop(0)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         k = self._down(key_states, self.kvfx_key_down)
@@ -191,10 +202,6 @@ class LowRankDynamicLayer(_LowRankLayerMixin, DynamicLayer):
         super().batch_select_indices(indices)
         self._exact_batch(lambda t: t[indices, ...])
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._exact_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
 
 class LowRankStaticLayer(_LowRankLayerMixin, StaticLayer):
     """Preallocated rank-R cache layer ([batch, kv_heads, max_cache_len, R]) for CUDA graphs."""
@@ -212,14 +219,6 @@ class LowRankStaticLayer(_LowRankLayerMixin, StaticLayer):
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
         self._exact_crop(int(self.cumulative_length))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._exact_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def reset(self) -> None:
-        super().reset()
-        self._exact_crop(0)
 
 
 class LowRankCache(Cache):

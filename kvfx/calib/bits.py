@@ -147,8 +147,8 @@ def allocate_bits(stats: dict, projections: Projections, budget: float, seed: in
     of its bytes. levels: the band formats to choose from (bits, a subset of BITS; (8, 4, 2) is the allocation
     before int3 existed). exact=(sinks, recent): the formats also keep the latents of the first `sinks` and the last
     `recent` tokens in 16 bits ("…|sinks4|recent32", kvfx.quant.exact_of); their bytes, a fixed amount a cache,
-    are reserved from the budget at `context` tokens (the full latent's width: an upper bound), so a cache of
-    `context` tokens holds no more than the budget. The result records its formats (report["quantize"], a dict
+    are charged to each band choice at `context` tokens (16 bits × its width × the slots / context, rounded up to
+    whole bytes a token), so a cache of `context` tokens holds no more than the budget. The result records its formats (report["quantize"], a dict
     {site: bands}) and the predicted relative error and bytes per site (report["bits"])."""
     if not isinstance(projections, Projections):
         raise TypeError(f"allocate_bits needs kvfx.Projections, got {type(projections).__name__}.")
@@ -164,10 +164,10 @@ def allocate_bits(stats: dict, projections: Projections, budget: float, seed: in
     if missing:
         raise ValueError(f"allocate_bits needs the statistics of every site; {missing[0]} has none (pass the "
                          "collect_stats result the projections were fitted to).")
-    suffix, reserved = _exact_reserve(projections, budget, exact, context)
+    suffix, cost = _exact_cost(exact, context)
     spectra = {n: spectrum(stats[n], p, key_weight) for n, p in projections.sites.items()}
     weights = None if profile is None else kl_per_error(projections, spectra, profile)
-    plan = _plan(projections, spectra, budget - reserved, weights, tuple(levels))  # every site before any is built
+    plan = _plan(projections, spectra, budget, weights, tuple(levels), cost)  # every site before any is built
     gen = torch.Generator().manual_seed(seed)
     sites = {}
     for name, p in projections.sites.items():
@@ -186,30 +186,29 @@ def allocate_bits(stats: dict, projections: Projections, budget: float, seed: in
         "rotation": {"seeds": rotation_seeds(projections) + [seed]},
         "bits": {"budget": budget, "formats": list(levels), "step": STEP,
                  "across_sites": "measured KL per unit of error" if weights else None,
-                 "row_bytes": {n: plan[n][0] for n in plan},
-                 "exact": {"sinks": exact[0], "recent": exact[1], "context": context, "reserved": reserved},
+                 "row_bytes": {n: plan[n][0] - cost(_width(plan[n][2])) for n in plan},
+                 "exact": {"sinks": exact[0], "recent": exact[1], "context": context,
+                           "bytes_per_token": {n: cost(_width(plan[n][2])) for n in plan}},
                  "predicted_error": {n: plan[n][1] / lam_total[n] if lam_total[n] > 0 else 0.0 for n in plan}}}
     return Projections(sites, dict(projections.shapes), projections.method, report)
 
 
-def _exact_reserve(projections: Projections, budget: float, exact, context) -> tuple[str, float]:
-    """The format suffix of `exact` = (sinks, recent) and the fraction of the budget its rows take at `context`
-    tokens (the widest site's, at its full latent width)."""
+def _width(bands) -> int:
+    return sum(n for _, n in bands)
+
+
+def _exact_cost(exact, context):
+    """The format suffix of `exact` = (sinks, recent) and the bytes a token its rows cost a latent of `width`
+    columns at `context` tokens (whole bytes, rounded up)."""
     if not (isinstance(exact, (tuple, list)) and len(exact) == 2 and all(isinstance(x, int) and x >= 0 for x in exact)):
         raise ValueError(f"exact must be (sinks, recent), two token counts >= 0, got {exact!r}.")
     if not sum(exact):
-        return "", 0.0
+        return "", lambda width: 0
     if not isinstance(context, int) or context < 1:
         raise ValueError("exact rows take a fixed number of bytes a cache: give the context (tokens) the budget is "
                          f"counted at, e.g. context=512; got {context!r}.")
     suffix = (f"|sinks{exact[0]}" if exact[0] else "") + (f"|recent{exact[1]}" if exact[1] else "")
-    reserved = max(quant.exact_bytes("int8" + suffix, p.key_down.shape[-1]) / (context * 4 * s.kv_heads * s.head_dim)
-                   for p, s in ((projections.sites[n], projections.shapes[n]) for n in projections.sites))
-    if reserved >= budget:
-        raise ValueError(f"{exact[0]} sink and {exact[1]} recent tokens in 16 bits take {reserved:.3f} of a 16-bit "
-                         f"cache's bytes at {context} tokens, the whole budget of {budget:g}; keep fewer, count at a "
-                         "longer context or raise the budget.")
-    return suffix, reserved
+    return suffix, lambda width: math.ceil(quant.exact_bytes("int8" + suffix, width) / context - 1e-9)
 
 
 def check_levels(levels) -> None:
@@ -220,18 +219,25 @@ def check_levels(levels) -> None:
                          f"got {levels!r}.")
 
 
-def _plan(projections: Projections, spectra: dict, budget: float, weights: dict | None, levels=BITS) -> dict:
-    """{site: (row bytes, predicted error in λ units, bands)} within budget × the sites' 16-bit row bytes."""
+def _plan(projections: Projections, spectra: dict, budget: float, weights: dict | None, levels=BITS,
+          cost=lambda width: 0) -> dict:
+    """{site: (row bytes, predicted error in λ units, bands)} within budget × the sites' 16-bit row bytes; `cost`:
+    bytes a token that come with a latent of that width (exact rows), added to each band choice's row bytes."""
     shares = {n: budget * 4 * s.kv_heads * s.head_dim for n, s in projections.shapes.items()}
-    fronts = {n: frontier(torch.sort(v * w, descending=True).values, levels) for n, (v, w) in spectra.items()}
+    fronts = {n: [(b + cost(_width(bands)), e, bands)
+                  for b, e, bands in frontier(torch.sort(v * w, descending=True).values, levels)]
+              for n, (v, w) in spectra.items()}
     if weights is None:
         plan = {}
         for n, f in fronts.items():
             fits = [pt for pt in f if pt[0] <= shares[n]]
             if not fits:
+                exact = cost(step_cols(f))
                 raise ValueError(f"a budget of {budget:g} gives site {n} {shares[n]:.1f} bytes per token, below the "
-                                 f"smallest band ({f[0][0]} bytes: {step_cols(f)} columns of int{f[0][2][0][0]}); "
-                                 "raise the budget.")
+                                 f"smallest band ({f[0][0]} bytes: {step_cols(f)} columns of int{f[0][2][0][0]}"
+                                 + (f", {exact} of them its exact rows'" if exact else "") +
+                                 "); raise the budget" + (", keep fewer exact rows or count them at a longer context."
+                                                          if exact else "."))
             plan[n] = fits[-1]
         return plan
     return spend(fronts, weights, sum(shares.values()))
