@@ -89,7 +89,8 @@ def _minutes(seconds: float) -> str:
 
 def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine_steps: int = 0,
                 measured: bool | None = None, progress: bool = True, data: str | None = None,
-                log: Callable[[str], None] | None = None, per_direction: bool = True) -> Projections:
+                log: Callable[[str], None] | None = None, per_direction: bool = True, exact: tuple[int, int] = (0, 0),
+                context: int | None = None) -> Projections:
     """Projections for `model` whose cache takes `budget` × the bytes of an uncompressed 16-bit cache, by the
     best recipe measured so far (module docstring). batches: calibration windows (LongTensor [n, T] or a list
     of them). refine_steps: end-to-end training steps (0: closed form only; ~13 s per 512-token step for
@@ -98,12 +99,14 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
     calibration text, for the provenance. per_direction (default True): below 37.5 %, bits per latent direction
     (kvfx.allocate_bits' bands), better per byte than one int4 format at the widest rank that fits (RESULTS.md
     "domains-bits") and decoded on the same AMX integer path at about its speed ("speed-bands"); False: that int4
-    format."""
+    format. exact=(sinks, recent), context: with bits per direction, also hold the first `sinks` and the last
+    `recent` tokens' latents in 16 bits, their bytes charged at `context` tokens (kvfx.allocate_bits; off by default:
+    at 512-token contexts they cost more codes than they gain, RESULTS.md "domains-exact")."""
     from .calib.collect import collect_stats, fit
     from .calib.refine import Refine, refine
     from .calib.sensitivity import allocate, sensitivity
     from .calib.allocate import Budget
-    from .calib.bits import allocate_bits
+    from .calib.bits import _exact_cost, allocate_bits
     from .passes.compile import options_of
     from .rotate import rotate_latents
 
@@ -116,6 +119,11 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
     windows = torch.cat([b.reshape(-1, b.shape[-1]) for b in batches]) if not isinstance(batches, torch.Tensor) \
         else batches.reshape(-1, batches.shape[-1])
     check_budget(budget)  # before any work
+    _exact_cost(exact, context)
+    if sum(exact) and not (per_direction and budget < INT8_FROM):
+        raise ValueError(f"exact rows come with bits per latent direction (a budget below {INT8_FROM:g}, "
+                         f"per_direction=True); budget {budget:g} takes "
+                         f"{'int8 or 16-bit latents' if budget >= INT8_FROM else 'one int4 format'}.")
     measured = refine_steps > 0 if measured is None else measured
 
     t0 = time.perf_counter()
@@ -134,7 +142,7 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
             say(f"measured sensitivity: {probes} forwards of one window, "
                 f"{_minutes(probes * _forward_seconds(module, windows[0]))} (estimate)")
             profile = sensitivity(module, full, windows[:1], ranks=PROBE_RANKS, progress=progress)
-        projections = allocate_bits(stats, full, budget, profile=profile)
+        projections = allocate_bits(stats, full, budget, profile=profile, exact=tuple(exact), context=context)
     elif measured and budget < 1:
         full = fit(stats, METHOD, rank=1.0, granularity=GRANULARITY)
         probes = sum(len(range(1, SENSITIVITY_STEPS)) for _ in stats)
@@ -156,10 +164,11 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
                              progress=progress)
 
     projections.report["quantize"] = fmt
-    achieved = projections.kv_fraction(fmt)
+    achieved = projections.kv_fraction(fmt, context if sum(exact) else None)
     say(f"done in {time.perf_counter() - t0:.0f} s: {achieved:.3f} of the 16-bit cache bytes")
     return stamp(projections, module, method=f"{METHOD}@{GRANULARITY}", budget=budget, quantize=fmt,
                  kv_fraction=achieved, data={"description": data or "token windows", "windows": int(windows.shape[0]),
                                              "window": int(windows.shape[1]), "tokens": int(windows.numel())},
                  recipe={"measured": bool(measured and budget < 1), "rotated": fmt is not None,
-                         "refine_steps": refine_steps, "refine_lr": REFINE_LR if refine_steps else None})
+                         "refine_steps": refine_steps, "refine_lr": REFINE_LR if refine_steps else None}
+                 | ({"exact": {"sinks": exact[0], "recent": exact[1], "context": context}} if sum(exact) else {}))

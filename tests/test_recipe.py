@@ -87,3 +87,17 @@ def test_budget_one_is_exact_16_bit():
     m = tiny_llama(1)
     P = kvfx.best_config(m, windows(), 1.0, progress=False)
     assert P.quantize is None and P.kv_fraction() == 1.0 and "rotation" not in P.report
+
+
+def test_exact_rows_on_request():
+    """exact=(sinks, recent) with bits per direction: every site's format carries them, their bytes counted at
+    `context`; refused with another format or without a context, before any work."""
+    m = tiny_llama(2)
+    P = kvfx.best_config(m, windows(), 0.25, progress=False, exact=(1, 2), context=64)
+    assert all(f.endswith("|sinks1|recent2") for f in P.quantize.values())
+    assert P.kv_fraction(P.quantize, 64) <= 0.25 and P.provenance["recipe"]["exact"] == {"sinks": 1, "recent": 2,
+                                                                                          "context": 64}
+    with pytest.raises(ValueError, match="exact rows come with bits per latent direction"):
+        kvfx.best_config(m, windows(), 0.5, progress=False, exact=(4, 0), context=64)
+    with pytest.raises(ValueError, match="give the context"):
+        kvfx.best_config(m, windows(), 0.25, progress=False, exact=(4, 0))

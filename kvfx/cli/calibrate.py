@@ -30,6 +30,12 @@ def add_arguments(p) -> None:
                    help="below 37.5 %% of the bytes, bits per latent direction (int8/int4/int3/int2 bands, the default: "
                         "best per byte, decoded on the AMX integer path); --no-per-direction: one int4 format for "
                         "every row")
+    p.add_argument("--sinks", type=int, default=0, metavar="S",
+                   help="with bits per direction: also hold the first S tokens' latents in 16 bits (attention sinks)")
+    p.add_argument("--recent", type=int, default=0, metavar="W",
+                   help="with bits per direction: also hold the last W tokens' latents in 16 bits")
+    p.add_argument("--context", type=int, default=None, metavar="TOKENS",
+                   help="the context the budget counts --sinks / --recent rows at (their bytes are fixed a cache)")
 
 
 def run(args) -> int:
@@ -41,14 +47,16 @@ def run(args) -> int:
     model, _, windows, description = model_and_windows(args, "calibration")
     try:
         projections = kvfx.best_config(model, windows, args.budget, refine_steps=args.refine,
-                                       measured=args.measured, data=description, per_direction=args.per_direction)
+                                       measured=args.measured, data=description, per_direction=args.per_direction,
+                                       exact=(args.sinks, args.recent), context=args.context)
     except ValueError as e:
-        if isinstance(e, kvfx.ProjectionError) or not str(e).startswith(("unsupported", "budget")):
+        if isinstance(e, kvfx.ProjectionError) or not str(e).startswith(("unsupported", "budget", "exact")):
             raise
         raise CliError(str(e)) from None
     projections.save(out)
     fmt = quant.describe(projections.quantize)
     print(f"wrote {out}: {len(projections.sites)} attention sites, {fmt} latents, "
-          f"{projections.kv_fraction(projections.quantize):.3f} of the 16-bit KV-cache bytes")
+          f"{projections.kv_fraction(projections.quantize, args.context):.3f} of the 16-bit KV-cache bytes"
+          + (f" at {args.context} tokens" if args.context else ""))
     say(f"next: kvfx eval {args.model} {out}   (or kvfx info {out})")
     return 0
