@@ -9,7 +9,7 @@ stays 0 wide) and rebuilds keys and values from it: c·Bᵀ and c·Dᵀ.
 With `quantize="int8"` or `"int4"` each slot holds int8 rows [codes | scale codes] (kvfx.quant) and reads dequantise
 them. A format with exact rows ("int4|sinks4|recent32") also keeps the latents of the first and the last tokens in 16
 bits (a fixed buffer of sinks + recent slots, the recent ones a ring) and reads take them where held
-(`kvfx::exact_rows`; a decode step's kernel reads them beside the codes).
+(`kvfx::dequantize` writes them over their codes' rows; a decode step's kernel reads them beside the codes).
 """
 from __future__ import annotations
 
@@ -72,10 +72,9 @@ class _LowRankLayerMixin:
         if v.shape[-1]:
             self.kvfx_exact_values.index_copy_(2, slot, v.to(dt))
 
-    def _exact(self, latent: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        if not sum(self.kvfx_exact):
-            return latent
-        return torch.ops.kvfx.exact_rows(latent, rows, self.kvfx_exact_positions)
+    def _exact_args(self, rows: torch.Tensor | None) -> tuple:
+        """kvfx::dequantize's exact rows and their positions, for a format that holds some."""
+        return (rows, self.kvfx_exact_positions) if sum(self.kvfx_exact) else ()
 
     def _exact_batch(self, fn) -> None:
         """Apply a batch reordering (beam search, batch selection) to the exact rows as transformers does to keys."""
@@ -108,10 +107,10 @@ class _LowRankLayerMixin:
         keys, values = self._store(k, v, *args, **kwargs)
         if kind:  # one opaque node each: a decode step reads the codes directly (kvfx::decode_attention)
             codes = quant.codes_of(kind)
-            keys = self._exact(torch.ops.kvfx.dequantize(keys, rk, codes, key_states.dtype), self.kvfx_exact_keys)
+            keys = torch.ops.kvfx.dequantize(keys, rk, codes, key_states.dtype, *self._exact_args(self.kvfx_exact_keys))
             if rv:
-                values = self._exact(torch.ops.kvfx.dequantize(values, rv, codes, key_states.dtype),
-                                     self.kvfx_exact_values)
+                values = torch.ops.kvfx.dequantize(values, rv, codes, key_states.dtype,
+                                                   *self._exact_args(self.kvfx_exact_values))
         if self.kvfx_shared:
             return torch.matmul(keys, self.kvfx_key_up), torch.matmul(keys, self.kvfx_value_up)
         return torch.matmul(keys, self.kvfx_key_up), torch.matmul(values, self.kvfx_value_up)

@@ -50,15 +50,27 @@ _EXT: dict = {}
 
 
 @torch.library.custom_op("kvfx::dequantize", mutates_args=())
-def dequantize(stored: torch.Tensor, width: int, kind: str, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(stored: torch.Tensor, width: int, kind: str, dtype: torch.dtype, exact_rows: torch.Tensor | None = None,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
     """[..., row_bytes(width)] int8 rows -> [..., width] in `dtype` (kvfx.quant.dequantize as one graph node; on CPU
-    the C++ kernel's dequantize_rows: one pass over the codes, not quant.dequantize's dozen torch ops a band)."""
+    the C++ kernel's dequantize_rows: one pass over the codes, not quant.dequantize's dozen torch ops a band). With
+    exact rows ([b, h, slots, width] 16-bit latents at `positions` [slots]; -1: an empty slot), a row whose position
+    is held is the exact one (kvfx.quant.exact_of), written into the fresh output: no copy of the cache."""
     ext = _extension() if stored.device.type == "cpu" and width > 0 else None
     if ext is None:
-        return quant.dequantize(stored, dtype, width, kind).contiguous()  # what the fake kernel promises
-    bits = _BITS.get(kind, -1)
-    out = ext.dequantize_rows(stored, width, bits, list(_band_spec(kind, width)) if bits < 0 else [], _scales())
-    return out if dtype == torch.float32 else out.to(dtype)
+        out = quant.dequantize(stored, dtype, width, kind).contiguous()  # what the fake kernel promises
+    else:
+        bits = _BITS.get(kind, -1)
+        out = ext.dequantize_rows(stored, width, bits, list(_band_spec(kind, width)) if bits < 0 else [], _scales())
+        out = out if dtype == torch.float32 else out.to(dtype)
+    return out if positions is None else _put_exact(out, exact_rows, positions)
+
+
+def _put_exact(latent: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """latent [b, h, N, R] with row p replaced, in place, by rows[:, :, j] where positions[j] = p (0 <= p < N)."""
+    held = (positions >= 0) & (positions < latent.shape[2])
+    latent[:, :, positions[held]] = rows[:, :, held].to(latent.dtype)
+    return latent
 
 
 @functools.lru_cache(maxsize=1)
@@ -68,25 +80,8 @@ def _scales() -> torch.Tensor:
 
 
 @dequantize.register_fake
-def _(stored, width, kind, dtype):
+def _(stored, width, kind, dtype, exact_rows=None, positions=None):
     return stored.new_empty((*stored.shape[:-1], width), dtype=dtype)
-
-
-@torch.library.custom_op("kvfx::exact_rows", mutates_args=())
-def exact_rows(latent: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """latent [b, h, N, R] with row p replaced by rows[:, :, j] where positions[j] = p (0 <= p < N; -1: an empty
-    slot): the exact rows a format keeps beside its codes (kvfx.quant.exact_of). One opaque node, so a decode step
-    can hand the codes and these rows to kvfx::decode_attention unread."""
-    n = latent.shape[2]
-    held = (positions >= 0) & (positions < n)
-    out = latent.clone()
-    out[:, :, positions[held]] = rows[:, :, held].to(out.dtype)
-    return out
-
-
-@exact_rows.register_fake
-def _(latent, rows, positions):
-    return torch.empty_like(latent)
 
 
 def _additive(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -106,8 +101,8 @@ def reference(q, kc, vc, rk: int, rv: int, kind: str, scale: float, mask=None, s
     k = _decoded(kc, rk, kind)
     v = k if shared else _decoded(vc, rv, kind)
     if positions is not None:
-        k = exact_rows(k, exact_keys, positions)
-        v = k if shared else exact_rows(v, exact_values, positions)
+        k = _put_exact(k.clone(), exact_keys, positions)
+        v = k if shared else _put_exact(v.clone(), exact_values, positions)
     m = _additive(mask, kc.shape[2])
     m = None if m is None else m[:, None, None, :]
     return F.scaled_dot_product_attention(q.float(), k, v, attn_mask=m, scale=scale).to(q.dtype)

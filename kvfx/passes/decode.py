@@ -49,17 +49,14 @@ def _calls(node, op) -> bool:
 
 
 def _dequantized(node) -> bool:
-    """The cache's read of low-bit rows: dequantize(codes), or exact_rows(dequantize(codes), rows, positions)."""
-    if _calls(node, torch.ops.kvfx.exact_rows):
-        node = node.args[0]
+    """The cache's read of low-bit rows: dequantize(codes[, exact rows, positions])."""
     return _calls(node, torch.ops.kvfx.dequantize)
 
 
 def _stored(node: fx.Node) -> tuple[tuple, tuple]:
-    """(dequantize's args, (exact rows, positions) or (None, None)) of a read `_dequantized` accepts."""
-    if _calls(node, torch.ops.kvfx.exact_rows):
-        return node.args[0].args, tuple(node.args[1:])
-    return node.args, (None, None)
+    """(codes, width, kind, dtype) and (exact rows, positions) or (None, None) of a read `_dequantized` accepts."""
+    args = tuple(node.args) + (None,) * (6 - len(node.args))
+    return args[:4], args[4:6]
 
 
 # 16/32-bit latents go to the kernel when at least this many query rows share each cached row (measured on SmolLM2,
@@ -185,10 +182,7 @@ def _erase_dead(g: fx.Graph, node: fx.Node) -> None:
     """Erase the bypassed repeat_kv chain and, once nothing reads it, the dequantisation under it."""
     node = gu.erase_dead_layout(g, node)
     if _dequantized(node) and not node.users:
-        inner = node.args[0] if _calls(node, torch.ops.kvfx.exact_rows) else None
         g.erase_node(node)
-        if inner is not None and not inner.users:
-            g.erase_node(inner)
 
 
 def group_decode_sites(gm: fx.GraphModule, sites, projections, consts=None) -> None:

@@ -551,13 +551,16 @@ def test_exact_rows_stand_for_their_codes(g, n, rk, rv, kind, mask, shared, slot
         assert (out - plain).abs().max() > 1e-3
 
 
-def test_exact_rows_op_replaces_the_held_positions():
-    latent = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(1, 2, 5, 3)
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_dequantize_writes_the_exact_rows_over_their_codes(kind):
+    latent = torch.randn(1, 2, 5, 3)
+    stored = quant.quantize(latent, kind)
     rows = -torch.ones(1, 2, 4, 3).cumsum(2)  # slot j holds -(j + 1)
-    out = torch.ops.kvfx.exact_rows(latent, rows.half(), torch.tensor([3, -1, 0, 7]))
-    want = latent.clone()
+    out = torch.ops.kvfx.dequantize(stored, 3, kind, torch.float32, rows.half(), torch.tensor([3, -1, 0, 7]))
+    want = quant.dequantize(stored, torch.float32, 3, kind)
     want[:, :, 3], want[:, :, 0] = -1.0, -3.0  # slot 1 is empty, slot 3's position is past the 5 rows
-    assert torch.equal(out, want)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)  # the C++ decoder: float32 round-off
+    assert torch.equal(out[:, :, [0, 3]], want[:, :, [0, 3]])
 
 
 @pytest.mark.parametrize("switch", ["KVFX_NO_AMX", "KVFX_AVX2_INTEGER"])
@@ -577,4 +580,5 @@ def test_exact_rows_opcheck():
     ek, ev, pos = _exact_rows(1, 2, 20, 9, 7, 6, 3)
     torch.library.opcheck(torch.ops.kvfx.decode_attention.default, (q, kc, vc, 9, 7, "int4", 0.3, m, False, ek, ev, pos),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.kvfx.exact_rows.default, (q, ek, pos), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.kvfx.dequantize.default, (kc, 9, "int4", torch.float32, ek, pos),
+                          test_utils=("test_schema", "test_faketensor"))

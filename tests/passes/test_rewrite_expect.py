@@ -122,7 +122,7 @@ attention = kvfx_passes_exact_window_attention(matmul, matmul_1, matmul_2, fake_
         gm = decode_graph("dynamic", quantize="int4|sinks2|recent4")
         # Look for: the cache keeping the step's latent in its exact-rows ring (slot from the position, index_copy_
         # into kvfx_exact_keys / _positions) beside the int4 codes, and the decode kernel reading both: codes,
-        # exact rows and their positions (no dequantize, no exact_rows node left).
+        # exact rows and their positions (no dequantize node left).
         ring = graph_excerpt(gm, "k = torch.matmul", "exact_values.index_copy_")
         step = graph_excerpt(gm, "reshape = q_embed", "decode_attention")  # between them: the int4 rounding
         self.assertExpectedInline(ring + "\n...\n" + step, """\
