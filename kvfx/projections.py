@@ -77,7 +77,7 @@ class SiteProjection:
         16 bits (quantize=None); with `context`, a format's exact rows (a fixed amount a cache) spread over that
         many tokens."""
         def per_token(width: int) -> float:
-            exact = quant.exact_bytes(quantize, width) / context if context and width else 0.0
+            exact = quant.exact_bytes(quantize, width) / context if context and width else 0
             return quant.row_bytes(quantize, width) + exact
         if self.shared:
             return per_token(self.key_rank)

@@ -29,6 +29,10 @@ rows in registers, reduced by a shuffle tree; on AVX2-only CPUs such as AMD Zen 
 rows, so the accumulators fit 16 registers and each loaded vector serves several) and its value sums in registers: the reference's numbers up to float32 round-off. Without a compiler the op runs `reference` (float32), without the saving. `kernel_available()`
 says which.
 
+Exact rows (a format's "|sinksS|recentW", kvfx.quant.exact_of): both ops take the 16-bit rows and their positions;
+`dequantize` writes them over their codes' rows, `decode_attention` skips those codes (score -inf) and merges the
+rows' own partial softmax with the split-K chunks' (AMX then takes the float path; on CUDA the reference runs).
+
 CUDA: a Triton split-K kernel (lowbit_attention_triton.py) when triton is installed, tested in Triton's interpreter
 on CPU (tests/ops/test_lowbit_attention_triton.py); without triton, and on other devices, `reference`.
 """
