@@ -178,6 +178,11 @@ def exact_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float16
 
 
+def exact_suffix(sinks: int, recent: int) -> str:
+    """The format suffix that holds `sinks` first and `recent` last tokens exact ("" for none)."""
+    return (f"|sinks{sinks}" if sinks else "") + (f"|recent{recent}" if recent else "")
+
+
 def exact_bytes(quantize: str | None, width: int) -> int:
     """Bytes the exact rows of one cached latent head take (sinks + recent + the spare slot, 16 bits a number),
     however long the context: a cache holds row_bytes per token plus this."""

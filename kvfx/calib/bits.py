@@ -207,8 +207,8 @@ def _exact_cost(exact, context):
     if not isinstance(context, int) or context < 1:
         raise ValueError("exact rows take a fixed number of bytes a cache: give the context (tokens) the budget is "
                          f"counted at, e.g. context=512; got {context!r}.")
-    suffix = (f"|sinks{exact[0]}" if exact[0] else "") + (f"|recent{exact[1]}" if exact[1] else "")
-    return suffix, lambda width: math.ceil(quant.exact_bytes("int8" + suffix, width) / context - 1e-9)
+    suffix = quant.exact_suffix(*exact)
+    return suffix, lambda width: math.ceil(quant.exact_bytes(suffix, width) / context - 1e-9)
 
 
 def check_levels(levels) -> None:

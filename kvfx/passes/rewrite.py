@@ -62,13 +62,12 @@ class RankSpaceRewrite:
         q, g, sdpa = args["query"], site.group, site.sdpa
         kind = None if site.lowrank_cache else quant.site(self.quantize, site.name)
         exact = quant.exact_of(kind)  # (sinks, recent): rows the cache would hold exact (kvfx's cache: its own code)
-        self._exact_latents = None
         # many query rows over a joint latent: read it expanded (not with an exact window: that attends in rank space)
         expanding = expand.worth_expanding(site, proj, q) and not sum(exact)
         if not expanding:
             b_q = lambda: proj.key_up.repeat_interleave(g, 0)                    # [H, d, Rk]  # noqa: E731
             site.proj["q"] = q2 = self._mm(q, self._const(site, "key_up", b_q, q), sdpa)
-        k2, v2 = self._cached(site, proj) if site.lowrank_cache else self._projected(site, proj, args)
+        k2, v2, unrounded = self._cached(site, proj) if site.lowrank_cache else self._projected(site, proj, args, kind)
         counters["kvfx"]["rewritten"] += 1
         if proj.shared:
             counters["kvfx"]["shared"] += 1
@@ -81,8 +80,8 @@ class RankSpaceRewrite:
         if proj.joint:
             changes["enable_gqa"] = True  # joint latent: one kv "head" serves every query head
         gu.set_sdpa_args(sdpa, **changes)
-        if self._exact_latents is not None:
-            exact_window.replace_sdpa(self.g, site, *self._exact_latents, *exact)
+        if sum(exact):
+            exact_window.replace_sdpa(self.g, site, *unrounded, *exact)
             sdpa = site.sdpa
         with self.g.inserting_after(sdpa):
             out = self.g.call_function(torch.matmul, (sdpa, None))
@@ -91,31 +90,30 @@ class RankSpaceRewrite:
         out.args = (sdpa, self._const(site, "value_up_t", d_t, q))
         site.proj["o"] = out
 
-    def _cached(self, site: AttentionSite, proj: SiteProjection) -> tuple[fx.Node, fx.Node]:
+    def _cached(self, site: AttentionSite, proj: SiteProjection) -> tuple[fx.Node, fx.Node, None]:
         """kvfx's cache: SDPA reads the cached latents; the cache writes are the fold targets."""
         k2 = self._reassociate(site, site.k, proj, "key_down")
         v2 = self._reassociate(site, site.v, proj, "value_down")
         site.proj["k"], site.proj["v"] = site.k.down, site.v.down
         counters["kvfx"]["reassociated"] += 1
-        return k2, v2
+        return k2, v2, None
 
-    def _projected(self, site: AttentionSite, proj: SiteProjection, args: dict) -> tuple[fx.Node, fx.Node]:
+    def _projected(self, site: AttentionSite, proj: SiteProjection, args: dict, kind) -> tuple[fx.Node, fx.Node, tuple]:
         """Full-width keys / values (no cache, or transformers' own): project them (and round them as the low-bit
-        cache would); a shared latent adds its two projections into one."""
+        cache would, format `kind`); a shared latent adds its two projections into one. Also returns the latents
+        before rounding (what an exact window reads)."""
         k2 = self._plain(site, site.k, args["key"], proj, "key_down")
         v2 = self._plain(site, site.v, args["value"], proj, "value_down")
         site.proj["k"], site.proj["v"] = k2, v2
         with self.g.inserting_before(site.sdpa):
             if proj.shared:  # one latent c = k·A + v·C read as key and value
                 k2 = v2 = self.g.call_function(torch.add, (k2, v2))
-            kind = quant.site(self.quantize, site.name)
-            if sum(quant.exact_of(kind)):
-                self._exact_latents = (k2, v2)
+            unrounded = (k2, v2)
             if kind:
                 k2 = self.g.call_function(quant.fake_quant, (k2, kind))
                 v2 = k2 if proj.shared else self.g.call_function(quant.fake_quant, (v2, kind))
                 counters["kvfx"]["quantized"] += 1
-        return k2, v2
+        return k2, v2, unrounded
 
     def _plain(self, site, path, x: fx.Node, proj: SiteProjection, label: str) -> fx.Node:
         down = getattr(proj, label)

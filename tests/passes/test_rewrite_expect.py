@@ -20,6 +20,13 @@ def rewritten(model, *args, quantize=None, **kwargs):
     return cm._kvfx.backend.graphs
 
 
+def rounded_latents_excerpt(quantize, stop):
+    """A 6-token forward without cache, latents rounded as `quantize` stores them: q·B up to the attention `stop`."""
+    m = tiny_llama(1)
+    (gm,) = rewritten(m, model_inputs(m), use_cache=False, quantize=quantize)
+    return graph_excerpt(gm, "matmul(q_embed", stop)
+
+
 def decode_graph(kind, quantize=None):
     m = tiny_llama(1)
     cm = kvfx.compress(torch.compile(m, backend="eager"), random_projections(m, rank=4), cache=kind, quantize=quantize)
@@ -92,11 +99,9 @@ attn_output_3 = reshape_3.contiguous()
 attn_output_4 = torch._C._nn.linear(attn_output_3, kvfx_o_folded_weight, None)""")
 
     def test_llama_int8_latents(self):
-        m = tiny_llama(1)
-        (gm,) = rewritten(m, model_inputs(m), use_cache=False, quantize="int8")
         # Look for: the rank-4 key and value latents each rounded by fake_quant (what the int8 cache would store)
         # before SDPA; everything else as in test_llama_rope_gqa.
-        self.assertExpectedInline(graph_excerpt(gm, "matmul(q_embed", "scaled_dot_product_attention"), """\
+        self.assertExpectedInline(rounded_latents_excerpt("int8", "scaled_dot_product_attention"), """\
 matmul = torch.matmul(q_embed, kvfx_key_up)
 matmul_1 = torch.matmul(key, kvfx_key_down)
 matmul_2 = torch.matmul(value, kvfx_value_down)
@@ -105,12 +110,10 @@ fake_quant_1 = kvfx_quant_fake_quant(matmul_2, 'int8')
 attn_output = torch._C._nn.scaled_dot_product_attention(matmul, fake_quant, fake_quant_1, attn_mask = attention_mask, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = False)""")
 
     def test_llama_exact_window(self):
-        m = tiny_llama(1)
-        (gm,) = rewritten(m, model_inputs(m), use_cache=False, quantize="int8|sinks2|recent4")
         # Look for: the latents rounded by fake_quant as in test_llama_int8_latents, and SDPA replaced by the exact
         # window's attention, which also reads the unrounded latents (matmul_1, matmul_2) for the first 2 keys and
         # the 4 nearest each query.
-        self.assertExpectedInline(graph_excerpt(gm, "matmul(q_embed", "attention("), """\
+        self.assertExpectedInline(rounded_latents_excerpt("int8|sinks2|recent4", "attention("), """\
 matmul = torch.matmul(q_embed, kvfx_key_up)
 matmul_1 = torch.matmul(key, kvfx_key_down)
 matmul_2 = torch.matmul(value, kvfx_value_down)
