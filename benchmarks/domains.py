@@ -16,7 +16,9 @@ flushed into the codes as chunks arrive).
 Configurations (--configs, comma-separated):
     METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN]   kvfx: calibrator, granularity (head/layer/kv), rank
                                                           fraction of the latent's width, storage, rotation, and
-                                                          the calibration text (default --calib)
+                                                          the calibration text (default --calib); any kvfx
+                                                          configuration takes :uncentred (low-bit latents rounded
+                                                          around zero, not the calibration mean: an ablation)
     METHOD@kv:BUDGET:bits[:measured][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN]
                                                           kvfx.allocate_bits: bits per latent direction (int8 /
                                                           int4 / int3 / int2 bands, --bit-levels) in BUDGET ×
@@ -80,6 +82,7 @@ class Config:
     refine: int = 0                  # kvfx.refine steps through the bands after allocate_bits
     exact: tuple = (0, 0)            # allocate_bits' (sinks, recent): tokens whose latents are held in 16 bits
     calib: str | None = None
+    uncentred: bool = False          # Projections.uncentred(): latents rounded around zero (an ablation)
     levels: tuple = (8, 4, 3, 2)     # allocate_bits' band formats (--bit-levels)
     ratios: dict = field(default_factory=dict)
     kv_bytes: float = math.nan
@@ -109,14 +112,17 @@ def parse(spec: str) -> Config:
             elif opt.startswith(("sinks=", "recent=")) and cfg.per_direction:
                 n = int(opt.split("=")[1])
                 cfg.exact = (n, cfg.exact[1]) if opt[0] == "s" else (cfg.exact[0], n)
+            elif opt == "uncentred":
+                cfg.uncentred = True
             elif opt.startswith("calib=") and opt[6:] in (*DOMAINS, "mix"):
                 cfg.calib = opt[6:]
             else:
                 raise ValueError
         return cfg
     except (ValueError, IndexError):
-        raise SystemExit(f"bad configuration {spec!r}: expected METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN], "
-                         f"METHOD@kv:BUDGET:bits[:measured][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN] "
+        raise SystemExit(f"bad configuration {spec!r}: expected METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN]"
+                         "[:uncentred], "
+                         f"METHOD@kv:BUDGET:bits[:measured][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN][:uncentred] "
                          f"or quanto|hqq:BITS:gGROUP:rRESIDUAL (domains: {', '.join(DOMAINS)}, mix)") from None
 
 
@@ -223,6 +229,7 @@ def projections(model, tok, cfg: Config, args, memo: dict):
         memo[source, "windows"] = windows
     if cfg.per_direction:  # RANK is the budget: bits per latent direction over the full-width fit
         full = fit(memo[source], cfg.method, 1.0, granularity=cfg.granularity)
+        full = full.uncentred() if cfg.uncentred else full  # before allocating and refining: all of it uncentred
         if cfg.measured and (source, "profile") not in memo:
             memo[source, "profile"] = kvfx.sensitivity(model, full, memo[source, "windows"][:2].split(1),
                                                        ranks=(0.75, 0.875, 1.0), progress=False)
@@ -234,6 +241,7 @@ def projections(model, tok, cfg: Config, args, memo: dict):
                                kvfx.Refine(steps=cfg.refine, lr=2e-4, quantize=proj.quantize), progress=False)
         return proj
     proj = fit(memo[source], cfg.method, cfg.rank, granularity=cfg.granularity)
+    proj = proj.uncentred() if cfg.uncentred else proj
     return kvfx.rotate_latents(proj) if cfg.rotate else proj
 
 
@@ -247,10 +255,12 @@ def label(cfg: Config) -> str:
                 + (", layers priced by measured sensitivity" if cfg.measured else "")
                 + (f", first {cfg.exact[0]} and last {cfg.exact[1]} tokens in 16 bits" if sum(cfg.exact) else "")
                 + (f", refined {cfg.refine} steps" if cfg.refine else "")
-                + (f", calibrated on {cfg.calib}" if cfg.calib else ""))
+                + (f", calibrated on {cfg.calib}" if cfg.calib else "")
+                + (", rounded around zero (uncentred)" if cfg.uncentred else ""))
     store = f", {cfg.quantize}" if cfg.quantize else ", float32 latents"
     calib = f", calibrated on {cfg.calib}" if cfg.calib else ""
-    return f"kvfx {cfg.method}{gran} rank {cfg.rank:g}{store}{', rotated' if cfg.rotate else ''}{calib}"
+    return (f"kvfx {cfg.method}{gran} rank {cfg.rank:g}{store}{', rotated' if cfg.rotate else ''}{calib}"
+            + (", rounded around zero (uncentred)" if cfg.uncentred else ""))
 
 
 def table(configs, base, args, partial: int = 0) -> str:

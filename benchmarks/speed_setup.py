@@ -134,6 +134,7 @@ class Config:
     decoded: bool = False            # low-bit rows decoded to float32 in the kernel (KVFX_NO_AMX=1: no integer path)
     avx2_integer: bool = False       # the kernel's opt-in AVX2 integer path (KVFX_AVX2_INTEGER=1)
     exact: tuple = (0, 0)            # "bits": (sinks, recent) tokens held in 16 bits (reserved at EXACT_CONTEXT)
+    uncentred: bool = False          # "bits": latents rounded around zero (Projections.uncentred: an ablation)
 
     def kinds(self, wanted: list[str]) -> list[str]:
         """Cache kinds this configuration runs with (kvfx: each of --cache-kinds)."""
@@ -144,7 +145,7 @@ class Config:
 
 _KVFX = re.compile(r"kvfx-(head|layer|kv)-([0-9]*\.?[0-9]+)(?:-(int8|int4))?(-decoded|-avx2int)?")
 # allocate_bits' bands in BUDGET (842: no int3), -sSrW: the first S and last W tokens also held in 16 bits
-_BITS = re.compile(r"kvfx-kv-bits(842)?-([0-9]*\.?[0-9]+)(?:-s([0-9]+)r([0-9]+))?(-decoded|-avx2int)?")
+_BITS = re.compile(r"kvfx-kv-bits(842)?-([0-9]*\.?[0-9]+)(?:-s([0-9]+)r([0-9]+))?(-decoded|-avx2int)?(-uncentred)?")
 EXACT_CONTEXT = 512  # exact rows' bytes reserved from the budget at the quality protocol's context (same layout)
 DEFAULT_CONFIGS = ["original-dynamic", "original-static", "kvfx-head-0.5", "kvfx-head-0.25", "kvfx-layer-0.5",
                    "kvfx-layer-0.25", "kvfx-kv-0.5", "kvfx-kv-0.25", "kvfx-kv-0.5-int8", "kvfx-kv-0.9375-int4",
@@ -162,7 +163,7 @@ def parse_config(name: str) -> Config:
     if m and 0 < float(m.group(2)) < 1:
         return Config(name, "kvfx", "kv", float(m.group(2)), "bits", levels=(8, 4, 2) if m.group(1) else (8, 4, 3, 2),
                       decoded=m.group(5) == "-decoded", avx2_integer=m.group(5) == "-avx2int",
-                      exact=(int(m.group(3) or 0), int(m.group(4) or 0)))
+                      exact=(int(m.group(3) or 0), int(m.group(4) or 0)), uncentred=bool(m.group(6)))
     m = _KVFX.fullmatch(name)
     if m and 0 < float(m.group(2)) <= 1 and not (m.group(4) and not m.group(3)):
         return Config(name, "kvfx", m.group(1), float(m.group(2)), m.group(3), decoded=m.group(4) == "-decoded",
@@ -171,7 +172,8 @@ def parse_config(name: str) -> Config:
                      "peer-quanto-int4, peer-quanto-int2, kvfx-{head|layer|kv}-RANK[-int8|-int4] with RANK in "
                      "(0, 1] (e.g. kvfx-kv-0.5-int8) or kvfx-kv-bits-BUDGET (allocate_bits, BUDGET in (0, 1); "
                      "kvfx-kv-bits842-BUDGET: int8/int4/int2 bands only, as before int3; + '-sSrW': the first S and "
-                     "last W tokens also held in 16 bits, e.g. kvfx-kv-bits-0.125-s4r32); a low-bit kvfx "
+                     "last W tokens also held in 16 bits, e.g. kvfx-kv-bits-0.125-s4r32; + '-uncentred': rounded around "
+                     "zero, not the calibration mean); a low-bit kvfx "
                      "configuration + '-decoded': its rows decoded to float32 in the kernel (no integer path), "
                      "+ '-avx2int': the kernel's opt-in AVX2 integer path (KVFX_AVX2_INTEGER=1)")
 
@@ -246,7 +248,8 @@ def projections_for(model, config: Config, memo: dict):
     "bits" latents come from kvfx.allocate_bits, whose band widths (how many columns a row keeps, so how much
     arithmetic a step does) depend on the statistics: on SmolLM2 they are calibrated on 4 windows of the shipped
     calibration mix, the layout a quality run gets; on random-weight models, on the random tokens."""
-    key = (config.method, config.granularity, config.rank, config.quantize is not None, config.levels, config.exact)
+    key = (config.method, config.granularity, config.rank, config.quantize is not None, config.levels, config.exact,
+           config.uncentred)
     if key not in memo:
         device = next(model.parameters()).device
         ids = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
@@ -254,7 +257,8 @@ def projections_for(model, config: Config, memo: dict):
             tok = getattr(model, "kvfx_bench_tokenizer", None)
             windows = calibration_mix(tok, 4, 512).split(1) if tok is not None else [ids]
             stats = collect_stats(model, [w.to(device) for w in windows], progress=False)
-            memo[key] = kvfx.allocate_bits(stats, fit(stats, config.method, 1.0, granularity="kv"), config.rank,
+            full = fit(stats, config.method, 1.0, granularity="kv")
+            memo[key] = kvfx.allocate_bits(stats, full.uncentred() if config.uncentred else full, config.rank,
                                            levels=config.levels, exact=config.exact, context=EXACT_CONTEXT)
             return memo[key]
         proj = kvfx.calibrate(model, [ids.to(device)], method=config.method, rank=config.rank,

@@ -10,6 +10,8 @@ With `quantize="int8"` or `"int4"` each slot holds int8 rows [codes | scale code
 them. A format with exact rows ("int4|sinks4|recent32") also keeps the latents of the first and the last tokens in 16
 bits (a fixed buffer of sinks + recent slots, the recent ones a ring) and reads take them where held
 (`kvfx::dequantize` writes them over their codes' rows; a decode step's kernel reads them beside the codes).
+Projections with calibration means (SiteProjection.latent_offsets) make a low-bit cache store latent − offset (codes
+and exact rows) and add the offset back on read: rounding around the mean, exact otherwise.
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ class _LowRankLayerMixin:
         setattr(self, cc.VALUE_DOWN, cast(down(proj.value_down)))        # [h, d, Rv] or [h·d, Rv]
         setattr(self, cc.VALUE_UP, cast(proj.value_up.transpose(1, 2)))  # [h, Rv, d]  (Dᵀ)
         self.kvfx_shared = proj.shared
+        # low-bit latents are rounded around the calibration mean's latent: subtracted on write, added back on read
+        offsets = proj.latent_offsets() if quantize else (None, None)
+        self.kvfx_key_offset, self.kvfx_value_offset = (None if o is None else cast(o) for o in offsets)
         self.kvfx_widths = (self.kvfx_key_down.shape[-1], 0 if proj.shared else self.kvfx_value_down.shape[-1])
 
     @staticmethod
@@ -72,9 +77,11 @@ class _LowRankLayerMixin:
         if v.shape[-1]:
             self.kvfx_exact_values.index_copy_(2, slot, v.to(dt))
 
-    def _exact_args(self, rows: torch.Tensor | None) -> tuple:
-        """kvfx::dequantize's exact rows and their positions, for a format that holds some."""
-        return (rows, self.kvfx_exact_positions) if sum(self.kvfx_exact) else ()
+    def _read_args(self, rows: torch.Tensor | None, offset: torch.Tensor | None) -> tuple:
+        """kvfx::dequantize's optional arguments: the exact rows and their positions for a format that holds some,
+        the latent offset added back (both positional: passes/decode.py reads them from the node's args)."""
+        exact = (rows, self.kvfx_exact_positions) if sum(self.kvfx_exact) else (None, None)
+        return (*exact, offset) if offset is not None else exact if exact[1] is not None else ()
 
     def _exact_batch(self, fn) -> None:
         """Apply a batch reordering (beam search, batch selection) to the exact rows as transformers does to keys."""
@@ -100,6 +107,10 @@ class _LowRankLayerMixin:
         if self.kvfx_shared:  # one latent: cached once, read as key and as value
             k, v = k + v, v[..., :0]
         kind, (rk, rv) = self.kvfx_quantize, self.kvfx_widths
+        if self.kvfx_key_offset is not None:  # rows (codes and exact ones) hold latent - offset
+            k = k - self.kvfx_key_offset
+            if rv:
+                v = v - self.kvfx_value_offset
         if sum(self.kvfx_exact):
             self._keep_exact(k, v, self._start())
         if kind:
@@ -107,10 +118,11 @@ class _LowRankLayerMixin:
         keys, values = self._store(k, v, *args, **kwargs)
         if kind:  # one opaque node each: a decode step reads the codes directly (kvfx::decode_attention)
             codes = quant.codes_of(kind)
-            keys = torch.ops.kvfx.dequantize(keys, rk, codes, key_states.dtype, *self._exact_args(self.kvfx_exact_keys))
+            keys = torch.ops.kvfx.dequantize(keys, rk, codes, key_states.dtype,
+                                             *self._read_args(self.kvfx_exact_keys, self.kvfx_key_offset))
             if rv:
                 values = torch.ops.kvfx.dequantize(values, rv, codes, key_states.dtype,
-                                                   *self._exact_args(self.kvfx_exact_values))
+                                                   *self._read_args(self.kvfx_exact_values, self.kvfx_value_offset))
         if self.kvfx_shared:
             return torch.matmul(keys, self.kvfx_key_up), torch.matmul(keys, self.kvfx_value_up)
         return torch.matmul(keys, self.kvfx_key_up), torch.matmul(values, self.kvfx_value_up)

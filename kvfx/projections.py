@@ -11,7 +11,9 @@ Shared K+V latent (granularity "kv", `shared=True`, like DeepSeek's MLA c_KV): O
     c = [k_1 … k_h]·A + [v_1 … v_h]·C          (key_down A, value_down C: [1, h·d, R], post-RoPE keys)
 read by attention as both key and value: k̂_g = c·B_gᵀ, v̂_g = c·D_gᵀ, i.e. SDPA(q·B, c, c)·Dᵀ. The cache
 holds R numbers per token and layer (not R_k + R_v).
-File format 2 adds the `shared` site list; format-1 files (no shared sites) still load. Optional metadata
+File format 2 adds the `shared` site list; format-1 files (no shared sites) still load. Format 3 adds each site's
+calibration key and value means (`key_mean`, `value_mean` [h, d]: low-bit latents are rounded around them, see
+`SiteProjection.latent_offsets`); files without means are written as format 2, and older files load without them. Optional metadata
 entries `provenance` (JSON: kvfx version, model fingerprint, data, recipe; see kvfx/provenance.py) and `quantize`
 (the latent format the file was made for) do not change the format: files without them load as before.
 """
@@ -27,8 +29,9 @@ import torch
 
 from . import quant
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _KINDS = ("key_down", "key_up", "value_down", "value_up")
+_MEANS = ("key_mean", "value_mean")
 
 
 class ProjectionError(ValueError):
@@ -53,6 +56,8 @@ class SiteProjection:
     value_down: torch.Tensor
     value_up: torch.Tensor
     shared: bool = False     # one latent c = K·A + V·C serves as both cached key and cached value
+    key_mean: torch.Tensor | None = None    # [h, d]: the calibration keys' mean (low-bit latents round around it)
+    value_mean: torch.Tensor | None = None  # [h, d]
 
     @property
     def joint(self) -> bool:
@@ -94,9 +99,33 @@ class SiteProjection:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in _KINDS}
 
+    def means(self) -> dict[str, torch.Tensor]:
+        """{"key_mean": …, "value_mean": …} where known, else {}."""
+        return {k: getattr(self, k) for k in _MEANS if getattr(self, k) is not None}
+
     def like(self, **tensors: torch.Tensor) -> "SiteProjection":
-        """A projection of the same form (shared or not) with the given tensors."""
-        return SiteProjection(**tensors, shared=self.shared)
+        """A projection of the same form (shared or not, the same means) with the given tensors."""
+        return SiteProjection(**tensors, shared=self.shared, key_mean=self.key_mean, value_mean=self.value_mean)
+
+    def centred(self, key_mean: torch.Tensor, value_mean: torch.Tensor) -> "SiteProjection":
+        """This projection with the calibration keys' and values' means ([h, d] each)."""
+        return SiteProjection(**self.tensors(), shared=self.shared, key_mean=key_mean, value_mean=value_mean)
+
+    def latent_offsets(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(key, value) latent offsets [h | 1, 1, R] a low-bit cache subtracts before rounding and adds back after:
+        the means' latents (k̄·A, v̄·C; a shared latent's k̄·A + v̄·C, value None). Rounding around the mean spends
+        the codes on what varies (a latent's mean holds 7-20 % of its energy on SmolLM2); the offset is exact
+        either way: reads add it back. (None, None) without means."""
+        if self.key_mean is None or self.value_mean is None:
+            return None, None
+
+        def offset(mean, down):
+            mean = mean.to(device=down.device, dtype=torch.float32)
+            if down.shape[0] == 1 and down.shape[1] == mean.numel():  # joint: one latent over the kv heads
+                return (mean.reshape(1, -1) @ down[0].float())[:, None]
+            return torch.einsum("hd,hdr->hr", mean, down.float())[:, None]
+        key, value = offset(self.key_mean, self.key_down), offset(self.value_mean, self.value_down)
+        return (key + value, None) if self.shared else (key, value)
 
     @classmethod
     def identity(cls, kv_heads: int, head_dim: int, dtype=torch.float32) -> "SiteProjection":
@@ -147,6 +176,11 @@ class Projections:
                                           "(the projected width); pick a rank in range.")
                 if up.shape[-1] != down.shape[-1]:
                     raise ProjectionError(f"{name}.{label}: up and down projections differ in rank.")
+            for label, mean in (("key_mean", p.key_mean), ("value_mean", p.value_mean)):
+                if mean is not None and (not isinstance(mean, torch.Tensor) or tuple(mean.shape) != (shp.kv_heads, shp.head_dim)
+                                         or not torch.isfinite(mean).all()):
+                    raise ProjectionError(f"{name}.{label}: expected finite means of shape [{shp.kv_heads}, "
+                                          f"{shp.head_dim}] (kv heads × head_dim); recalibrate.")
             if p.shared and not (p.key_down.shape[0] == p.value_down.shape[0] == 1 and shp.kv_heads * shp.head_dim
                                  == p.key_down.shape[1] == p.value_down.shape[1] and p.key_rank == p.value_rank):
                 raise ProjectionError(
@@ -200,17 +234,26 @@ class Projections:
                         f"{r.get('value_err', float('nan')):9.4f}  {eps}")
         return "\n".join(rows)
 
+    def uncentred(self) -> "Projections":
+        """These projections without their calibration means: low-bit latents rounded around zero (as before file
+        format 3; an ablation of SiteProjection.latent_offsets)."""
+        sites = {n: SiteProjection(**p.tensors(), shared=p.shared) for n, p in self.sites.items()}
+        return Projections(sites, dict(self.shapes), self.method, dict(self.report))
+
     def to(self, dtype=None, device=None) -> "Projections":
-        sites = {n: p.like(**{k: t.to(dtype=dtype, device=device) for k, t in p.tensors().items()})
+        sites = {n: SiteProjection(**{k: t.to(dtype=dtype, device=device) for k, t in p.tensors().items()},
+                                   shared=p.shared, **{k: m.to(device=device) for k, m in p.means().items()})
                  for n, p in self.sites.items()}
         return Projections(sites, dict(self.shapes), self.method, dict(self.report))
 
     # ---------------------------------------------------------------- files
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
-        tensors = {f"{n}/{k}": t.detach().contiguous().cpu() for n, p in self.sites.items() for k, t in p.tensors().items()}
+        tensors = {f"{n}/{k}": t.detach().contiguous().cpu() for n, p in self.sites.items()
+                   for k, t in (p.tensors() | p.means()).items()}
+        centred = any(p.means() for p in self.sites.values())
         meta = {
-            "format": "kvfx.projections", "format_version": str(FORMAT_VERSION), "method": self.method,
+            "format": "kvfx.projections", "format_version": str(FORMAT_VERSION if centred else 2), "method": self.method,
             "sites": json.dumps(list(self.sites)),
             "fingerprint": json.dumps({n: s.as_list() for n, s in self.shapes.items()}),
             "ranks": json.dumps(self.ranks),
@@ -218,7 +261,8 @@ class Projections:
             "shared": json.dumps([n for n, p in self.sites.items() if p.shared]),
         }
         if self.provenance:
-            meta["provenance"] = json.dumps(self.provenance | {"format_version": FORMAT_VERSION}, default=float)
+            meta["provenance"] = json.dumps(self.provenance | {"format_version": int(meta["format_version"])},
+                                            default=float)
         if self.quantize:
             meta["quantize"] = self.quantize if isinstance(self.quantize, str) else json.dumps(self.quantize)
         path = Path(path)  # written next to the target, then renamed: no half-written file under the name
@@ -254,7 +298,9 @@ class Projections:
             names = json.loads(meta["sites"])
             fp = json.loads(meta["fingerprint"])
             shared = set(json.loads(meta.get("shared", "[]")))  # format 1: none
-            sites = {n: SiteProjection(**{k: tensors[f"{n}/{k}"] for k in _KINDS}, shared=n in shared) for n in names}
+            sites = {n: SiteProjection(**{k: tensors[f"{n}/{k}"] for k in _KINDS}, shared=n in shared,
+                                       **{k: tensors[f"{n}/{k}"] for k in _MEANS if f"{n}/{k}" in tensors})
+                     for n in names}  # means: format 3 (optional there; formats 1-2 have none)
             shapes = {n: SiteShape(*fp[n]) for n in names}
             report = json.loads(meta.get("report", "{}"))
             if "provenance" in meta:  # optional (files before provenance have none)

@@ -26,6 +26,11 @@ held (`exact_of`, `codes_of`; kvfx.cache and kvfx::decode_attention); their byte
 (`exact_bytes`). Without kvfx's cache the rewrite pass attends the exact latents of the first keys and of those
 within the window of each query (passes/exact_window.py), as a decode step reads them.
 
+Centring: projections with calibration means (file format 3; SiteProjection.latent_offsets) make kvfx's cache round
+latent − offset, the offset being the means' latent, and add it back on read (`fake_quant(x, kind, offset)` in the
+rewrite pass, `kvfx::dequantize(..., offset)` in the cache, one add to a decode kernel's output): codes spent on what
+varies, not on a mean that every row repeats; exact up to the rounding, no bytes.
+
 A per-site dict {site name: format} gives each attention site its own (`site`). A stored row is one int8 vector
 [codes | scale codes] per band, so the cache holds a single int8 tensor [b, h, N, row_bytes(R)] per slot and
 transformers' own Dynamic and Static layers store it unchanged.
@@ -279,9 +284,12 @@ def dequantize(stored: torch.Tensor, dtype: torch.dtype, width: int, kind: str =
     return torch.cat([_dequantize_band(p, w, fmt) for p, (fmt, w) in zip(parts, bands)], -1).to(dtype)
 
 
-def fake_quant(x: torch.Tensor, kind: str = "int8") -> torch.Tensor:
+def fake_quant(x: torch.Tensor, kind: str = "int8", offset: torch.Tensor | None = None) -> torch.Tensor:
     """x rounded as the cache stores it: dequantize(quantize(x)) without the integer tensor, in x's dtype
-    (straight-through gradient when x requires one)."""
+    (straight-through gradient when x requires one); with `offset` (broadcast against x), x - offset rounded and
+    the offset added back, as kvfx's cache rounds latents around their calibration mean."""
+    if offset is not None:
+        return fake_quant(x - offset, kind) + offset
     bands = layout(kind, x.shape[-1])
     xs = x.split([w for _, w in bands], -1)
     rounded = torch.cat([_scaled(_codes(p, fmt), fmt) for p, (fmt, _) in zip(xs, bands)], -1).to(x.dtype)

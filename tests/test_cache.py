@@ -285,4 +285,35 @@ def test_exact_rows_generate_through_the_kernel(kind):
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=1e-4, atol=1e-4)
     calls = [n for n in decode.nodes if n.target is torch.ops.kvfx.decode_attention.default]
     assert len(calls) == 2 and all(len(n.args) == 12 for n in calls)  # codes + exact rows + their positions
+    # rows rounded around the calibration mean: the kernel's output gets the offset back, once
+    assert all([u.target for u in n.users] == [torch.add] for n in calls)
     assert not any(n.target is torch.ops.kvfx.dequantize.default for n in decode.nodes)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_low_bit_cache_rounds_around_the_calibration_mean(kind):
+    """Projections with means: the cache stores round(c - offset) and reads it back + offset (codes and exact
+    rows alike), so keys/values far from zero round finer than uncentred, and nothing else changes."""
+    m = tiny_llama(2, head_dim=16)
+    P = _shared_projections(m)
+    p = P.sites[next(iter(P.sites))]
+    off, _ = p.latent_offsets()
+    assert off is not None and off.abs().max() > 0
+    g = torch.Generator().manual_seed(0)
+    # the calibration mean plus noise of about its size (this tiny model's means are ~0.01 a number)
+    k = 0.01 * torch.randn(1, 2, 7, 16, generator=g) + p.key_mean[None, :, None]
+    v = 0.01 * torch.randn(1, 2, 7, 16, generator=g) + p.value_mean[None, :, None]
+    c = k.transpose(1, 2).flatten(2) @ p.key_down[0] + v.transpose(1, 2).flatten(2) @ p.value_down[0]
+    up = p.key_up.transpose(1, 2)
+    errors = {}
+    for label, proj in (("centred", P), ("plain", P.uncentred())):
+        cache = kvfx.LowRankCache(proj, kind, max_cache_len=8, quantize="int2|sinks2")
+        keys, _ = cache.layers[0].update(k, v, {"cache_position": torch.arange(7)})
+        keys = keys[:, :, :7]  # the static layer reads its whole length
+        offset = off if label == "centred" else 0
+        held = c.unsqueeze(1) - offset
+        want = quant.fake_quant(held, "int2")
+        want[:, :, :2] = held[:, :, :2].half().float()  # the two sinks: 16 bits
+        torch.testing.assert_close(keys, (want + offset) @ up, rtol=1e-5, atol=1e-5)
+        errors[label] = float(((keys - c.unsqueeze(1) @ up) ** 2).mean())
+    assert errors["centred"] < 0.8 * errors["plain"]

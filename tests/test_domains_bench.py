@@ -36,6 +36,8 @@ def test_configurations_parse_and_bad_ones_are_refused(bench):
     assert bench.parse("kqsvd@kv:0.125:bits:refine=60").refine == 60
     assert bench.parse("kqsvd@kv:0.125:bits:sinks=4:recent=32").exact == (4, 32)
     assert bench.parse("kqsvd@kv:0.125:bits:recent=8").exact == (0, 8)
+    assert bench.parse("kqsvd@kv:0.125:bits:uncentred").uncentred and not bench.parse("kqsvd@kv:0.125:bits").uncentred
+    assert bench.parse("kqsvd@kv:0.5:int4:uncentred").uncentred
     for bad in ["kqsvd:half", "kqsvd:0.5:int5", "quanto:4:64:r32", "kqsvd:0.5:calib=poetry", "kqsvd@kv:0.25:measured",
                 "kqsvd@kv:0.25:bits:refine=0", "kqsvd@kv:0.25:refine=5", "kqsvd@kv:0.25:sinks=4"]:
         with pytest.raises(SystemExit, match="bad configuration"):

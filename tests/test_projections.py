@@ -28,8 +28,9 @@ def assert_same(a: Projections, b: Projections):
     assert list(a.sites) == list(b.sites)
     assert a.shapes == b.shapes and a.method == b.method and a.report == b.report
     for n in a.sites:
-        for k, t in a.sites[n].tensors().items():
-            assert torch.equal(t, b.sites[n].tensors()[k]), (n, k)
+        for k, t in (a.sites[n].tensors() | a.sites[n].means()).items():
+            assert torch.equal(t, (b.sites[n].tensors() | b.sites[n].means())[k]), (n, k)
+        assert set(a.sites[n].means()) == set(b.sites[n].means())
 
 
 # ---------------------------------------------------------------------------------------------- basics
@@ -133,13 +134,59 @@ def test_file_metadata(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         meta, keys = f.metadata(), set(f.keys())
     assert meta["format"] == "kvfx.projections"
-    assert meta["format_version"] == str(FORMAT_VERSION)
+    assert meta["format_version"] == "2"  # no means: readable by the kvfx before format 3
     assert meta["method"] == "test"
     assert json.loads(meta["sites"]) == NAMES
     assert json.loads(meta["fingerprint"]) == {n: [H, HKV, D] for n in NAMES}
     assert json.loads(meta["ranks"]) == {n: [3, 3] for n in NAMES}
     assert json.loads(meta["report"]) == {"err": 0.25}
     assert keys == {f"{n}/{k}" for n in NAMES for k in ("key_down", "key_up", "value_down", "value_up")}
+
+
+def centred(p: Projections, seed=1) -> Projections:
+    g = torch.Generator().manual_seed(seed)
+    return Projections({n: s.centred(torch.randn(HKV, D, generator=g), torch.randn(HKV, D, generator=g))
+                        for n, s in p.sites.items()}, dict(p.shapes), p.method, dict(p.report))
+
+
+def test_means_roundtrip_as_format_3(tmp_path):
+    from safetensors import safe_open
+    p = centred(make())
+    path = tmp_path / "p.safetensors"
+    p.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["format_version"] == str(FORMAT_VERSION) == "3"
+        assert {f"{NAMES[0]}/key_mean", f"{NAMES[0]}/value_mean"} <= set(f.keys())
+    back = Projections.load(path)
+    assert_same(p, back)
+    assert_same(p, p.to(torch.float64))  # means stay float32; the factors change dtype (compared by equal values)
+    assert back.sites[NAMES[0]].like(key_down=back.sites[NAMES[0]].key_down * 2, key_up=back.sites[NAMES[0]].key_up,
+                                      value_down=back.sites[NAMES[0]].value_down,
+                                      value_up=back.sites[NAMES[0]].value_up).means().keys() == {"key_mean", "value_mean"}
+
+
+def test_latent_offsets_are_the_means_latents():
+    p = centred(make()).sites[NAMES[0]]
+    k, v = p.latent_offsets()
+    assert k.shape == (HKV, 1, 4) and v.shape == (HKV, 1, 4)
+    torch.testing.assert_close(k[:, 0], torch.einsum("hd,hdr->hr", p.key_mean, p.key_down))
+    torch.testing.assert_close(v[:, 0], torch.einsum("hd,hdr->hr", p.value_mean, p.value_down))
+    assert make().sites[NAMES[0]].latent_offsets() == (None, None)
+    g = torch.Generator().manual_seed(2)
+    a, c = torch.randn(1, HKV * D, 5, generator=g), torch.randn(1, HKV * D, 5, generator=g)
+    b, d = torch.randn(HKV, D, 5, generator=g), torch.randn(HKV, D, 5, generator=g)
+    km, vm = torch.randn(HKV, D, generator=g), torch.randn(HKV, D, generator=g)
+    shared = SiteProjection(a, b, c, d, shared=True, key_mean=km, value_mean=vm)
+    off, none = shared.latent_offsets()
+    assert none is None and off.shape == (1, 1, 5)
+    torch.testing.assert_close(off[0, 0], km.reshape(-1) @ a[0] + vm.reshape(-1) @ c[0])
+
+
+def test_bad_means_refused():
+    p = make()
+    p.sites[NAMES[0]] = p.sites[NAMES[0]].centred(torch.zeros(HKV, D + 1), torch.zeros(HKV, D))
+    with pytest.raises(ProjectionError, match="key_mean.*means of shape"):
+        p.validate()
 
 
 def test_load_missing(tmp_path):

@@ -100,6 +100,18 @@ def test_zero_rows_and_gradient(kind):
     assert torch.equal(y.grad, torch.ones_like(y))  # straight through
 
 
+@pytest.mark.parametrize("kind", ["int4", "int2", "int8x16+int3x32+int2x16"])
+def test_fake_quant_rounds_around_an_offset(kind):
+    """fake_quant(x, kind, offset) = fake_quant(x - offset) + offset: rows far from zero along the offset round
+    with steps sized to what varies."""
+    g = torch.Generator().manual_seed(0)
+    offset = 3 * torch.randn(64, generator=g)
+    x = offset + 0.3 * torch.randn(500, 64, generator=g)
+    torch.testing.assert_close(quant.fake_quant(x, kind, offset), quant.fake_quant(x - offset, kind) + offset)
+    err = lambda y: float(((y - x) ** 2).mean())  # noqa: E731
+    assert err(quant.fake_quant(x, kind, offset)) < 0.1 * err(quant.fake_quant(x, kind))
+
+
 def test_int4_packs_two_codes_per_byte():
     x = torch.tensor([[7.0, -7.0, -1.0, 3.0, 0.0]])  # amax 7 -> scale 1 (e = 0): the codes are x itself
     stored = quant.quantize(x, "int4")

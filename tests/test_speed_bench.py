@@ -162,6 +162,7 @@ def test_bits_configs_name_their_band_levels(speed):
     assert (before.quantize, before.rank, before.levels) == ("bits", 0.125, (8, 4, 2))  # as measured before int3
     assert now.exact == (0, 0) and parse_config("kvfx-kv-bits-0.125-s4r32-decoded").exact == (4, 32)
     assert parse_config("kvfx-kv-bits-0.125-s4r32-decoded").decoded  # exact rows: sinks 4, recent 32
+    assert parse_config("kvfx-kv-bits-0.125-uncentred").uncentred and not now.uncentred
     for bad in ("kvfx-kv-bits842-1.5", "kvfx-kv-bits-0.125-s4", "kvfx-kv-0.5-int4-s4r32"):
         with pytest.raises(ValueError, match="unknown configuration"):
             parse_config(bad)

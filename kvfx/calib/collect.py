@@ -129,7 +129,13 @@ def fit(stats: dict[str, SiteStats], method: str = "kqsvd", rank: int | float | 
     meta = {"sites": report, "granularity": granularity, "tokens": max(s.tokens for s in stats.values())}
     if allocation is not None:
         meta["allocation"] = allocation
-    return Projections(sites, shapes, method, meta)
+    return Projections(_with_means(sites, stats), shapes, method, meta)
+
+
+def _with_means(sites: dict, stats: dict) -> dict:
+    """Each site's projection with its calibration key / value means (what low-bit latents are rounded around:
+    SiteProjection.latent_offsets); unchanged for statistics without first moments."""
+    return {n: p.centred(*m) if (m := stats[n].means()) is not None else p for n, p in sites.items()}
 
 
 def _fit_shared(stats, method, rank, value_rank, key_weight: float = DEFAULT_KEY_WEIGHT, **options) -> Projections:
@@ -149,7 +155,7 @@ def _fit_shared(stats, method, rank, value_rank, key_weight: float = DEFAULT_KEY
         sites[name], report[name] = fit_shared(cal, st, r, key_weight)
         shapes[name] = SiteShape(st.heads, st.kv_heads, st.head_dim)
     meta = {"sites": report, "granularity": "kv", "tokens": max(s.tokens for s in stats.values())}
-    return Projections(sites, shapes, method, meta)
+    return Projections(_with_means(sites, stats), shapes, method, meta)
 
 
 def calibrate(model: torch.nn.Module, batches: Iterable, method: str = "kqsvd", rank: int | float | dict = 0.5,

@@ -51,6 +51,7 @@ class Student:
                                  .requires_grad_(True) for k in kinds}
             self.masks[name] = (None, None)
         self.shared = {n: p.shared for n, p in start.sites.items()}
+        self.means = {n: {k: m.to(device) for k, m in p.means().items()} for n, p in start.sites.items()}  # not trained
         self.joint = {n: p.joint for n, p in start.sites.items()}
         self.shapes = start.shapes
         self.live = Projections({n: self._site(n) for n in start.sites}, dict(start.shapes), start.method)
@@ -69,7 +70,7 @@ class Student:
             kd, ku, vd, vu = (t[k] * self.scales[name][k] for k in ("key_down", "key_up", "value_down", "value_up"))
         if mk is not None:  # columns beyond the rank are masked (= truncation)
             kd, vd = kd * mk, vd * mv
-        return SiteProjection(kd, ku, vd, vu, shared=self.shared[name])
+        return SiteProjection(kd, ku, vd, vu, shared=self.shared[name], **self.means[name])
 
     def rebuild(self) -> None:
         """Recompute every live projection from the parameters (call before each forward). The SiteProjection

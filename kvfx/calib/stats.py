@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-_FIELDS = ("key", "query", "query_sum", "value", "key_joint", "value_joint", "kv_joint", "output")
+_FIELDS = ("key", "query", "query_sum", "value", "key_joint", "value_joint", "kv_joint", "key_sum", "value_sum", "output")
 _SUMMED = _FIELDS[:-1]  # accumulated over tokens (W_O Grams are not)
 
 
@@ -33,6 +33,8 @@ class SiteStats:
     key_joint: torch.Tensor | None = None    # [h·d, h·d]
     value_joint: torch.Tensor | None = None
     kv_joint: torch.Tensor | None = None     # [h·d, h·d]: Σ [k_1 … k_h]ᵀ [v_1 … v_h]
+    key_sum: torch.Tensor | None = None      # [h, d]: Σ_tokens k (first moments: the means kvfx.quant centres on)
+    value_sum: torch.Tensor | None = None    # [h, d]: Σ_tokens v
     tokens: int = 0
     # learned calibrators (stiefel, matryoshka) also need a few whole sequences and W_O itself, not only Grams
     sample_limit: int = 0                    # keep the first `sample_limit` sequences of q/k/v
@@ -46,7 +48,8 @@ class SiteStats:
     def empty(cls, heads: int, kv_heads: int, head_dim: int) -> "SiteStats":
         z = lambda: torch.zeros(kv_heads, head_dim, head_dim, dtype=torch.float64)  # noqa: E731
         j = lambda: torch.zeros(kv_heads * head_dim, kv_heads * head_dim, dtype=torch.float64)  # noqa: E731
-        return cls(heads, kv_heads, head_dim, z(), z(), z(), z(), z(), j(), j(), j())
+        m = lambda: torch.zeros(kv_heads, head_dim, dtype=torch.float64)  # noqa: E731
+        return cls(heads, kv_heads, head_dim, z(), z(), z(), z(), z(), j(), j(), j(), m(), m())
 
     @property
     def group(self) -> int:
@@ -74,7 +77,17 @@ class SiteStats:
             self.value_joint += vj.T @ vj
             if self.kv_joint is not None:
                 self.kv_joint += kj.T @ vj
+        if self.key_sum is not None:
+            self.key_sum += k.sum((0, 2))
+            self.value_sum += v.sum((0, 2))
         self.tokens += b * k.shape[2]
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(key mean, value mean) over the calibration tokens, [h, d] float32 each; None for statistics collected
+        before first moments were (their projections round latents uncentred)."""
+        if self.key_sum is None or self.value_sum is None or not self.tokens:
+            return None
+        return (self.key_sum / self.tokens).float(), (self.value_sum / self.tokens).float()
 
     def set_output_weight(self, w_rows: torch.Tensor) -> None:
         """w_rows [H, d, hidden]: the rows of W_O (in x·W_O form) that read each query head."""

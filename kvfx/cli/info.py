@@ -33,6 +33,10 @@ def describe(projections) -> list[str]:
         lines.append(f"allocation       budget {alloc.get('budget')}, achieved {alloc.get('achieved', 0):.3f}, "
                      f"measure {alloc.get('measure')}"
                      + (f", predicted KL {alloc['predicted_kl']:.4g}" if "predicted_kl" in alloc else ""))
+    centred, sites = sum(bool(p.means()) for p in projections.sites.values()), len(projections.sites)
+    where = ("around the calibration means" if centred == sites else "around zero" if not centred
+             else f"around the calibration means at {centred} of {sites} sites")
+    lines.append(f"rounding         {where} (low-bit latents)")
     ref = projections.report.get("refine")
     if ref:
         lines.append(f"refine           {ref.get('steps')} steps, {ref.get('train_tokens')} tokens, held-out KL "

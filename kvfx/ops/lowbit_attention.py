@@ -55,11 +55,13 @@ _EXT: dict = {}
 
 @torch.library.custom_op("kvfx::dequantize", mutates_args=())
 def dequantize(stored: torch.Tensor, width: int, kind: str, dtype: torch.dtype, exact_rows: torch.Tensor | None = None,
-               positions: torch.Tensor | None = None) -> torch.Tensor:
+               positions: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
     """[..., row_bytes(width)] int8 rows -> [..., width] in `dtype` (kvfx.quant.dequantize as one graph node; on CPU
     the C++ kernel's dequantize_rows: one pass over the codes, not quant.dequantize's dozen torch ops a band). With
     exact rows ([b, h, slots, width] 16-bit latents at `positions` [slots]; -1: an empty slot), a row whose position
-    is held is the exact one (kvfx.quant.exact_of), written into the fresh output: no copy of the cache."""
+    is held is the exact one (kvfx.quant.exact_of), written into the fresh output: no copy of the cache. `offset`
+    ([h | 1, 1, width], the latent the rows were rounded around: SiteProjection.latent_offsets) is added to every
+    row, exact ones included."""
     ext = _extension() if stored.device.type == "cpu" and width > 0 else None
     if ext is None:
         out = quant.dequantize(stored, dtype, width, kind).contiguous()  # what the fake kernel promises
@@ -67,7 +69,8 @@ def dequantize(stored: torch.Tensor, width: int, kind: str, dtype: torch.dtype, 
         bits = _BITS.get(kind, -1)
         out = ext.dequantize_rows(stored, width, bits, list(_band_spec(kind, width)) if bits < 0 else [], _scales())
         out = out if dtype == torch.float32 else out.to(dtype)
-    return out if positions is None else _put_exact(out, exact_rows, positions)
+    out = out if positions is None else _put_exact(out, exact_rows, positions)
+    return out if offset is None else out.add_(offset.to(out.dtype))
 
 
 def _put_exact(latent: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -84,7 +87,7 @@ def _scales() -> torch.Tensor:
 
 
 @dequantize.register_fake
-def _(stored, width, kind, dtype, exact_rows=None, positions=None):
+def _(stored, width, kind, dtype, exact_rows=None, positions=None, offset=None):
     return stored.new_empty((*stored.shape[:-1], width), dtype=dtype)
 
 

@@ -53,10 +53,11 @@ def _dequantized(node) -> bool:
     return _calls(node, torch.ops.kvfx.dequantize)
 
 
-def _stored(node: fx.Node) -> tuple[tuple, tuple]:
-    """(codes, width, kind, dtype) and (exact rows, positions) or (None, None) of a read `_dequantized` accepts."""
-    args = tuple(node.args) + (None,) * (6 - len(node.args))
-    return args[:4], args[4:6]
+def _stored(node: fx.Node) -> tuple[tuple, tuple, fx.Node | None]:
+    """(codes, width, kind, dtype), (exact rows, positions) or (None, None), and the latent offset added back (or
+    None) of a read `_dequantized` accepts."""
+    args = tuple(node.args) + (None,) * (7 - len(node.args))
+    return args[:4], args[4:6], args[6]
 
 
 # 16/32-bit latents go to the kernel when at least this many query rows share each cached row (measured on SmolLM2,
@@ -105,29 +106,33 @@ def group_decode_queries(g: fx.Graph, site: AttentionSite, proj: SiteProjection,
         counters["kvfx"]["decode_grouped"] += 1
     if kernel:  # the stored rows, read once in place: no float copy of the cache, no expanded heads
         shared = value is key
-        exact = ()
+        exact, offset = (), None
         if lowbit:  # with exact rows the kernel reads them beside the codes (one positions tensor serves both)
-            ((kc, rk, kind, _), (ek, pos)), ((vc, rv_stored, _, _), (ev, _)) = _stored(key), _stored(value)
+            ((kc, rk, kind, _), (ek, pos), _), ((vc, rv_stored, _, _), (ev, _), offset) = _stored(key), _stored(value)
             exact = () if pos is None else (ek, ev, pos)
         else:
             kc, vc, rk, rv_stored, kind = key, value, rq, _width(value), "float"
         with g.inserting_before(sdpa):
             new = g.call_function(torch.ops.kvfx.decode_attention.default,
                                   (q, kc, vc, rk, rv_stored, kind, site.scale, args.get("attn_mask"), shared, *exact))
-        sdpa.replace_all_uses_with(new)
+            # rows rounded around an offset: the keys' shifts every score of a query alike (softmax drops it), the
+            # values' comes out whole (the weights sum to one): one add to the output, none per row
+            result = new if offset is None else g.call_function(torch.add, (new, offset))
+        sdpa.replace_all_uses_with(result)
         g.erase_node(sdpa)
         site.sdpa = sdpa = new
         counters["kvfx"]["lowbit_decode" if lowbit else "float_decode"] += 1
     else:
         gu.set_sdpa_args(sdpa, query=q, key=key, value=value, enable_gqa=False)
+        result = sdpa
     for n in dict.fromkeys(old):  # shared latent: key and value are one node
         _erase_dead(g, n)
     if not args["query"].users:  # the query-head-repeated q·B that _grouped_query replaced
         g.erase_node(args["query"])
     if group > 1:
-        with g.inserting_after(sdpa):
-            out = g.call_method("reshape", (sdpa, -1, heads, 1, rv))
-        sdpa.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+        with g.inserting_after(result):
+            out = g.call_method("reshape", (result, -1, heads, 1, rv))
+        result.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
         _grouped_output(g, site, proj, consts, out)
     return True
 

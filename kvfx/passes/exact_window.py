@@ -42,12 +42,20 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
+def _held(x, offset):
+    """x as the cache holds an exact row: x - offset in 16 bits, the offset added back on read."""
+    return held_exact(x) if offset is None else held_exact(x - offset) + offset
+
+
 def attention(q, k_exact, v_exact, k_rounded, v_rounded, attn_mask=None, is_causal=False, scale=None, sinks=0,
-              recent=0):
-    """q [b, H, T, R] (the last T of the N key positions); keys / values [b, h | 1 | H, N, R]."""
+              recent=0, key_offset=None, value_offset=None):
+    """q [b, H, T, R] (the last T of the N key positions); keys / values [b, h | 1 | H, N, R]; offsets: what the
+    latents are rounded around (kvfx.cache), None: nothing."""
     heads, t, n = q.shape[1], q.shape[2], k_rounded.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    k_exact, v_exact = (_heads(held_exact(x), heads).to(q.dtype) for x in (k_exact, v_exact))
+    v_offset = key_offset if v_exact is k_exact else value_offset  # a shared latent: one offset
+    k_exact, v_exact = (_heads(_held(x, o), heads).to(q.dtype) for x, o in ((k_exact, key_offset),
+                                                                             (v_exact, v_offset)))
     k_rounded, v_rounded = (_heads(x, heads).to(q.dtype) for x in (k_rounded, v_rounded))
     qpos = torch.arange(n - t, n, device=q.device)[:, None]
     kpos = torch.arange(n, device=q.device)[None, :]
@@ -62,13 +70,15 @@ def attention(q, k_exact, v_exact, k_rounded, v_rounded, attn_mask=None, is_caus
     return torch.where(exact, p, zero) @ v_exact + torch.where(exact, zero, p) @ v_rounded
 
 
-def replace_sdpa(g: fx.Graph, site, k_exact: fx.Node, v_exact: fx.Node, sinks: int, recent: int) -> None:
+def replace_sdpa(g: fx.Graph, site, k_exact: fx.Node, v_exact: fx.Node, key_offset, value_offset, sinks: int,
+                 recent: int) -> None:
     """The site's SDPA (already over rounded latents) -> `attention` with the exact latents beside them."""
     args, sdpa = gu.sdpa_args(site.sdpa), site.sdpa
+    offsets = {k: o for k, o in (("key_offset", key_offset), ("value_offset", value_offset)) if o is not None}
     with g.inserting_before(sdpa):
         new = g.call_function(attention, (args["query"], k_exact, v_exact, args["key"], args["value"]),
                               dict(attn_mask=args.get("attn_mask"), is_causal=bool(args.get("is_causal")),
-                                   scale=args.get("scale"), sinks=sinks, recent=recent))
+                                   scale=args.get("scale"), sinks=sinks, recent=recent, **offsets))
     sdpa.replace_all_uses_with(new)
     g.erase_node(sdpa)
     site.sdpa = new

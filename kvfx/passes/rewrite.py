@@ -105,15 +105,32 @@ class RankSpaceRewrite:
         k2 = self._plain(site, site.k, args["key"], proj, "key_down")
         v2 = self._plain(site, site.v, args["value"], proj, "value_down")
         site.proj["k"], site.proj["v"] = k2, v2
+        offsets = self._offsets(site, proj, args) if kind else (None, None)
         with self.g.inserting_before(site.sdpa):
             if proj.shared:  # one latent c = k·A + v·C read as key and value
                 k2 = v2 = self.g.call_function(torch.add, (k2, v2))
-            unrounded = (k2, v2)
-            if kind:
-                k2 = self.g.call_function(quant.fake_quant, (k2, kind))
-                v2 = k2 if proj.shared else self.g.call_function(quant.fake_quant, (v2, kind))
+            unrounded = (k2, v2, *offsets)
+            if kind:  # rounded around the latent offset where the projections have means, as the cache rounds
+                k2 = self._rounded(k2, kind, offsets[0])
+                v2 = k2 if proj.shared else self._rounded(v2, kind, offsets[1])
                 counters["kvfx"]["quantized"] += 1
         return k2, v2, unrounded
+
+    def _rounded(self, x: fx.Node, kind: str, offset: fx.Node | None) -> fx.Node:
+        return self.g.call_function(quant.fake_quant, (x, kind) if offset is None else (x, kind, offset))
+
+    def _offsets(self, site, proj: SiteProjection, args: dict) -> tuple:
+        """Graph constants of the site's latent offsets (SiteProjection.latent_offsets; None without means), per
+        head as the projected keys / values carry heads (repeat_kv'd inputs: per query head)."""
+        nodes = []
+        for i, (label, x) in enumerate((("key_offset", args["key"]), ("value_offset", args["value"]))):
+            if proj.latent_offsets()[i] is None:
+                nodes.append(None)
+                continue
+            reps = 1 if proj.joint else gu.shape_of(x)[1] // proj.key_down.shape[0]
+            nodes.append(self._const(site, label, lambda i=i, reps=reps: proj.latent_offsets()[i]
+                                     .repeat_interleave(reps, 0), x))
+        return tuple(nodes)
 
     def _plain(self, site, path, x: fx.Node, proj: SiteProjection, label: str) -> fx.Node:
         down = getattr(proj, label)

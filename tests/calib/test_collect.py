@@ -34,3 +34,33 @@ def test_batches_call_any_module_the_way_torch_users_expect():
     for p in got[1:]:
         for name, site in p.sites.items():
             torch.testing.assert_close(site.key_down, got[0].sites[name].key_down)
+
+
+def test_first_moments_give_each_site_its_key_and_value_means():
+    """collect_stats sums keys and values as SiteStats.add sees them; fit records their means on every site (what
+    low-bit latents are rounded around), for each granularity."""
+    from kvfx.calib.collect import collect_stats, fit
+    from kvfx.calib.stats import SiteStats
+    seen = {}
+    add = SiteStats.add
+
+    def spy(self, q, k, v):
+        seen.setdefault(id(self), []).append((k.detach().double(), v.detach().double()))
+        add(self, q, k, v)
+    model = tiny_llama()
+    SiteStats.add = spy
+    try:
+        stats = collect_stats(model, [torch.randint(0, VOCAB, (2, 8)) for _ in range(2)], progress=False)
+    finally:
+        SiteStats.add = add
+    for name, st in stats.items():
+        k = torch.cat([a.transpose(1, 2).reshape(-1, st.kv_heads, st.head_dim) for a, _ in seen[id(st)]])
+        v = torch.cat([b.transpose(1, 2).reshape(-1, st.kv_heads, st.head_dim) for _, b in seen[id(st)]])
+        km, vm = st.means()
+        torch.testing.assert_close(km, k.mean(0).float())
+        torch.testing.assert_close(vm, v.mean(0).float())
+    for granularity in ("head", "layer", "kv"):
+        P = fit(stats, "pca" if granularity != "kv" else "kqsvd", 0.5, granularity=granularity)
+        for name, p in P.sites.items():
+            assert torch.equal(p.key_mean, stats[name].means()[0]) and torch.equal(p.value_mean, stats[name].means()[1])
+            assert p.latent_offsets()[0] is not None

@@ -320,6 +320,21 @@ def low_bit_round(x: torch.Tensor, kind: str = "int8") -> torch.Tensor:
     return torch.cat(out, -1)
 
 
+def _mean_latents(proj, A, C, g):
+    """The latents of the projections' key / value means ([H | 1, 1, R] float64, per query head), or zeros."""
+    km, vm = getattr(proj, "key_mean", None), getattr(proj, "value_mean", None)
+    if km is None:
+        return 0.0, 0.0
+    km, vm = km.double(), vm.double()
+    if getattr(proj, "shared", False):
+        c = (km.reshape(-1) @ A[0] + vm.reshape(-1) @ C[0])[None, None]
+        return c, c
+    if A.shape[0] == 1 and A.shape[1] == km.numel():  # one latent over the kv heads
+        return (km.reshape(-1) @ A[0])[None, None], (vm.reshape(-1) @ C[0])[None, None]
+    per_head = lambda m, P: torch.einsum("hd,hdr->hr", m, P).repeat_interleave(g, 0)[:, None]  # noqa: E731
+    return per_head(km, A), per_head(vm, C)
+
+
 def lowrank_attention(q, k, v, proj, scale: float | None = None, causal: bool = True,
                       quantize: str | None = None) -> torch.Tensor:
     """softmax((q·B_i)(k·A)ᵀ·scale + causal mask)·(v·C)·D_iᵀ in float64, written out with einsum (a shared K+V
@@ -339,8 +354,10 @@ def lowrank_attention(q, k, v, proj, scale: float | None = None, causal: bool = 
     else:
         k_lat = torch.einsum("bhmd,hdr->bhmr", k.double(), A).repeat_interleave(g, 1)
         v_lat = torch.einsum("bhmd,hdr->bhmr", v.double(), C).repeat_interleave(g, 1)
-    if quantize:  # the cached latents as a low-bit cache holds them (rows are per token: the head repeat commutes)
-        k_lat, v_lat = low_bit_round(k_lat, quantize), low_bit_round(v_lat, quantize)
+    if quantize:  # the cached latents as a low-bit cache holds them (rows are per token: the head repeat commutes),
+        # rounded around the calibration means' latents where the projections have means
+        k_off, v_off = _mean_latents(proj, A, C, g)
+        k_lat, v_lat = low_bit_round(k_lat - k_off, quantize) + k_off, low_bit_round(v_lat - v_off, quantize) + v_off
     q_lat = torch.einsum("bHnd,Hdr->bHnr", q.double(), B)
     s = torch.einsum("bHnr,bHmr->bHnm", q_lat, k_lat) * scale
     if causal:

@@ -13,23 +13,33 @@ from helpers import graph_excerpt, hand_model, model_inputs, random_projections,
 from kvfx.projections import Projections, SiteProjection
 
 
-def rewritten(model, *args, quantize=None, **kwargs):
-    cm = kvfx.compress(torch.compile(model, backend="eager"), random_projections(model, rank=4), quantize=quantize)
+def centred(P: Projections) -> Projections:
+    """P with seeded key / value means, as calibrated projections carry (low-bit latents rounded around them)."""
+    g = torch.Generator().manual_seed(1)
+    return Projections({n: p.centred(torch.randn(*p.key_up.shape[:2], generator=g) / 10,
+                                     torch.randn(*p.key_up.shape[:2], generator=g) / 10) for n, p in P.sites.items()},
+                       dict(P.shapes), P.method)
+
+
+def rewritten(model, *args, quantize=None, means=False, **kwargs):
+    P = random_projections(model, rank=4)
+    cm = kvfx.compress(torch.compile(model, backend="eager"), centred(P) if means else P, quantize=quantize)
     with torch.no_grad():
         cm(*args, **kwargs)
     return cm._kvfx.backend.graphs
 
 
-def rounded_latents_excerpt(quantize, stop):
+def rounded_latents_excerpt(quantize, stop, means=False):
     """A 6-token forward without cache, latents rounded as `quantize` stores them: q·B up to the attention `stop`."""
     m = tiny_llama(1)
-    (gm,) = rewritten(m, model_inputs(m), use_cache=False, quantize=quantize)
+    (gm,) = rewritten(m, model_inputs(m), use_cache=False, quantize=quantize, means=means)
     return graph_excerpt(gm, "matmul(q_embed", stop)
 
 
-def decode_graph(kind, quantize=None):
+def decode_graph(kind, quantize=None, means=False):
     m = tiny_llama(1)
-    cm = kvfx.compress(torch.compile(m, backend="eager"), random_projections(m, rank=4), cache=kind, quantize=quantize)
+    P = random_projections(m, rank=4)
+    cm = kvfx.compress(torch.compile(m, backend="eager"), centred(P) if means else P, cache=kind, quantize=quantize)
     with torch.no_grad():
         cm.generate(model_inputs(m, tokens=5), max_new_tokens=2, do_sample=False)
     return cm._kvfx.backend.graphs[-1]  # prefill, then the first decode step
@@ -154,6 +164,32 @@ reshape = q_embed.reshape(-1, 2, 2, 8)
 matmul_2 = torch.matmul(reshape, kvfx_key_up_grouped)
 reshape_2 = matmul_2.reshape(-1, 2, 2, 4)
 decode_attention_default = torch.ops.kvfx.decode_attention.default(reshape_2, keys, values, 4, 4, 'int4', 0.3535533905932738, None, False, l_kwargs_cache_layers_0_kvfx_exact_keys, l_kwargs_cache_layers_0_kvfx_exact_values, l_kwargs_cache_layers_0_kvfx_exact_positions)""")
+
+    def test_llama_centred_int4_latents(self):
+        # Look for: projections with calibration means round each latent around its mean's latent (the graph
+        # constants kvfx_key_offset / kvfx_value_offset, [kv heads, 1, R]): fake_quant's third argument.
+        self.assertExpectedInline(rounded_latents_excerpt("int4", "scaled_dot_product_attention", means=True), """\
+matmul = torch.matmul(q_embed, kvfx_key_up)
+matmul_1 = torch.matmul(key, kvfx_key_down)
+matmul_2 = torch.matmul(value, kvfx_value_down)
+fake_quant = kvfx_quant_fake_quant(matmul_1, 'int4', kvfx_key_offset)
+fake_quant_1 = kvfx_quant_fake_quant(matmul_2, 'int4', kvfx_value_offset)
+attn_output = torch._C._nn.scaled_dot_product_attention(matmul, fake_quant, fake_quant_1, attn_mask = attention_mask, dropout_p = 0.0, scale = 0.3535533905932738, is_causal = False)""")
+
+    def test_llama_decode_centred(self):
+        gm = decode_graph("dynamic", quantize="int4", means=True)
+        # Look for: the cache writing latent - offset as int4 codes, and the decode kernel's output getting the
+        # value offset back once (the key offset shifts every score of a query alike: softmax drops it).
+        write = graph_excerpt(gm, "k = torch.matmul", "v_1 = ")  # v·C folded into v_proj: value_states is v·C
+        step = graph_excerpt(gm, "decode_attention_default =", "reshape_3 =")
+        self.assertExpectedInline(write + "\n...\n" + step, """\
+k = torch.matmul(k_embed, kvfx_key_down)
+k_1 = k - l_kwargs_cache_layers_0_kvfx_key_offset
+v_1 = value_states - l_kwargs_cache_layers_0_kvfx_value_offset
+...
+decode_attention_default = torch.ops.kvfx.decode_attention.default(reshape_2, keys, values, 4, 4, 'int4', 0.3535533905932738, None, False)
+add_18 = torch.add(decode_attention_default, l_kwargs_cache_layers_0_kvfx_value_offset)
+reshape_3 = add_18.reshape(-1, 4, 1, 4)""")
 
     def test_gpt2_fused_qkv(self):
         m = tiny_gpt2(1)
