@@ -13,7 +13,10 @@ latents", "domains" and "domains-bits"):
    lossless, 36.13), then `kvfx.rotate_latents`; a budget of 1 keeps the 16-bit cache at full width (exact);
 3. `measured=True`: the model's measured sensitivity (kvfx.sensitivity) prices each layer's error, so bytes move
    between layers (allocate_bits' `profile`; int8: kvfx.allocate's ranks, 12.5 % int4: 60.45 → 58.12);
-4. optionally `kvfx.refine` through the rounding (12.5 % int4, measured ranks: 58.12 → 43.92 in 80 steps).
+4. optionally `kvfx.refine` through the rounding (12.5 % int4, measured ranks: 58.12 → 43.92 in 80 steps);
+5. below 25 % of the bytes, bits per direction round around the calibration mean (SiteProjection.latent_offsets:
+   12.5 % 1.254 worst domain where around zero 1.271, "domains-centred"); from 25 % up they round around zero as
+   before (at 25 % centring measured no better: 1.020 worst against 1.015).
 
 The chosen formats are recorded (`projections.quantize`: one format, or {site: bands}), so
 `kvfx.compress(model, projections)` applies them, and the projections are stamped with their provenance
@@ -35,6 +38,8 @@ from .provenance import stamp
 
 METHOD, GRANULARITY = "kqsvd", "kv"
 INT8_FROM = 0.375         # step 2: below this budget, bits per latent direction (kvfx.allocate_bits)
+CENTRE_BELOW = 0.25       # bits per direction below this budget round around the calibration mean (RESULTS.md
+                          # "domains-centred": 12.5 % 1.271 -> 1.254 worst domain, every domain better; at 25 % no gain)
 REFINE_LR = 2e-4          # shared latents diverge at 1e-3 (RESULTS.md); every measured refine row used 2e-4
 SENSITIVITY_STEPS = 8     # the ⅛ grid of the measured int8 rows
 PROBE_RANKS = (0.75, 0.875, 1.0)  # allocate_bits prices each layer from its two least-cut probes
@@ -156,6 +161,9 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
     if fmt is not None and fmt != "bits":
         projections = rotate_latents(projections)
     fmt = projections.quantize if fmt == "bits" else fmt
+    centred = fmt is not None and budget < CENTRE_BELOW and per_direction
+    if not centred:  # elsewhere rounding around the mean measured no better (or was not measured): as before
+        projections = projections.uncentred()
 
     if refine_steps:
         step = 3 * _forward_seconds(module, windows[0])
@@ -169,6 +177,6 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
     return stamp(projections, module, method=f"{METHOD}@{GRANULARITY}", budget=budget, quantize=fmt,
                  kv_fraction=achieved, data={"description": data or "token windows", "windows": int(windows.shape[0]),
                                              "window": int(windows.shape[1]), "tokens": int(windows.numel())},
-                 recipe={"measured": bool(measured and budget < 1), "rotated": fmt is not None,
+                 recipe={"measured": bool(measured and budget < 1), "rotated": fmt is not None, "centred": centred,
                          "refine_steps": refine_steps, "refine_lr": REFINE_LR if refine_steps else None}
                  | ({"exact": {"sinks": exact[0], "recent": exact[1], "context": context}} if sum(exact) else {}))

@@ -50,6 +50,7 @@ def test_best_config_meets_budget_and_compress_applies_its_format(tmp_path):
     assert prov["budget"] == 0.25 and prov["quantize"] == P.quantize and prov["method"] == "kqsvd@kv"
     assert prov["data"] == {"description": "random tokens", "windows": 2, "window": 16, "tokens": 32}
     assert prov["recipe"]["rotated"] and not prov["recipe"]["measured"]
+    assert not prov["recipe"]["centred"] and not any(p.means() for p in P.sites.values())  # 25 %: around zero
     path = tmp_path / "p.safetensors"
     P.save(path)
     cm = kvfx.compress(torch.compile(m, backend="eager"), Projections.load(path))
@@ -66,7 +67,9 @@ def test_measured_and_refined():
     assert isinstance(P.quantize, dict) and P.kv_fraction(P.quantize) <= 0.125
     assert P.report["bits"]["across_sites"] == "measured KL per unit of error"  # layers priced by the model's KL
     assert P.report["refine"]["steps"] == 2 and P.report["refine"]["quantize"] == P.quantize
-    assert P.provenance["recipe"] == {"measured": True, "rotated": True, "refine_steps": 2, "refine_lr": 2e-4}
+    assert P.provenance["recipe"] == {"measured": True, "rotated": True, "centred": True, "refine_steps": 2,
+                                      "refine_lr": 2e-4}
+    assert all(p.means() for p in P.sites.values())  # 12.5 %: rounded around the calibration means, after refine too
     assert P.method.endswith("+refine")
 
 
