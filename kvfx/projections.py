@@ -13,7 +13,8 @@ read by attention as both key and value: k̂_g = c·B_gᵀ, v̂_g = c·D_gᵀ, i
 holds R numbers per token and layer (not R_k + R_v).
 File format 2 adds the `shared` site list; format-1 files (no shared sites) still load. Format 3 adds each site's
 calibration key and value means (`key_mean`, `value_mean` [h, d]: low-bit latents are rounded around them, see
-`SiteProjection.latent_offsets`); files without means are written as format 2, and older files load without them. Optional metadata
+`SiteProjection.latent_offsets`); files without means are written as format 2, and older files load without
+them. Optional metadata
 entries `provenance` (JSON: kvfx version, model fingerprint, data, recipe; see kvfx/provenance.py) and `quantize`
 (the latent format the file was made for) do not change the format: files without them load as before.
 """
@@ -177,7 +178,8 @@ class Projections:
                 if up.shape[-1] != down.shape[-1]:
                     raise ProjectionError(f"{name}.{label}: up and down projections differ in rank.")
             for label, mean in (("key_mean", p.key_mean), ("value_mean", p.value_mean)):
-                if mean is not None and (not isinstance(mean, torch.Tensor) or tuple(mean.shape) != (shp.kv_heads, shp.head_dim)
+                shape = (shp.kv_heads, shp.head_dim)
+                if mean is not None and (not isinstance(mean, torch.Tensor) or tuple(mean.shape) != shape
                                          or not torch.isfinite(mean).all()):
                     raise ProjectionError(f"{name}.{label}: expected finite means of shape [{shp.kv_heads}, "
                                           f"{shp.head_dim}] (kv heads × head_dim); recalibrate.")

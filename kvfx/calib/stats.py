@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-_FIELDS = ("key", "query", "query_sum", "value", "key_joint", "value_joint", "kv_joint", "key_sum", "value_sum", "output")
+_FIELDS = ("key", "query", "query_sum", "value", "key_joint", "value_joint", "kv_joint", "key_sum", "value_sum",
+           "output")
 _SUMMED = _FIELDS[:-1]  # accumulated over tokens (W_O Grams are not)
 
 

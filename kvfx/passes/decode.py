@@ -115,8 +115,8 @@ def group_decode_queries(g: fx.Graph, site: AttentionSite, proj: SiteProjection,
         with g.inserting_before(sdpa):
             new = g.call_function(torch.ops.kvfx.decode_attention.default,
                                   (q, kc, vc, rk, rv_stored, kind, site.scale, args.get("attn_mask"), shared, *exact))
-            # rows rounded around an offset: the keys' offset shifts every score of a query alike (softmax drops it), the
-            # values' comes out whole (the weights sum to one): one add to the output, none per row
+            # rows rounded around an offset: the keys' offset shifts every score of a query alike (softmax drops
+            # it), the values' comes out whole (the weights sum to one): one add to the output, none per row
             result = new if offset is None else g.call_function(torch.add, (new, offset))
         sdpa.replace_all_uses_with(result)
         g.erase_node(sdpa)
