@@ -80,8 +80,8 @@ class _LowRankLayerMixin:
     def _read_args(self, rows: torch.Tensor | None, offset: torch.Tensor | None) -> tuple:
         """kvfx::dequantize's optional arguments: the exact rows and their positions for a format that holds some,
         the latent offset added back (both positional: passes/decode.py reads them from the node's args)."""
-        exact = (rows, self.kvfx_exact_positions) if sum(self.kvfx_exact) else (None, None)
-        return (*exact, offset) if offset is not None else exact if exact[1] is not None else ()
+        exact = (rows, self.kvfx_exact_positions) if sum(self.kvfx_exact) else ()
+        return exact if offset is None else (*(exact or (None, None)), offset)
 
     def _exact_batch(self, fn) -> None:
         """Apply a batch reordering (beam search, batch selection) to the exact rows as transformers does to keys."""

@@ -122,9 +122,9 @@ class RankSpaceRewrite:
     def _offsets(self, site, proj: SiteProjection, args: dict) -> tuple:
         """Graph constants of the site's latent offsets (SiteProjection.latent_offsets; None without means), per
         head as the projected keys / values carry heads (repeat_kv'd inputs: per query head)."""
-        nodes = []
+        nodes, present = [], proj.latent_offsets()
         for i, (label, x) in enumerate((("key_offset", args["key"]), ("value_offset", args["value"]))):
-            if proj.latent_offsets()[i] is None:
+            if present[i] is None:
                 nodes.append(None)
                 continue
             reps = 1 if proj.joint else gu.shape_of(x)[1] // proj.key_down.shape[0]
