@@ -31,10 +31,12 @@ says which.
 
 Exact rows (a format's "|sinksS|recentW", kvfx.quant.exact_of): both ops take the 16-bit rows and their positions;
 `dequantize` writes them over their codes' rows, `decode_attention` skips those codes (score -inf) and merges the
-rows' own partial softmax with the split-K chunks' (AMX then takes the float path; on CUDA the reference runs).
+rows' own partial softmax with the split-K chunks' (AMX then takes the float path; on CUDA the Triton kernel skips
+them and ops/exact_merge.py adds the exact rows' softmax).
 
-CUDA: a Triton split-K kernel (lowbit_attention_triton.py) when triton is installed, tested in Triton's interpreter
-on CPU (tests/ops/test_lowbit_attention_triton.py); without triton, and on other devices, `reference`.
+CUDA: a Triton split-K kernel (lowbit_attention_triton.py) for every format (whole-row codes, int2 / int3, bands,
+exact rows) when triton is installed, tested in Triton's interpreter on CPU (tests/ops/test_lowbit_attention_triton.py);
+without triton, and on other devices, `reference`.
 """
 from __future__ import annotations
 
@@ -189,11 +191,11 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rk: in
     """softmax(scale·q·Kᵀ + mask)·V over stored low-bit rows; q [b, h, g, Rk] -> [b, h, g, Rv]. With exact rows
     ([b, h, slots, R] 16-bit latents at `positions` [slots], -1: empty) the row at a held position is the exact one,
     not its codes'."""
-    exact = positions is not None
     if q.device.type == "cuda":  # the Triton kernel when triton is installed (lowbit_attention_triton.py)
         from . import lowbit_attention_triton as tri
-        if tri.HAVE_TRITON and kind in _BITS and tri.supported(rk, rv, shared) and not exact:
-            return tri.decode_attention_triton(q, kc, vc, rk, rv, kind, scale, mask, shared)
+        if tri.HAVE_TRITON and tri.handles(kind) and tri.supported(rk, rv, shared):
+            return tri.decode_attention_triton(q, kc, vc, rk, rv, kind, scale, mask, shared, exact_keys,
+                                               exact_values, positions)
     ext = _extension() if q.device.type == "cpu" else None
     if ext is None:
         return reference(q, kc, vc, rk, rv, kind, scale, mask, shared, exact_keys, exact_values,

@@ -122,6 +122,77 @@ def test_odd_widths_and_batch_masks(kind, rk, rv, shared, mask):
         _check(lt.decode_attention_triton(q, kc, vc, rk, rv, kind, 0.3, m, shared, chunk_tokens=chunk_tokens), ref)
 
 
+BANDS = "int8x8+int4x17+int3x9+int2x7"  # 41 columns: every band format, odd band widths (padding in each)
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+@pytest.mark.parametrize("g", [2, 9])
+@pytest.mark.parametrize("shared", [False, True], ids=["kv", "shared"])
+@pytest.mark.parametrize("kind", ["int2", "int3", BANDS])
+def test_table_formats_match_reference(kind, shared, g, mask):
+    """int2 / int3 rows and bands (what kvfx.allocate_bits and best_config choose), decoded through each column's
+    table entry: low bits, int3's sign plane, mid-rise levels, a scale per 32 columns or per int8 band."""
+    w = 41 if kind == BANDS else 37
+    q, kc, vc, m, kind = _case(2, 2, g, 150 + g, w, w, kind, mask, seed=g + w)
+    out = lt.decode_attention_triton(q, kc, vc, w, w, kind, 0.15, m, shared, chunk_tokens=CHUNKS[mask])
+    _check(out, la.reference(q, kc, vc, w, w, kind, 0.15, m, shared))
+
+
+def test_column_table_reads_what_quant_stores():
+    """The table's bytes, shifts and scales rebuild quant.dequantize's numbers for every column (plain torch)."""
+    x = torch.randn(3, 336) * torch.linspace(4, 0.1, 336)
+    kind = "int8x64+int4x160+int3x80+int2x32"
+    stored = quant.quantize(x, kind).to(torch.int32) & 0xFF
+    t = lt.column_table(kind, 336, torch.device("cpu")).long()
+    lo, hi = stored[:, t[0]], stored[:, t[3]]
+    u = ((lo >> t[1]) & ((1 << t[2]) - 1)) | (((hi >> t[4]) & t[5]) << t[2])
+    bits = t[2] + t[5]
+    q = u - (((u >> (bits - 1)) & 1) << bits)
+    e = stored[:, t[7]].to(torch.int8).float()
+    got = (q.float() + 0.5 * t[6]) * torch.exp2(e / 8)
+    torch.testing.assert_close(got, quant.dequantize(quant.quantize(x, kind), torch.float32, 336, kind))
+    assert lt.handles(kind) and lt.handles("int2") and not lt.handles("int4|sinks4") and not lt.handles("int5")
+
+
+def _exact(b, h, n, rk, rv, seed):
+    """Exact rows as kvfx's cache holds them: 4 sinks, a ring of recent positions, an empty slot, one past N."""
+    gen = torch.Generator().manual_seed(seed)
+    pos = torch.tensor([0, 1, 2, 3, n - 1, n - 3, n - 2, -1, n + 5])
+    ek = torch.randn(b, h, len(pos), rk, generator=gen).half()
+    return ek.to(DEVICE), torch.randn(b, h, len(pos), rv, generator=gen).half().to(DEVICE), pos.to(DEVICE)
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "floatB"])
+@pytest.mark.parametrize("shared", [False, True], ids=["kv", "shared"])
+@pytest.mark.parametrize("kind", ["int4", "int8", BANDS])
+def test_exact_rows_stand_for_their_codes(kind, shared, mask):
+    """Exact rows (a format's '|sinksS|recentW'): the kernel skips the held tokens' codes and the exact rows'
+    softmax merges in by log-sum-exp — the reference's numbers (dequantise, put the exact rows in, SDPA)."""
+    w = 41 if kind == BANDS else 40
+    n = 170
+    q, kc, vc, m, kind = _case(2, 2, 3, n, w, w, kind, mask, seed=w)
+    ek, ev, pos = _exact(2, 2, n, w, w, seed=7)
+    for chunk_tokens in (None, 48):
+        out = lt.decode_attention_triton(q, kc, vc, w, w, kind, 0.2, m, shared, ek, ev, pos, chunk_tokens=chunk_tokens)
+        ref = la.reference(q, kc, vc, w, w, kind, 0.2, m, shared, ek, ev, pos)
+        _check(out, ref)
+    assert (out - la.reference(q, kc, vc, w, w, kind, 0.2, m, shared)).abs().max() > 1e-3  # the rows are used
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_exact_rows_only_and_nothing_visible():
+    """A query row that sees only exact rows gets their attention; one that sees nothing gets NaN (as SDPA)."""
+    n = 60
+    q, kc, vc, _, kind = _case(2, 1, 2, n, 24, 24, "int4", None, seed=3)
+    ek, ev, pos = _exact(2, 1, n, 24, 24, seed=4)
+    keep = torch.zeros(2, 1, 1, n, dtype=torch.bool, device=DEVICE)
+    keep[1, ..., :4] = True  # batch row 1: the sinks only, all of them exact
+    out = lt.decode_attention_triton(q, kc, vc, 24, 24, kind, 0.3, keep, False, ek, ev, pos)
+    assert out[0].isnan().all()
+    want = torch.softmax(0.3 * q[1].float() @ ek[1, :, :4].float().transpose(-1, -2), -1) @ ev[1, :, :4].float()
+    torch.testing.assert_close(out[1], want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy: 0 / 0
 @pytest.mark.parametrize("chunk_tokens", [None, 32])
 @pytest.mark.parametrize("mask", ["bool", "float"])
@@ -171,3 +242,20 @@ def test_op_dispatches_to_triton_on_cuda(kind, shared, monkeypatch):
     assert out.dtype == torch.bfloat16 and len(calls) == 2
     torch.testing.assert_close(out, la.reference(qh, kc, vc, 128, 96, kind, 128 ** -0.5, None, shared),
                                rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("exact", [False, True], ids=["codes", "exact-rows"])
+def test_op_takes_triton_for_bands_and_exact_rows_on_cuda(exact, monkeypatch):
+    """best_config's formats on a GPU: bands with int3 / int2 columns over a shared latent, with and without exact
+    rows, run the Triton kernel through the op (no dequantised copy of the cache) and match the reference."""
+    calls = []
+    real = lt.decode_attention_triton
+    monkeypatch.setattr(lt, "decode_attention_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kind = "int8x32+int4x48+int3x32+int2x16"
+    q, kc, vc, m, kind = _case(2, 3, 9, 8192, 128, 128, kind, "bool", seed=1)
+    extra = _exact(2, 3, 8192, 128, 128, seed=2) if exact else ()
+    out = torch.ops.kvfx.decode_attention(q, kc, vc, 128, 128, kind, 0.09, m, True, *extra)
+    assert calls == [1]
+    _check(out, la.reference(q, kc, vc, 128, 128, kind, 0.09, m, True, *extra))
