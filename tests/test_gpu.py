@@ -1,7 +1,7 @@
 """The compiled low-rank path on a CUDA device (`pytest -m gpu`; skipped without one).
 
 bf16 tiny Llama under Inductor: compressed generate (dynamic and static low-rank cache, 16-bit and low-bit
-latents) against the uncompressed model with kvfx's cache run eagerly; the static cache under CUDA graphs
+latents: whole-row codes, int3, bands, exact rows — the Triton kernel's formats) against the uncompressed model with kvfx's cache run eagerly; the static cache under CUDA graphs
 (mode="reduce-overhead") decoding without recompiles; and the speed benchmark's --device cuda smoke run.
 """
 import copy
@@ -30,7 +30,7 @@ def llama():
 
 
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
-@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4", "int3", "int4x4+int2x4", "int4|sinks2|recent4"])
 def test_bf16_inductor_generate_matches_eager_cache(llama, kind, quantize):
     m, P, ids = llama
     with torch.no_grad():
