@@ -16,9 +16,12 @@ flushed into the codes as chunks arrive).
 Configurations (--configs, comma-separated):
     METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN]   kvfx: calibrator, granularity (head/layer/kv), rank
                                                           fraction of the latent's width, storage, rotation, and
-                                                          the calibration text (default --calib); any kvfx
+                                                          the calibration text (default --calib; DOMAIN,
+                                                          mix, or mix-DOMAIN: the mix without that domain); any kvfx
                                                           configuration takes :uncentred (low-bit latents rounded
-                                                          around zero, not the calibration mean: an ablation)
+                                                          around zero, not the calibration mean: an ablation) and
+                                                          :shrink=A (the calibration Grams shrunk toward a scaled
+                                                          identity by A before fitting, kvfx.calib.shrink)
     METHOD@kv:BUDGET:bits[:measured][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN]
                                                           kvfx.allocate_bits: bits per latent direction (int8 /
                                                           int4 / int3 / int2 bands, --bit-levels) in BUDGET ×
@@ -53,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import kvfx  # noqa: E402
 from kvfx.calib.bits import check_levels  # noqa: E402
 from kvfx.calib.collect import collect_stats, fit  # noqa: E402
+from kvfx.calib.shrink import shrink  # noqa: E402
 from kvfx.data import DOMAINS, calibration_mix, domain_windows  # noqa: E402
 from kvfx.models import load_default_model  # noqa: E402
 
@@ -83,9 +87,22 @@ class Config:
     exact: tuple = (0, 0)            # allocate_bits' (sinks, recent): tokens whose latents are held in 16 bits
     calib: str | None = None
     uncentred: bool = False          # Projections.uncentred(): latents rounded around zero (an ablation)
+    shrink: float = 0.0              # kvfx.calib.shrink.shrink: Grams pulled toward a scaled identity before fitting
     levels: tuple = (8, 4, 3, 2)     # allocate_bits' band formats (--bit-levels)
     ratios: dict = field(default_factory=dict)
     kv_bytes: float = math.nan
+
+
+SOURCES = (*DOMAINS, "mix", *(f"mix-{d}" for d in DOMAINS))  # mix-D: the mix without domain D (D never seen)
+
+
+def mixed(source: str) -> tuple[str, ...]:
+    """The domains calibration source "mix" or "mix-D" draws from."""
+    return tuple(d for d in DOMAINS if source != f"mix-{d}")
+
+
+def source_label(source: str) -> str:
+    return f"the mix without {source[4:]}" if source.startswith("mix-") else source
 
 
 def parse(spec: str) -> Config:
@@ -114,15 +131,17 @@ def parse(spec: str) -> Config:
                 cfg.exact = (n, cfg.exact[1]) if opt[0] == "s" else (cfg.exact[0], n)
             elif opt == "uncentred":
                 cfg.uncentred = True
-            elif opt.startswith("calib=") and opt[6:] in (*DOMAINS, "mix"):
+            elif opt.startswith("shrink=") and 0 < float(opt[7:]) < 1:
+                cfg.shrink = float(opt[7:])
+            elif opt.startswith("calib=") and opt[6:] in SOURCES:
                 cfg.calib = opt[6:]
             else:
                 raise ValueError
         return cfg
     except (ValueError, IndexError):
         raise SystemExit(f"bad configuration {spec!r}: expected METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN]"
-                         "[:uncentred], "
-                         f"METHOD@kv:BUDGET:bits[:measured][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN][:uncentred] "
+                         "[:uncentred][:shrink=A], "
+                         f"METHOD@kv:BUDGET:bits[:measured][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN][:uncentred][:shrink=A] "
                          f"or quanto|hqq:BITS:gGROUP:rRESIDUAL (domains: {', '.join(DOMAINS)}, mix)") from None
 
 
@@ -222,25 +241,29 @@ def run(args) -> str:
 def projections(model, tok, cfg: Config, args, memo: dict):
     source = cfg.calib or args.calib
     if source not in memo:
-        windows = (calibration_mix(tok, args.calib_windows, args.window) if source == "mix"
+        windows = (calibration_mix(tok, args.calib_windows, args.window, mixed(source)) if source.startswith("mix")
                    else domain_windows(tok, source, "calib", args.calib_windows, args.window))
         samples = max(getattr(kvfx.calib.get_calibrator(cfg.method), "samples_needed", 0), 0)
         memo[source] = collect_stats(model, windows.split(1), progress=False, samples=samples)
         memo[source, "windows"] = windows
+    stats = memo[source]
+    if cfg.shrink:
+        stats = memo.setdefault((source, "shrink", cfg.shrink), shrink(stats, cfg.shrink))
     if cfg.per_direction:  # RANK is the budget: bits per latent direction over the full-width fit
-        full = fit(memo[source], cfg.method, 1.0, granularity=cfg.granularity)
+        full = fit(stats, cfg.method, 1.0, granularity=cfg.granularity)
         full = full.uncentred() if cfg.uncentred else full  # before allocating and refining: all of it uncentred
-        if cfg.measured and (source, "profile") not in memo:
-            memo[source, "profile"] = kvfx.sensitivity(model, full, memo[source, "windows"][:2].split(1),
-                                                       ranks=(0.75, 0.875, 1.0), progress=False)
-        proj = kvfx.allocate_bits(memo[source], full, cfg.rank, levels=cfg.levels,
-                                  profile=memo[source, "profile"] if cfg.measured else None,
+        profile = (source, "profile", cfg.shrink)
+        if cfg.measured and profile not in memo:
+            memo[profile] = kvfx.sensitivity(model, full, memo[source, "windows"][:2].split(1),
+                                             ranks=(0.75, 0.875, 1.0), progress=False)
+        proj = kvfx.allocate_bits(stats, full, cfg.rank, levels=cfg.levels,
+                                  profile=memo[profile] if cfg.measured else None,
                                   exact=cfg.exact, context=args.window)
         if cfg.refine:
             proj = kvfx.refine(model, proj, memo[source, "windows"],
                                kvfx.Refine(steps=cfg.refine, lr=2e-4, quantize=proj.quantize), progress=False)
         return proj
-    proj = fit(memo[source], cfg.method, cfg.rank, granularity=cfg.granularity)
+    proj = fit(stats, cfg.method, cfg.rank, granularity=cfg.granularity)
     proj = proj.uncentred() if cfg.uncentred else proj
     return kvfx.rotate_latents(proj) if cfg.rotate else proj
 
@@ -255,12 +278,16 @@ def label(cfg: Config) -> str:
                 + (", layers priced by measured sensitivity" if cfg.measured else "")
                 + (f", first {cfg.exact[0]} and last {cfg.exact[1]} tokens in 16 bits" if sum(cfg.exact) else "")
                 + (f", refined {cfg.refine} steps" if cfg.refine else "")
-                + (f", calibrated on {cfg.calib}" if cfg.calib else "")
-                + (", rounded around zero (uncentred)" if cfg.uncentred else ""))
+                + (f", calibrated on {source_label(cfg.calib)}" if cfg.calib else "")
+                + (", rounded around zero (uncentred)" if cfg.uncentred else "") + _shrunk(cfg))
     store = f", {cfg.quantize}" if cfg.quantize else ", float32 latents"
-    calib = f", calibrated on {cfg.calib}" if cfg.calib else ""
+    calib = f", calibrated on {source_label(cfg.calib)}" if cfg.calib else ""
     return (f"kvfx {cfg.method}{gran} rank {cfg.rank:g}{store}{', rotated' if cfg.rotate else ''}{calib}"
-            + (", rounded around zero (uncentred)" if cfg.uncentred else ""))
+            + (", rounded around zero (uncentred)" if cfg.uncentred else "") + _shrunk(cfg))
+
+
+def _shrunk(cfg: Config) -> str:
+    return f", Grams shrunk by {cfg.shrink:g}" if cfg.shrink else ""
 
 
 def table(configs, base, args, partial: int = 0) -> str:
@@ -291,7 +318,7 @@ def main(argv=None) -> None:
     p.add_argument("--chunk", type=int, default=16, help="tokens per cached step after the prefill")
     p.add_argument("--batch", type=int, default=8,
                    help="windows run side by side (the same numbers; HQQ, whose groups span the batch, runs one)")
-    p.add_argument("--calib", default="mix", choices=[*DOMAINS, "mix"], help="kvfx's calibration text")
+    p.add_argument("--calib", default="mix", choices=SOURCES, help="kvfx's calibration text")
     p.add_argument("--calib-windows", type=int, default=8)
     p.add_argument("--bit-levels", type=lambda s: tuple(int(b) for b in s.split(",")), default=(8, 4, 3, 2),
                    help="band formats of the :bits configurations (8,4,2: as before int3 existed, session 16)")

@@ -38,7 +38,11 @@ def test_configurations_parse_and_bad_ones_are_refused(bench):
     assert bench.parse("kqsvd@kv:0.125:bits:recent=8").exact == (0, 8)
     assert bench.parse("kqsvd@kv:0.125:bits:uncentred").uncentred and not bench.parse("kqsvd@kv:0.125:bits").uncentred
     assert bench.parse("kqsvd@kv:0.5:int4:uncentred").uncentred
-    for bad in ["kqsvd:half", "kqsvd:0.5:int5", "quanto:4:64:r32", "kqsvd:0.5:calib=poetry", "kqsvd@kv:0.25:measured",
+    assert bench.parse("kqsvd@kv:0.5:shrink=0.1").shrink == 0.1 and bench.parse("kqsvd@kv:0.5").shrink == 0
+    held_out = bench.parse("kqsvd@kv:0.125:bits:calib=mix-code")
+    assert held_out.calib == "mix-code" and bench.mixed("mix-code") == ("wikitext", "docs", "fiction")
+    assert "calibrated on the mix without code" in bench.label(held_out) and bench.mixed("mix") == tuple(bench.DOMAINS)
+    for bad in ["kqsvd:half", "kqsvd:0.5:shrink=1", "kqsvd:0.5:shrink=0", "kqsvd:0.5:calib=mix-poetry", "kqsvd:0.5:int5", "quanto:4:64:r32", "kqsvd:0.5:calib=poetry", "kqsvd@kv:0.25:measured",
                 "kqsvd@kv:0.25:bits:refine=0", "kqsvd@kv:0.25:refine=5", "kqsvd@kv:0.25:sinks=4"]:
         with pytest.raises(SystemExit, match="bad configuration"):
             bench.parse(bad)
