@@ -248,7 +248,9 @@ def projections(model, tok, cfg: Config, args, memo: dict):
         memo[source, "windows"] = windows
     stats = memo[source]
     if cfg.shrink:
-        stats = memo.setdefault((source, "shrink", cfg.shrink), shrink(stats, cfg.shrink))
+        if (source, "shrink", cfg.shrink) not in memo:
+            memo[source, "shrink", cfg.shrink] = shrink(stats, cfg.shrink)
+        stats = memo[source, "shrink", cfg.shrink]
     if cfg.per_direction:  # RANK is the budget: bits per latent direction over the full-width fit
         full = fit(stats, cfg.method, 1.0, granularity=cfg.granularity)
         full = full.uncentred() if cfg.uncentred else full  # before allocating and refining: all of it uncentred
