@@ -11,16 +11,17 @@ from __future__ import annotations
 import torch
 
 
-def _held(positions: torch.Tensor, n: int) -> torch.Tensor:
-    """Slot positions in [0, n) (-1 and out-of-range: not held) as an index where n marks 'none'."""
+def held_index(positions: torch.Tensor, n: int) -> torch.Tensor:
+    """The slots' positions [S] as an index into the n cached tokens, n where a slot holds none (-1, or past the
+    cache): what `without_held` and `attend_exact` take."""
     positions = positions.to(torch.long)
     return torch.where((positions >= 0) & (positions < n), positions, n)
 
 
-def without_held(mask: torch.Tensor | None, positions: torch.Tensor, n: int, device) -> torch.Tensor:
-    """SDPA's mask ([B|1, 1, 1, n], bool or additive; None: all visible) with the held tokens hidden."""
-    held = torch.zeros(n + 1, dtype=torch.bool, device=device)
-    held[_held(positions.to(device), n)] = True
+def without_held(mask: torch.Tensor | None, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """SDPA's mask ([B|1, 1, 1, n], bool or additive; None: all visible) with the held tokens (`held_index`) hidden."""
+    held = torch.zeros(n + 1, dtype=torch.bool, device=idx.device)
+    held[idx] = True
     held = held[:n].view(1, 1, 1, n)
     if mask is None:
         return ~held
@@ -29,12 +30,11 @@ def without_held(mask: torch.Tensor | None, positions: torch.Tensor, n: int, dev
     return mask.masked_fill(held, float("-inf"))
 
 
-def attend_exact(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n: int,
+def attend_exact(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, n: int,
                  scale: float, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of q [B, H, G, Rk] over the exact rows keys [B, H, S, Rk] / values [B, H, S, Rv] at
-    `positions` [S] (-1: an empty slot), with SDPA's mask read at those positions: (out [B, H, G, Rv] float32, its
+    """Softmax attention of q [B, H, G, Rk] over the exact rows keys [B, H, S, Rk] / values [B, H, S, Rv] held at
+    `idx` [S] (`held_index`; n: an empty slot), with SDPA's mask read there: (out [B, H, G, Rv] float32, its
     natural log-sum-exp [B, H, G]; -inf where no exact row is visible, the output then 0)."""
-    idx = _held(positions.to(q.device), n)
     visible = (idx < n).view(1, 1, 1, -1)
     s = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale
     if mask is not None:

@@ -49,6 +49,7 @@ interpreter only), but not yet run or timed on a GPU: the tile sizes
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -78,10 +79,12 @@ def _code_bytes(kind: str, width: int) -> int:
     return width if kind == "int8" else (width + 1) // 2 if kind == "int4" else 0
 
 
+@functools.lru_cache(maxsize=None)  # called every decode step and layer: parse each format once
 def _row_elems(kind: str, width: int) -> int:
     return width if kind == "float" else quant.row_bytes(kind, width)
 
 
+@functools.lru_cache(maxsize=None)
 def handles(kind: str) -> bool:
     """Whether the kernel decodes rows of this format (every kvfx format: float latents, whole-row codes, bands)."""
     if kind in _KIND:
@@ -177,12 +180,12 @@ def decode_attention_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
     """
     if positions is None:
         return _codes_attention(q, kc, vc, rk, rv, kind, scale, mask, shared, chunk_tokens, plan)[0]
-    from .exact_merge import attend_exact, merge, without_held
+    from .exact_merge import attend_exact, held_index, merge, without_held
     n = kc.shape[2]
-    out, lse = _codes_attention(q, kc, vc, rk, rv, kind, scale, without_held(mask, positions, n, q.device), shared,
+    held = held_index(positions.to(q.device), n)
+    out, lse = _codes_attention(q, kc, vc, rk, rv, kind, scale, without_held(mask, held, n), shared,
                                 chunk_tokens, plan, lse=True)
-    exact_out, exact_lse = attend_exact(q, exact_keys, exact_keys if shared else exact_values, positions, n, scale,
-                                        mask)
+    exact_out, exact_lse = attend_exact(q, exact_keys, exact_keys if shared else exact_values, held, n, scale, mask)
     return merge(out, lse * math.log(2.0), exact_out, exact_lse).to(q.dtype)
 
 
