@@ -21,8 +21,10 @@ Configurations (--configs, comma-separated):
                                                           configuration takes :uncentred (low-bit latents rounded
                                                           around zero, not the calibration mean: an ablation) and
                                                           :shrink=A (the calibration Grams shrunk toward a scaled
-                                                          identity by A before fitting, kvfx.calib.shrink)
-    METHOD@kv:BUDGET:bits[:measured][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN]
+                                                          identity by A before fitting, kvfx.calib.shrink); @kv
+                                                          configurations take :kw=W (the shared fit's key_weight,
+                                                          key-logit against value error; default 4)
+    METHOD@kv:BUDGET:bits[:measured[=N]][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN]
                                                           kvfx.allocate_bits: bits per latent direction (int8 /
                                                           int4 / int3 / int2 bands, --bit-levels) in BUDGET ×
                                                           the 16-bit bytes;
@@ -30,7 +32,8 @@ Configurations (--configs, comma-separated):
                                                           also held in 16 bits (their bytes reserved from BUDGET
                                                           at --window tokens);
                                                           measured: bytes between layers priced by a
-                                                          kvfx.sensitivity profile (2 calibration windows);
+                                                          kvfx.sensitivity profile (N calibration windows,
+                                                          default 2);
                                                           refine: then STEPS of kvfx.refine through the bands
                                                           (lr 2e-4, the calibration windows, last 2 held out)
     quanto|hqq:BITS:gGROUP:rRESIDUAL                      transformers' QuantizedCache
@@ -82,13 +85,14 @@ class Config:
     quantize: str | None = None
     rotate: bool = False
     per_direction: bool = False      # kvfx.allocate_bits: RANK is the byte budget, bits per direction
-    measured: bool = False           # allocate_bits with a kvfx.sensitivity profile (bytes between layers)
+    measured: int = 0                # allocate_bits with a kvfx.sensitivity profile on this many calibration windows
     refine: int = 0                  # kvfx.refine steps through the bands after allocate_bits
     exact: tuple = (0, 0)            # allocate_bits' (sinks, recent): tokens whose latents are held in 16 bits
     calib: str | None = None
     uncentred: bool = False          # Projections.uncentred(): latents rounded around zero (an ablation)
     shrink: float = 0.0              # kvfx.calib.shrink.shrink: Grams pulled toward a scaled identity before fitting
     levels: tuple = (8, 4, 3, 2)     # allocate_bits' band formats (--bit-levels)
+    key_weight: float | None = None  # the shared fit's key_weight (key-logit against value error; None: kvfx's 4)
     ratios: dict = field(default_factory=dict)
     kv_bytes: float = math.nan
 
@@ -123,7 +127,9 @@ def parse(spec: str) -> Config:
             elif opt == "bits" and gran == "kv":
                 cfg.per_direction = True
             elif opt == "measured" and cfg.per_direction:
-                cfg.measured = True
+                cfg.measured = 2
+            elif opt.startswith("measured=") and cfg.per_direction and int(opt[9:]) > 0:
+                cfg.measured = int(opt[9:])
             elif opt.startswith("refine=") and cfg.per_direction and int(opt[7:]) > 0:
                 cfg.refine = int(opt[7:])
             elif opt.startswith(("sinks=", "recent=")) and cfg.per_direction:
@@ -133,6 +139,8 @@ def parse(spec: str) -> Config:
                 cfg.uncentred = True
             elif opt.startswith("shrink=") and 0 < float(opt[7:]) < 1:
                 cfg.shrink = float(opt[7:])
+            elif opt.startswith("kw=") and gran == "kv" and float(opt[3:]) > 0:
+                cfg.key_weight = float(opt[3:])
             elif opt.startswith("calib=") and opt[6:] in SOURCES:
                 cfg.calib = opt[6:]
             else:
@@ -140,8 +148,8 @@ def parse(spec: str) -> Config:
         return cfg
     except (ValueError, IndexError):
         raise SystemExit(f"bad configuration {spec!r}: expected METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN]"
-                         "[:uncentred][:shrink=A], "
-                         f"METHOD@kv:BUDGET:bits[:measured][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN][:uncentred][:shrink=A] "
+                         "[:uncentred][:shrink=A][:kw=W], "
+                         f"METHOD@kv:BUDGET:bits[:measured[=N]][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN][:uncentred][:shrink=A] "
                          f"or quanto|hqq:BITS:gGROUP:rRESIDUAL (domains: {', '.join(DOMAINS)}, mix)") from None
 
 
@@ -251,21 +259,22 @@ def projections(model, tok, cfg: Config, args, memo: dict):
         if (source, "shrink", cfg.shrink) not in memo:
             memo[source, "shrink", cfg.shrink] = shrink(stats, cfg.shrink)
         stats = memo[source, "shrink", cfg.shrink]
+    kw = {} if cfg.key_weight is None else {"key_weight": cfg.key_weight}
     if cfg.per_direction:  # RANK is the budget: bits per latent direction over the full-width fit
-        full = fit(stats, cfg.method, 1.0, granularity=cfg.granularity)
+        full = fit(stats, cfg.method, 1.0, granularity=cfg.granularity, **kw)
         full = full.uncentred() if cfg.uncentred else full  # before allocating and refining: all of it uncentred
-        profile = (source, "profile", cfg.shrink)
+        profile = (source, "profile", cfg.shrink, cfg.measured, cfg.key_weight)
         if cfg.measured and profile not in memo:
-            memo[profile] = kvfx.sensitivity(model, full, memo[source, "windows"][:2].split(1),
+            memo[profile] = kvfx.sensitivity(model, full, memo[source, "windows"][:cfg.measured].split(1),
                                              ranks=(0.75, 0.875, 1.0), progress=False)
         proj = kvfx.allocate_bits(stats, full, cfg.rank, levels=cfg.levels,
                                   profile=memo[profile] if cfg.measured else None,
-                                  exact=cfg.exact, context=args.window)
+                                  exact=cfg.exact, context=args.window, **kw)
         if cfg.refine:
             proj = kvfx.refine(model, proj, memo[source, "windows"],
                                kvfx.Refine(steps=cfg.refine, lr=2e-4, quantize=proj.quantize), progress=False)
         return proj
-    proj = fit(stats, cfg.method, cfg.rank, granularity=cfg.granularity)
+    proj = fit(stats, cfg.method, cfg.rank, granularity=cfg.granularity, **kw)
     proj = proj.uncentred() if cfg.uncentred else proj
     return kvfx.rotate_latents(proj) if cfg.rotate else proj
 
@@ -278,14 +287,19 @@ def label(cfg: Config) -> str:
         bands = "/".join(f"int{b}" for b in cfg.levels)
         return (f"kvfx {cfg.method}{gran}, bits per direction ({bands} bands) in {cfg.rank:g} of the bytes"
                 + (", layers priced by measured sensitivity" if cfg.measured else "")
+                + (f" on {cfg.measured} windows" if cfg.measured not in (0, 2) else "")
                 + (f", first {cfg.exact[0]} and last {cfg.exact[1]} tokens in 16 bits" if sum(cfg.exact) else "")
                 + (f", refined {cfg.refine} steps" if cfg.refine else "")
                 + (f", calibrated on {source_label(cfg.calib)}" if cfg.calib else "")
-                + (", rounded around zero (uncentred)" if cfg.uncentred else "") + _shrunk(cfg))
+                + (", rounded around zero (uncentred)" if cfg.uncentred else "") + _shrunk(cfg) + _weighted(cfg))
     store = f", {cfg.quantize}" if cfg.quantize else ", float32 latents"
     calib = f", calibrated on {source_label(cfg.calib)}" if cfg.calib else ""
     return (f"kvfx {cfg.method}{gran} rank {cfg.rank:g}{store}{', rotated' if cfg.rotate else ''}{calib}"
-            + (", rounded around zero (uncentred)" if cfg.uncentred else "") + _shrunk(cfg))
+            + (", rounded around zero (uncentred)" if cfg.uncentred else "") + _shrunk(cfg) + _weighted(cfg))
+
+
+def _weighted(cfg: Config) -> str:
+    return f", key weight {cfg.key_weight:g}" if cfg.key_weight is not None else ""
 
 
 def _shrunk(cfg: Config) -> str:

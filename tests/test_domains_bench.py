@@ -32,18 +32,25 @@ def test_configurations_parse_and_bad_ones_are_refused(bench):
     p = bench.parse("hqq:3:g32:r128")
     assert (p.peer, p.bits, p.group, p.residual) == ("hqq", 3, 32, 128)
     b = bench.parse("kqsvd@kv:0.125:bits:measured")
-    assert (b.per_direction, b.measured, b.rank) == (True, True, 0.125) and not bench.parse("kqsvd@kv:0.25:bits").measured
+    assert (b.per_direction, b.measured, b.rank) == (True, 2, 0.125) and not bench.parse("kqsvd@kv:0.25:bits").measured
     assert bench.parse("kqsvd@kv:0.125:bits:refine=60").refine == 60
     assert bench.parse("kqsvd@kv:0.125:bits:sinks=4:recent=32").exact == (4, 32)
     assert bench.parse("kqsvd@kv:0.125:bits:recent=8").exact == (0, 8)
     assert bench.parse("kqsvd@kv:0.125:bits:uncentred").uncentred and not bench.parse("kqsvd@kv:0.125:bits").uncentred
     assert bench.parse("kqsvd@kv:0.5:int4:uncentred").uncentred
     assert bench.parse("kqsvd@kv:0.5:shrink=0.1").shrink == 0.1 and bench.parse("kqsvd@kv:0.5").shrink == 0
+    assert bench.parse("kqsvd@kv:0.25:bits:measured").measured == 2
+    assert bench.parse("kqsvd@kv:0.25:bits:measured=4").measured == 4 and not bench.parse("kqsvd@kv:0.25:bits").measured
+    weighted = bench.parse("kqsvd@kv:0.125:bits:kw=8")
+    assert weighted.key_weight == 8 and bench.parse("kqsvd@kv:0.5").key_weight is None
+    assert bench.label(weighted).endswith(", key weight 8")
     held_out = bench.parse("kqsvd@kv:0.125:bits:calib=mix-code")
     assert held_out.calib == "mix-code" and bench.mixed("mix-code") == ("wikitext", "docs", "fiction")
     assert "calibrated on the mix without code" in bench.label(held_out) and bench.mixed("mix") == tuple(bench.DOMAINS)
     for bad in ["kqsvd:half", "kqsvd:0.5:shrink=1", "kqsvd:0.5:shrink=0", "kqsvd:0.5:calib=mix-poetry", "kqsvd:0.5:int5", "quanto:4:64:r32", "kqsvd:0.5:calib=poetry", "kqsvd@kv:0.25:measured",
-                "kqsvd@kv:0.25:bits:refine=0", "kqsvd@kv:0.25:refine=5", "kqsvd@kv:0.25:sinks=4"]:
+                "kqsvd@kv:0.25:bits:refine=0", "kqsvd@kv:0.25:refine=5", "kqsvd@kv:0.25:sinks=4",
+                "kqsvd:0.5:kw=8", "kqsvd@kv:0.5:kw=0",
+                "kqsvd@kv:0.25:bits:measured=0"]:
         with pytest.raises(SystemExit, match="bad configuration"):
             bench.parse(bad)
     for spec in bench.DEFAULT:
