@@ -345,8 +345,10 @@ def main(argv=None) -> None:
     unknown = [d for d in args.domains if d not in DOMAINS]
     if unknown:
         raise SystemExit(f"unknown domains {unknown}; known: {', '.join(DOMAINS)}")
-    for spec in args.configs:
-        parse(spec)  # every spec checked before the model loads
+    for spec in args.configs:  # every spec checked before the model loads
+        if parse(spec).measured > args.calib_windows:
+            raise SystemExit(f"{spec}: a profile on {parse(spec).measured} windows needs as many calibration windows; "
+                             f"--calib-windows is {args.calib_windows}.")
     try:
         check_levels(args.bit_levels)
     except ValueError as e:

@@ -57,6 +57,8 @@ def test_configurations_parse_and_bad_ones_are_refused(bench):
         bench.parse(spec)
     with pytest.raises(SystemExit, match="--bit-levels: levels must be distinct band formats"):
         bench.main(["--bit-levels", "8,5,2"])  # refused before the model loads
+    with pytest.raises(SystemExit, match="a profile on 4 windows needs as many calibration windows; --calib-windows is 2"):
+        bench.main(["--configs", "kqsvd@kv:0.25:bits:measured=4", "--calib-windows", "2"])
 
 
 def test_kvfx_bytes_are_what_its_cache_holds(bench):
