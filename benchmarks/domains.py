@@ -345,9 +345,9 @@ def main(argv=None) -> None:
     unknown = [d for d in args.domains if d not in DOMAINS]
     if unknown:
         raise SystemExit(f"unknown domains {unknown}; known: {', '.join(DOMAINS)}")
-    for spec in args.configs:  # every spec checked before the model loads
-        if parse(spec).measured > args.calib_windows:
-            raise SystemExit(f"{spec}: a profile on {parse(spec).measured} windows needs as many calibration windows; "
+    for cfg in map(parse, args.configs):  # every spec checked before the model loads
+        if cfg.measured > args.calib_windows:
+            raise SystemExit(f"{cfg.spec}: a profile on {cfg.measured} windows needs as many calibration windows; "
                              f"--calib-windows is {args.calib_windows}.")
     try:
         check_levels(args.bit_levels)
