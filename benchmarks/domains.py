@@ -23,7 +23,10 @@ Configurations (--configs, comma-separated):
                                                           :shrink=A (the calibration Grams shrunk toward a scaled
                                                           identity by A before fitting, kvfx.calib.shrink); @kv
                                                           configurations take :kw=W (the shared fit's key_weight,
-                                                          key-logit against value error; default 4)
+                                                          key-logit against value error; default 4); any kvfx
+                                                          configuration takes :aw=G (the calibration Grams' tokens
+                                                          weighted by attention, f_t^G, 0 < G <= 1:
+                                                          kvfx.calib.weights)
     METHOD@kv:BUDGET:bits[:measured[=N]][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN]
                                                           kvfx.allocate_bits: bits per latent direction (int8 /
                                                           int4 / int3 / int2 bands, --bit-levels) in BUDGET ×
@@ -93,6 +96,7 @@ class Config:
     shrink: float = 0.0              # kvfx.calib.shrink.shrink: Grams pulled toward a scaled identity before fitting
     levels: tuple = (8, 4, 3, 2)     # allocate_bits' band formats (--bit-levels)
     key_weight: float | None = None  # the shared fit's key_weight (key-logit against value error; None: kvfx's 4)
+    attention_weight: float = 0.0    # collect_stats' attention_weight: γ of the attention-aware token weights
     ratios: dict = field(default_factory=dict)
     kv_bytes: float = math.nan
 
@@ -141,6 +145,8 @@ def parse(spec: str) -> Config:
                 cfg.shrink = float(opt[7:])
             elif opt.startswith("kw=") and gran == "kv" and float(opt[3:]) > 0:
                 cfg.key_weight = float(opt[3:])
+            elif opt.startswith("aw=") and 0 < float(opt[3:]) <= 1:
+                cfg.attention_weight = float(opt[3:])
             elif opt.startswith("calib=") and opt[6:] in SOURCES:
                 cfg.calib = opt[6:]
             else:
@@ -148,8 +154,8 @@ def parse(spec: str) -> Config:
         return cfg
     except (ValueError, IndexError):
         raise SystemExit(f"bad configuration {spec!r}: expected METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN]"
-                         "[:uncentred][:shrink=A][:kw=W], "
-                         f"METHOD@kv:BUDGET:bits[:measured[=N]][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN][:uncentred][:shrink=A] "
+                         "[:uncentred][:shrink=A][:kw=W][:aw=G], "
+                         f"METHOD@kv:BUDGET:bits[:measured[=N]][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN][:uncentred][:shrink=A][:aw=G] "
                          f"or quanto|hqq:BITS:gGROUP:rRESIDUAL (domains: {', '.join(DOMAINS)}, mix)") from None
 
 
@@ -248,22 +254,25 @@ def run(args) -> str:
 
 def projections(model, tok, cfg: Config, args, memo: dict):
     source = cfg.calib or args.calib
-    if source not in memo:
-        windows = (calibration_mix(tok, args.calib_windows, args.window, mixed(source)) if source.startswith("mix")
-                   else domain_windows(tok, source, "calib", args.calib_windows, args.window))
+    if (source, "windows") not in memo:
+        memo[source, "windows"] = (calibration_mix(tok, args.calib_windows, args.window, mixed(source))
+                                   if source.startswith("mix") else
+                                   domain_windows(tok, source, "calib", args.calib_windows, args.window))
+    key = (source, "stats", cfg.attention_weight)
+    if key not in memo:
         samples = max(getattr(kvfx.calib.get_calibrator(cfg.method), "samples_needed", 0), 0)
-        memo[source] = collect_stats(model, windows.split(1), progress=False, samples=samples)
-        memo[source, "windows"] = windows
-    stats = memo[source]
+        memo[key] = collect_stats(model, memo[source, "windows"].split(1), progress=False, samples=samples,
+                                  attention_weight=cfg.attention_weight)
+    stats = memo[key]
     if cfg.shrink:
-        if (source, "shrink", cfg.shrink) not in memo:
-            memo[source, "shrink", cfg.shrink] = shrink(stats, cfg.shrink)
-        stats = memo[source, "shrink", cfg.shrink]
+        if key + ("shrink", cfg.shrink) not in memo:
+            memo[key + ("shrink", cfg.shrink)] = shrink(stats, cfg.shrink)
+        stats = memo[key + ("shrink", cfg.shrink)]
     kw = {} if cfg.key_weight is None else {"key_weight": cfg.key_weight}
     if cfg.per_direction:  # RANK is the budget: bits per latent direction over the full-width fit
         full = fit(stats, cfg.method, 1.0, granularity=cfg.granularity, **kw)
         full = full.uncentred() if cfg.uncentred else full  # before allocating and refining: all of it uncentred
-        profile = (source, "profile", cfg.shrink, cfg.measured, cfg.key_weight)
+        profile = (source, "profile", cfg.shrink, cfg.measured, cfg.key_weight, cfg.attention_weight)
         if cfg.measured and profile not in memo:
             memo[profile] = kvfx.sensitivity(model, full, memo[source, "windows"][:cfg.measured].split(1),
                                              ranks=(0.75, 0.875, 1.0), progress=False)
@@ -303,7 +312,8 @@ def _weighted(cfg: Config) -> str:
 
 
 def _shrunk(cfg: Config) -> str:
-    return f", Grams shrunk by {cfg.shrink:g}" if cfg.shrink else ""
+    return (f", Grams shrunk by {cfg.shrink:g}" if cfg.shrink else "") + \
+        (f", tokens weighted by attention^{cfg.attention_weight:g}" if cfg.attention_weight else "")
 
 
 def table(configs, base, args, partial: int = 0) -> str:

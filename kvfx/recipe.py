@@ -16,7 +16,9 @@ latents", "domains" and "domains-bits"):
 4. optionally `kvfx.refine` through the rounding (12.5 % int4, measured ranks: 58.12 → 43.92 in 80 steps);
 5. below 25 % of the bytes, bits per direction round around the calibration mean (SiteProjection.latent_offsets:
    12.5 % 1.254 worst domain where around zero 1.271, "domains-centred"); from 25 % up they round around zero as
-   before (at 25 % centring measured no better: 1.020 worst against 1.015).
+   before (at 25 % centring measured no better: 1.020 worst against 1.015);
+6. with bits per direction, the calibration Grams weight each token by the attention it receives
+   (`collect_stats(..., attention_weight=0.5)`, kvfx.calib.weights: "domains-weighted").
 
 The chosen formats are recorded (`projections.quantize`: one format, or {site: bands}), so
 `kvfx.compress(model, projections)` applies them, and the projections are stamped with their provenance
@@ -43,6 +45,8 @@ CENTRE_BELOW = 0.25       # bits per direction below this budget round around th
 REFINE_LR = 2e-4          # shared latents diverge at 1e-3 (RESULTS.md); every measured refine row used 2e-4
 SENSITIVITY_STEPS = 8     # the ⅛ grid of the measured int8 rows
 PROBE_RANKS = (0.75, 0.875, 1.0)  # allocate_bits prices each layer from its two least-cut probes
+ATTENTION_WEIGHT = 0.5    # step 6: γ of the attention-aware token weights with bits per direction (RESULTS.md
+                          # "domains-weighted"); int8 / int4 / 16-bit latents keep plain Grams (not measured there)
 
 
 def widest(quantize: str | None, budget: float, width: int) -> int:
@@ -95,7 +99,7 @@ def _minutes(seconds: float) -> str:
 def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine_steps: int = 0,
                 measured: bool | None = None, progress: bool = True, data: str | None = None,
                 log: Callable[[str], None] | None = None, per_direction: bool = True, exact: tuple[int, int] = (0, 0),
-                context: int | None = None) -> Projections:
+                context: int | None = None, attention_weight: float | None = None) -> Projections:
     """Projections for `model` whose cache takes `budget` × the bytes of an uncompressed 16-bit cache, by the
     best recipe measured so far (module docstring). batches: calibration windows (LongTensor [n, T] or a list
     of them). refine_steps: end-to-end training steps (0: closed form only; ~13 s per 512-token step for
@@ -106,12 +110,14 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
     "domains-bits") and decoded on the same AMX integer path at about its speed ("speed-bands"); False: that int4
     format. exact=(sinks, recent), context: with bits per direction, also hold the first `sinks` and the last
     `recent` tokens' latents in 16 bits, their bytes charged at `context` tokens (kvfx.allocate_bits; off by default:
-    at 512-token contexts they cost more codes than they gain, RESULTS.md "domains-exact")."""
+    at 512-token contexts they cost more codes than they gain, RESULTS.md "domains-exact"). attention_weight: γ
+    of the calibration Grams' attention-aware token weights (kvfx.calib.weights); None: the recipe's (step 6)."""
     from .calib.collect import collect_stats, fit
     from .calib.refine import Refine, refine
     from .calib.sensitivity import allocate, sensitivity
     from .calib.allocate import Budget
     from .calib.bits import _exact_cost, allocate_bits
+    from .calib.weights import check_attention_weight
     from .passes.compile import options_of
     from .rotate import rotate_latents
 
@@ -130,10 +136,14 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
                          f"per_direction=True); budget {budget:g} takes "
                          f"{'int8 or 16-bit latents' if budget >= INT8_FROM else 'one int4 format'}.")
     measured = refine_steps > 0 if measured is None else measured
+    if attention_weight is None:
+        attention_weight = ATTENTION_WEIGHT if per_direction and budget < INT8_FROM else 0.0
+    check_attention_weight(attention_weight)
 
     t0 = time.perf_counter()
-    say(f"calibration statistics over {windows.shape[0]} window(s) of {windows.shape[1]} tokens")
-    stats = collect_stats(module, windows.split(1), progress=progress)
+    say(f"calibration statistics over {windows.shape[0]} window(s) of {windows.shape[1]} tokens"
+        + (f", tokens weighted by attention^{attention_weight:g}" if attention_weight else ""))
+    stats = collect_stats(module, windows.split(1), progress=progress, attention_weight=attention_weight)
     width = {n: 2 * st.kv_heads * st.head_dim for n, st in stats.items()}
     fmt = choose_format(budget, max(width.values()), per_direction)
     say(f"latent format: {'int8 / int4 / int3 / int2 bands per direction' if fmt == 'bits' else fmt or '16-bit'} "
@@ -178,5 +188,6 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
                  kv_fraction=achieved, data={"description": data or "token windows", "windows": int(windows.shape[0]),
                                              "window": int(windows.shape[1]), "tokens": int(windows.numel())},
                  recipe={"measured": bool(measured and budget < 1), "rotated": fmt is not None, "centred": centred,
+                         "attention_weight": attention_weight,
                          "refine_steps": refine_steps, "refine_lr": REFINE_LR if refine_steps else None}
                  | ({"exact": {"sinks": exact[0], "recent": exact[1], "context": context}} if sum(exact) else {}))

@@ -67,8 +67,8 @@ def test_measured_and_refined():
     assert isinstance(P.quantize, dict) and P.kv_fraction(P.quantize) <= 0.125
     assert P.report["bits"]["across_sites"] == "measured KL per unit of error"  # layers priced by the model's KL
     assert P.report["refine"]["steps"] == 2 and P.report["refine"]["quantize"] == P.quantize
-    assert P.provenance["recipe"] == {"measured": True, "rotated": True, "centred": True, "refine_steps": 2,
-                                      "refine_lr": 2e-4}
+    assert P.provenance["recipe"] == {"measured": True, "rotated": True, "centred": True, "attention_weight": 0.5,
+                                      "refine_steps": 2, "refine_lr": 2e-4}
     assert all(p.means() for p in P.sites.values())  # 12.5 %: rounded around the calibration means, after refine too
     assert P.method.endswith("+refine")
 
@@ -84,6 +84,7 @@ def test_int8_range_keeps_uniform_rotated_int8():
     m = tiny_llama(1)
     P = kvfx.best_config(m, windows(), 0.5, progress=False)
     assert P.quantize == "int8" and P.kv_fraction("int8") <= 0.5 and P.report["rotation"]["seeds"] == [0]
+    assert P.provenance["recipe"]["attention_weight"] == 0.0  # plain Grams outside bits per direction
 
 
 def test_budget_one_is_exact_16_bit():

@@ -14,13 +14,15 @@ from .allocate import Budget, allocate_ranks
 from .base import get_calibrator
 from .shared import DEFAULT_KEY_WEIGHT, fit_shared
 from .stats import SiteStats
+from .weights import check_attention_weight
 
 
 class StatsCollector:
     """A torch.compile backend that accumulates SiteStats for every attention site it sees."""
 
-    def __init__(self, samples: int = 0):
+    def __init__(self, samples: int = 0, attention_weight: float = 0.0):
         self.samples = samples
+        self.attention_weight = attention_weight
         self.stats: dict[str, SiteStats] = {}
         self.order: list[str] = []
 
@@ -28,23 +30,27 @@ class StatsCollector:
         if site.name not in self.stats:
             st = SiteStats.empty(site.num_heads, site.num_kv_heads, site.head_dim)
             st.sample_limit = self.samples
+            st.attention_weight = self.attention_weight
             if w_rows is not None:
                 st.set_output_weight(w_rows)
             self.stats[site.name] = st
             self.order.append(site.name)
 
-    def record(self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.stats[name].add(q, k, v)
+    def record(self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask=None,
+               is_causal: bool = False, scale: float | None = None) -> None:
+        self.stats[name].add(q, k, v, attn_mask, is_causal, scale)
 
     def __call__(self, gm, example_inputs):
         return insert_observers(gm, example_inputs, self.record, self._on_site).forward
 
 
 def collect_stats(model: torch.nn.Module, batches: Iterable, progress: bool = True,
-                  samples: int = 0) -> dict[str, SiteStats]:
+                  samples: int = 0, attention_weight: float = 0.0) -> dict[str, SiteStats]:
     """Run `model` on each batch (see `call_args`: a tensor, a tuple of arguments or a kwargs dict) and return per-site statistics
-    (plus the first `samples` sequences of q/k/v per site, for learned calibrators)."""
-    collector = StatsCollector(samples)
+    (plus the first `samples` sequences of q/k/v per site, for learned calibrators). attention_weight: γ of the
+    attention-aware token weights of the key / value Grams (kvfx.calib.weights; 0: every token counts once)."""
+    check_attention_weight(attention_weight)
+    collector = StatsCollector(samples, attention_weight)
     fn = compile_isolated(model.forward, backend=collector, dynamic=False)
     batches = list(batches)
     with torch.no_grad():
@@ -160,22 +166,25 @@ def _fit_shared(stats, method, rank, value_rank, key_weight: float = DEFAULT_KEY
 
 def calibrate(model: torch.nn.Module, batches: Iterable, method: str = "kqsvd", rank: int | float | dict = 0.5,
               value_rank: int | float | None = None, granularity: str = "head", progress: bool = True,
-              distributed: bool | None = None, **options) -> Projections:
+              distributed: bool | None = None, attention_weight: float = 0.0, **options) -> Projections:
     """Calibrate projections for every attention site of `model` on `batches` of real text.
 
     distributed: None (default) sums the statistics over torch.distributed ranks when a process group with
     more than one rank is initialized (each rank passes its own shard of the batches; see calib/distributed.py);
-    False keeps each rank's statistics local; True requires an initialized process group."""
+    False keeps each rank's statistics local; True requires an initialized process group.
+    attention_weight: γ of the attention-aware token weights of the key / value Grams (kvfx.calib.weights;
+    0, the default here, counts every calibration token once)."""
     from ..passes.compile import original_module
     from .distributed import is_distributed, reduce_stats
     model = original_module(model, "calibrate")
+    check_attention_weight(attention_weight)
     if distributed and not is_distributed():
         raise ValueError("calibrate(distributed=True) needs torch.distributed initialized with more than one rank "
                          "(torchrun ... and dist.init_process_group).")
     samples = getattr(get_calibrator(method, **options), "samples_needed", 0)
     if isinstance(rank, Budget) and rank.measure == "output":
         samples = max(samples, 2)
-    stats = collect_stats(model, batches, progress=progress, samples=samples)
+    stats = collect_stats(model, batches, progress=progress, samples=samples, attention_weight=attention_weight)
     if distributed is not False:
         reduce_stats(stats)  # a no-op unless torch.distributed runs with more than one rank
     projections = fit(stats, method, rank, value_rank, granularity, **options)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .weights import token_weights
+
 _FIELDS = ("key", "query", "query_sum", "value", "key_joint", "value_joint", "kv_joint", "key_sum", "value_sum",
            "output")
 _SUMMED = _FIELDS[:-1]  # accumulated over tokens (W_O Grams are not)
@@ -37,6 +39,9 @@ class SiteStats:
     key_sum: torch.Tensor | None = None      # [h, d]: Σ_tokens k (first moments: the means kvfx.quant centres on)
     value_sum: torch.Tensor | None = None    # [h, d]: Σ_tokens v
     tokens: int = 0
+    # γ of the attention-aware token weights (calib/weights.py): each token's row of the summed key / value Grams
+    # counts f_t^γ; 0 (default) counts every token once. Query Grams and the first moments are never weighted.
+    attention_weight: float = 0.0
     # learned calibrators (stiefel, matryoshka) also need a few whole sequences and W_O itself, not only Grams
     sample_limit: int = 0                    # keep the first `sample_limit` sequences of q/k/v
     samples: list = field(default_factory=list)
@@ -56,8 +61,10 @@ class SiteStats:
     def group(self) -> int:
         return self.heads // self.kv_heads
 
-    def add(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Accumulate one batch: q [b, H, n, d], k/v [b, h, N, d] (before any repeat_kv)."""
+    def add(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask=None, is_causal: bool = False,
+            scale: float | None = None) -> None:
+        """Accumulate one batch: q [b, H, n, d], k/v [b, h, N, d] (before any repeat_kv); attn_mask, is_causal and
+        scale as the site's SDPA call takes them (they only matter with attention_weight > 0)."""
         self.memo.clear()
         b, H, n, d = q.shape
         h = k.shape[1]
@@ -67,6 +74,13 @@ class SiteStats:
         q = q.detach().to(dev, torch.float64).reshape(b, h, self.group, n, d)
         k = k.detach().to(dev, torch.float64)
         v = v.detach().to(dev, torch.float64)
+        if self.key_sum is not None:
+            self.key_sum += k.sum((0, 2))
+            self.value_sum += v.sum((0, 2))
+        if self.attention_weight:
+            r = token_weights(q.reshape(b, H, n, d), k, v, self.attention_weight, attn_mask, is_causal, scale).to(dev)
+            r = r.sqrt()[:, None, :, None]
+            k, v = k * r, v * r
         self.key += torch.einsum("bhnd,bhne->hde", k, k)
         self.value += torch.einsum("bhnd,bhne->hde", v, v)
         self.query += torch.einsum("bhgnd,bhgne->hde", q, q)
@@ -78,9 +92,6 @@ class SiteStats:
             self.value_joint += vj.T @ vj
             if self.kv_joint is not None:
                 self.kv_joint += kj.T @ vj
-        if self.key_sum is not None:
-            self.key_sum += k.sum((0, 2))
-            self.value_sum += v.sum((0, 2))
         self.tokens += b * k.shape[2]
 
     def means(self) -> tuple[torch.Tensor, torch.Tensor] | None:

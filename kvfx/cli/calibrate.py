@@ -13,6 +13,16 @@ from .. import quant
 from .common import add_data_args, add_model_args, budget, check_output, model_and_windows, say
 
 
+def attention_weight(text: str) -> float:
+    try:
+        g = float(text)
+    except ValueError:
+        g = -1.0
+    if not 0 <= g <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1] (0: plain Grams, 0.5: the recipe's)")
+    return g
+
+
 def add_arguments(p) -> None:
     add_model_args(p)
     p.add_argument("--budget", type=budget, required=True, metavar="FRACTION",
@@ -34,6 +44,9 @@ def add_arguments(p) -> None:
                    help="with bits per direction: also hold the first S tokens' latents in 16 bits (attention sinks)")
     p.add_argument("--recent", type=int, default=0, metavar="W",
                    help="with bits per direction: also hold the last W tokens' latents in 16 bits")
+    p.add_argument("--attention-weight", type=attention_weight, default=None, metavar="G",
+                   help="weight each calibration token by the attention it receives, to the power G in [0, 1] "
+                        "(0: every token once); default: 0.5 with bits per direction, 0 otherwise")
     p.add_argument("--context", type=int, default=None, metavar="TOKENS",
                    help="the context the budget counts --sinks / --recent rows at (their bytes are fixed a cache)")
 
@@ -48,7 +61,8 @@ def run(args) -> int:
     try:
         projections = kvfx.best_config(model, windows, args.budget, refine_steps=args.refine,
                                        measured=args.measured, data=description, per_direction=args.per_direction,
-                                       exact=(args.sinks, args.recent), context=args.context)
+                                       exact=(args.sinks, args.recent), context=args.context,
+                                       attention_weight=args.attention_weight)
     except ValueError as e:
         if isinstance(e, kvfx.ProjectionError) or not str(e).startswith(("unsupported", "budget", "exact")):
             raise

@@ -1,7 +1,7 @@
 """Calibration pass — observe: record what every attention site reads, without changing results.
 
-Before each matched SDPA node, inserts a call `record(site_name, q, k, v)` with the post-RoPE query and
-the keys/values before repeat_kv. The graph then runs eagerly (no Inductor) during calibration.
+Before each matched SDPA node, inserts a call `record(site_name, q, k, v, attn_mask, is_causal, scale)` with the
+post-RoPE query, the keys/values before repeat_kv and SDPA's own mask arguments. The graph then runs eagerly (no Inductor) during calibration.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def output_rows(site: AttentionSite, consts: GraphConstants) -> torch.Tensor | N
 
 def insert_observers(gm: fx.GraphModule, example_inputs, record: Callable,
                      on_site: Callable[[AttentionSite, torch.Tensor | None], None]) -> fx.GraphModule:
-    """A copy of `gm` that calls record(name, q, k, v) before each attention site."""
+    """A copy of `gm` that calls record(name, q, k, v, attn_mask, is_causal, scale) before each attention site."""
     new = fresh_copy(gm)
     consts = GraphConstants(new, example_inputs)
     for site in find_sites(new):
@@ -37,7 +37,8 @@ def insert_observers(gm: fx.GraphModule, example_inputs, record: Callable,
         on_site(site, output_rows(site, consts))
         args = gu.sdpa_args(site.sdpa)
         with new.graph.inserting_before(site.sdpa):
-            new.graph.call_function(record, (site.name, args["query"], site.k.base, site.v.base))
+            new.graph.call_function(record, (site.name, args["query"], site.k.base, site.v.base, args.get("attn_mask"),
+                                             args.get("is_causal", False), args.get("scale")))
         counters["kvfx"]["observed"] += 1
     new.recompile()
     return new

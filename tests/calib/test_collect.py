@@ -44,9 +44,9 @@ def test_first_moments_give_each_site_its_key_and_value_means():
     seen = {}
     add = SiteStats.add
 
-    def spy(self, q, k, v):
+    def spy(self, q, k, v, *mask_args):
         seen.setdefault(id(self), []).append((k.detach().double(), v.detach().double()))
-        add(self, q, k, v)
+        add(self, q, k, v, *mask_args)
     model = tiny_llama()
     SiteStats.add = spy
     try:

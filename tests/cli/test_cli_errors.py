@@ -65,6 +65,7 @@ def test_bad_data_and_output(capsys, tmp_path, tiny_dir):
           "does not exist; create it")
     fails(capsys, ["calibrate", tiny_dir, "--budget", "0.25", "-o", tmp_path], "is a directory")
     fails(capsys, base + ["--refine", "-3"], "--refine -3: give a number of training steps >= 0")
+    fails(capsys, base + ["--attention-weight", "2"], "'2' is not a number in [0, 1]")
     fails(capsys, base + ["--sinks", "4"], "give the context (tokens) the budget is counted at")
     fails(capsys, ["calibrate", tiny_dir, "--budget", "0.5", "-o", out, "--sinks", "4", "--context", "512"],
           "exact rows come with bits per latent direction")
