@@ -15,10 +15,12 @@ latents", "domains" and "domains-bits"):
    between layers (allocate_bits' `profile`; int8: kvfx.allocate's ranks, 12.5 % int4: 60.45 → 58.12);
 4. optionally `kvfx.refine` through the rounding (12.5 % int4, measured ranks: 58.12 → 43.92 in 80 steps);
 5. below 25 % of the bytes, bits per direction round around the calibration mean (SiteProjection.latent_offsets:
-   12.5 % 1.254 worst domain where around zero 1.271, "domains-centred"); from 25 % up they round around zero as
-   before (at 25 % centring measured no better: 1.020 worst against 1.015);
-6. with bits per direction, the calibration Grams weight each token by the attention it receives
-   (`collect_stats(..., attention_weight=0.5)`, kvfx.calib.weights: "domains-weighted").
+   12.5 % 1.254 worst domain where around zero 1.271, "domains-centred"); with plain Grams from 25 % up they round
+   around zero (at 25 % centring measured no better there: 1.020 worst against 1.015);
+6. with bits per direction, the calibration Grams weight each token by the attention it receives:
+   `collect_stats(..., attention_weight=0.5)`, kvfx.calib.weights ("domains-weighted": worst domain 1.254 → 1.192
+   at 12.5 %, 1.015 → 1.012 at 25 %). With weighted Grams rounding around the mean pays at 25 % too (1.017 around
+   zero), so then bits per direction always round around the mean.
 
 The chosen formats are recorded (`projections.quantize`: one format, or {site: bands}), so
 `kvfx.compress(model, projections)` applies them, and the projections are stamped with their provenance
@@ -42,6 +44,7 @@ METHOD, GRANULARITY = "kqsvd", "kv"
 INT8_FROM = 0.375         # step 2: below this budget, bits per latent direction (kvfx.allocate_bits)
 CENTRE_BELOW = 0.25       # bits per direction below this budget round around the calibration mean (RESULTS.md
                           # "domains-centred": 12.5 % 1.271 -> 1.254 worst domain, every domain better; at 25 % no gain)
+                          # with plain Grams; with attention-weighted ones at every budget (step 6)
 REFINE_LR = 2e-4          # shared latents diverge at 1e-3 (RESULTS.md); every measured refine row used 2e-4
 SENSITIVITY_STEPS = 8     # the ⅛ grid of the measured int8 rows
 PROBE_RANKS = (0.75, 0.875, 1.0)  # allocate_bits prices each layer from its two least-cut probes
@@ -171,7 +174,7 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
     if fmt is not None and fmt != "bits":
         projections = rotate_latents(projections)
     fmt = projections.quantize if fmt == "bits" else fmt
-    centred = fmt is not None and budget < CENTRE_BELOW and per_direction
+    centred = fmt is not None and per_direction and (budget < CENTRE_BELOW or attention_weight > 0)
     if not centred:  # elsewhere rounding around the mean measured no better (or was not measured): as before
         projections = projections.uncentred()
 

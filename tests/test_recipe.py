@@ -50,7 +50,10 @@ def test_best_config_meets_budget_and_compress_applies_its_format(tmp_path):
     assert prov["budget"] == 0.25 and prov["quantize"] == P.quantize and prov["method"] == "kqsvd@kv"
     assert prov["data"] == {"description": "random tokens", "windows": 2, "window": 16, "tokens": 32}
     assert prov["recipe"]["rotated"] and not prov["recipe"]["measured"]
-    assert not prov["recipe"]["centred"] and not any(p.means() for p in P.sites.values())  # 25 %: around zero
+    assert prov["recipe"]["centred"] and prov["recipe"]["attention_weight"] == 0.5  # 25 %, weighted: around the mean
+    assert all(p.means() for p in P.sites.values())
+    plain = kvfx.best_config(m, windows(), 0.25, progress=False, attention_weight=0.0)
+    assert not plain.provenance["recipe"]["centred"] and not any(p.means() for p in plain.sites.values())
     path = tmp_path / "p.safetensors"
     P.save(path)
     cm = kvfx.compress(torch.compile(m, backend="eager"), Projections.load(path))
