@@ -37,7 +37,7 @@ def test_info(calibrated):
     text = res.stdout
     for want in ("ranks            32 shared K+V × 2", "latent format    int4x16+int3x16, rotated",
                  "bytes per token  32 (16-bit cache: 128; 0.250 of its bytes)",
-                 "rounding         around zero (low-bit latents)",  # best_config centres below 25 % only
+                 "rounding         around the calibration means (low-bit latents)",  # weighted Grams: centred
                  "model            LlamaForCausalLM (layers 2, heads 4, kv_heads 2, head_dim 8, vocab 49152",
                  "calibration data builtin mix of wikitext, code, docs, fiction (calibration texts), 64 tokens",
                  "recipe           budget 0.25, kqsvd@kv, int4x16+int3x16", "model.layers.1.self_attn",
