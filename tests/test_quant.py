@@ -17,6 +17,15 @@ from kvfx.compress import cache_kwarg
 KINDS = ("int8", "int4")
 
 
+def assert_rounds_as_reference(back, x, kind):
+    """kvfx's float32 rounding equals the float64 reference, but where x lies on a rounding tie within float32's
+    resolution (either neighbour is then as near x: the two may pick different ones)."""
+    ref = low_bit_round(x.double(), kind).float()
+    off = ~torch.isclose(back, ref, rtol=1e-6, atol=0)
+    gap = ((back.double() - x.double()).abs() - (ref.double() - x.double()).abs()).abs()
+    assert (gap[off] <= 1e-5 * x.double().abs()[off]).all(), (back[off], ref[off], x[off])
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from(KINDS + ("int3", "int2")), st.integers(1, 100), st.floats(-12, 12), st.integers(0, 2**16))
 def test_round_trip_error_within_half_a_step(kind, width, log_scale, seed):
@@ -35,7 +44,7 @@ def test_round_trip_error_within_half_a_step(kind, width, log_scale, seed):
     step = (amax / top * 2 ** (1 / quant.SCALE_STEPS)).clamp_min(2.0 ** -16)
     assert ((back - x).abs() <= step / 2 * (1 + 1e-5)).all()
     assert torch.equal(quant.fake_quant(x, kind), back)  # the rewrite's rounding is the cache's
-    assert torch.allclose(back, low_bit_round(x.double(), kind).float(), rtol=1e-6, atol=0)
+    assert_rounds_as_reference(back, x, kind)
 
 
 @settings(max_examples=40, deadline=None)
@@ -50,7 +59,7 @@ def test_bands_store_each_band_in_its_format(bands, seed):
     assert quant.row_bytes(kind, width) == sum(quant.row_bytes(k, w) for k, w in bands)
     back = quant.dequantize(stored, torch.float32, width, kind)
     assert torch.equal(quant.fake_quant(x, kind), back)
-    assert torch.allclose(back, low_bit_round(x.double(), kind).float(), rtol=1e-6, atol=0)
+    assert_rounds_as_reference(back, x, kind)
     # each band's bytes are that band stored alone, in column order
     at, col = 0, 0
     for k, w in bands:
