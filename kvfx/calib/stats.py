@@ -6,6 +6,8 @@ Per site and kv head g (query head i belongs to group g = i // (heads / kv_heads
     query_sum G_S[g]  = Σ_tokens (Σ_{i∈g} q_i)ᵀ(Σ_{i∈g} q_i)  (the seed's summed-query variant)
     value     G_V[g]  = Σ_tokens vᵀv
     output    G_O[g]  = Σ_{i∈g} W_O,i W_O,iᵀ    (W_O,i: the d rows of W_O that read head i)
+With attention_weight = γ > 0 every token's key and value rows count f_t^γ, the attention it receives
+(calib/weights.py); the query Grams and the first moments count every token once.
 Cross-head Grams of the concatenated kv heads (key_joint, value_joint: [h·d, h·d]) serve the joint latent
 (`granularity="layer"`, see `joint()`); with the key-value cross Gram kv_joint = Σ_tokens [k]ᵀ[v] they also serve
 the shared K+V latent (`granularity="kv"`, see calib/shared.py). Stats from several processes add up (see calib/distributed.py, `reduce_stats`).
