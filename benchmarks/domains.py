@@ -300,18 +300,19 @@ def label(cfg: Config) -> str:
                 + (f", first {cfg.exact[0]} and last {cfg.exact[1]} tokens in 16 bits" if sum(cfg.exact) else "")
                 + (f", refined {cfg.refine} steps" if cfg.refine else "")
                 + (f", calibrated on {source_label(cfg.calib)}" if cfg.calib else "")
-                + (", rounded around zero (uncentred)" if cfg.uncentred else "") + _shrunk(cfg) + _weighted(cfg))
+                + (", rounded around zero (uncentred)" if cfg.uncentred else "") + _grams(cfg) + _weighted(cfg))
     store = f", {cfg.quantize}" if cfg.quantize else ", float32 latents"
     calib = f", calibrated on {source_label(cfg.calib)}" if cfg.calib else ""
     return (f"kvfx {cfg.method}{gran} rank {cfg.rank:g}{store}{', rotated' if cfg.rotate else ''}{calib}"
-            + (", rounded around zero (uncentred)" if cfg.uncentred else "") + _shrunk(cfg) + _weighted(cfg))
+            + (", rounded around zero (uncentred)" if cfg.uncentred else "") + _grams(cfg) + _weighted(cfg))
 
 
 def _weighted(cfg: Config) -> str:
     return f", key weight {cfg.key_weight:g}" if cfg.key_weight is not None else ""
 
 
-def _shrunk(cfg: Config) -> str:
+def _grams(cfg: Config) -> str:
+    """How the calibration Grams were changed: shrunk, tokens weighted."""
     return (f", Grams shrunk by {cfg.shrink:g}" if cfg.shrink else "") + \
         (f", tokens weighted by attention^{cfg.attention_weight:g}" if cfg.attention_weight else "")
 

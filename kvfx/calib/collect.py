@@ -177,7 +177,6 @@ def calibrate(model: torch.nn.Module, batches: Iterable, method: str = "kqsvd", 
     from ..passes.compile import original_module
     from .distributed import is_distributed, reduce_stats
     model = original_module(model, "calibrate")
-    check_attention_weight(attention_weight)
     if distributed and not is_distributed():
         raise ValueError("calibrate(distributed=True) needs torch.distributed initialized with more than one rank "
                          "(torchrun ... and dist.init_process_group).")

@@ -73,15 +73,15 @@ class SiteStats:
         for i in range(min(b, self.sample_limit - len(self.samples))):
             self.samples.append(tuple(t[i].detach().float().cpu().clone() for t in (q, k, v)))
         dev = self.key.device    # statistics stay where they were made (CPU); activations may be on a GPU
+        r = (token_weights(q, k, v, self.attention_weight, attn_mask, is_causal, scale).to(dev).sqrt()[:, None, :, None]
+             if self.attention_weight else None)
         q = q.detach().to(dev, torch.float64).reshape(b, h, self.group, n, d)
         k = k.detach().to(dev, torch.float64)
         v = v.detach().to(dev, torch.float64)
         if self.key_sum is not None:
             self.key_sum += k.sum((0, 2))
             self.value_sum += v.sum((0, 2))
-        if self.attention_weight:
-            r = token_weights(q.reshape(b, H, n, d), k, v, self.attention_weight, attn_mask, is_causal, scale).to(dev)
-            r = r.sqrt()[:, None, :, None]
+        if r is not None:  # each token's key / value rows count f_t^γ in the Grams below
             k, v = k * r, v * r
         self.key += torch.einsum("bhnd,bhne->hde", k, k)
         self.value += torch.einsum("bhnd,bhne->hde", v, v)
