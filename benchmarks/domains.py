@@ -26,7 +26,8 @@ Configurations (--configs, comma-separated):
                                                           key-logit against value error; default 4); any kvfx
                                                           configuration takes :aw=G (the calibration Grams' tokens
                                                           weighted by attention, f_t^G, 0 < G <= 1:
-                                                          kvfx.calib.weights)
+                                                          kvfx.calib.weights; :aw=G:vw weights value rows by
+                                                          their own u_t^G, u_t = Σ_q p_qt²)
     METHOD@kv:BUDGET:bits[:measured[=N]][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN]
                                                           kvfx.allocate_bits: bits per latent direction (int8 /
                                                           int4 / int3 / int2 bands, --bit-levels) in BUDGET ×
@@ -97,6 +98,7 @@ class Config:
     levels: tuple = (8, 4, 3, 2)     # allocate_bits' band formats (--bit-levels)
     key_weight: float | None = None  # the shared fit's key_weight (key-logit against value error; None: kvfx's 4)
     attention_weight: float = 0.0    # collect_stats' attention_weight: γ of the attention-aware token weights
+    own_value_weight: bool = False   # collect_stats' own_value_weight: values weighted by Σ_q p² (:aw=G:vw)
     ratios: dict = field(default_factory=dict)
     kv_bytes: float = math.nan
 
@@ -147,6 +149,8 @@ def parse(spec: str) -> Config:
                 cfg.key_weight = float(opt[3:])
             elif opt.startswith("aw=") and 0 < float(opt[3:]) <= 1:
                 cfg.attention_weight = float(opt[3:])
+            elif opt == "vw" and cfg.attention_weight:
+                cfg.own_value_weight = True
             elif opt.startswith("calib=") and opt[6:] in SOURCES:
                 cfg.calib = opt[6:]
             else:
@@ -154,8 +158,8 @@ def parse(spec: str) -> Config:
         return cfg
     except (ValueError, IndexError):
         raise SystemExit(f"bad configuration {spec!r}: expected METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN]"
-                         "[:uncentred][:shrink=A][:kw=W][:aw=G], "
-                         f"METHOD@kv:BUDGET:bits[:measured[=N]][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN][:uncentred][:shrink=A][:aw=G] "
+                         "[:uncentred][:shrink=A][:kw=W][:aw=G[:vw]], "
+                         f"METHOD@kv:BUDGET:bits[:measured[=N]][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN][:uncentred][:shrink=A][:aw=G[:vw]] "
                          f"or quanto|hqq:BITS:gGROUP:rRESIDUAL (domains: {', '.join(DOMAINS)}, mix)") from None
 
 
@@ -258,11 +262,11 @@ def projections(model, tok, cfg: Config, args, memo: dict):
         memo[source, "windows"] = (calibration_mix(tok, args.calib_windows, args.window, mixed(source))
                                    if source.startswith("mix") else
                                    domain_windows(tok, source, "calib", args.calib_windows, args.window))
-    key = (source, "stats", cfg.attention_weight)
+    key = (source, "stats", cfg.attention_weight, cfg.own_value_weight)
     if key not in memo:
         samples = max(getattr(kvfx.calib.get_calibrator(cfg.method), "samples_needed", 0), 0)
         memo[key] = collect_stats(model, memo[source, "windows"].split(1), progress=False, samples=samples,
-                                  attention_weight=cfg.attention_weight)
+                                  attention_weight=cfg.attention_weight, own_value_weight=cfg.own_value_weight)
     stats = memo[key]
     if cfg.shrink:
         if key + ("shrink", cfg.shrink) not in memo:
@@ -272,7 +276,8 @@ def projections(model, tok, cfg: Config, args, memo: dict):
     if cfg.per_direction:  # RANK is the budget: bits per latent direction over the full-width fit
         full = fit(stats, cfg.method, 1.0, granularity=cfg.granularity, **kw)
         full = full.uncentred() if cfg.uncentred else full  # before allocating and refining: all of it uncentred
-        profile = (source, "profile", cfg.shrink, cfg.measured, cfg.key_weight, cfg.attention_weight)
+        profile = (source, "profile", cfg.shrink, cfg.measured, cfg.key_weight, cfg.attention_weight,
+                   cfg.own_value_weight)
         if cfg.measured and profile not in memo:
             memo[profile] = kvfx.sensitivity(model, full, memo[source, "windows"][:cfg.measured].split(1),
                                              ranks=(0.75, 0.875, 1.0), progress=False)
@@ -314,7 +319,8 @@ def _weighted(cfg: Config) -> str:
 def _grams(cfg: Config) -> str:
     """How the calibration Grams were changed: shrunk, tokens weighted."""
     return (f", Grams shrunk by {cfg.shrink:g}" if cfg.shrink else "") + \
-        (f", tokens weighted by attention^{cfg.attention_weight:g}" if cfg.attention_weight else "")
+        (f", tokens weighted by attention^{cfg.attention_weight:g}" if cfg.attention_weight else "") + \
+        (" (values by their own weight)" if cfg.own_value_weight else "")
 
 
 def table(configs, base, args, partial: int = 0) -> str:

@@ -20,9 +20,10 @@ from .weights import check_attention_weight
 class StatsCollector:
     """A torch.compile backend that accumulates SiteStats for every attention site it sees."""
 
-    def __init__(self, samples: int = 0, attention_weight: float = 0.0):
+    def __init__(self, samples: int = 0, attention_weight: float = 0.0, own_value_weight: bool = False):
         self.samples = samples
         self.attention_weight = attention_weight
+        self.own_value_weight = own_value_weight
         self.stats: dict[str, SiteStats] = {}
         self.order: list[str] = []
 
@@ -31,6 +32,7 @@ class StatsCollector:
             st = SiteStats.empty(site.num_heads, site.num_kv_heads, site.head_dim)
             st.sample_limit = self.samples
             st.attention_weight = self.attention_weight
+            st.own_value_weight = self.own_value_weight
             if w_rows is not None:
                 st.set_output_weight(w_rows)
             self.stats[site.name] = st
@@ -44,13 +46,15 @@ class StatsCollector:
         return insert_observers(gm, example_inputs, self.record, self._on_site).forward
 
 
-def collect_stats(model: torch.nn.Module, batches: Iterable, progress: bool = True,
-                  samples: int = 0, attention_weight: float = 0.0) -> dict[str, SiteStats]:
+def collect_stats(model: torch.nn.Module, batches: Iterable, progress: bool = True, samples: int = 0,
+                  attention_weight: float = 0.0, own_value_weight: bool = False) -> dict[str, SiteStats]:
     """Run `model` on each batch (see `call_args`: a tensor, a tuple of arguments or a kwargs dict) and return per-site statistics
     (plus the first `samples` sequences of q/k/v per site, for learned calibrators). attention_weight: γ of the
-    attention-aware token weights of the key / value Grams (kvfx.calib.weights; 0: every token counts once)."""
+    attention-aware token weights of the key / value Grams (kvfx.calib.weights; 0: every token counts once);
+    own_value_weight: value rows weighted by their own u_t^γ, not the key's f_t^γ (measured no better: RESULTS.md
+    "domains-value-weight")."""
     check_attention_weight(attention_weight)
-    collector = StatsCollector(samples, attention_weight)
+    collector = StatsCollector(samples, attention_weight, own_value_weight)
     fn = compile_isolated(model.forward, backend=collector, dynamic=False)
     batches = list(batches)
     with torch.no_grad():

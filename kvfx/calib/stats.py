@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .weights import token_weights
+from .weights import attention_weights
 
 _FIELDS = ("key", "query", "query_sum", "value", "key_joint", "value_joint", "kv_joint", "key_sum", "value_sum",
            "output")
@@ -44,6 +44,9 @@ class SiteStats:
     # γ of the attention-aware token weights (calib/weights.py): each token's row of the summed key / value Grams
     # counts f_t^γ; 0 (default) counts every token once. Query Grams and the first moments are never weighted.
     attention_weight: float = 0.0
+    # with attention_weight > 0: value rows weighted by their own first-order cost u_t^γ (u_t = Σ_q p_qt²) instead
+    # of the key's f_t^γ (calib/weights.py)
+    own_value_weight: bool = False
     # learned calibrators (stiefel, matryoshka) also need a few whole sequences and W_O itself, not only Grams
     sample_limit: int = 0                    # keep the first `sample_limit` sequences of q/k/v
     samples: list = field(default_factory=list)
@@ -73,16 +76,18 @@ class SiteStats:
         for i in range(min(b, self.sample_limit - len(self.samples))):
             self.samples.append(tuple(t[i].detach().float().cpu().clone() for t in (q, k, v)))
         dev = self.key.device    # statistics stay where they were made (CPU); activations may be on a GPU
-        r = (token_weights(q, k, v, self.attention_weight, attn_mask, is_causal, scale).to(dev).sqrt()[:, None, :, None]
-             if self.attention_weight else None)
+        r = None
+        if self.attention_weight:  # each token's key / value rows count its weight in the Grams below
+            wk, wv = attention_weights(q, k, v, self.attention_weight, attn_mask, is_causal, scale)
+            r = tuple(w.to(dev).sqrt()[:, None, :, None] for w in (wk, wv if self.own_value_weight else wk))
         q = q.detach().to(dev, torch.float64).reshape(b, h, self.group, n, d)
         k = k.detach().to(dev, torch.float64)
         v = v.detach().to(dev, torch.float64)
         if self.key_sum is not None:
             self.key_sum += k.sum((0, 2))
             self.value_sum += v.sum((0, 2))
-        if r is not None:  # each token's key / value rows count f_t^γ in the Grams below
-            k, v = k * r, v * r
+        if r is not None:
+            k, v = k * r[0], v * r[1]
         self.key += torch.einsum("bhnd,bhne->hde", k, k)
         self.value += torch.einsum("bhnd,bhne->hde", v, v)
         self.query += torch.einsum("bhgnd,bhgne->hde", q, q)

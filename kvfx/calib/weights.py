@@ -13,6 +13,8 @@ token's row of the key / value Grams by f_t^γ (normalised to mean 1 over each s
 once); γ = 1 the first-order weight itself; between them a tempered one (the window's early tokens are read by
 more queries than a long cache's tokens would be, and the weight of one sequence should not rest on a handful of
 tokens). Measured through the cache on four text domains: benchmarks/RESULTS.md, section "domains-weighted".
+`attention_weights` also gives u_t = Σ_heads Σ_q p_qt², a value row's own first-order cost; weighting value rows by
+u_t^γ instead (`collect_stats(..., own_value_weight=True)`) measured no better ("domains-value-weight").
 """
 from __future__ import annotations
 
@@ -49,17 +51,26 @@ def token_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: floa
 
     q [b, H, n, d]; k, v [b, h, N, d] (before any repeat_kv; H a multiple of h); attn_mask, is_causal, scale as
     torch's scaled_dot_product_attention takes them (is_causal: the upper-left causal mask, as SDPA)."""
+    return attention_weights(q, k, v, gamma, attn_mask, is_causal, scale)[0]
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: float, attn_mask=None,
+                      is_causal: bool = False, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f_t^γ, u_t^γ): the key weights of `token_weights` and the value weights u_t = Σ_heads Σ_q p_qt² (the
+    first-order cost of an error in token t's value row alone), each [b, N] float64 with mean 1 per sequence."""
     check_attention_weight(gamma)
     b, H, n, d = q.shape
     h, N = k.shape[1], k.shape[2]
     if gamma == 0 or N == 0:
-        return torch.ones(b, N, dtype=torch.float64, device=k.device)
+        ones = torch.ones(b, N, dtype=torch.float64, device=k.device)
+        return ones, ones
     g = H // h
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     qf = q.detach().float().reshape(b, h, g, n, d)
     kf, vf = k.detach().float(), v.detach().float()
     vv = (vf * vf).sum(-1)                                   # [b, h, N]
     f = torch.zeros(b, h, N, dtype=torch.float64, device=k.device)
+    u = torch.zeros(b, h, N, dtype=torch.float64, device=k.device)
     for q0 in range(0, n, QUERY_BLOCK):
         q1 = min(n, q0 + QUERY_BLOCK)
         s = torch.einsum("bhgnd,bhmd->bhgnm", qf[:, :, :, q0:q1], kf) * scale
@@ -72,11 +83,17 @@ def token_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: floa
         p = s.softmax(-1).nan_to_num(0.0)                     # a row that reads nothing weighs nothing
         o = torch.einsum("bhgnm,bhmd->bhgnd", p, vf)
         p2 = p * p
+        p2q = p2.sum(3)                                       # [b, h, g, N]: Σ_q p²
         # Σ_q p² ‖v_t − o_q‖² = ‖v_t‖² Σ_q p² + Σ_q p² ‖o_q‖² − 2 v_t · Σ_q p² o_q
-        part = p2.sum(3) * vv[:, :, None] + torch.einsum("bhgnm,bhgn->bhgm", p2, (o * o).sum(-1)) \
+        part = p2q * vv[:, :, None] + torch.einsum("bhgnm,bhgn->bhgm", p2, (o * o).sum(-1)) \
             - 2 * torch.einsum("bhgnm,bhgnd,bhmd->bhgm", p2, o, vf)
         f += part.clamp_min(0).sum(2).double()
-    f = f.sum(1)                                              # [b, N]: one weight per token row (all kv heads)
+        u += p2q.sum(2).double()
+    return _tempered(f.sum(1), gamma), _tempered(u.sum(1), gamma)   # one weight per token row (all kv heads)
+
+
+def _tempered(f: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(f / mean f)^γ, renormalised to mean 1 per sequence; a sequence with no weight at all counts every token."""
     mean = f.mean(-1, keepdim=True)
     w = torch.where(mean > 0, f / mean.clamp_min(1e-300), torch.ones_like(f)).clamp_min(1e-8) ** gamma
     return w / w.mean(-1, keepdim=True)

@@ -8,8 +8,9 @@ from kvfx.calib import weights as W
 from kvfx.calib.stats import SiteStats
 
 
-def reference(q, k, v, gamma, mask=None, causal=False, scale=None):
-    """f_t = Σ_heads Σ_q p_qt² ‖v_t − o_q‖², one query and head at a time, float64."""
+def reference(q, k, v, gamma, mask=None, causal=False, scale=None, value=False):
+    """f_t = Σ_heads Σ_q p_qt² ‖v_t − o_q‖² (value: u_t = Σ_heads Σ_q p_qt²), one query and head at a time,
+    float64."""
     b, H, n, d = q.shape
     h, N = k.shape[1], k.shape[2]
     f = torch.zeros(b, N, dtype=torch.float64)
@@ -26,7 +27,7 @@ def reference(q, k, v, gamma, mask=None, causal=False, scale=None):
                     s = s.masked_fill(~m, -math.inf) if m.dtype == torch.bool else s + m.double()
                 p = s.softmax(0).nan_to_num(0)
                 o = p @ vv
-                f[bi] += p ** 2 * ((vv - o) ** 2).sum(-1)
+                f[bi] += p ** 2 if value else p ** 2 * ((vv - o) ** 2).sum(-1)
     w = (f / f.mean(-1, keepdim=True)).clamp_min(1e-8) ** gamma
     return w / w.mean(-1, keepdim=True)
 
@@ -46,6 +47,9 @@ def test_weights_match_the_per_query_reference(monkeypatch, gamma):
                                reference(q, k, v, gamma, mask=keep, scale=0.2))
     add = torch.randn(1, 4, 7, 7, generator=g)
     close(W.token_weights(q, k, v, gamma, attn_mask=add), reference(q, k, v, gamma, mask=add))
+    key, value = W.attention_weights(q, k, v, gamma, attn_mask=keep, scale=0.2)
+    close(key, reference(q, k, v, gamma, mask=keep, scale=0.2))
+    close(value, reference(q, k, v, gamma, mask=keep, scale=0.2, value=True))
 
 
 def test_a_token_no_query_reads_weighs_nothing_and_gamma_zero_is_plain():
@@ -76,6 +80,13 @@ def test_weighted_grams_count_each_token_by_its_weight_and_keep_plain_means():
     torch.testing.assert_close(weighted.query, plain.query)
     assert torch.equal(weighted.key_sum, plain.key_sum) and weighted.tokens == plain.tokens
     assert not torch.allclose(weighted.key_joint, plain.key_joint)
+    own = SiteStats.empty(4, 2, 8)     # values weighted by their own u_t^γ: the cross Gram by √(w_t u_t)
+    own.attention_weight, own.own_value_weight = 0.5, True
+    own.add(q, k, v, None, True, None)
+    u = W.attention_weights(q, k, v, 0.5, is_causal=True)[1][0]
+    torch.testing.assert_close(own.key_joint, weighted.key_joint)
+    torch.testing.assert_close(own.value_joint, vj.T @ (u[:, None] * vj))
+    torch.testing.assert_close(own.kv_joint, kj.T @ ((w * u).sqrt()[:, None] * vj))
 
 
 def test_collect_stats_weights_by_the_sites_own_attention():
