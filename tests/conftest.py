@@ -2,13 +2,31 @@
 import os
 import sys
 
-import pytest
-import torch
+# Under `pytest -n N` (pytest-xdist, as README's test command runs) the workers share the machine's cores: one
+# intra-op thread each, and so for the processes they start. Two OpenMP threads per worker on 2 busy cores
+# spin-wait on each other (see `one_thread`).
+XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import helpers` from any test directory
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "coverage"))  # `import archs`
 
 import kvfx  # noqa: E402
+
+# The longest test files (seconds of a worker, `--durations`, session 24), started first: `pytest -n 2 --dist
+# loadfile` hands files to its workers in collection order, so the short ones fill in around these and no worker
+# is left running one long file alone at the end.
+LONG_FIRST = ("test_real_model.py", "test_cli.py", "test_cache.py", "test_refine.py", "test_quant.py",
+              "test_speed_bench.py", "test_decode.py", "test_expand.py", "test_models.py", "test_dynamic.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: the rest keep their order
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +42,7 @@ def _fresh_dynamo():
 def _quiet_transformers():
     from transformers.utils import logging
     logging.set_verbosity_error()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(1 if XDIST else min(2, torch.get_num_threads()))
     yield
 
 

@@ -446,10 +446,14 @@ def test_masked_rows_cost_no_precision(kind, integer):
 
 def test_long_context_split_over_chunks_and_threads():
     """Long N: several split-K chunks merged by log-sum-exp, on every thread."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    q, kc, vc, m = _case(1, 1, 9, 20000, 96, 96, "int4", "bool", True, 0)
-    _assert_matches(torch.ops.kvfx.decode_attention(q, kc, vc, 96, 96, "int4", 0.1, m, True), q, kc, vc, 96, 96,
-                    "int4", 0.1, m, True)
+    try:
+        q, kc, vc, m = _case(1, 1, 9, 20000, 96, 96, "int4", "bool", True, 0)
+        _assert_matches(torch.ops.kvfx.decode_attention(q, kc, vc, 96, 96, "int4", 0.1, m, True), q, kc, vc, 96,
+                        96, "int4", 0.1, m, True)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
