@@ -54,6 +54,9 @@ def collect_stats(model: torch.nn.Module, batches: Iterable, progress: bool = Tr
     own_value_weight: value rows weighted by their own u_t^γ, not the key's f_t^γ (measured no better: RESULTS.md
     "domains-value-weight")."""
     check_attention_weight(attention_weight)
+    if own_value_weight and not attention_weight:
+        raise ValueError("own_value_weight=True weights value rows by the attention they receive: it needs "
+                         "attention_weight > 0 (e.g. 0.5).")
     collector = StatsCollector(samples, attention_weight, own_value_weight)
     fn = compile_isolated(model.forward, backend=collector, dynamic=False)
     batches = list(batches)

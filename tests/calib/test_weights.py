@@ -117,3 +117,5 @@ def test_collect_stats_weights_by_the_sites_own_attention():
         assert not torch.allclose(weighted[name].key_joint, plain[name].key_joint)
     with pytest.raises(ValueError, match="attention_weight must be"):
         kvfx.calibrate(model, ids, attention_weight=2.0, progress=False)
+    with pytest.raises(ValueError, match="own_value_weight=True .* needs attention_weight > 0"):
+        collect_stats(model, ids, progress=False, own_value_weight=True)
