@@ -30,8 +30,16 @@
 //
 // Row layout (kvfx/quant.py): int8: R codes, then one scale code e (x = q * 2^(e/8));
 //                             int4: ceil(R/2) bytes of two codes (low nibble first), then one e per 32 numbers.
-#include <torch/extension.h>
+// ATen and the op registry only (not torch/extension.h, whose pybind11 and C++-frontend headers took 48 of a 64 s build):
+// the functions are registered as ops in a namespace named after the build (torch.ops.<name>, kvfx/ops/lowbit_attention.py).
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
+namespace torch {  // the C++ frontend's names for what this file uses (torch/types.h)
+using namespace at;
+constexpr auto kInt8 = at::kChar;
+constexpr auto kFloat32 = at::kFloat;
+}  // namespace torch
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -1018,3 +1026,13 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
   });
   return out;
 }
+
+// One op namespace per build (TORCH_EXTENSION_NAME: kvfx_lowbit_attention, kvfx_lowbit_attention_x86_64_v2, …), so
+// builds for several -march values load side by side. (An indirection: TORCH_LIBRARY pastes its argument unexpanded.)
+#define KVFX_REGISTER(ns)                                \
+  TORCH_LIBRARY(ns, m) {                                 \
+    m.def("decode_attention", &decode_attention);       \
+    m.def("dequantize_rows", &dequantize_rows);         \
+    m.def("integer_path", &integer_path);               \
+  }
+KVFX_REGISTER(TORCH_EXTENSION_NAME)

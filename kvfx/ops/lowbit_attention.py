@@ -139,8 +139,11 @@ def _build(arch: str = "native"):
     flags = ["-O3", f"-march={arch}", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
              "-fno-trapping-math"]
     name = "kvfx_lowbit_attention" + ("" if arch == "native" else "_" + arch.replace("-", "_").replace(".", "_"))
-    return load_inline(name, cpp_sources=[src], functions=["decode_attention", "dequantize_rows", "integer_path"], extra_cflags=flags,
-                       extra_ldflags=["-fopenmp"], verbose=False)
+    # no pybind11 module: the .so registers its functions as ops (torch.ops.<name>.decode_attention, …), and ATen
+    # alone compiles in a quarter of torch/extension.h's time (the first use of the kernel waits for it)
+    load_inline(name, cpp_sources=[src], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False,
+                no_implicit_headers=True, verbose=False)
+    return getattr(torch.ops, name)
 
 
 def _extension():
