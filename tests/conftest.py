@@ -17,11 +17,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "coverage"))  # `impo
 
 import kvfx  # noqa: E402
 
-# The longest test files (seconds of a worker, `--durations`, session 24), started first: `pytest -n 2 --dist
-# loadfile` hands files to its workers in collection order, so the short ones fill in around these and no worker
-# is left running one long file alone at the end.
-LONG_FIRST = ("test_real_model.py", "test_cli.py", "test_cache.py", "test_refine.py", "test_quant.py",
-              "test_speed_bench.py", "test_decode.py", "test_expand.py", "test_models.py", "test_dynamic.py")
+# The longest test files (seconds of a worker, `--durations`, sessions 24-25, with cold Inductor and extension caches
+# as on CI's machine), started first: `pytest -n 2 --dist loadfile` hands files to its workers in collection order,
+# so the short ones fill in around these and no worker is left running one long file alone at the end.
+LONG_FIRST = ("test_real_model.py", "test_lowbit_attention.py", "test_cli.py", "test_cache.py", "test_refine.py",
+              "test_quant.py", "test_speed_bench.py", "test_decode.py", "test_expand.py", "test_models.py",
+              "test_dynamic.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import math
 import re
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -22,6 +25,21 @@ VOCAB = 64
 
 
 # ---------------------------------------------------------------------------------------------- models
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def bench_module(script: str, name: str | None = None):
+    """A script of benchmarks/ imported as a module (its own imports of benchmarks/ files resolve; registered in
+    sys.modules, where dataclasses look their module up)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name or f"kvfx_bench_{Path(script).stem}", BENCHMARKS / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_llama(layers: int = 2, seed: int = 0, heads: int = 4, kv_heads: int = 2, head_dim: int = 8):
     """Llama with RoPE and GQA (4 query heads over 2 kv heads), float32, eval, SDPA attention."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -2,25 +2,16 @@
 `band-error`, not a test)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from helpers import bench_module
 from kvfx import quant
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("kvfx_band_error_bench", ROOT / "benchmarks" / "band_error.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("band_error.py")
 
 
 def test_tally_rounds_as_fake_quant_and_sums_each_band(bench):

@@ -2,27 +2,15 @@
 count), on a tiny Llama. The full table is a command (sweeps `domains`, `domains-calib`), not a test."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import kvfx
-from helpers import VOCAB, random_projections, tiny_llama
-
-ROOT = Path(__file__).resolve().parent.parent
-
+from helpers import VOCAB, bench_module, random_projections, tiny_llama
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("kvfx_domains_bench", ROOT / "benchmarks" / "domains.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("domains.py")
 
 
 def test_configurations_parse_and_bad_ones_are_refused(bench):
@@ -97,9 +85,7 @@ def test_peer_bytes_count_codes_scales_zero_points_and_the_window_it_held(bench)
 def test_frontier_plot_reads_the_domains_tables(tmp_path):
     """benchmarks/plot_frontier.py: every kvfx / peer row of a domains table (not the original's, not other tables),
     each once; the frontier keeps only points nothing beats on bytes and worst domain; the plot is written."""
-    spec = importlib.util.spec_from_file_location("kvfx_plot_frontier", ROOT / "benchmarks" / "plot_frontier.py")
-    pf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pf)
+    pf = bench_module("plot_frontier.py")
     table = ("| configuration | KV bytes | wikitext | code | worst |\n|---|---|---|---|---|\n"
              "| original (DynamicCache), cache ppl | 1.000 | 24.35 | 6.64 | - |\n"
              "| kvfx a | 0.250 | 1.02 | 1.03 | 1.03 |\n| QuantizedCache quanto int4 | 0.360 | 1.0 | 1.02 | 1.02 |\n"

@@ -2,7 +2,6 @@
 bad input (in process: they exit before any model is built)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import bench_module
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "speed.py"
@@ -28,10 +29,7 @@ HAS_QUANTO = _has_quanto()
 
 @pytest.fixture(scope="module")
 def speed():
-    spec = importlib.util.spec_from_file_location("kvfx_speed_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("speed.py")
 
 
 @pytest.fixture(scope="module")
