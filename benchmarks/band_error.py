@@ -1,7 +1,7 @@
 """What bits per latent direction lose, split: the directions dropped against the rounding of the kept ones.
 
-`kvfx.best_config` at each budget (bits per direction: int8 / int4 / int3 / int2 bands, the rest dropped) calibrated on
-the mix, then on each domain's test windows, through the rewrite pass (full forward, `use_cache=False`):
+`kvfx.best_config` at each budget (bits per direction: int8 / int5 / int4 / int3 / int2 bands, the rest dropped)
+calibrated on the mix, then on each domain's test windows, through the rewrite pass (full forward, `use_cache=False`):
 
 * perplexity × the original's of the configuration as the cache stores it (bands rounded);
 * the same projections with every kept direction in 16 bits (`quantize=None`): only the dropped directions lose;
@@ -132,7 +132,7 @@ def main(argv=None) -> None:
     p.add_argument("--section", default="band-error", help="RESULTS.md section the table is written to")
     p.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
     args = p.parse_args(argv)
-    args.argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--write"]
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as run, --write included (the sweep runner adds it)
     unknown = [d for d in args.domains if d not in DOMAINS]
     if unknown or not all(0 < b < 0.375 for b in args.budgets):
         raise SystemExit(f"--domains must be among {', '.join(DOMAINS)} (got {unknown}) and --budgets in (0, 0.375), "

@@ -389,13 +389,14 @@ def main(argv=None) -> dict:
     res = run(args, parser)
     text = header(res, args) + "\n" + tables(res, args)
     print("\n" + text)
+    if args.write:  # first: a failure writing the extras below leaves the measured table recorded
+        write_results(text, args.results, args.section)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(
             res | {"command": args.argv, "machine": machine(args), "threads": torch.get_num_threads()}, indent=1))
     if args.plot:
         plot(res, args.plot)
-    if args.write:
-        write_results(text, args.results, args.section)
     return res
 
 

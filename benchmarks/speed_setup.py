@@ -130,7 +130,8 @@ class Config:
     quantize: str | None = None      # kvfx latents stored as int8 / int4 (rotated first); "bits": allocate_bits
     method: str = "kqsvd"
     nbits: int = 0                   # peer: quanto bits
-    levels: tuple = (8, 4, 3, 2)     # "bits": allocate_bits' band formats (kvfx-kv-bits842-*: without int3)
+    levels: tuple = (8, 4, 3, 2)     # "bits": allocate_bits' band formats (kvfx-kv-bits842-*: without int3;
+                                     # kvfx-kv-bits5-*: with int5, the recipe's since session 26)
     decoded: bool = False            # low-bit rows decoded to float32 in the kernel (KVFX_NO_AMX=1: no integer path)
     avx2_integer: bool = False       # the kernel's opt-in AVX2 integer path (KVFX_AVX2_INTEGER=1)
     exact: tuple = (0, 0)            # "bits": (sinks, recent) tokens held in 16 bits (reserved at EXACT_CONTEXT)
@@ -144,8 +145,9 @@ class Config:
 
 
 _KVFX = re.compile(r"kvfx-(head|layer|kv)-([0-9]*\.?[0-9]+)(?:-(int8|int4))?(-decoded|-avx2int)?")
-# allocate_bits' bands in BUDGET (842: no int3), -sSrW: the first S and last W tokens also held in 16 bits
-_BITS = re.compile(r"kvfx-kv-bits(842)?-([0-9]*\.?[0-9]+)(?:-s([0-9]+)r([0-9]+))?(-decoded|-avx2int)?(-uncentred)?")
+# allocate_bits' bands in BUDGET (842: no int3; 5: with int5), -sSrW: the first S and last W tokens also held in 16 bits
+_BITS = re.compile(r"kvfx-kv-bits(842|5)?-([0-9]*\.?[0-9]+)(?:-s([0-9]+)r([0-9]+))?(-decoded|-avx2int)?(-uncentred)?")
+LEVELS = {None: (8, 4, 3, 2), "842": (8, 4, 2), "5": (8, 5, 4, 3, 2)}
 EXACT_CONTEXT = 512  # exact rows' bytes reserved from the budget at the quality protocol's context (same layout)
 DEFAULT_CONFIGS = ["original-dynamic", "original-static", "kvfx-head-0.5", "kvfx-head-0.25", "kvfx-layer-0.5",
                    "kvfx-layer-0.25", "kvfx-kv-0.5", "kvfx-kv-0.25", "kvfx-kv-0.5-int8", "kvfx-kv-0.9375-int4",
@@ -161,7 +163,7 @@ def parse_config(name: str) -> Config:
         return Config(name, "peer", nbits=int(name[-1]))
     m = _BITS.fullmatch(name)
     if m and 0 < float(m.group(2)) < 1:
-        return Config(name, "kvfx", "kv", float(m.group(2)), "bits", levels=(8, 4, 2) if m.group(1) else (8, 4, 3, 2),
+        return Config(name, "kvfx", "kv", float(m.group(2)), "bits", levels=LEVELS[m.group(1)],
                       decoded=m.group(5) == "-decoded", avx2_integer=m.group(5) == "-avx2int",
                       exact=(int(m.group(3) or 0), int(m.group(4) or 0)), uncentred=bool(m.group(6)))
     m = _KVFX.fullmatch(name)
@@ -171,7 +173,8 @@ def parse_config(name: str) -> Config:
     raise ValueError(f"unknown configuration {name!r}: use original-dynamic, original-static, kvfx-identity, "
                      "peer-quanto-int4, peer-quanto-int2, kvfx-{head|layer|kv}-RANK[-int8|-int4] with RANK in "
                      "(0, 1] (e.g. kvfx-kv-0.5-int8) or kvfx-kv-bits-BUDGET (allocate_bits, BUDGET in (0, 1); "
-                     "kvfx-kv-bits842-BUDGET: int8/int4/int2 bands only, as before int3; + '-sSrW': the first S and "
+                     "kvfx-kv-bits842-BUDGET: int8/int4/int2 bands only, as before int3; kvfx-kv-bits5-BUDGET: "
+                     "int8/int5/int4/int3/int2 bands; + '-sSrW': the first S and "
                      "last W tokens also held in 16 bits, e.g. kvfx-kv-bits-0.125-s4r32; + '-uncentred': rounded around "
                      "zero, not the calibration mean); a low-bit kvfx "
                      "configuration + '-decoded': its rows decoded to float32 in the kernel (no integer path), "

@@ -27,18 +27,19 @@ def assert_rounds_as_reference(back, x, kind):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.sampled_from(KINDS + ("int3", "int2")), st.integers(1, 100), st.floats(-12, 12), st.integers(0, 2**16))
+@given(st.sampled_from(KINDS + ("int5", "int3", "int2")), st.integers(1, 100), st.floats(-12, 12), st.integers(0, 2**16))
 def test_round_trip_error_within_half_a_step(kind, width, log_scale, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, width, generator=g) * 2.0 ** log_scale
     stored = quant.quantize(x, kind)
     per_byte = {"int8": 1, "int4": 2, "int2": 4}
     code_bytes = (math.ceil(width / 4) + math.ceil(width / 8) if kind == "int3"  # low-bit plane, sign plane
+                  else math.ceil(width / 2) + math.ceil(width / 8) if kind == "int5"
                   else math.ceil(width / per_byte[kind]))
     nbytes = code_bytes + (1 if kind == "int8" else math.ceil(width / 32))
     assert stored.dtype == torch.int8 and stored.shape == (3, nbytes) and quant.row_bytes(kind, width) == nbytes
     back = quant.dequantize(stored, torch.float32, width, kind)
-    top, group = {"int8": (127, width), "int4": (7, 32), "int3": (4, 32), "int2": (2, 32)}[kind]
+    top, group = {"int8": (127, width), "int5": (16, 32), "int4": (7, 32), "int3": (4, 32), "int2": (2, 32)}[kind]
     # per group: the scale is at most an eighth of an octave above amax/top, and at least 2^-16 (smallest code)
     amax = torch.cat([p.abs().amax(-1, keepdim=True).expand_as(p) for p in x.split(group, -1)], -1)
     step = (amax / top * 2 ** (1 / quant.SCALE_STEPS)).clamp_min(2.0 ** -16)
@@ -48,7 +49,7 @@ def test_round_trip_error_within_half_a_step(kind, width, log_scale, seed):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(("int8", "int4", "int3", "int2")), st.integers(1, 70)), min_size=1, max_size=4),
+@given(st.lists(st.tuples(st.sampled_from(("int8", "int5", "int4", "int3", "int2")), st.integers(1, 70)), min_size=1, max_size=4),
        st.integers(0, 2**16))
 def test_bands_store_each_band_in_its_format(bands, seed):
     kind = "+".join(f"{k}x{w}" for k, w in bands)
@@ -89,11 +90,23 @@ def test_int3_stores_a_low_bits_plane_then_a_sign_plane():
     assert torch.equal(quant.dequantize(stored, torch.float32, 9, "int3"), torch.tensor([codes]) + 0.5)
 
 
+def test_int5_stores_a_nibble_plane_then_a_sign_plane():
+    x = torch.tensor([[15.5, -16.0, -0.5, 0.5, 7.2, -9.9, 1.5, -2.5, 0.2]])  # amax 16 -> 16·s >= 16: e = 0, s = 1
+    stored = quant.quantize(x, "int5")
+    codes = [15, -16, -1, 0, 7, -10, 1, -3, 0]  # floor(x / s), clipped to [-16, 15]
+    low = [c % 16 for c in codes]  # the two's-complement low four bits (int4's layout); the sign: c < 0
+    packed_low = [low[2 * i] + (low[2 * i + 1] << 4 if 2 * i + 1 < 9 else 0) for i in range(5)]
+    signs = sum(1 << j for j, c in enumerate(codes[:8]) if c < 0)
+    as_int8 = [b - 256 if b > 127 else b for b in packed_low + [signs, int(codes[8] < 0)]]
+    assert stored.shape == (1, 5 + 2 + 1) and stored[0, :7].tolist() == as_int8 and stored[0, 7].item() == 0
+    assert torch.equal(quant.dequantize(stored, torch.float32, 9, "int5"), torch.tensor([codes]) + 0.5)
+
+
 def test_bands_refuse_a_latent_of_another_width():
     with pytest.raises(ValueError, match="spans 96 latent columns, but this latent has 40"):
         quant.row_bytes("int8x32+int4x64", 40)
     with pytest.raises(ValueError, match="bands such as"):
-        quant.check("int8x32+int5x64")
+        quant.check("int8x32+int6x64")
     with pytest.raises(ValueError, match="not 'b'"):
         quant.site({"a": "int4"}, "b")
 
@@ -203,15 +216,15 @@ def test_budget_priced_in_stored_bytes():
 def test_bad_quantize_refused_and_nothing_applied(llama):
     m, projs = llama
     forward = m.forward
-    with pytest.raises(ValueError, match="quantize must be None .*'int2', bands .*, got 'int5'"):
-        kvfx.compress(torch.compile(m, backend="eager"), projs["shared"], quantize="int5")
+    with pytest.raises(ValueError, match="quantize must be None .*'int2', bands .*, got 'int6'"):
+        kvfx.compress(torch.compile(m, backend="eager"), projs["shared"], quantize="int6")
     assert getattr(m, "_kvfx", None) is None and m.forward == forward
     with pytest.raises(ValueError, match="Budget quantize must be None .*'int2'.*got 'fp8'"):
         kvfx.Budget(0.25, quantize="fp8")
     with pytest.raises(ValueError, match="bits per direction come from kvfx.allocate_bits"):
         kvfx.Budget(0.25, quantize="int8x8+int4x32")
     with pytest.raises(ValueError, match="Refine: quantize must be"):
-        kvfx.Refine(quantize="int5x10")
+        kvfx.Refine(quantize="int6x10")
     with pytest.raises(ValueError, match="quantize must be"):
         kvfx.LowRankCache(random_projections(m, rank=4), quantize=8)
 

@@ -38,7 +38,7 @@ class Budget:
     # "output": one currency for both, the relative attention-output error through softmax and W_O on the
     # calibration sequences with only that side projected (needs samples: kvfx.calibrate keeps them)
     measure: str = "calibrator"
-    # None: kv_fraction counts cached numbers; "int8" / "int4" / "int3" / "int2": kv_fraction counts bytes of a
+    # None: kv_fraction counts cached numbers; "int8" / "int5" / "int4" / "int3" / "int2": kv_fraction counts bytes of a
     # low-bit latent cache (kvfx.compress(..., quantize=...); kvfx.quant.row_bytes per row) against an uncompressed
     # 16-bit cache
     quantize: str | None = None
@@ -57,8 +57,8 @@ class Budget:
             raise ValueError(f"Budget measure must be 'calibrator' or 'output', got {self.measure!r}.")
         quant.check(self.quantize, "Budget quantize")
         if not (self.quantize is None or self.quantize in quant.FORMATS):
-            raise ValueError("Budget quantize prices ranks in one whole-row format (None, 'int8', 'int4', 'int3', "
-                             f"'int2'), got {self.quantize!r}; bits per direction come from kvfx.allocate_bits instead.")
+            raise ValueError("Budget quantize prices ranks in one whole-row format (None, 'int8', 'int5', 'int4', "
+                             f"'int3', 'int2'), got {self.quantize!r}; bits per direction come from kvfx.allocate_bits instead.")
         if self.multiple < 1 or self.min_rank < 1:
             raise ValueError("Budget multiple and min_rank must be >= 1.")
 

@@ -8,11 +8,13 @@ steps, all folded into the projections (no runtime cost):
 1. **Balance** each direction to var_i = w_i ∝ √λ_i (A_i·t_i, B_i / t_i: attention unchanged). A band of
    directions rounded together then costs (Σ √λ_i)² / n per unit of the format's relative error — the least any
    per-column scaling gives (Cauchy–Schwarz) — where the cut-balanced factors (‖A_i‖ = ‖B_i‖) cost (Σ var)(Σ w) / n.
-2. **Bands**: leading directions in int8, then int4, int3, int2, the rest dropped (0 bits) — reverse water-filling
-   over λ, chosen per site by exhaustive search over the band edges (multiples of 16 columns) minimising the
-   predicted error Σ_bands ε_b (Σ_band √λ)² / n_band + Σ_dropped λ within the site's share of the budget. ε_b is the
-   measured relative error of kvfx.quant's format on Gaussian rows (int8 ~4e-5, int4 ~1.1e-2, int3 ~3.3e-2, int2
-   ~0.13: each bit between 2 and 4 buys ~3.4x less error, so int3 fills the step a water-filling wants there).
+2. **Bands**: leading directions in int8, then int5, int4, int3, int2, the rest dropped (0 bits) — reverse
+   water-filling over λ, chosen per site by exhaustive search over the band edges (multiples of 16 columns)
+   minimising the predicted error Σ_bands ε_b (Σ_band √λ)² / n_band + Σ_dropped λ within the site's share of the
+   budget. ε_b is the measured relative error of kvfx.quant's format on Gaussian rows (int8 ~4e-5, int5 ~2.0e-3, int4
+   ~1.1e-2, int3 ~3.3e-2, int2 ~0.13: each bit between 2 and 5 buys ~3.4-5x less error, so int3 and int5 fill the
+   steps a water-filling wants between int2, int4 and int8; int5 cut the predicted error of SmolLM2's layers by 30 %
+   at 25 % of the bytes and 9 % at 12.5 %, RESULTS.md "domains-int5").
 3. **Rotate within each band** by a seeded random orthogonal matrix (kvfx.rotate's reason: a token's energy spread
    over the band's columns, so its group scales round less).
 
@@ -33,7 +35,7 @@ from ..projections import Projections
 from ..rotate import check_unrotated, random_orthogonal, rotation_seeds
 from .shared import DEFAULT_KEY_WEIGHT, _blocks
 
-BITS = (8, 4, 3, 2)   # the band formats, most precise first (0 bits: dropped)
+BITS = (8, 5, 4, 3, 2)   # the band formats, most precise first (0 bits: dropped)
 STEP = 16          # band edges at multiples of this many columns
 
 
@@ -144,8 +146,8 @@ def allocate_bits(stats: dict, projections: Projections, budget: float, seed: in
     stats: the collect_stats result the projections were fitted to. profile: a kvfx.sensitivity profile of the
     same projections; with it, bytes move between sites (layers) to where the model's output loses least, each
     site's predicted error priced by its measured KL per unit of error; without it, every site gets the same share
-    of its bytes. levels: the band formats to choose from (bits, a subset of BITS; (8, 4, 2) is the allocation
-    before int3 existed). exact=(sinks, recent): the formats also keep the latents of the first `sinks` and the last
+    of its bytes. levels: the band formats to choose from (bits, a subset of BITS; (8, 4, 3, 2) is the allocation
+    before int5 existed, (8, 4, 2) before int3). exact=(sinks, recent): the formats also keep the latents of the first `sinks` and the last
     `recent` tokens in 16 bits ("…|sinks4|recent32", kvfx.quant.exact_of); their bytes, a fixed amount a cache,
     are charged to each band choice at `context` tokens (16 bits × its width × the slots / context, rounded up to
     whole bytes a token), so a cache of `context` tokens holds no more than the budget. The result records its formats (report["quantize"], a dict

@@ -21,7 +21,7 @@
 //   AVX-512: AMD Zen 1-3; namespace avx2i, lowbit_attention_avx2i.h): the codes as 4-bit integers with an offset,
 //   VPMADDUBSW against the query rounded to 8 bits per 32-column group (scores) and against the weights p·s rounded to 8 bits per block
 //   (value sums); float arithmetic applies the scales and runs the softmax.
-// * Float (16/32-bit latents; int8 / int4 rows elsewhere, or with KVFX_NO_AMX=1): rows decoded to float32 into
+// * Float (16/32-bit latents; int8 / int4 rows elsewhere, bands with int3 / int5 codes, or with KVFX_NO_AMX=1): rows decoded to float32 into
 //   a buffer, the scores as 16-row tiles (one query row against 16 key rows in registers, reduced by a shuffle
 //   tree), the value sums in registers: the reference's numbers up to float32 round-off. Plain C++ (GCC vector
 //   extensions) with AVX-512 or AVX2 intrinsics under #if, so it builds for any CPU (AVX2: 16 registers of 8
@@ -77,11 +77,12 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 enum Kind { kInt8, kInt4, kF32, kBF16, kF16, kBands };
 
 // One band of a bands row (kvfx/quant.py): `width` columns from column `col`, stored from byte `at` as codes of
-// `bits` bits (8: symmetric, one scale for the band; 4: symmetric, 3 and 2: mid-rise, one scale per 32 numbers;
-// 3: two planes, the low two bits as int2 codes, then the sign bits).
+// `bits` bits (8: symmetric, one scale for the band; 4: symmetric, 5, 3 and 2: mid-rise, one scale per 32 numbers;
+// 5 and 3: two planes, the low four / two bits as int4 / int2 codes, then the sign bits).
 struct Band {
   int bits, width, col, at, code_bytes;
 };
+inline bool planes(int bits) { return bits == 3 || bits == 5; }  // stored as a low-bits plane and a sign plane
 
 // One stored row: `row_elems` elements of the cache tensor, decoding to `decoded` floats.
 struct Format {
@@ -91,7 +92,7 @@ struct Format {
   Format(const std::vector<int64_t>& spec) : kind(kBands), width(0), group(0), code_bytes(0), row_elems(0) {
     for (size_t i = 0; i + 1 < spec.size(); i += 2) {
       Band b{static_cast<int>(spec[i]), static_cast<int>(spec[i + 1]), width, row_elems, 0};
-      b.code_bytes = b.bits == 3 ? (b.width + 3) / 4 + (b.width + 7) / 8 : (b.width * b.bits + 7) / 8;
+      b.code_bytes = planes(b.bits) ? (b.width * (b.bits - 1) + 7) / 8 + (b.width + 7) / 8 : (b.width * b.bits + 7) / 8;
       bands.push_back(b);
       width += b.width;
       row_elems += b.code_bytes + (b.bits == 8 ? 1 : (b.width + 31) / 32);
@@ -195,6 +196,27 @@ inline void int3_group(const int8_t* low, const int8_t* sign, float scale, float
   }
   store_columns(p, out);
 }
+// an int5 group: 16 bytes of low bits (int4's layout: the low nibble of byte i is column 2i) and a 32-bit word of
+// sign bits (bit c: column c) -> 32 numbers in column order, at (low - 16·sign + 1/2)·s
+inline void int5_group(const int8_t* low, const int8_t* sign, float scale, float* out) {
+  uint32_t bits;
+  std::memcpy(&bits, sign, 4);
+  const __m256i sv = _mm256_set1_epi32(static_cast<int>(bits)), fifteen = _mm256_set1_epi32(15),
+                one = _mm256_set1_epi32(1), even = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256 s = _mm256_set1_ps(scale), half = _mm256_set1_ps(0.5f);
+  for (int h = 0; h < 16; h += 8) {  // bytes h .. h + 7: columns 2h .. 2h + 15
+    const __m256i w = load8_epi32(low + h), at = _mm256_add_epi32(even, _mm256_set1_epi32(2 * h));
+    __m256 v[2];
+    for (int j = 0; j < 2; ++j) {  // nibble j of each byte: column 2i + j
+      const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(w, 4 * j), fifteen);
+      const __m256i sg = _mm256_and_si256(_mm256_srlv_epi32(sv, _mm256_add_epi32(at, _mm256_set1_epi32(j))), one);
+      v[j] = _mm256_mul_ps(s, _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(lo, _mm256_slli_epi32(sg, 4))), half));
+    }
+    __m256 a, b;
+    interleave(v[0], v[1], a, b);
+    _mm256_storeu_ps(out + 2 * h, a), _mm256_storeu_ps(out + 2 * h + 8, b);
+  }
+}
 // a band's last, partial group (`cols` < 32 columns from `code_bytes` bytes): decoded from a zero-padded copy
 template <void (*group)(const int8_t*, float, float*)>
 inline void partial_group(const int8_t* codes, int code_bytes, float scale, int cols, float* out) {
@@ -249,13 +271,17 @@ inline void decode_band(const int8_t* __restrict row, const Band& b, const float
     }
     return;
   }
-  if (b.bits == 3) {  // the low-bits plane (int2's layout), the sign plane, then the scales
-    const int8_t* sign = codes + (b.width + 3) / 4;
+  if (planes(b.bits)) {  // int3 / int5: the low-bits plane (int2's / int4's layout), the sign plane, then the scales
+    const int low = b.bits - 1, per = 8 / low, m = 1 << low;
+    const int8_t* sign = codes + (b.width * low + 7) / 8;
 #if defined(__AVX2__)
-    for (; c + 32 <= b.width; c += 32) int3_group(codes + c / 4, sign + c / 8, lut[e[c / 32] + 128], out + c);
+    for (; c + 32 <= b.width; c += 32) {
+      if (low == 2) int3_group(codes + c / per, sign + c / 8, lut[e[c / 32] + 128], out + c);
+      else int5_group(codes + c / per, sign + c / 8, lut[e[c / 32] + 128], out + c);
+    }
 #endif
     for (; c < b.width; ++c) {  // the last, partial group (without AVX2: every group)
-      const int q = ((codes[c / 4] >> (2 * (c % 4))) & 3) - 4 * ((sign[c / 8] >> (c % 8)) & 1);
+      const int q = ((codes[c / per] >> (low * (c % per))) & (m - 1)) - m * ((sign[c / 8] >> (c % 8)) & 1);
       out[c] = lut[e[c / 32] + 128] * (static_cast<float>(q) + 0.5f);
     }
     return;
@@ -731,9 +757,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
     const int64_t col = j < f.code_bytes ? 2 * j : 2 * (j - f.code_bytes) + 1;
     return col < f.width ? col : -1;  // the padding nibble of an odd width
   };
-  auto has_int3 = [](const Format& f) {
-    return std::any_of(f.bands.begin(), f.bands.end(), [](const Band& b) { return b.bits == 3; });
-  };  // int3 bands have no tile layout on the integer path: decoded to float32 like 16-bit latents
+  auto has_planes = [](const Format& f) {
+    return std::any_of(f.bands.begin(), f.bands.end(), [](const Band& b) { return planes(b.bits); });
+  };  // int3 / int5 bands have no tile layout on the AMX path: decoded to float32 like 16-bit latents
   // exact rows (16-bit latents a format keeps beside its codes, quant.exact_of): the code rows at their positions
   // are skipped (score -inf) and the exact rows make one more partial softmax, merged with the split-K chunks'
   torch::Tensor ek, ev, epos;
@@ -756,7 +782,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
   const uint8_t* skip = held.empty() ? nullptr : excluded.data();
   const int64_t path = integer_path();  // the environment's switches, read once a call
   const bool use_amx = (kind == kInt8 || kind == kInt4 || kind == kBands) && rk > 0 && rv > 0 &&
-                       !has_int3(fk) && !has_int3(fv) && path == 1 && !skip;  // exact rows: the float path
+                       !has_planes(fk) && !has_planes(fv) && path == 1 && !skip;  // exact rows: the float path
 #if KVFX_AVX2
   // the AVX2 integer path: int4 rows and bands (a plan each for the key and value rows; none: the float path)
   std::unique_ptr<avx2i::Plan> kplan_i, vplan_i;

@@ -13,14 +13,14 @@ CPU: a C++ kernel (lowbit_attention.cpp), built on first use with torch.utils.cp
 and ninja; cached under ~/.cache/torch_extensions). It reads the cache's [:, :, :N] views of its reserved storage
 in place, a block of rows at a time, with an online softmax per split-K chunk. On CPUs with AMX-INT8 (Sapphire
 Rapids and later; `integer_path()`) int8 / int4 / int2 rows and bands of them (bits per direction:
-lowbit_attention_amx_bands.h; bands with int3 take the float path) never become floats: the tile unit computes the scores as int8
+lowbit_attention_amx_bands.h; bands with int3 or int5 take the float path) never become floats: the tile unit computes the scores as int8
 dot products of the stored codes with the query, rounded once per call to integers (12 bits for int4, 16 for int8,
 one scale per query row), and the value sums as int8 dot products of the codes with the softmax weights times the
 rows' scales, rounded per block of rows to 16 bits; float arithmetic only applies the per-group scales and runs the
 softmax. On SmolLM2's decode inputs these roundings move the output by at most ~1.3e-3 (int4) / ~3e-4 (int8) of its
 size, 200 (int4) / 80 (int8) times less than the cache's own rounding moves it (tests/ops/test_lowbit_attention.py
 bounds them). On CPUs with AVX2 but not AVX-512 (AMD Zen 1-3; lowbit_attention_avx2i.h), with KVFX_AVX2_INTEGER=1,
-int4 / int3 / int2 rows and bands of them (not those with an int8 band) take an integer path too: VPMADDUBSW on the
+int4 / int3 / int2 rows and bands of them (not those with an int8 or int5 band) take an integer path too: VPMADDUBSW on the
 codes as 4-bit integers, the query rounded to 8 bits per 32-column group and the weights to 8 bits per block — 2-17 %
 faster decode steps, but outputs moved ~10× more than by AMX's roundings, so opt-in (`integer_rounding()` says which
 path runs). Elsewhere, for 16/32-bit latents, and with KVFX_NO_AMX=1, the kernel decodes a block of rows into a
@@ -34,7 +34,7 @@ Exact rows (a format's "|sinksS|recentW", kvfx.quant.exact_of): both ops take th
 rows' own partial softmax with the split-K chunks' (AMX then takes the float path; on CUDA the Triton kernel skips
 them and ops/exact_merge.py adds the exact rows' softmax).
 
-CUDA: a Triton split-K kernel (lowbit_attention_triton.py) for every format (whole-row codes, int2 / int3, bands,
+CUDA: a Triton split-K kernel (lowbit_attention_triton.py) for every format (whole-row codes, int2 / int3 / int5, bands,
 exact rows) when triton is installed, tested in Triton's interpreter on CPU (tests/ops/test_lowbit_attention_triton.py);
 without triton, and on other devices, `reference`.
 """
@@ -164,8 +164,8 @@ def kernel_available(device: str | torch.device = "cpu") -> bool:
 
 def integer_path(device: str | torch.device = "cpu", kind: str | None = None) -> bool:
     """Whether the C++ kernel computes low-bit rows with integer dot products here (see the module docstring): AMX
-    (int8 / int4 / int2 rows and bands without int3) or AVX2 (int4 / int3 / int2 rows and bands without an int8
-    band; only with KVFX_AVX2_INTEGER=1). `kind`: whether rows of that format do; None: whether any does. False:
+    (int8 / int4 / int2 rows and bands without int3 / int5) or AVX2 (int4 / int3 / int2 rows and bands without an
+    int8 or int5 band; only with KVFX_AVX2_INTEGER=1). `kind`: whether rows of that format do; None: whether any does. False:
     they are decoded to float32 (KVFX_NO_AMX=1 forces that on either CPU)."""
     rounding = integer_rounding(device)
     return rounding is not None if kind is None else takes_integer_path(rounding, kind)
@@ -176,7 +176,7 @@ def takes_integer_path(rounding: str | None, kind: str) -> bool:
     if rounding is None or kind == "float":
         return False
     bits = {fmt.bits for fmt, _ in quant.layout(kind, quant.width_of(kind) or 64)}
-    return 3 not in bits if rounding == "amx" else 8 not in bits
+    return not bits & {3, 5} if rounding == "amx" else not bits & {8, 5}
 
 
 def integer_rounding(device: str | torch.device = "cpu") -> str | None:

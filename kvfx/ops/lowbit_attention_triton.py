@@ -101,7 +101,7 @@ _TABLES: dict = {}
 
 def column_table(kind: str, width: int, device: torch.device) -> torch.Tensor:
     """[8, width] int32, per latent column of a stored row: byte of its low code bits, their shift and count, byte
-    of int3's sign-plane bit, its shift and count (0: none), mid-rise (1) or not, byte of its scale code. A code
+    of int3 / int5's sign-plane bit, its shift and count (0: none), mid-rise (1) or not, byte of its scale code. A code
     reads u = (low bits) | (high bit << low count), sign-extended over all its bits; the number is
     (q + ½·mid-rise)·2^(e/8). Memoised per (format, width, device): built before a CUDA graph captures the step."""
     key = (kind, width, str(device))
@@ -111,9 +111,11 @@ def column_table(kind: str, width: int, device: torch.device) -> torch.Tensor:
             nb = fmt.code_bytes(w)
             for c in range(w):
                 scale = off + nb + (0 if fmt.group is None else c // fmt.group)
-                if fmt.bits == 3:  # two planes: the low two bits as int2 codes, then the sign bits
-                    lo = off + c // 4
-                    cols.append((lo, 2 * (c % 4), 2, off + (w + 3) // 4 + c // 8, c % 8, 1, 1, scale))
+                if fmt.bits in quant.PLANES:  # two planes: the low bits as int2 / int4 codes, then the sign bits
+                    low = fmt.bits - 1
+                    per = 8 // low
+                    cols.append((off + c // per, low * (c % per), low, off + -(-w * low // 8) + c // 8, c % 8, 1, 1,
+                                 scale))
                 else:
                     per = 8 // fmt.bits
                     lo = off + c // per

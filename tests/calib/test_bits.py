@@ -14,9 +14,21 @@ from kvfx.compress import cache_kwarg
 
 
 def test_format_errors_are_ordered_and_near_theory():
-    e8, e4, e3, e2 = (format_error(b) for b in (8, 4, 3, 2))
+    e8, e5, e4, e3, e2 = (format_error(b) for b in (8, 5, 4, 3, 2))
     assert e8 < 1e-4 < e4 < 0.02 < e2 < 0.15  # 2 bits mid-rise: 0.13 (Lloyd-Max's Gaussian optimum is 0.1175)
     assert 0.02 < e3 < 0.045  # 3 bits mid-rise with a scale per 32 numbers: 0.033 (Lloyd-Max: 0.0345)
+    assert 1e-3 < e5 < 3e-3 and e4 / e5 > 4  # 5 bits mid-rise: 0.0020, ~5x below int4 for 1.25 bits more
+
+
+def test_int5_fills_the_gap_between_int8_and_int4():
+    """A spectrum whose leading directions want about 5-6 bits: int5 takes what int8 took, and the predicted error
+    at equal bytes is below the int8 / int4 / int3 / int2 allocation's."""
+    lam = 0.95 ** torch.arange(128, dtype=torch.float64)
+    for budget in (60.0, 80.0, 100.0):
+        with5, err5 = choose_bands(lam, budget)
+        without, err = choose_bands(lam, budget, bits=(8, 4, 3, 2))
+        assert err5 < err and 5 not in [b for b, _ in without]
+        assert any(b == 5 for b, _ in with5)
 
 
 def test_int3_fills_the_gap_between_int4_and_int2():
@@ -166,13 +178,13 @@ def test_bad_input(setup):
         kvfx.allocate_bits(stats, full, 1.5)
     with pytest.raises(ValueError, match="below the smallest band"):
         kvfx.allocate_bits(stats, full, 0.01)
-    for bad in ((4, 8), (8, 5), (), (8, 8, 2)):
+    for bad in ((4, 8), (8, 6), (), (8, 8, 2)):
         with pytest.raises(ValueError, match="levels must be distinct band formats"):
             kvfx.allocate_bits(stats, full, 0.25, levels=bad)
     old = kvfx.allocate_bits(stats, full, 0.25, levels=(8, 4, 2))  # the allocation before int3 existed
     assert old.report["bits"]["formats"] == [8, 4, 2] and all("int3" not in f for f in old.quantize.values())
     proj = kvfx.allocate_bits(stats, full, 0.25)
-    assert proj.report["bits"]["formats"] == [8, 4, 3, 2]
+    assert proj.report["bits"]["formats"] == [8, 5, 4, 3, 2]
     other = {n: "int4x8" for n in proj.sites}  # a format for another width: refused before anything is applied
     forward = m.forward
     with pytest.raises(ValueError, match="spans 8 latent columns"):

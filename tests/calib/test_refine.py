@@ -152,7 +152,7 @@ def test_diverging_training_falls_back_to_start(setup, caplog):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(steps=-1), "steps"), (dict(lr=0.0), "lr"), (dict(rank_set=()), "rank_set"),
     (dict(rank_set=(0.5, -1)), "rank_set"), (dict(eval_sequences=-2), "eval_sequences"), (dict(batch=0), "batch"),
-    (dict(quantize="int5"), "quantize"),
+    (dict(quantize="int6"), "quantize"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):

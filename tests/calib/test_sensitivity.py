@@ -155,7 +155,7 @@ def test_quantized_probes_price_the_rounding(setup):
     assert 0.2 < out.kv_fraction("int4") <= 0.25 and out.kv_fraction() > 0.25  # int4 rows fit more numbers
     assert out.report["allocation"]["probed"] == out.report["allocation"]["quantize"] == "int4"
     with pytest.raises(ValueError, match="sensitivity: quantize must be"):
-        kvfx.sensitivity(m, full, ids[8:10], steps=4, progress=False, quantize="int5")
+        kvfx.sensitivity(m, full, ids[8:10], steps=4, progress=False, quantize="int6")
 
 
 class _PlainLM(torch.nn.Module):

@@ -302,18 +302,18 @@ def low_bit_round(x: torch.Tensor, kind: str = "int8") -> torch.Tensor:
     the last dim, scale s = 2^(e/8) with e the smallest integer such that 127·s >= max|x|; x -> round(x / s)·s.
     int4: the same per run of 32 consecutive numbers of a row (the last run shorter), with 7 for 127. int2: per run
     of 32, e the smallest with 2·s >= max|x|, x -> (floor(x / s) clipped to [-2, 1] + 1/2)·s; int3 the same with 4
-    and [-4, 3]. Bands
+    and [-4, 3], int5 with 16 and [-16, 15]. Bands
     "int8x3+int4x40": the first 3 columns as int8 (one scale for the 3), the next 40 as int4."""
     if "x" in kind:
         widths = [int(part.split("x")[1]) for part in kind.split("+")]
         kinds = [part.split("x")[0] for part in kind.split("+")]
         return torch.cat([low_bit_round(p, k) for p, k in zip(x.split(widths, -1), kinds)], -1)
-    top, group = {"int8": (127, x.shape[-1]), "int4": (7, 32), "int3": (4, 32), "int2": (2, 32)}[kind]
+    top, group = {"int8": (127, x.shape[-1]), "int5": (16, 32), "int4": (7, 32), "int3": (4, 32), "int2": (2, 32)}[kind]
     out = []
     for part in x.split(group, -1):
         amax = part.abs().amax(-1, keepdim=True).clamp_min(1e-30)
         s = torch.exp2(torch.ceil(8 * torch.log2(amax / top)).clamp(-128, 127) / 8)
-        if kind in ("int2", "int3"):
+        if kind in ("int2", "int3", "int5"):
             out.append((torch.floor(part / s).clamp(-top, top - 1) + 0.5) * s)
         else:
             out.append(torch.round(part / s).clamp(-top, top) * s)

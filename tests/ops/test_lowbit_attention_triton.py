@@ -122,17 +122,17 @@ def test_odd_widths_and_batch_masks(kind, rk, rv, shared, mask):
         _check(lt.decode_attention_triton(q, kc, vc, rk, rv, kind, 0.3, m, shared, chunk_tokens=chunk_tokens), ref)
 
 
-BANDS = "int8x8+int4x17+int3x9+int2x7"  # 41 columns: every band format, odd band widths (padding in each)
+BANDS = "int8x8+int5x11+int4x17+int3x9+int2x7"  # 52 columns: every band format, odd band widths (padding in each)
 
 
 @pytest.mark.parametrize("mask", [None, "bool", "float"])
 @pytest.mark.parametrize("g", [2, 9])
 @pytest.mark.parametrize("shared", [False, True], ids=["kv", "shared"])
-@pytest.mark.parametrize("kind", ["int2", "int3", BANDS])
+@pytest.mark.parametrize("kind", ["int2", "int3", "int5", BANDS])
 def test_table_formats_match_reference(kind, shared, g, mask):
-    """int2 / int3 rows and bands (what kvfx.allocate_bits and best_config choose), decoded through each column's
-    table entry: low bits, int3's sign plane, mid-rise levels, a scale per 32 columns or per int8 band."""
-    w = 41 if kind == BANDS else 37
+    """int2 / int3 / int5 rows and bands (what kvfx.allocate_bits and best_config choose), decoded through each
+    column's table entry: low bits, int3's / int5's sign plane, mid-rise levels, a scale per 32 columns or per int8 band."""
+    w = 52 if kind == BANDS else 37
     q, kc, vc, m, kind = _case(2, 2, g, 150 + g, w, w, kind, mask, seed=g + w)
     out = lt.decode_attention_triton(q, kc, vc, w, w, kind, 0.15, m, shared, chunk_tokens=CHUNKS[mask])
     _check(out, la.reference(q, kc, vc, w, w, kind, 0.15, m, shared))
@@ -140,18 +140,18 @@ def test_table_formats_match_reference(kind, shared, g, mask):
 
 def test_column_table_reads_what_quant_stores():
     """The table's bytes, shifts and scales rebuild quant.dequantize's numbers for every column (plain torch)."""
-    x = torch.randn(3, 336) * torch.linspace(4, 0.1, 336)
-    kind = "int8x64+int4x160+int3x80+int2x32"
+    x = torch.randn(3, 376) * torch.linspace(4, 0.1, 376)
+    kind = "int8x64+int5x40+int4x160+int3x80+int2x32"
     stored = quant.quantize(x, kind).to(torch.int32) & 0xFF
-    t = lt.column_table(kind, 336, torch.device("cpu")).long()
+    t = lt.column_table(kind, 376, torch.device("cpu")).long()
     lo, hi = stored[:, t[0]], stored[:, t[3]]
     u = ((lo >> t[1]) & ((1 << t[2]) - 1)) | (((hi >> t[4]) & t[5]) << t[2])
     bits = t[2] + t[5]
     q = u - (((u >> (bits - 1)) & 1) << bits)
     e = stored[:, t[7]].to(torch.int8).float()
     got = (q.float() + 0.5 * t[6]) * torch.exp2(e / 8)
-    torch.testing.assert_close(got, quant.dequantize(quant.quantize(x, kind), torch.float32, 336, kind))
-    assert lt.handles(kind) and lt.handles("int2") and not lt.handles("int4|sinks4") and not lt.handles("int5")
+    torch.testing.assert_close(got, quant.dequantize(quant.quantize(x, kind), torch.float32, 376, kind))
+    assert lt.handles(kind) and lt.handles("int2") and not lt.handles("int4|sinks4") and not lt.handles("int6")
 
 
 def _exact(b, h, n, rk, rv, seed):
@@ -168,7 +168,7 @@ def _exact(b, h, n, rk, rv, seed):
 def test_exact_rows_stand_for_their_codes(kind, shared, mask):
     """Exact rows (a format's '|sinksS|recentW'): the kernel skips the held tokens' codes and the exact rows'
     softmax merges in by log-sum-exp — the reference's numbers (dequantise, put the exact rows in, SDPA)."""
-    w = 41 if kind == BANDS else 40
+    w = 52 if kind == BANDS else 40
     n = 170
     q, kc, vc, m, kind = _case(2, 2, 3, n, w, w, kind, mask, seed=w)
     ek, ev, pos = _exact(2, 2, n, w, w, seed=7)
