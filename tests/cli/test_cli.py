@@ -26,7 +26,7 @@ def test_calibrate_own_model(calibrated):
     assert out.is_file()
     # bits per direction (the sites are 32 numbers wide: 16 in int4, 16 in int3 fit 25 % exactly: 9 + 7 bytes of a
     # 64-byte 16-bit row; bands come in 16s)
-    assert f"wrote {out}: 2 attention sites, int4x16+int3x16 latents, 0.250 of the 16-bit KV-cache bytes" in res.stdout
+    assert f"wrote {out}: 2 attention sites, int5x16+int2x16 latents, 0.250 of the 16-bit KV-cache bytes" in res.stdout
     assert "calibration statistics over 2 window(s) of 32 tokens" in res.stderr  # progress on stderr
 
 
@@ -35,13 +35,13 @@ def test_info(calibrated):
     res = kvfx_cli("info", out, "--sites")
     assert res.returncode == 0, res.stderr
     text = res.stdout
-    for want in ("ranks            32 shared K+V × 2", "latent format    int4x16+int3x16, rotated",
+    for want in ("ranks            32 shared K+V × 2", "latent format    int5x16+int2x16, rotated",
                  "bytes per token  32 (16-bit cache: 128; 0.250 of its bytes)",
                  "rounding         around the calibration means (low-bit latents)",  # weighted Grams: centred
                  "model            LlamaForCausalLM (layers 2, heads 4, kv_heads 2, head_dim 8, vocab 49152",
                  "calibration data builtin mix of wikitext, code, docs, fiction (calibration texts), 64 tokens",
-                 "recipe           budget 0.25, kqsvd@kv, int4x16+int3x16", "model.layers.1.self_attn",
-                 "model.layers.0.self_attn                 32 shared    16 bytes/token  int4x16+int3x16"):
+                 "recipe           budget 0.25, kqsvd@kv, int5x16+int2x16", "model.layers.1.self_attn",
+                 "model.layers.0.self_attn                 32 shared    16 bytes/token  int5x16+int2x16"):
         assert want in text, text
 
 
@@ -50,7 +50,7 @@ def test_eval_and_generate(calibrated, tiny_dir):
     res = kvfx_cli("eval", tiny_dir, out, "--windows", "1", "--window", "32", "--backend", "eager")
     assert res.returncode == 0, res.stderr
     rows = [line for line in res.stdout.splitlines() if line.startswith("| original") or line.startswith("| kvfx")]
-    assert len(rows) == 2 and rows[0].startswith("| original | 128 |") and rows[1].startswith("| kvfx kqsvd, int4x16+int3x16")
+    assert len(rows) == 2 and rows[0].startswith("| original | 128 |") and rows[1].startswith("| kvfx kqsvd, int5x16+int2x16")
     ppl = [float(v) for row in rows for v in row.strip("| ").split(" | ")[2:]]
     assert all(p > 1 for p in ppl)
     assert "perplexity through the cache" in res.stdout
