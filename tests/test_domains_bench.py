@@ -13,7 +13,8 @@ def bench():
     return bench_module("domains.py")
 
 
-def test_configurations_parse_and_bad_ones_are_refused(bench):
+def test_configurations_parse_and_bad_ones_are_refused(bench, monkeypatch):
+    monkeypatch.setattr(bench, "run", lambda args: pytest.fail("a refused command line ran the benchmark"))
     c = bench.parse("kqsvd@kv:0.9375:int4:rot:calib=code")
     assert (c.method, c.granularity, c.rank, c.quantize, c.rotate, c.calib) == ("kqsvd", "kv", 0.9375, "int4", True,
                                                                                  "code")
@@ -39,7 +40,7 @@ def test_configurations_parse_and_bad_ones_are_refused(bench):
     held_out = bench.parse("kqsvd@kv:0.125:bits:calib=mix-code")
     assert held_out.calib == "mix-code" and bench.mixed("mix-code") == ("wikitext", "docs", "fiction")
     assert "calibrated on the mix without code" in bench.label(held_out) and bench.mixed("mix") == tuple(bench.DOMAINS)
-    for bad in ["kqsvd:half", "kqsvd:0.5:shrink=1", "kqsvd:0.5:shrink=0", "kqsvd:0.5:calib=mix-poetry", "kqsvd:0.5:int5", "quanto:4:64:r32", "kqsvd:0.5:calib=poetry", "kqsvd@kv:0.25:measured",
+    for bad in ["kqsvd:half", "kqsvd:0.5:shrink=1", "kqsvd:0.5:shrink=0", "kqsvd:0.5:calib=mix-poetry", "kqsvd:0.5:int6", "quanto:4:64:r32", "kqsvd:0.5:calib=poetry", "kqsvd@kv:0.25:measured",
                 "kqsvd@kv:0.25:bits:refine=0", "kqsvd@kv:0.25:refine=5", "kqsvd@kv:0.25:sinks=4",
                 "kqsvd:0.5:kw=8", "kqsvd@kv:0.5:kw=0", "kqsvd@kv:0.5:aw=0", "kqsvd@kv:0.5:aw=1.5", "kqsvd@kv:0.5:vw",
                 "kqsvd@kv:0.25:bits:measured=0"]:
@@ -48,7 +49,7 @@ def test_configurations_parse_and_bad_ones_are_refused(bench):
     for spec in bench.DEFAULT:
         bench.parse(spec)
     with pytest.raises(SystemExit, match="--bit-levels: levels must be distinct band formats"):
-        bench.main(["--bit-levels", "8,5,2"])  # refused before the model loads
+        bench.main(["--bit-levels", "8,6,2"])  # refused before the model loads
     with pytest.raises(SystemExit, match="a profile on 4 windows needs as many calibration windows; --calib-windows is 2"):
         bench.main(["--configs", "kqsvd@kv:0.25:bits:measured=4", "--calib-windows", "2"])
 
