@@ -136,6 +136,8 @@ class Config:
     avx2_integer: bool = False       # the kernel's opt-in AVX2 integer path (KVFX_AVX2_INTEGER=1)
     exact: tuple = (0, 0)            # "bits": (sinks, recent) tokens held in 16 bits (reserved at EXACT_CONTEXT)
     uncentred: bool = False          # "bits": latents rounded around zero (Projections.uncentred: an ablation)
+    aten_linear: bool = False        # kvfx: linears left to ATen (KVFX_NO_DECODE_LINEAR=1: no kvfx::linear)
+    kvfx_linear: bool = False        # original: compiled with kvfx::linear for its linears (passes/decode_linear.py)
 
     def kinds(self, wanted: list[str]) -> list[str]:
         """Cache kinds this configuration runs with (kvfx: each of --cache-kinds)."""
@@ -144,9 +146,9 @@ class Config:
         return ["quantized"] if self.family == "peer" else list(wanted)
 
 
-_KVFX = re.compile(r"kvfx-(head|layer|kv)-([0-9]*\.?[0-9]+)(?:-(int8|int4))?(-decoded|-avx2int)?")
+_KVFX = re.compile(r"kvfx-(head|layer|kv)-([0-9]*\.?[0-9]+)(?:-(int8|int4))?(-decoded|-avx2int)?(-atenlinear)?")
 # allocate_bits' bands in BUDGET (842: no int3; 5: with int5), -sSrW: the first S and last W tokens also held in 16 bits
-_BITS = re.compile(r"kvfx-kv-bits(842|5)?-([0-9]*\.?[0-9]+)(?:-s([0-9]+)r([0-9]+))?(-decoded|-avx2int)?(-uncentred)?")
+_BITS = re.compile(r"kvfx-kv-bits(842|5)?-([0-9]*\.?[0-9]+)(?:-s([0-9]+)r([0-9]+))?(-decoded|-avx2int)?(-uncentred)?(-atenlinear)?")
 LEVELS = {None: (8, 4, 3, 2), "842": (8, 4, 2), "5": (8, 5, 4, 3, 2)}
 EXACT_CONTEXT = 512  # exact rows' bytes reserved from the budget at the quality protocol's context (same layout)
 DEFAULT_CONFIGS = ["original-dynamic", "original-static", "kvfx-head-0.5", "kvfx-head-0.25", "kvfx-layer-0.5",
@@ -157,19 +159,22 @@ DEFAULT_CONFIGS = ["original-dynamic", "original-static", "kvfx-head-0.5", "kvfx
 def parse_config(name: str) -> Config:
     if name in ("original-dynamic", "original-static"):
         return Config(name, "original")
-    if name == "kvfx-identity":
-        return Config(name, "kvfx", method="identity")
+    if name in ("original-dynamic-kvfxlinear", "original-static-kvfxlinear"):
+        return Config(name, "original", kvfx_linear=True)
+    if name in ("kvfx-identity", "kvfx-identity-atenlinear"):
+        return Config(name, "kvfx", method="identity", aten_linear=name.endswith("-atenlinear"))
     if name in ("peer-quanto-int4", "peer-quanto-int2"):
         return Config(name, "peer", nbits=int(name[-1]))
     m = _BITS.fullmatch(name)
     if m and 0 < float(m.group(2)) < 1:
         return Config(name, "kvfx", "kv", float(m.group(2)), "bits", levels=LEVELS[m.group(1)],
                       decoded=m.group(5) == "-decoded", avx2_integer=m.group(5) == "-avx2int",
-                      exact=(int(m.group(3) or 0), int(m.group(4) or 0)), uncentred=bool(m.group(6)))
+                      exact=(int(m.group(3) or 0), int(m.group(4) or 0)), uncentred=bool(m.group(6)),
+                      aten_linear=bool(m.group(7)))
     m = _KVFX.fullmatch(name)
     if m and 0 < float(m.group(2)) <= 1 and not (m.group(4) and not m.group(3)):
         return Config(name, "kvfx", m.group(1), float(m.group(2)), m.group(3), decoded=m.group(4) == "-decoded",
-                      avx2_integer=m.group(4) == "-avx2int")
+                      avx2_integer=m.group(4) == "-avx2int", aten_linear=bool(m.group(5)))
     raise ValueError(f"unknown configuration {name!r}: use original-dynamic, original-static, kvfx-identity, "
                      "peer-quanto-int4, peer-quanto-int2, kvfx-{head|layer|kv}-RANK[-int8|-int4] with RANK in "
                      "(0, 1] (e.g. kvfx-kv-0.5-int8) or kvfx-kv-bits-BUDGET (allocate_bits, BUDGET in (0, 1); "
@@ -178,7 +183,20 @@ def parse_config(name: str) -> Config:
                      "last W tokens also held in 16 bits, e.g. kvfx-kv-bits-0.125-s4r32; + '-uncentred': rounded around "
                      "zero, not the calibration mean); a low-bit kvfx "
                      "configuration + '-decoded': its rows decoded to float32 in the kernel (no integer path), "
-                     "+ '-avx2int': the kernel's opt-in AVX2 integer path (KVFX_AVX2_INTEGER=1)")
+                     "+ '-avx2int': the kernel's opt-in AVX2 integer path (KVFX_AVX2_INTEGER=1); a kvfx configuration "
+                     "+ '-atenlinear': its linears left to ATen (KVFX_NO_DECODE_LINEAR=1); original-dynamic-kvfxlinear "
+                     "/ original-static-kvfxlinear: the original with kvfx's decode linears (kvfx::linear) only")
+
+
+def kvfx_linear_backend(compile_opts: dict):
+    """A torch.compile backend for the original: kvfx's decode-linear pass alone, then Inductor with the run's
+    mode / options (the same inner compiler kvfx.compress uses)."""
+    from kvfx.passes.compile import CompileOptions, inner_compiler
+    from kvfx.passes.decode_linear import decode_linears
+    backend, mode = compile_opts.get("backend") or "inductor", compile_opts.get("mode")
+    options = torch._inductor.list_mode_options(mode) if mode and backend == "inductor" else {}
+    inner = inner_compiler(CompileOptions(backend=backend, mode=mode, options=options))
+    return lambda gm, example_inputs: inner(decode_linears(gm), example_inputs)
 
 
 class Applied:
@@ -192,10 +210,14 @@ class Applied:
             os.environ["KVFX_NO_AMX"] = "1"
         if config.avx2_integer:
             os.environ["KVFX_AVX2_INTEGER"] = "1"
+        if config.aten_linear:  # read when a graph compiles, which happens while this configuration runs
+            os.environ["KVFX_NO_DECODE_LINEAR"] = "1"
         if config.family == "kvfx":
             proj = projections_for(model, config, projections)
             kvfx.compress(torch.compile(model, **compile_opts), proj, cache=kind,
                           quantize=proj.quantize if config.quantize == "bits" else config.quantize)
+        elif config.kvfx_linear:
+            model.forward = torch.compile(model.forward, backend=kvfx_linear_backend(compile_opts))
         else:
             model.forward = torch.compile(model.forward, **compile_opts)
 
@@ -221,6 +243,8 @@ class Applied:
             os.environ.pop("KVFX_NO_AMX", None)
         if self.config.avx2_integer:
             os.environ.pop("KVFX_AVX2_INTEGER", None)
+        if self.config.aten_linear:
+            os.environ.pop("KVFX_NO_DECODE_LINEAR", None)
         if self.config.family == "kvfx":
             try:
                 kvfx.decompress(self.model)

@@ -180,6 +180,28 @@ def test_decoded_configs_switch_the_integer_path_off(speed):
         parse_config("kvfx-head-0.5-decoded")  # 16-bit latents have no integer path to switch
 
 
+def test_linear_configs_side_by_side(speed, monkeypatch):
+    """'-atenlinear': a kvfx configuration with its linears left to ATen (KVFX_NO_DECODE_LINEAR=1 while it runs);
+    original-*-kvfxlinear: the original compiled with kvfx's decode linears alone. So what the matrix-vector
+    kernel gains is measured apart from what the compressed cache gains, in one run."""
+    import kvfx
+    from helpers import model_inputs, tiny_llama
+    from speed_setup import kvfx_linear_backend, parse_config
+    assert parse_config("kvfx-head-0.5-int4-atenlinear").aten_linear and parse_config("kvfx-identity-atenlinear").aten_linear
+    assert parse_config("kvfx-kv-bits5-0.25-atenlinear").aten_linear and not parse_config("kvfx-kv-bits5-0.25").aten_linear
+    orig = parse_config("original-dynamic-kvfxlinear")
+    assert orig.kvfx_linear and orig.family == "original" and orig.kinds(["static"]) == ["dynamic"]
+    with pytest.raises(ValueError, match="unknown configuration"):
+        parse_config("original-dynamic-atenlinear")
+    m = tiny_llama(1)
+    ids = model_inputs(m, tokens=4)
+    with torch.no_grad():
+        want = m(ids).logits
+        got = torch.compile(m.forward, backend=kvfx_linear_backend({"backend": "eager"}))(ids).logits
+    assert kvfx.counters["kvfx"]["decode_linears"] == 8  # q, k, v, o, gate, up, down, lm_head
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_integer_agreement_refuses_unknown_names_before_loading():
     """benchmarks/integer_agreement.py: a configuration or domain it does not know is refused (exit 2, naming what
     it takes) before the model loads."""

@@ -623,6 +623,7 @@ void softmax_block(float* s, int64_t lds, int rows, int padded, int64_t G, float
 
 #include "lowbit_attention_amx.h"    // the integer path on AMX (namespace amx), pasted in by lowbit_attention.py
 #include "lowbit_attention_avx2i.h"  // the integer path on AVX2 (namespace avx2i), likewise
+#include "decode_linear.h"           // a decode step's linear layers (linear_rows), likewise
 
 }  // namespace
 
@@ -1060,5 +1061,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
     m.def("decode_attention", &decode_attention);       \
     m.def("dequantize_rows", &dequantize_rows);         \
     m.def("integer_path", &integer_path);               \
-  }
+    m.def("linear_rows", &linear_rows);                 \
+    m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor"); \
+  }                                                      \
+  TORCH_LIBRARY_IMPL(ns, CPU, m) { m.impl("linear", &linear_op); } \
+  TORCH_LIBRARY_IMPL(ns, Meta, m) { m.impl("linear", &linear_meta); }
 KVFX_REGISTER(TORCH_EXTENSION_NAME)

@@ -134,7 +134,7 @@ def _build(arch: str = "native"):
     from torch.utils.cpp_extension import load_inline
     here = Path(__file__).parent  # the AMX part lives in its own file, pasted in (so the source hash covers it)
     src = (here / "lowbit_attention.cpp").read_text()
-    for part in ("lowbit_attention_amx.h", "lowbit_attention_amx_bands.h", "lowbit_attention_avx2i.h"):
+    for part in ("lowbit_attention_amx.h", "lowbit_attention_amx_bands.h", "lowbit_attention_avx2i.h", "decode_linear.h"):
         src = src.replace(f'#include "{part}"', (here / part).read_text())
     flags = ["-O3", f"-march={arch}", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
              "-fno-trapping-math"]

@@ -1,0 +1,61 @@
+"""kvfx's linear op (ops/decode_linear.py): F.linear, with a decode step's float32 rows through the C++ kernel.
+
+Against F.linear on every shape the kernel sees (rows 1-8, widths not multiples of 4 / 8, bias or not, a weight
+with a row stride), the cases it leaves to F.linear, and torch.library's schema and fake-tensor checks."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from kvfx.ops import decode_linear as dl
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not dl.takes_kernel(torch.zeros(1, 8), torch.zeros(4, 8)),
+                                 reason="no C++ compiler: no kvfx linear op here")]
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, dl.MAX_ROWS), out=st.integers(1, 70), width=st.integers(1, 90), bias=st.booleans(),
+       stride=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_equals_f_linear(rows, out, width, bias, stride, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, width, generator=g)
+    w = torch.randn(out * stride, width, generator=g)[::stride]  # stride > 1: rows not adjacent in memory
+    b = torch.randn(out, generator=g) if bias else None
+    assert dl.takes_kernel(x, w)
+    got, want = dl.op()(x, w, b), F.linear(x, w, b)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * width ** 0.5)
+
+
+def test_batched_decode_shape_and_a_model_sized_layer():
+    x = torch.randn(3, 1, 576)  # [batch, one token, hidden]
+    w = torch.randn(1536, 576)
+    got = dl.op()(x, w, None)
+    assert got.shape == (3, 1, 1536)
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["prefill", "bfloat16", "float64", "empty"])
+def test_other_inputs_are_f_linear(case):
+    x, w = torch.randn(2, 5, 16), torch.randn(12, 16)  # prefill: 10 rows > MAX_ROWS
+    if case in ("bfloat16", "float64"):
+        x, w = x[:, :1].to(getattr(torch, case)), w.to(getattr(torch, case))
+    if case == "empty":
+        x = x[:0]
+    assert not dl.takes_kernel(x, w)
+    assert torch.equal(dl.op()(x, w, None), F.linear(x, w))
+
+
+def test_no_autograd_kernel():
+    """Inference only: the pass never puts it in a graph compiled with grad on (tests/passes/test_decode_linears.py)."""
+    x, w = torch.randn(1, 20, requires_grad=True), torch.randn(9, 20)
+    with pytest.warns(UserWarning, match="autograd kernel was not registered"):
+        dl.op()(x, w, None).sum().backward()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_opcheck(bias):
+    x, w = torch.randn(2, 1, 24), torch.randn(10, 24)
+    torch.library.opcheck(dl.op(), (x, w, torch.randn(10) if bias else None),
+                          test_utils=("test_schema", "test_faketensor"))
