@@ -136,8 +136,8 @@ class Config:
     avx2_integer: bool = False       # the kernel's opt-in AVX2 integer path (KVFX_AVX2_INTEGER=1)
     exact: tuple = (0, 0)            # "bits": (sinks, recent) tokens held in 16 bits (reserved at EXACT_CONTEXT)
     uncentred: bool = False          # "bits": latents rounded around zero (Projections.uncentred: an ablation)
-    aten_linear: bool = False        # kvfx: linears left to ATen (KVFX_NO_DECODE_LINEAR=1: no kvfx::linear)
-    kvfx_linear: bool = False        # original: compiled with kvfx::linear for its linears (passes/decode_linear.py)
+    aten_linear: bool = False        # kvfx: linears left to ATen (KVFX_NO_DECODE_LINEAR=1)
+    kvfx_linear: bool = False        # original: compiled with kvfx's decode-linear pass alone (passes/decode_linear.py)
 
     def kinds(self, wanted: list[str]) -> list[str]:
         """Cache kinds this configuration runs with (kvfx: each of --cache-kinds)."""
@@ -185,18 +185,18 @@ def parse_config(name: str) -> Config:
                      "configuration + '-decoded': its rows decoded to float32 in the kernel (no integer path), "
                      "+ '-avx2int': the kernel's opt-in AVX2 integer path (KVFX_AVX2_INTEGER=1); a kvfx configuration "
                      "+ '-atenlinear': its linears left to ATen (KVFX_NO_DECODE_LINEAR=1); original-dynamic-kvfxlinear "
-                     "/ original-static-kvfxlinear: the original with kvfx's decode linears (kvfx::linear) only")
+                     "/ original-static-kvfxlinear: the original with kvfx's decode linears only")
 
 
 def kvfx_linear_backend(compile_opts: dict):
     """A torch.compile backend for the original: kvfx's decode-linear pass alone, then Inductor with the run's
     mode / options (the same inner compiler kvfx.compress uses)."""
     from kvfx.passes.compile import CompileOptions, inner_compiler
-    from kvfx.passes.decode_linear import decode_linears
+    from kvfx.passes.decode_linear import decode_linears, wanted
     backend, mode = compile_opts.get("backend") or "inductor", compile_opts.get("mode")
     options = torch._inductor.list_mode_options(mode) if mode and backend == "inductor" else {}
     inner = inner_compiler(CompileOptions(backend=backend, mode=mode, options=options))
-    return lambda gm, example_inputs: inner(decode_linears(gm), example_inputs)
+    return lambda gm, ex: inner(decode_linears(gm) if wanted(ex) else gm, ex)  # kvfx's backend's rule
 
 
 class Applied:
