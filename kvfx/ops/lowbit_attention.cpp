@@ -26,7 +26,9 @@
 //   tree), the value sums in registers: the reference's numbers up to float32 round-off. Plain C++ (GCC vector
 //   extensions) with AVX-512 or AVX2 intrinsics under #if, so it builds for any CPU (AVX2: 16 registers of 8
 //   floats, so the scores are tiles of 3 query rows × 4 key rows and the value sums tiles of up to 4 query rows ×
-//   24 columns: 12 accumulators each, every loaded vector used 3-4 times).
+//   24 columns: 12 accumulators each, every loaded vector used 3-4 times). On AVX2, int4 key and value rows whose
+//   widths are multiples of 32 skip the buffer: decoded in registers where they are consumed (namespace q4,
+//   lowbit_attention_avx2_int4.h).
 //
 // Row layout (kvfx/quant.py): int8: R codes, then one scale code e (x = q * 2^(e/8));
 //                             int4: ceil(R/2) bytes of two codes (low nibble first), then one e per 32 numbers.
@@ -588,6 +590,34 @@ inline float exp_nonpositive(float x) {
 }
 
 
+#if KVFX_AVX2
+// exp_nonpositive on 8 lanes (the same arithmetic)
+inline __m256 exp_nonpositive8(__m256 x) {
+  const __m256 t = _mm256_mul_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(1.4426950408889634f));
+  const __m256 n = _mm256_floor_ps(t);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+inline float hmax8(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+#endif
+
 // The online softmax of a block of scores (G query rows, stride lds; rows valid of `padded`, a multiple of 16): the
 // running max m and sum l per query row, the accumulators o (stride ldo) rescaled where the max moves, and the
 // block's probabilities exp(s - m) written over its scores (0 for the spare rows and for a block wholly masked).
@@ -595,10 +625,16 @@ void softmax_block(float* s, int64_t lds, int rows, int padded, int64_t G, float
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   for (int64_t g = 0; g < G; ++g) {
     float* sg = s + g * lds;
+#if KVFX_AVX2
+    __m256 vmax = _mm256_set1_ps(kNegInf);  // spare rows hold -inf
+    for (int r = 0; r < padded; r += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(sg + r));
+    const float bmax = hmax8(vmax);
+#else
     vf vmax = vf{} + kNegInf;  // spare rows hold -inf
     for (int r = 0; r < padded; r += 16) { const vf x = load(sg + r); vmax = x > vmax ? x : vmax; }
     float bmax = kNegInf;
     for (int j = 0; j < W; ++j) bmax = std::max(bmax, vmax[j]);
+#endif
     if (bmax == kNegInf) {  // every row of the block masked
       std::fill(sg, sg + padded, 0.0f);
       continue;
@@ -611,11 +647,27 @@ void softmax_block(float* s, int64_t lds, int rows, int padded, int64_t G, float
       for (int64_t i = 0; i < ldo; ++i) og[i] *= corr;
     }
     m[g] = mnew;
+#if KVFX_AVX2
+    const __m256 vm = _mm256_set1_ps(mnew);
+    __m256 vsum = _mm256_setzero_ps();
+    int r = 0;
+    for (; r + 8 <= rows; r += 8) {
+      const __m256 p = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(sg + r), vm));
+      _mm256_storeu_ps(sg + r, p);
+      vsum = _mm256_add_ps(vsum, p);
+    }
+    float sum = hsum8(vsum);
+    for (; r < padded; ++r) {
+      sg[r] = r < rows ? exp_nonpositive(sg[r] - mnew) : 0.0f;
+      sum += sg[r];
+    }
+#else
     float sum = 0.0f;
     for (int r = 0; r < padded; ++r) {
       sg[r] = r < rows ? exp_nonpositive(sg[r] - mnew) : 0.0f;
       sum += sg[r];
     }
+#endif
     l[g] += sum;
   }
 }
@@ -623,6 +675,7 @@ void softmax_block(float* s, int64_t lds, int rows, int padded, int64_t G, float
 
 #include "lowbit_attention_amx.h"    // the integer path on AMX (namespace amx), pasted in by lowbit_attention.py
 #include "lowbit_attention_avx2i.h"  // the integer path on AVX2 (namespace avx2i), likewise
+#include "lowbit_attention_avx2_int4.h"  // int4 rows decoded in registers (namespace q4), likewise
 #include "decode_linear.h"           // a decode step's linear layers (linear_rows), likewise
 
 }  // namespace
@@ -941,6 +994,28 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
     });
   } else
 #endif
+#if KVFX_AVX2
+  if (!use_amx && !vplan_avx2 && q4::takes(fk, fv, shared)) {  // int4 rows decoded in registers
+    at::parallel_for(0, B * H * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qs(G * rk);
+      for (int64_t task = begin; task < end; ++task) {
+        const Task t = start_task(task);
+        for (int64_t g = 0; g < G; ++g)  // the softmax scale folded into the query rows, in decode_row's order
+          for (int64_t j = 0; j < rk; ++j) qs[g * rk + j] = sc * qp[(t.bh * G + g) * rk + source(fk, j)];
+        const int64_t moff = (mask_b == 1 ? 0 : t.b) * N;
+        auto add_of = [&](int64_t r0, int rows, int padded, float* add) {  // simple loops: they vectorise
+          if (mp) std::copy(mp + moff + r0, mp + moff + r0 + rows, add);
+          else if (mbp) for (int j = 0; j < rows; ++j) add[j] = mbp[moff + r0 + j] ? 0.0f : kNegInf;
+          else std::fill(add, add + rows, 0.0f);
+          if (skip) for (int j = 0; j < rows; ++j) add[j] = skip[r0 + j] ? kNegInf : add[j];
+          std::fill(add + rows, add + padded, kNegInf);
+        };
+        q4::run_task(qs.data(), G, reinterpret_cast<const int8_t*>(t.krows), ksn,
+                     reinterpret_cast<const int8_t*>(t.vrows), vsn, fk, fv, t.n0, t.n1, lut, add_of, t.m, t.l, t.o);
+      }
+    });
+  } else
+#endif
   at::parallel_for(0, B * H * chunks, 1, [&](int64_t begin, int64_t end) {
     // zero-initialised: the padding columns stay zero (decode_row writes the first Rk / Rv columns only)
     std::vector<float> kbuf(block * Rkp, 0.0f), vbuf(shared ? 0 : block * Rvp, 0.0f), s(G * block), qs(G * Rkp, 0.0f);
@@ -1054,6 +1129,44 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
   return out;
 }
 
+// The scale table as kvfx.ops.lowbit_attention._scales computes it (torch's exp2 of e / 8), made once a process.
+const torch::Tensor& default_scales() {
+  static const torch::Tensor* table = new torch::Tensor(at::exp2(at::arange(-128, 128, at::kFloat) / 8));
+  return *table;
+}
+
+// decode_attention as one op, with what kvfx::decode_attention (Python) does around the kernel: SDPA's mask as the
+// graph holds it ([B|1, 1, 1, N], bool or additive of any float dtype) reshaped to [B|1, N], q of any float dtype
+// (computed in float32, returned in q's dtype), the default scale table. The graph pass passes/decode_kernel.py puts
+// it in place of the Python op, whose dispatch costs ~250 us a call; this one costs the dispatcher's few us.
+torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc, int64_t rk, int64_t rv,
+                     int64_t bits, double scale, const std::optional<torch::Tensor>& mask, bool shared,
+                     std::vector<int64_t> kbands, std::vector<int64_t> vbands,
+                     const std::optional<torch::Tensor>& exact_keys, const std::optional<torch::Tensor>& exact_values,
+                     const std::optional<torch::Tensor>& positions) {
+  std::optional<torch::Tensor> m;
+  if (mask.has_value() && mask->defined() && mask->numel() > 0) {
+    TORCH_CHECK(mask->dim() >= 1 && mask->numel() == mask->size(0) * kc.size(2),
+                "attend: the mask must hold one number per batch row (or one row) and cached token");
+    torch::Tensor x = mask->reshape({mask->size(0), kc.size(2)});
+    m = x.scalar_type() == torch::kBool || x.scalar_type() == torch::kFloat32 ? x : x.to(torch::kFloat32);
+  }
+  const torch::Tensor out =
+      decode_attention(q.scalar_type() == torch::kFloat32 ? q : q.to(torch::kFloat32), kc, vc, rk, rv, bits, scale, m,
+                       shared, std::move(kbands), std::move(vbands), default_scales(), exact_keys,
+                       shared ? std::nullopt : exact_values, positions);
+  return out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type());
+}
+
+torch::Tensor attend_meta(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc, int64_t rk,
+                          int64_t rv, int64_t bits, double scale, const std::optional<torch::Tensor>& mask, bool shared,
+                          std::vector<int64_t> kbands, std::vector<int64_t> vbands,
+                          const std::optional<torch::Tensor>& exact_keys,
+                          const std::optional<torch::Tensor>& exact_values,
+                          const std::optional<torch::Tensor>& positions) {
+  return at::empty_symint({q.sym_size(0), q.sym_size(1), q.sym_size(2), c10::SymInt(shared ? rk : rv)}, q.options());
+}
+
 // One op namespace per build (TORCH_EXTENSION_NAME: kvfx_lowbit_attention, kvfx_lowbit_attention_x86_64_v2, …), so
 // builds for several -march values load side by side. (An indirection: TORCH_LIBRARY pastes its argument unexpanded.)
 #define KVFX_REGISTER(ns)                                \
@@ -1063,7 +1176,16 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
     m.def("integer_path", &integer_path);               \
     m.def("linear_rows", &linear_rows);                 \
     m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor"); \
+    m.def("attend(Tensor q, Tensor kc, Tensor vc, int rk, int rv, int bits, float scale, Tensor? mask, "   \
+          "bool shared, int[] kbands, int[] vbands, Tensor? exact_keys=None, Tensor? exact_values=None, " \
+          "Tensor? positions=None) -> Tensor");          \
   }                                                      \
-  TORCH_LIBRARY_IMPL(ns, CPU, m) { m.impl("linear", &linear_op); } \
-  TORCH_LIBRARY_IMPL(ns, Meta, m) { m.impl("linear", &linear_meta); }
+  TORCH_LIBRARY_IMPL(ns, CPU, m) {                       \
+    m.impl("linear", &linear_op);                        \
+    m.impl("attend", &attend);                           \
+  }                                                      \
+  TORCH_LIBRARY_IMPL(ns, Meta, m) {                      \
+    m.impl("linear", &linear_meta);                      \
+    m.impl("attend", &attend_meta);                      \
+  }
 KVFX_REGISTER(TORCH_EXTENSION_NAME)

@@ -26,8 +26,12 @@ faster decode steps, but outputs moved ~10× more than by AMX's roundings, so op
 path runs). Elsewhere, for 16/32-bit latents, and with KVFX_NO_AMX=1, the kernel decodes a block of rows into a
 float32 buffer that stays in L1/L2 and computes the block's scores as 16-row tiles (one query row against 16 key
 rows in registers, reduced by a shuffle tree; on AVX2-only CPUs such as AMD Zen 1-3, tiles of 3 query rows × 4 key
-rows, so the accumulators fit 16 registers and each loaded vector serves several) and its value sums in registers: the reference's numbers up to float32 round-off. Without a compiler the op runs `reference` (float32), without the saving. `kernel_available()`
-says which.
+rows, so the accumulators fit 16 registers and each loaded vector serves several) and its value sums in registers: the reference's numbers up to float32 round-off. On AVX2, int4 rows of keys and values of 32, 64, …
+columns (per-head latents) skip the buffer: their codes become floats in registers where they are consumed
+(lowbit_attention_avx2_int4.h; ~1.8× faster on SmolLM2's per-head rank-32 rows at 16k tokens). Without a compiler
+the op runs `reference` (float32), without the saving. `kernel_available()` says which. On CPU graphs
+passes/decode_kernel.py calls the kernel through the C++ op `attend` (same arguments with the format as integers),
+not through this Python op.
 
 Exact rows (a format's "|sinksS|recentW", kvfx.quant.exact_of): both ops take the 16-bit rows and their positions;
 `dequantize` writes them over their codes' rows, `decode_attention` skips those codes (score -inf) and merges the
@@ -124,6 +128,14 @@ def _band_spec(kind: str, width: int) -> tuple[int, ...]:
     return tuple(n for fmt, w in quant.layout(kind, width) for n in (fmt.bits, w))
 
 
+def kernel_format(kind: str, rk: int, rv: int, shared: bool) -> tuple[int, list[int], list[int]]:
+    """The C++ kernel's arguments for rows of format `kind`: bits (8, 4, 0 for 16/32-bit latents, -1 for bands;
+    int2 is one band) and the key and value rows' band specs (empty unless bands; the values' empty when shared)."""
+    bits = _BITS.get(kind, -1)
+    kbands = list(_band_spec(kind, rk)) if bits < 0 else []
+    return bits, kbands, list(_band_spec(kind, rv)) if bits < 0 and not shared else []
+
+
 def _decoded(rows: torch.Tensor, width: int, kind: str) -> torch.Tensor:
     return rows.float() if kind == "float" else quant.dequantize(rows, torch.float32, width, kind)
 
@@ -134,7 +146,8 @@ def _build(arch: str = "native"):
     from torch.utils.cpp_extension import load_inline
     here = Path(__file__).parent  # the AMX part lives in its own file, pasted in (so the source hash covers it)
     src = (here / "lowbit_attention.cpp").read_text()
-    for part in ("lowbit_attention_amx.h", "lowbit_attention_amx_bands.h", "lowbit_attention_avx2i.h", "decode_linear.h"):
+    for part in ("lowbit_attention_amx.h", "lowbit_attention_amx_bands.h", "lowbit_attention_avx2i.h",
+                 "lowbit_attention_avx2_int4.h", "decode_linear.h"):
         src = src.replace(f'#include "{part}"', (here / part).read_text())
     flags = ["-O3", f"-march={arch}", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
              "-fno-trapping-math"]
@@ -207,11 +220,9 @@ def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rk: in
     m = None if mask is None else mask.reshape(mask.shape[0], kc.shape[2])
     if m is not None and m.dtype not in (torch.bool, torch.float32):
         m = m.float()
-    bits = _BITS.get(kind, -1)  # -1: bands (int2 is one band)
+    bits, kbands, vbands = kernel_format(kind, rk, rv, shared)
     out = ext.decode_attention(q if q.dtype == torch.float32 else q.float(), kc, vc, rk, rv, bits, scale, m, shared,
-                               list(_band_spec(kind, rk)) if bits < 0 else [],
-                               list(_band_spec(kind, rv)) if bits < 0 and not shared else [], _scales(),
-                               exact_keys, None if shared else exact_values, positions)
+                               kbands, vbands, _scales(), exact_keys, None if shared else exact_values, positions)
     return out if out.dtype == q.dtype else out.to(q.dtype)
 
 

@@ -1,5 +1,5 @@
-"""Pass 6 — compile: the Dynamo backend that runs match → rewrite → fold → decode → decode linears, then the
-user's compiler.
+"""Pass 6 — compile: the Dynamo backend that runs match → rewrite → fold → decode → decode kernel → decode linears,
+then the user's compiler.
 
 Why a backend (and not Inductor's pre_grad_custom_pass): a backend sees Dynamo's torch-IR graph with
 the real parameters in `example_inputs`, so folds can compute W·A once from real weights, new tensors
@@ -17,7 +17,7 @@ import torch.fx as fx
 from ..projections import Projections, ProjectionError, SiteShape
 from .constants import GraphConstants, fresh_copy
 from .counters import counters
-from . import decode_linear
+from . import decode_kernel, decode_linear
 from .decode import group_decode_sites
 from .fold import fold_sites
 from .match import find_sites
@@ -141,8 +141,10 @@ class KvfxBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs):
         new, consts = self.transform(gm, example_inputs)
         extra = consts.tensors if consts is not None else []
+        if not self.live and decode_kernel.wanted(example_inputs):
+            new = decode_kernel.decode_kernels(new)  # a copy: self.graphs keeps the rewritten graph as it was
         if not self.live and decode_linear.wanted(example_inputs):
-            new = decode_linear.decode_linears(new)  # a copy: self.graphs keeps the rewritten graph as it was
+            new = decode_linear.decode_linears(new)  # likewise
         compiled = self.compile(new, list(example_inputs) + _static(example_inputs, extra))
         if not extra:
             return compiled

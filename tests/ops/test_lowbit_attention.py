@@ -177,6 +177,35 @@ def test_kernel_matches_reference(b, h, g, n, rk, rv, kind, mask, shared, seed):
 
 
 @settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 2), h=st.integers(1, 3), g=st.integers(1, 9), n=st.integers(1, 300),
+       rk=st.sampled_from([32, 64, 96]), rv=st.sampled_from([32, 64]), mask=st.sampled_from([None, "bool", "float"]),
+       spare=st.booleans(), seed=st.integers(0, 99))
+def test_int4_rows_decoded_in_registers(b, h, g, n, rk, rv, mask, spare, seed):
+    """int4 keys and values in their own rows, widths multiples of 32 — per-head latents at rank 32, 64, … — take
+    the AVX2 build's in-register path (lowbit_attention_avx2_int4.h: no decoded buffer; AMX CPUs: the integer path,
+    within its bound; others: the float path): the reference's numbers to float32 round-off, for any row count (a
+    last tile of fewer than 4 rows, read from a copy: with `spare` False the rows end where their storage does),
+    masks and query groups."""
+    q, kc, vc, m = _case(b, h, g, n + (5 if spare else 0), rk, rv, "int4", mask, False, seed)
+    kc, vc = kc[:, :, :n], vc[:, :, :n]
+    m = None if m is None else m[..., :n].contiguous()
+    if m is not None and m.dtype == torch.bool:
+        m[..., 0] = True
+    out = torch.ops.kvfx.decode_attention(q, kc, vc, rk, rv, "int4", 0.125, m, False)
+    _assert_matches(out, q, kc, vc, rk, rv, "int4", 0.125, m, False)
+
+
+def test_int4_rows_in_registers_skip_exact_rows(monkeypatch):
+    """Exact rows beside int4 codes of widths 64 / 32: their codes are skipped there too."""
+    monkeypatch.setenv("KVFX_NO_AMX", "1")
+    q, kc, vc, m = _case(2, 2, 3, 300, 64, 32, "int4", "bool", False, 5)
+    ek, ev, pos = _exact_rows(2, 2, 300, 64, 32, 17, 5)
+    out = torch.ops.kvfx.decode_attention(q, kc, vc, 64, 32, "int4", 0.125, m, False, ek, ev, pos)
+    ref = la.reference(q, kc, vc, 64, 32, "int4", 0.125, m, False, ek, ev, pos)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
+
+
+@settings(max_examples=40, deadline=None)
 @given(g=st.integers(1, 9), n=st.integers(1, 400), widths=st.lists(st.integers(1, 140), min_size=1, max_size=3),
        bits=st.lists(st.sampled_from([8, 5, 4, 3, 2]), min_size=3, max_size=3), rv=st.integers(1, 70),
        mask=st.sampled_from([None, "bool"]), shared=st.booleans(), seed=st.integers(0, 99))
@@ -246,6 +275,11 @@ def test_portable_build_matches_reference(arch, portable_builds, monkeypatch):
                               "int8x16+int5x45+int4x32+int3x16", *FLOATS]):
         out, ref, _ = _run_build(ext, kind, i)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
+    q, kc, vc, m = _case(2, 2, 9, 301, 64, 32, "int4", "bool", False, 9)  # x86-64-v3: int4 decoded in registers
+    out = ext.decode_attention(q, kc, vc, 64, 32, 4, 0.125, m.reshape(2, 301), False, [], [], la._scales(), None,
+                               None, None)
+    ref = la.reference(q, kc, vc, 64, 32, "int4", 0.125, m, False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
     q, kc, vc, m = _case(2, 2, 9, 300, 70, 45, "int4", "bool", False, 7)  # exact rows beside the codes
     ek, ev, pos = _exact_rows(2, 2, 300, 70, 45, 37, 7)
     out = ext.decode_attention(q, kc, vc, 70, 45, 4, 0.125, m.reshape(2, 300), False, [], [], la._scales(), ek, ev, pos)
