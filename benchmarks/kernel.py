@@ -28,6 +28,7 @@ from kvfx.ops import lowbit_attention as la
 # name: (latent heads, query rows per latent head, width, shared K+V latent, storage)
 SHAPES = {"head-0.5-float32": (3, 3, 32, False, "float32"), "kv-0.5-float32": (1, 9, 192, True, "float32"),
           "head-0.5-int8": (3, 3, 32, False, "int8"), "head-0.5-int4": (3, 3, 32, False, "int4"),
+          "head-0.25-int4": (3, 3, 16, False, "int4"),
           "kv-0.5-int8": (1, 9, 192, True, "int8"), "kv-0.9375-int4": (1, 9, 360, True, "int4"),
           # kvfx.allocate_bits' bands (int8 / int4 / int2 runs of one row) at 25 % and 12.5 % of a 16-bit cache
           "kv-bits-0.25": (1, 9, 304, True, "int8x80+int4x176+int2x48"),

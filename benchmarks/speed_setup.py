@@ -138,6 +138,7 @@ class Config:
     uncentred: bool = False          # "bits": latents rounded around zero (Projections.uncentred: an ablation)
     aten_linear: bool = False        # kvfx: linears left to ATen (KVFX_NO_DECODE_LINEAR=1)
     kvfx_linear: bool = False        # original: compiled with kvfx's decode-linear pass alone (passes/decode_linear.py)
+    py_attend: bool = False          # kvfx: decode attention through the Python op (KVFX_NO_DECODE_KERNEL=1)
 
     def kinds(self, wanted: list[str]) -> list[str]:
         """Cache kinds this configuration runs with (kvfx: each of --cache-kinds)."""
@@ -146,7 +147,7 @@ class Config:
         return ["quantized"] if self.family == "peer" else list(wanted)
 
 
-_KVFX = re.compile(r"kvfx-(head|layer|kv)-([0-9]*\.?[0-9]+)(?:-(int8|int4))?(-decoded|-avx2int)?(-atenlinear)?")
+_KVFX = re.compile(r"kvfx-(head|layer|kv)-([0-9]*\.?[0-9]+)(?:-(int8|int4))?(-decoded|-avx2int)?(-atenlinear)?(-pyattend)?")
 # allocate_bits' bands in BUDGET (842: no int3; 5: with int5), -sSrW: the first S and last W tokens also held in 16 bits
 _BITS = re.compile(r"kvfx-kv-bits(842|5)?-([0-9]*\.?[0-9]+)(?:-s([0-9]+)r([0-9]+))?(-decoded|-avx2int)?(-uncentred)?(-atenlinear)?")
 LEVELS = {None: (8, 4, 3, 2), "842": (8, 4, 2), "5": (8, 5, 4, 3, 2)}
@@ -174,7 +175,7 @@ def parse_config(name: str) -> Config:
     m = _KVFX.fullmatch(name)
     if m and 0 < float(m.group(2)) <= 1 and not (m.group(4) and not m.group(3)):
         return Config(name, "kvfx", m.group(1), float(m.group(2)), m.group(3), decoded=m.group(4) == "-decoded",
-                      avx2_integer=m.group(4) == "-avx2int", aten_linear=bool(m.group(5)))
+                      avx2_integer=m.group(4) == "-avx2int", aten_linear=bool(m.group(5)), py_attend=bool(m.group(6)))
     raise ValueError(f"unknown configuration {name!r}: use original-dynamic, original-static, kvfx-identity, "
                      "peer-quanto-int4, peer-quanto-int2, kvfx-{head|layer|kv}-RANK[-int8|-int4] with RANK in "
                      "(0, 1] (e.g. kvfx-kv-0.5-int8) or kvfx-kv-bits-BUDGET (allocate_bits, BUDGET in (0, 1); "
@@ -184,7 +185,9 @@ def parse_config(name: str) -> Config:
                      "zero, not the calibration mean); a low-bit kvfx "
                      "configuration + '-decoded': its rows decoded to float32 in the kernel (no integer path), "
                      "+ '-avx2int': the kernel's opt-in AVX2 integer path (KVFX_AVX2_INTEGER=1); a kvfx configuration "
-                     "+ '-atenlinear': its linears left to ATen (KVFX_NO_DECODE_LINEAR=1); original-dynamic-kvfxlinear "
+                     "+ '-atenlinear': its linears left to ATen (KVFX_NO_DECODE_LINEAR=1); a kvfx-{head|layer|kv} "
+                     "configuration + '-pyattend': decode attention through the Python op (KVFX_NO_DECODE_KERNEL=1); "
+                     "original-dynamic-kvfxlinear "
                      "/ original-static-kvfxlinear: the original with kvfx's decode linears only")
 
 
@@ -212,6 +215,8 @@ class Applied:
             os.environ["KVFX_AVX2_INTEGER"] = "1"
         if config.aten_linear:  # read when a graph compiles, which happens while this configuration runs
             os.environ["KVFX_NO_DECODE_LINEAR"] = "1"
+        if config.py_attend:  # likewise
+            os.environ["KVFX_NO_DECODE_KERNEL"] = "1"
         if config.family == "kvfx":
             proj = projections_for(model, config, projections)
             kvfx.compress(torch.compile(model, **compile_opts), proj, cache=kind,
@@ -245,6 +250,8 @@ class Applied:
             os.environ.pop("KVFX_AVX2_INTEGER", None)
         if self.config.aten_linear:
             os.environ.pop("KVFX_NO_DECODE_LINEAR", None)
+        if self.config.py_attend:
+            os.environ.pop("KVFX_NO_DECODE_KERNEL", None)
         if self.config.family == "kvfx":
             try:
                 kvfx.decompress(self.model)

@@ -27,7 +27,7 @@
 //   extensions) with AVX-512 or AVX2 intrinsics under #if, so it builds for any CPU (AVX2: 16 registers of 8
 //   floats, so the scores are tiles of 3 query rows × 4 key rows and the value sums tiles of up to 4 query rows ×
 //   24 columns: 12 accumulators each, every loaded vector used 3-4 times). On AVX2, int4 key and value rows whose
-//   widths are multiples of 32 skip the buffer: decoded in registers where they are consumed (namespace q4,
+//   widths are multiples of 16 skip the buffer: decoded in registers where they are consumed (namespace q4,
 //   lowbit_attention_avx2_int4.h).
 //
 // Row layout (kvfx/quant.py): int8: R codes, then one scale code e (x = q * 2^(e/8));

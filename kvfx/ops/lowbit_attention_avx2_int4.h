@@ -1,7 +1,7 @@
 // int4 rows decoded in registers (AVX2, float arithmetic): pasted into lowbit_attention.cpp by lowbit_attention.py.
 //
 // Whole-row int4 codes (kvfx/quant.py: R / 2 bytes of two codes, low nibble first, then one scale code per 32
-// numbers), R a multiple of 32, keys and values in their own rows. The float path decodes a block of rows into a
+// numbers), R a multiple of 16, keys and values in their own rows. The float path decodes a block of rows into a
 // float32 buffer and reads it back; on this project's CPU (AMD EPYC, which GCC's -march=native takes for Zen 1:
 // 128-bit units, one store a cycle) writing that buffer — two 128-bit stores per 8 numbers — was most of a decode
 // step's attention. Here 8 code bytes become 16 floats in registers (sign-extend, shift, convert) where they are
@@ -76,9 +76,10 @@ inline void tiles3(int64_t G, F&& f) {
   if (G - g == 1) f(std::integral_constant<int, 1>{}, g);
 }
 
-// Whether rows of these formats take this path: int4 keys and values in their own rows, widths multiples of 32.
+// Whether rows of these formats take this path: int4 keys and values in their own rows, widths multiples of 16
+// (whole 8-byte runs of codes: no padding nibble).
 inline bool takes(const Format& fk, const Format& fv, bool shared) {
-  return fk.kind == kInt4 && fv.kind == kInt4 && !shared && fk.width % 32 == 0 && fv.width % 32 == 0 &&
+  return fk.kind == kInt4 && fv.kind == kInt4 && !shared && fk.width % 16 == 0 && fv.width % 16 == 0 &&
          fk.width > 0 && fv.width > 0;
 }
 

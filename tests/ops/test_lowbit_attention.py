@@ -178,10 +178,10 @@ def test_kernel_matches_reference(b, h, g, n, rk, rv, kind, mask, shared, seed):
 
 @settings(max_examples=40, deadline=None)
 @given(b=st.integers(1, 2), h=st.integers(1, 3), g=st.integers(1, 9), n=st.integers(1, 300),
-       rk=st.sampled_from([32, 64, 96]), rv=st.sampled_from([32, 64]), mask=st.sampled_from([None, "bool", "float"]),
+       rk=st.sampled_from([16, 32, 48, 64, 96]), rv=st.sampled_from([16, 32, 64]), mask=st.sampled_from([None, "bool", "float"]),
        spare=st.booleans(), seed=st.integers(0, 99))
 def test_int4_rows_decoded_in_registers(b, h, g, n, rk, rv, mask, spare, seed):
-    """int4 keys and values in their own rows, widths multiples of 32 — per-head latents at rank 32, 64, … — take
+    """int4 keys and values in their own rows, widths multiples of 16 — per-head latents at rank 16, 32, … — take
     the AVX2 build's in-register path (lowbit_attention_avx2_int4.h: no decoded buffer; AMX CPUs: the integer path,
     within its bound; others: the float path): the reference's numbers to float32 round-off, for any row count (a
     last tile of fewer than 4 rows, read from a copy: with `spare` False the rows end where their storage does),
