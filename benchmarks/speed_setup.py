@@ -149,7 +149,7 @@ class Config:
 
 _KVFX = re.compile(r"kvfx-(head|layer|kv)-([0-9]*\.?[0-9]+)(?:-(int8|int4))?(-decoded|-avx2int)?(-atenlinear)?(-pyattend)?")
 # allocate_bits' bands in BUDGET (842: no int3; 5: with int5), -sSrW: the first S and last W tokens also held in 16 bits
-_BITS = re.compile(r"kvfx-kv-bits(842|5)?-([0-9]*\.?[0-9]+)(?:-s([0-9]+)r([0-9]+))?(-decoded|-avx2int)?(-uncentred)?(-atenlinear)?")
+_BITS = re.compile(r"kvfx-kv-bits(842|5)?-([0-9]*\.?[0-9]+)(?:-s([0-9]+)r([0-9]+))?(-decoded|-avx2int)?(-uncentred)?(-atenlinear)?(-pyattend)?")
 LEVELS = {None: (8, 4, 3, 2), "842": (8, 4, 2), "5": (8, 5, 4, 3, 2)}
 EXACT_CONTEXT = 512  # exact rows' bytes reserved from the budget at the quality protocol's context (same layout)
 DEFAULT_CONFIGS = ["original-dynamic", "original-static", "kvfx-head-0.5", "kvfx-head-0.25", "kvfx-layer-0.5",
@@ -171,7 +171,7 @@ def parse_config(name: str) -> Config:
         return Config(name, "kvfx", "kv", float(m.group(2)), "bits", levels=LEVELS[m.group(1)],
                       decoded=m.group(5) == "-decoded", avx2_integer=m.group(5) == "-avx2int",
                       exact=(int(m.group(3) or 0), int(m.group(4) or 0)), uncentred=bool(m.group(6)),
-                      aten_linear=bool(m.group(7)))
+                      aten_linear=bool(m.group(7)), py_attend=bool(m.group(8)))
     m = _KVFX.fullmatch(name)
     if m and 0 < float(m.group(2)) <= 1 and not (m.group(4) and not m.group(3)):
         return Config(name, "kvfx", m.group(1), float(m.group(2)), m.group(3), decoded=m.group(4) == "-decoded",
@@ -185,8 +185,8 @@ def parse_config(name: str) -> Config:
                      "zero, not the calibration mean); a low-bit kvfx "
                      "configuration + '-decoded': its rows decoded to float32 in the kernel (no integer path), "
                      "+ '-avx2int': the kernel's opt-in AVX2 integer path (KVFX_AVX2_INTEGER=1); a kvfx configuration "
-                     "+ '-atenlinear': its linears left to ATen (KVFX_NO_DECODE_LINEAR=1); a kvfx-{head|layer|kv} "
-                     "configuration + '-pyattend': decode attention through the Python op (KVFX_NO_DECODE_KERNEL=1); "
+                     "+ '-atenlinear': its linears left to ATen (KVFX_NO_DECODE_LINEAR=1); a kvfx configuration "
+                     "+ '-pyattend': decode attention through the Python op (KVFX_NO_DECODE_KERNEL=1); "
                      "original-dynamic-kvfxlinear "
                      "/ original-static-kvfxlinear: the original with kvfx's decode linears only")
 

@@ -203,12 +203,13 @@ def test_linear_configs_side_by_side(speed, monkeypatch):
 
 
 def test_pyattend_configs_switch_the_decode_kernel_pass(speed, monkeypatch):
-    """'-pyattend': a kvfx-{head|layer|kv} configuration whose decode attention goes through the Python op
+    """'-pyattend': a kvfx configuration whose decode attention goes through the Python op
     (KVFX_NO_DECODE_KERNEL=1 while it runs, removed after): the C++ op's saving measured in one run."""
     import os
     from speed_setup import Applied, parse_config
     c = parse_config("kvfx-head-0.5-int4-atenlinear-pyattend")
     assert c.py_attend and c.aten_linear and c.quantize == "int4" and not parse_config("kvfx-head-0.5-int4").py_attend
+    assert parse_config("kvfx-kv-bits5-0.25-atenlinear-pyattend").py_attend
     with pytest.raises(ValueError, match="unknown configuration"):
         parse_config("kvfx-head-0.5-pyattend-atenlinear")  # the suffixes' order is fixed
     monkeypatch.setattr("speed_setup.projections_for", lambda *a: None)
