@@ -26,10 +26,11 @@ faster decode steps, but outputs moved ~10× more than by AMX's roundings, so op
 path runs). Elsewhere, for 16/32-bit latents, and with KVFX_NO_AMX=1, the kernel decodes a block of rows into a
 float32 buffer that stays in L1/L2 and computes the block's scores as 16-row tiles (one query row against 16 key
 rows in registers, reduced by a shuffle tree; on AVX2-only CPUs such as AMD Zen 1-3, tiles of 3 query rows × 4 key
-rows, so the accumulators fit 16 registers and each loaded vector serves several) and its value sums in registers: the reference's numbers up to float32 round-off. On AVX2, int4 rows of keys and values of 16, 32, 48, …
-columns (per-head latents) skip the buffer: their codes become floats in registers where they are consumed
-(lowbit_attention_avx2_int4.h; ~1.5× faster on SmolLM2's per-head rank-32 rows at 16k tokens, benchmarks/kernel.py). Without a compiler
-the op runs `reference` (float32), without the saving. `kernel_available()` says which. On CPU graphs
+rows, so the accumulators fit 16 registers and each loaded vector serves several) and its value sums in registers:
+the reference's numbers up to float32 round-off. On AVX2, int4 rows of keys and values of 16, 32, 48, … columns
+(per-head latents) skip the buffer: their codes become floats in registers where they are consumed
+(lowbit_attention_avx2_int4.h; ~1.5× faster on SmolLM2's per-head rank-32 rows at 16k tokens, benchmarks/kernel.py).
+Without a compiler the op runs `reference` (float32), without the saving. `kernel_available()` says which. On CPU graphs
 passes/decode_kernel.py calls the kernel through the C++ op `attend` (same arguments with the format as integers),
 not through this Python op.
 
