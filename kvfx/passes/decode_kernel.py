@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from ..ops import lowbit_attention as ops
+from . import graph_utils as gu
 from .constants import fresh_copy
 from .counters import counters
 
@@ -31,8 +32,7 @@ def wanted(example_inputs) -> bool:
     """Whether the pass runs for a graph with these example inputs."""
     if os.environ.get("KVFX_NO_DECODE_KERNEL") == "1":
         return False
-    devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
-    return devices <= {"cpu"} and ops.kernel_available("cpu")
+    return gu.cpu_only(example_inputs) and ops.kernel_available("cpu")
 
 
 def _is_decode(node: fx.Node) -> bool:

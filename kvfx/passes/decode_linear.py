@@ -28,8 +28,7 @@ def wanted(example_inputs) -> bool:
     """Whether the pass runs for a graph with these example inputs."""
     if os.environ.get("KVFX_NO_DECODE_LINEAR") == "1" or torch.is_grad_enabled():
         return False
-    devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
-    return devices <= {"cpu"} and ops.op() is not None
+    return gu.cpu_only(example_inputs) and ops.op() is not None
 
 
 def decode_linears(gm: fx.GraphModule) -> fx.GraphModule:

@@ -32,6 +32,11 @@ def set_sdpa_args(node: fx.Node, **changes) -> None:
     node.kwargs = args
 
 
+def cpu_only(example_inputs) -> bool:
+    """Whether every tensor a graph is compiled for lives on the CPU (where kvfx's C++ kernels run)."""
+    return {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)} <= {"cpu"}
+
+
 def is_linear(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in LINEAR_FNS
 
