@@ -10,8 +10,8 @@ real step reads them: each layer's rows come from memory). Prints ms per layer, 
     KVFX_NO_AMX=1 python benchmarks/kernel.py    # low-bit rows decoded to float32 (no integer path)
     KVFX_AVX2_INTEGER=1 python benchmarks/kernel.py   # AVX2-only CPUs: the opt-in integer path
 
-Bands rows (kv-bits-*) take the integer path too: on AMX int2 codes as int4 groups, the int8 band as int8 chunks
-(not int3 bands); on AVX2 int4 / int3 / int2 codes as 4-bit integers (not bands with an int8 band).
+Bands rows (kv-bits-*) take the integer path too: on AMX int2 codes as int4 groups, the int8 band as int8 chunks,
+int3 / int5 bands transcoded to their levels (int4 nibbles / bytes) a block of rows at a time; on AVX2 int4 / int3 / int2 codes as 4-bit integers (not bands with an int8 band).
 """
 from __future__ import annotations
 
@@ -35,7 +35,10 @@ SHAPES = {"head-0.5-float32": (3, 3, 32, False, "float32"), "kv-0.5-float32": (1
           "kv-bits-0.125": (1, 9, 256, True, "int4x96+int2x160"),
           # the same with int3 bands (kvfx.allocate_bits' most common choice for SmolLM2 since int3 exists)
           "kv-bits3-0.25": (1, 9, 336, True, "int8x64+int4x160+int3x80+int2x32"),
-          "kv-bits3-0.125": (1, 9, 256, True, "int4x64+int3x64+int2x128")}
+          "kv-bits3-0.125": (1, 9, 256, True, "int4x64+int3x64+int2x128"),
+          # with int5 bands (the recipe's since session 26; docs/calibration.md's example row): on AMX the int3 / int5
+          # bands are transcoded to their levels first
+          "kv-bits5-0.25": (1, 9, 368, True, "int8x16+int5x96+int4x160+int3x64+int2x32")}
 
 
 def _rows(b, h, n, width, storage, spare=512):

@@ -8,8 +8,8 @@ latents", "domains" and "domains-bits"):
    directions in int8 / int5 / int4 / int3 / int2 bands, the rest dropped, rotated within bands; through the cache on
    four text domains at 25 % 1.013-1.021 × the original where the uniform int4 latent is 1.021-1.048, at 12.5 %
    1.22-1.35 × where the uniform int4 latent at 13.3 % was 1.34-1.68, before steps 5-6 and int5 bands; with them
-   1.006-1.010 and 1.08-1.16, RESULTS.md "domains-int5"; decoded on the AMX integer path like int4 without int3 /
-   int5 bands, RESULTS.md "speed-bands", on the float path with them), or with `per_direction=False` int4 at the widest rank that fits, rotated; from 37.5 % up, int8
+   1.006-1.010 and 1.08-1.16, RESULTS.md "domains-int5"; decoded on the AMX integer path like int4, int3 / int5 bands
+   transcoded first, RESULTS.md "speed-bands" and "speed-transcode"), or with `per_direction=False` int4 at the widest rank that fits, rotated; from 37.5 % up, int8
    at the widest rank that fits (at 37.5 % its latent keeps 287 of SmolLM2's 384 K+V numbers: 37.75 WikiText-2 perplexity, at 50.8 % int8 is
    lossless, 36.13), then `kvfx.rotate_latents`; a budget of 1 keeps the 16-bit cache at full width (exact);
 3. `measured=True`: the model's measured sensitivity (kvfx.sensitivity) prices each layer's error, so bytes move

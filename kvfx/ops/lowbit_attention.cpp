@@ -8,7 +8,8 @@
 // row read. Work is split over (batch, head, token chunk) with an online softmax per chunk and a final log-sum-exp
 // merge (FlashDecoding's split-K), so a single latent head still uses every core. A chunk takes one of two paths:
 //
-// * Integer (int8 / int4 rows, CPUs with AMX-INT8: Sapphire Rapids and later; `integer_path()`; namespace amx):
+// * Integer (int8 / int4 rows and bands, CPUs with AMX-INT8: Sapphire Rapids and later; `integer_path()`; namespace
+//   amx; int3 / int5 bands first transcoded to their levels k = 2q + 1, lowbit_attention_amx_bands.h):
 //   the codes are never converted to floats. They are only rearranged (a 4-byte transpose for the keys, a 4-row
 //   interleave for the values, int4 nibbles split and sign-extended by GF2P8AFFINEQB) into the operand layouts of
 //   the tile unit, which computes the scores as int8 dot products of the codes with the query, rounded once per
@@ -21,7 +22,8 @@
 //   AVX-512: AMD Zen 1-3; namespace avx2i, lowbit_attention_avx2i.h): the codes as 4-bit integers with an offset,
 //   VPMADDUBSW against the query rounded to 8 bits per 32-column group (scores) and against the weights p·s rounded to 8 bits per block
 //   (value sums); float arithmetic applies the scales and runs the softmax.
-// * Float (16/32-bit latents; int8 / int4 rows elsewhere, bands with int3 / int5 codes, or with KVFX_NO_AMX=1): rows decoded to float32 into
+// * Float (16/32-bit latents; int8 / int4 rows elsewhere, int3 / int5 bands not whole 16-column runs, or with
+//   KVFX_NO_AMX=1): rows decoded to float32 into
 //   a buffer, the scores as 16-row tiles (one query row against 16 key rows in registers, reduced by a shuffle
 //   tree), the value sums in registers: the reference's numbers up to float32 round-off. Plain C++ (GCC vector
 //   extensions) with AVX-512 or AVX2 intrinsics under #if, so it builds for any CPU (AVX2: 16 registers of 8
@@ -805,9 +807,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
     const int64_t col = j < f.code_bytes ? 2 * j : 2 * (j - f.code_bytes) + 1;
     return col < f.width ? col : -1;  // the padding nibble of an odd width
   };
-  auto has_planes = [](const Format& f) {
-    return std::any_of(f.bands.begin(), f.bands.end(), [](const Band& b) { return planes(b.bits); });
-  };  // int3 / int5 bands have no tile layout on the AMX path: decoded to float32 like 16-bit latents
+  auto odd_planes = [](const Format& f) {
+    return std::any_of(f.bands.begin(), f.bands.end(), [](const Band& b) { return planes(b.bits) && b.width % 16; });
+  };  // the AMX path transcodes int3 / int5 bands of whole 16-column runs (kvfx.allocate_bits' edges); others: float32
   // exact rows (16-bit latents a format keeps beside its codes, quant.exact_of): the code rows at their positions
   // are skipped (score -inf) and the exact rows make one more partial softmax, merged with the split-K chunks'
   torch::Tensor ek, ev, epos;
@@ -830,7 +832,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
   const uint8_t* skip = held.empty() ? nullptr : excluded.data();
   const int64_t path = integer_path();  // the environment's switches, read once a call
   const bool use_amx = (kind == kInt8 || kind == kInt4 || kind == kBands) && rk > 0 && rv > 0 &&
-                       !has_planes(fk) && !has_planes(fv) && path == 1 && !skip;  // exact rows: the float path
+                       !odd_planes(fk) && !odd_planes(fv) && path == 1;
 #if KVFX_AVX2
   // the AVX2 integer path: int4 rows and bands (a plan each for the key and value rows; none: the float path)
   std::unique_ptr<avx2i::Plan> kplan_i, vplan_i;
@@ -934,6 +936,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
       pr.plan = kplan, pr.vplan = vplan;
       pr.ngk = kplan->groups.size(), pr.ngv = vplan->groups.size(), pr.ktiles = kplan->units.size();
       pr.cslots = kplan->slots, pr.item_ct = vplan->item_ct, pr.item_ws = vplan->item_ws;
+      pr.ktrans = kplan->trans_bytes, pr.vtrans = vplan->trans_bytes;
     }
     pr.Gb = static_cast<int>(std::min<int64_t>(G, 16)), pr.NGB = static_cast<int>((G + pr.Gb - 1) / pr.Gb);
     std::vector<int8_t> qdigits(B * H * pr.NGB * pr.ktiles * pr.digits() * pr.Gb * 64 + 64, 0);
@@ -943,7 +946,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
     (kplan ? amx::quantize_band_queries : amx::quantize_queries)(pr, qp, sc, qa, qscales.data());
     pr.kp = kp, pr.vp = vp;
     pr.ksb = ksb, pr.ksh = ksh, pr.ksn = ksn, pr.vsb = vsb, pr.vsh = vsh, pr.vsn = vsn;
-    pr.mp = mp, pr.mbp = mbp, pr.mask_b = mask_b, pr.lut = lut;
+    pr.mp = mp, pr.mbp = mbp, pr.mask_b = mask_b, pr.lut = lut, pr.skip = skip;
     pr.part_m = part_m.data(), pr.part_l = part_l.data(), pr.part_o = part_o.data();
     at::parallel_for(0, B * H * chunks, 1, [&](int64_t begin, int64_t end) {
       amx::Worker worker(pr);

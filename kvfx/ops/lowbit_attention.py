@@ -13,7 +13,8 @@ CPU: a C++ kernel (lowbit_attention.cpp), built on first use with torch.utils.cp
 and ninja; cached under ~/.cache/torch_extensions). It reads the cache's [:, :, :N] views of its reserved storage
 in place, a block of rows at a time, with an online softmax per split-K chunk. On CPUs with AMX-INT8 (Sapphire
 Rapids and later; `integer_path()`) int8 / int4 / int2 rows and bands of them (bits per direction:
-lowbit_attention_amx_bands.h; bands with int3 or int5 take the float path) never become floats: the tile unit computes the scores as int8
+lowbit_attention_amx_bands.h; int3 / int5 bands of whole 16-column runs are first transcoded, a block of rows at a
+time, to their levels k = 2q + 1 as int4 / int8 codes) never become floats: the tile unit computes the scores as int8
 dot products of the stored codes with the query, rounded once per call to integers (12 bits for int4, 16 for int8,
 one scale per query row), and the value sums as int8 dot products of the codes with the softmax weights times the
 rows' scales, rounded per block of rows to 16 bits; float arithmetic only applies the per-group scales and runs the
@@ -36,7 +37,7 @@ not through this Python op.
 
 Exact rows (a format's "|sinksS|recentW", kvfx.quant.exact_of): both ops take the 16-bit rows and their positions;
 `dequantize` writes them over their codes' rows, `decode_attention` skips those codes (score -inf) and merges the
-rows' own partial softmax with the split-K chunks' (AMX then takes the float path; on CUDA the Triton kernel skips
+rows' own partial softmax with the split-K chunks' (on every CPU path, AMX's included; on CUDA the Triton kernel skips
 them and ops/exact_merge.py adds the exact rows' softmax).
 
 CUDA: a Triton split-K kernel (lowbit_attention_triton.py) for every format (whole-row codes, int2 / int3 / int5, bands,
@@ -178,7 +179,7 @@ def kernel_available(device: str | torch.device = "cpu") -> bool:
 
 def integer_path(device: str | torch.device = "cpu", kind: str | None = None) -> bool:
     """Whether the C++ kernel computes low-bit rows with integer dot products here (see the module docstring): AMX
-    (int8 / int4 / int2 rows and bands without int3 / int5) or AVX2 (int4 / int3 / int2 rows and bands without an
+    (int8 / int4 / int2 rows and bands; int3 / int5 runs of whole 16-column runs) or AVX2 (int4 / int3 / int2 rows and bands without an
     int8 or int5 band; only with KVFX_AVX2_INTEGER=1). `kind`: whether rows of that format do; None: whether any does. False:
     they are decoded to float32 (KVFX_NO_AMX=1 forces that on either CPU)."""
     rounding = integer_rounding(device)
@@ -189,8 +190,10 @@ def takes_integer_path(rounding: str | None, kind: str) -> bool:
     """Whether rows of format `kind` take the integer path `rounding` ("amx", "avx2"; None: none)."""
     if rounding is None or kind == "float":
         return False
-    bits = {fmt.bits for fmt, _ in quant.layout(kind, quant.width_of(kind) or 64)}
-    return not bits & {3, 5} if rounding == "amx" else not bits & {8, 5}
+    layout = quant.layout(kind, quant.width_of(kind) or 64)
+    if rounding == "amx":  # int3 / int5 runs are transcoded in whole 16-column runs (kvfx.allocate_bits' edges)
+        return all(w % 16 == 0 for fmt, w in layout if fmt.bits in quant.PLANES)
+    return not {fmt.bits for fmt, _ in layout} & {8, 5}
 
 
 def integer_rounding(device: str | torch.device = "cpu") -> str | None:

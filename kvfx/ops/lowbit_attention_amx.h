@@ -131,6 +131,26 @@ struct Perm4 {
   }
 };
 
+// Controls of transcode_row (lowbit_attention_amx_bands.h): int3 / int5 band codes -> k = 2q + 1.
+constexpr int kT3Src[8] = {-1, 0, 1, 4, -1, 2, 3, 5};  // bits 0, 4 set by the constant 0x11
+constexpr int kT5Src[8] = {-1, 0, 1, 2, 3, 4, 4, 4};   // bit 0 set by the constant 0x01
+struct TransCtl {
+  __m512i idx3, idx5, a3, b3, a5, b5;
+  TransCtl() {
+    alignas(64) int8_t i3[64], i5[64], sa3[64], sb3[64], sa5[64], sb5[64];
+    for (int q = 0; q < 8; ++q)
+      for (int j = 0; j < 8; ++j) {
+        const int k = 8 * q + j;
+        i3[k] = static_cast<int8_t>(j < 4 ? 4 * q + j : j < 6 ? 64 + 2 * q + j - 4 : 0);
+        i5[k] = static_cast<int8_t>(j < 4 ? 4 * q + j : j == 4 ? 64 + q : 0);
+        sa3[k] = sa5[k] = static_cast<int8_t>(4 * j);  // the low bits of columns 2j, 2j + 1 (int3) / of column j (int5)
+        sb3[k] = static_cast<int8_t>(28 + 2 * j);      // bits 4, 5 <- sign bits 2j, 2j + 1
+        sb5[k] = static_cast<int8_t>(28 + j);          // bit 4 <- sign bit j
+      }
+    idx3 = _mm512_load_si512(i3), idx5 = _mm512_load_si512(i5);
+    a3 = _mm512_load_si512(sa3), b3 = _mm512_load_si512(sb3), a5 = _mm512_load_si512(sa5), b5 = _mm512_load_si512(sb5);
+  }
+};
 struct BandPlan;  // bands (lowbit_attention_amx_bands.h)
 
 struct Problem {
@@ -148,6 +168,8 @@ struct Problem {
   const bool* mbp;
   int64_t mask_b;
   const float* lut;
+  const uint8_t* skip = nullptr;    // per cached row: 1 where an exact row stands for its codes (score -inf)
+  int ktrans = 0, vtrans = 0;       // bands: bytes of a transcoded key / value row (int3 / int5 bands; 0: none)
   float *part_m, *part_l, *part_o;
   const BandPlan* plan = nullptr;   // bands: the key rows' units (ktiles of them) and score groups (ngk)
   const BandPlan* vplan = nullptr;  // bands: the value rows' (vtiles C tiles, ngv weight groups)
@@ -227,7 +249,8 @@ class Worker {
                  o_sb = take(2 * P.ktiles * 1024), o_cs = take(2 * 4 * std::max<int64_t>(P.cslots, 2) * Gb * 16),
                  o_s = take(4 * P.G * BN), o_vb = take(2 * P.vtiles * (BN / 64) * 1024),
                  o_av = take(NGB * P.ngv * 2 * (BN / 64) * Gb * 64), o_ps = take(4 * P.G * P.ngv),
-                 o_cv = take(2 * 4 * 4 * Gb * 16), o_pf = take(4 * P.G);
+                 o_cv = take(2 * 4 * 4 * Gb * 16), o_pf = take(4 * P.G),
+                 o_tk = take(BN * P.ktrans), o_tv = take(P.shared ? 0 : BN * P.vtrans);
     static thread_local std::vector<char> scratch;
     if (scratch.size() < used + 64) scratch.resize(used + 64);
     char* base = reinterpret_cast<char*>(round_up(reinterpret_cast<int64_t>(scratch.data()), 64));
@@ -241,6 +264,8 @@ class Worker {
     ps = reinterpret_cast<float*>(base + o_ps);
     cv = reinterpret_cast<int32_t*>(base + o_cv);
     pf = reinterpret_cast<float*>(base + o_pf);
+    tk = reinterpret_cast<int8_t*>(base + o_tk);
+    tv = reinterpret_cast<int8_t*>(base + o_tv);
     const int gn = static_cast<int>(P.G - (NGB - 1) * Gb);  // rows of the last g-block: the rest of its A rows stay 0
     for (int64_t i = 0; i < P.ngv * 2 * (BN / 64); ++i)
       std::memset(av + (((NGB - 1) * P.ngv * 2 * (BN / 64) + i) * Gb + gn) * 64, 0, (Gb - gn) * 64);
@@ -262,7 +287,8 @@ class Worker {
   TileConfig cfg;
   Perm4 perm;
   __m512 lut8;
-  int8_t *sb, *vb, *av;
+  int8_t *sb, *vb, *av, *tk, *tv;  // tk, tv: a block's transcoded key / value rows (bands with int3 / int5)
+  TransCtl tctl;
   float *ks, *vs, *s_, *ps, *pf;
   int32_t *cs, *cv;
 
@@ -284,8 +310,9 @@ class Worker {
   void value_tile_ops(int gb, int64_t i);
   // bands (lowbit_attention_amx_bands.h)
   void band_scales(const char* const* rows, const BandPlan& plan, float* out) const;
-  void band_key_tiles(const char* const* rows, int t);
-  void band_value_tiles(const char* const* rows, int t);
+  void band_key_tiles(const char* const* rows, const char* const* trows, int t);
+  void band_value_tiles(const char* const* rows, const char* const* trows, int t);
+  void transcode(const char* const* rows, int n, const BandPlan& plan, int8_t* buf, const char** out) const;
   void band_score_tiles(int64_t bh, int gb, int t);
   void band_sums(const int32_t* csp, const float* kst, float* st, const float* qs, int g0, int gn, __m512 addv) const;
 };
@@ -595,6 +622,8 @@ void Worker::run(int64_t task) {
   std::fill(o, o + G * P.Rvp, 0.0f);
   const char* kr[BN];
   const char* vr[BN];
+  const char* tkr[BN];  // transcoded rows (bands with int3 / int5)
+  const char* tvr[BN];
   alignas(64) float add[BN];
   for (int64_t r0 = n0; r0 < n1; r0 += BN) {
     const int rows = static_cast<int>(std::min<int64_t>(BN, n1 - r0));
@@ -604,8 +633,12 @@ void Worker::run(int64_t task) {
     }
     const int64_t moff = (P.mask_b == 1 ? 0 : b) * N + r0;
     for (int r = 0; r < BN; ++r)
-      add[r] = r >= rows ? kNegInf : P.mp ? P.mp[moff + r] : P.mbp && !P.mbp[moff + r] ? kNegInf : 0.0f;
+      add[r] = r >= rows || (P.skip && P.skip[r0 + r]) ? kNegInf
+             : P.mp ? P.mp[moff + r] : P.mbp && !P.mbp[moff + r] ? kNegInf : 0.0f;
     if (P.plan) {
+      transcode(kr, rows, *P.plan, tk, tkr);
+      if (!P.shared) transcode(vr, rows, *P.vplan, tv, tvr);
+
       band_scales(kr, *P.plan, ks);
       band_scales(P.shared ? kr : vr, *P.vplan, vs);
     } else {
@@ -617,7 +650,7 @@ void Worker::run(int64_t task) {
     const int T = (rows + 15) / 16;
     for (int t = 0; t < BN / 16; ++t) {
       if (t < T) {
-        if (P.plan) band_key_tiles(kr + 16 * t, t);
+        if (P.plan) band_key_tiles(kr + 16 * t, tkr + 16 * t, t);
         else key_tiles(kr + 16 * t, sb_at(t), i4, 0, P.cbk, i4 ? P.ngk : P.rk);
         for (int gb = 0; gb < NGB; ++gb) {
           P.plan ? band_score_tiles(bh, gb, t) : score_tiles(bh, gb, t);
@@ -627,7 +660,7 @@ void Worker::run(int64_t task) {
         for (int64_t g = 0; g < G; ++g) std::fill(s_ + g * BN + 16 * t, s_ + g * BN + 16 * t + 16, kNegInf);
       }
       const char* const* vrows16 = (P.shared ? kr : vr) + 16 * t;
-      if (P.plan) band_value_tiles(vrows16, t);
+      if (P.plan) band_value_tiles(vrows16, (P.shared ? tkr : tvr) + 16 * t, t);
       else value_tiles(vrows16, t, i4, 0, P.cbv, i4 ? P.ngv : P.rv, 0);
       if (t > 0 && t - 1 < T) score_sums(bh, NGB - 1, t - 1, add + 16 * (t - 1));
     }

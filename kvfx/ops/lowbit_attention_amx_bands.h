@@ -1,6 +1,6 @@
-// The integer path for bits per latent direction (kvfx/quant.py bands: int8 / int4 / int2 runs of columns in one
-// row; bands with int3 runs take the float path, lowbit_attention.cpp's `use_amx`). Not a standalone header: lowbit_attention.py pastes it into lowbit_attention_amx.h where that file says
-// `#include "lowbit_attention_amx_bands.h"` (inside namespace amx, after class Worker).
+// The integer path for bits per latent direction (kvfx/quant.py bands: int8 / int5 / int4 / int3 / int2 runs of
+// columns in one row). Not a standalone header: lowbit_attention.py pastes it into lowbit_attention_amx.h where that
+// file says `#include "lowbit_attention_amx_bands.h"` (inside namespace amx, after class Worker).
 //
 // A band row is cut into units the tile unit takes as they are:
 // * a 4-bit or 2-bit unit: one scale group (32 columns of the band). Its codes become one 64-byte operand row per
@@ -14,11 +14,17 @@
 // the query to 16 of those steps, 1/2032, and their sums count 16×), else 1/2032. Values: each unit's codes as
 // int8 (the same k) in tiles of 16 output columns (2 per 4/2-bit unit, 4 per 8-bit unit), weighted per value
 // scale group as the other formats' (weights() and value_sums(), per item = a pair of C tiles and its group).
+// * int3 and int5 bands (codes stored as a low-bits plane and a sign plane) are transcoded first, a block of rows at
+//   a time (transcode_row: a byte permute, two bit-field extracts and one GF2P8AFFINEQB per 64 output bytes), into
+//   the mid-rise level k = 2q + 1 (x = k · 2^(e/8) / 2, exact): int3's k in [-7, 7] as int4 nibbles, taken as a
+//   4-bit unit; int5's k in [-31, 31] as bytes, one 8-bit unit per 32-column group (its own scale). Their scale
+//   codes are read from the stored row.
 
 // A bands row's units, scale groups and column orders (keys or values; built once per call from its Format).
 struct BandPlan {
   struct Unit {
     int bits, at, bytes, col, cols;  // codes from byte `at` (`bytes` of them), band columns col .. col + cols
+    bool tr;                         // codes in the transcoded row (int3 / int5), else in the stored row
   };
   struct Group {
     bool i8;
@@ -26,6 +32,10 @@ struct BandPlan {
   };
   struct Run {  // one band: its units u0 .. and value C tiles ct0 ..; n = groups (4/2-bit) or columns (8-bit)
     int bits, at, cb, n, u0, ct0;
+    bool tr;
+  };
+  struct Trans {  // an int3 / int5 band: codes at byte `at` of a stored row -> k = 2q + 1 at byte `to` (transcode_row)
+    int bits, at, width, to;
   };
   struct Scales {
     int at, n, first;  // n scale codes from byte `at` -> rows first .. first + n - 1 of ks / vs
@@ -35,6 +45,8 @@ struct BandPlan {
   std::vector<Group> groups;  // keys: score groups; values: weight groups (one per Scales row)
   std::vector<Scales> scales;
   std::vector<Run> runs;
+  std::vector<Trans> trans;
+  int trans_bytes = 0;  // a transcoded row's bytes (a multiple of 64)
   bool has8 = false;
   int slots = 0, ctiles = 0;
   std::vector<int> item_ct, item_ws;  // values: C tile pairs and their weight group
@@ -43,31 +55,49 @@ struct BandPlan {
 
   BandPlan() = default;
   explicit BandPlan(const Format& f, bool keys) {
-    for (const Band& b : f.bands) has8 |= b.bits == 8;
-    int ct = 0;
+    for (const Band& b : f.bands) has8 |= b.bits == 8 || b.bits == 5;
+    int ct = 0, to = 0;  // C tiles so far, transcoded bytes so far
     for (const Band& b : f.bands) {
       const int first = static_cast<int>(groups.size());
-      runs.push_back({b.bits, b.at, b.code_bytes, b.bits == 8 ? b.width : (b.width + 31) / 32,
-                      static_cast<int>(units.size()), ct});
-      ct += b.bits == 8 ? 4 * ((b.width + 63) / 64) : 2 * ((b.width + 31) / 32);
-      if (b.bits == 8) {
+      const int sat = b.at + b.code_bytes;  // the band's scale codes in the stored row
+      if (b.bits == 5) {  // an 8-bit unit (its own run, score group and scale) per 32 columns of transcoded bytes
+        for (int c = 0; c < b.width; c += 32) {
+          const int cols = std::min(32, b.width - c), u = static_cast<int>(units.size());
+          runs.push_back({8, to + c, cols, cols, u, ct, true});
+          ct += 4;
+          groups.push_back({true, u, u + 1, slots});
+          slots += 2;
+          units.push_back({8, to + c, cols, b.col + c, cols, true});
+        }
+        scales.push_back({sat, (b.width + 31) / 32, first, 0.5f});
+        trans.push_back({5, b.at, b.width, to});
+        to += b.width;
+        continue;
+      }
+      const bool t3 = b.bits == 3;  // transcoded to int4 nibbles
+      const int bits = t3 ? 4 : b.bits, at = t3 ? to : b.at, cb = t3 ? b.width / 2 : b.code_bytes;
+      runs.push_back({bits, at, cb, bits == 8 ? b.width : (b.width + 31) / 32, static_cast<int>(units.size()), ct, t3});
+      ct += bits == 8 ? 4 * ((b.width + 63) / 64) : 2 * ((b.width + 31) / 32);
+      if (bits == 8) {
         const int u0 = static_cast<int>(units.size());
         for (int c = 0; c < b.width; c += 64) units.push_back({8, b.at + c, std::min(64, b.width - c), b.col + c,
-                                                               std::min(64, b.width - c)});
+                                                               std::min(64, b.width - c), false});
         groups.push_back({true, u0, static_cast<int>(units.size()), slots});
         slots += 2;
-        scales.push_back({b.at + b.code_bytes, 1, first, 1.0f});
+        scales.push_back({sat, 1, first, 1.0f});
       } else {
-        const int per = 8 / b.bits;
+        const int per = 8 / bits;
         for (int c = 0; c < b.width; c += 32) {
           const int cols = std::min(32, b.width - c);
           groups.push_back({false, static_cast<int>(units.size()), static_cast<int>(units.size()) + 1, slots++});
-          units.push_back({b.bits, b.at + c / per, (cols + per - 1) / per, b.col + c, cols});
+          units.push_back({bits, at + c / per, (cols + per - 1) / per, b.col + c, cols, t3});
         }
-        const float mult = (b.bits == 2 ? 0.5f : 1.0f) * (keys && has8 ? 16.0f : 1.0f);
-        scales.push_back({b.at + b.code_bytes, (b.width + 31) / 32, first, mult});
+        const float mult = (b.bits == 2 || t3 ? 0.5f : 1.0f) * (keys && has8 ? 16.0f : 1.0f);
+        scales.push_back({sat, (b.width + 31) / 32, first, mult});
+        if (t3) trans.push_back({3, b.at, b.width, to}), to += b.width / 2;
       }
     }
+    trans_bytes = static_cast<int>(round_up(to, 64));
     for (size_t g = 0; g < groups.size(); ++g)  // values: 2 C tiles a 4/2-bit unit, 4 an 8-bit one
       for (int u = groups[g].u0; u < groups[g].u1; ++u) {
         const int n = units[u].bits == 8 ? 4 : 2;
@@ -153,6 +183,31 @@ inline __m512i value_z(const BandPlan::Unit& u, const char* row) {
   return _mm512_or_si512(_mm512_gf2p8affine_epi64_epi8(_mm512_broadcastq_epi64(x), m, 0), _mm512_set1_epi8(1));
 }
 
+// The stored row's int3 / int5 bands -> their codes k = 2q + 1 (BandPlan::trans; widths multiples of 16). A chunk
+// of the band (int3: 128 columns, int5: 64) becomes 64 output bytes: per output qword a permute gathers its codes'
+// low-plane dword and sign bits, two VPMULTISHIFTQB take each output byte's bits (low bits at 0-3, signs at 4-5),
+// and GF2P8AFFINEQB puts them in place with the constant bits. int3: byte = two nibbles 1 | low << 1 | sign << 3
+// (columns 2i, 2i + 1: the int4 format's packing); int5: byte = 1 | low << 1 | (sign ? 0xE0 : 0).
+inline void transcode_row(const TransCtl& t, const std::vector<BandPlan::Trans>& trans, const char* row, int8_t* out) {
+  for (const BandPlan::Trans& b : trans) {
+    const bool three = b.bits == 3;
+    const int per = three ? 128 : 64, lowb = three ? b.width / 4 : b.width / 2;  // columns a chunk, low-plane bytes
+    for (int c = 0; c < b.width; c += per) {
+      const int cols = std::min(per, b.width - c);
+      const __m512i zl = _mm512_maskz_loadu_epi8(first_bytes(three ? cols / 4 : cols / 2),
+                                                 row + b.at + (three ? c / 4 : c / 2));
+      const __m512i zs = _mm512_maskz_loadu_epi8(first_bytes(cols / 8), row + b.at + lowb + c / 8);
+      const __m512i x = _mm512_permutex2var_epi8(zl, three ? t.idx3 : t.idx5, zs);
+      const __m512i lo = _mm512_multishift_epi64_epi8(three ? t.a3 : t.a5, x);
+      const __m512i sg = _mm512_multishift_epi64_epi8(three ? t.b3 : t.b5, x);
+      const __m512i y = _mm512_ternarylogic_epi32(_mm512_set1_epi8(0x0F), lo, sg, 0xCA);  // mask ? lo : sg
+      const __m512i k = three ? _mm512_gf2p8affine_epi64_epi8(y, _mm512_set1_epi64(affine(kT3Src)), 0x11)
+                              : _mm512_gf2p8affine_epi64_epi8(y, _mm512_set1_epi64(affine(kT5Src)), 0x01);
+      _mm512_mask_storeu_epi8(out + b.to + (three ? c / 2 : c), first_bytes(three ? cols / 2 : cols), k);
+    }
+  }
+}
+
 // The query rows as A tiles: per key unit two 64-byte rows (digits; a 4/2-bit unit uses the first), in its columns'
 // order (BandPlan::query_entry), one scale per row (qsc).
 void quantize_band_queries(const Problem& P, const float* q, float sc, int8_t* qa, float* qsc) {
@@ -190,6 +245,16 @@ void quantize_band_queries(const Problem& P, const float* q, float sc, int8_t* q
     }
 }
 
+// The block's rows with their int3 / int5 bands transcoded (into buf, plan.trans_bytes a row; out[r] = its row,
+// nullptr where rows[r] is); nothing to do for bands without them.
+void Worker::transcode(const char* const* rows, int n, const BandPlan& plan, int8_t* buf, const char** out) const {
+  if (plan.trans.empty()) return;
+  for (int r = 0; r < BN; ++r) {
+    out[r] = r < n ? reinterpret_cast<const char*>(buf + r * plan.trans_bytes) : nullptr;
+    if (r < n) transcode_row(tctl, plan.trans, rows[r], buf + r * plan.trans_bytes);
+  }
+}
+
 // The block's scale codes of the bands (ks, or vs for values) times their multipliers.
 void Worker::band_scales(const char* const* rows, const BandPlan& plan, float* out) const {
   for (const BandPlan::Scales& s : plan.scales) {
@@ -204,12 +269,12 @@ void Worker::band_scales(const char* const* rows, const BandPlan& plan, float* o
 // int2 bands 64 code bytes (8 groups) at a time, transposed, group j's dwords 2j + w (w = 0, 1) giving tile rows
 // 4w + f = 16·k of field f and 8 + 4w + f = k: byte 4r + i of an A row is column 16(r' / 4) + 4i + r' % 4 of the
 // group (r' = r % 8), the hi digit for r < 8.
-void Worker::band_key_tiles(const char* const* rows, int t) {
+void Worker::band_key_tiles(const char* const* rows, const char* const* trows, int t) {
   int8_t* __restrict const sbp = sb_at(t);
   for (const BandPlan::Run& b : P.plan->runs) {
     int8_t* tiles = sbp + b.u0 * 1024;
     if (b.bits != 2) {
-      key_tiles(rows, tiles, b.bits == 4, b.at, b.cb, b.n);
+      key_tiles(b.tr ? trows : rows, tiles, b.bits == 4, b.at, b.cb, b.n);
       continue;
     }
     for (int64_t c = 0; c < (b.cb + 63) / 64; ++c) {
@@ -234,13 +299,13 @@ void Worker::band_key_tiles(const char* const* rows, int t) {
 }
 
 // B tiles of the block's values (rows 16t .. 16t + 15), value_tiles' row order; C tiles per unit as BandPlan.
-void Worker::band_value_tiles(const char* const* rows, int t) {
+void Worker::band_value_tiles(const char* const* rows, const char* const* trows, int t) {
   const int u0 = 4 * t;
   int8_t* __restrict const vbp = vb_at(block);
   const BandPlan& V = *P.vplan;
   constexpr int64_t kTile = (BN / 64) * 1024;
   for (const BandPlan::Run& b : V.runs)
-    if (b.bits != 2) value_tiles(rows, t, b.bits == 4, b.at, b.cb, b.n, b.ct0);
+    if (b.bits != 2) value_tiles(b.tr ? trows : rows, t, b.bits == 4, b.at, b.cb, b.n, b.ct0);
   int ct = 0;
   for (const BandPlan::Unit& x : V.units) {
     if (x.bits != 2) {

@@ -21,7 +21,7 @@ FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # |x| <= Q (one scale per row: max |scale·q| / Q; Q = 32512 for int8 rows and the columns of an int8 band, 2032 for
 # int4 rows and the columns of int4 / int2 bands); the value sums' weights p·s_v to 0 <= x <= 32512 of their
 # largest per block (two digits, 16 bits). Nothing else is rounded.
-Q_STEPS = {8: 32512, 4: 2032, 2: 2032}
+Q_STEPS = {8: 32512, 5: 32512, 4: 2032, 3: 2032, 2: 2032}
 W_STEPS = 32512
 # The AVX2 integer path (lowbit_attention_avx2i.h, opt-in: KVFX_AVX2_INTEGER=1, which the `integer` fixture sets;
 # int4 / int3 / int2 rows and bands without an int8 band): the query
@@ -102,44 +102,53 @@ def _weight_bound(p, v, sv):
     return (p[..., :, None] * sv[:, :, None]).amax(-2) * (v.abs() / sv).sum(-2)[:, :, None, :] / (2 * W_STEPS)
 
 
-def _integer_bound(q, kc, vc, rk, rv, kind, scale, mask, shared, rounding="amx"):
+def _integer_bound(q, kc, vc, rk, rv, kind, scale, mask, shared, rounding="amx", exact=None):
     """(exact output, bound on |kernel - exact|) of the integer path, float64. The query's rounding (at most half a
     step, max |scale·q_g| / (2Q), per number) moves each score by at most d_gn = step_g/2 · ||k_n||_1, and the
     softmax's output by at most 2·D·sum_n p_n |v_n - out| (first order, D = max_n d_gn; times e^(2D) for the rest);
-    plus the weights' rounding (_weight_bound) and float32 round-off."""
+    plus the weights' rounding (_weight_bound) and float32 round-off. exact: (keys, values, positions) of exact rows,
+    which stand for their codes' rows and are not rounded (their d and weights' error are 0)."""
     rv = rk if shared else rv
     k = quant.dequantize(kc, torch.float64, rk, kind)
     v = k if shared else quant.dequantize(vc, torch.float64, rv, kind)
-    p, out = _exact(q, k, v, scale, mask)
+    held = torch.zeros(k.shape[2], dtype=torch.bool)
+    kx, vx = k, v
+    if exact is not None:
+        ek, ev, pos = exact
+        kx = la._put_exact(k.clone(), ek, pos)
+        vx = kx if shared else la._put_exact(v.clone(), ev, pos)
+        held[pos[(pos >= 0) & (pos < k.shape[2])]] = True
+    p, out = _exact(q, kx, vx, scale, mask)
+    pc = p.masked_fill(held, 0.0)  # the code rows' weights
     sv = _column_scales(kc if shared else vc, rv, kind)
     if rounding == "avx2":  # half a step of each column's group: max |scale·q| over it / 127
         half = _group_amax(q, kind, rk, scale).double() / (2 * AVX2_Q)
         d = half @ k.abs().transpose(-1, -2)
-        weights = _weight_bound_avx2(p, v, sv)
+        weights = _weight_bound_avx2(pc, v, sv)
     else:
         amax = (scale * q.double()).abs().amax(-1, keepdim=True)
         d = amax / 2 * (k.abs() / _query_steps(kind, rk)).sum(-1)[:, :, None, :]
-        weights = _weight_bound(p, v, sv)
-    d = torch.where(p > 0, d, torch.zeros_like(p)).amax(-1, keepdim=True)
-    spread = (p[..., None] * (v[:, :, None] - out[:, :, :, None]).abs()).sum(-2)
+        weights = _weight_bound(pc, v, sv)
+    d = torch.where(pc > 0, d, torch.zeros_like(p)).amax(-1, keepdim=True)
+    spread = (p[..., None] * (vx[:, :, None] - out[:, :, :, None]).abs()).sum(-2)
     bound = 2 * d * spread * torch.exp(2 * d) + weights
     return out, bound + 1e-5 * max(1.0, out.abs().max().item())
 
 
-def _assert_matches(out, q, kc, vc, rk, rv, kind, scale, mask, shared, rounding=None):
-    """The op against the plain-torch reference: float32 round-off (1e-5 of the output's size: the kernel folds the
-    scale into q and sums in another order than SDPA), or, for rows on an integer path (`rounding`, default this
+def _assert_matches(out, q, kc, vc, rk, rv, kind, scale, mask, shared, rounding=None, exact=None, rtol=1e-5):
+    """The op against the plain-torch reference: float32 round-off (`rtol` of the output's size: the kernel folds
+    the scale into q and sums in another order than SDPA), or, for rows on an integer path (`rounding`, default this
     CPU's), the bound of its rounding (_integer_bound: AMX ~1e-3 (int4) / ~1e-4 (int8) of the output's size on these
-    inputs, far below the cache's own rounding; AVX2 coarser, still below it)."""
-    ref = la.reference(q, kc, vc, rk, rv, kind, scale, mask, shared)
+    inputs, far below the cache's own rounding; AVX2 coarser, still below it). exact: (keys, values, positions)."""
+    ref = la.reference(q, kc, vc, rk, rv, kind, scale, mask, shared, *(exact or ()))
     assert out.shape == ref.shape and out.dtype == ref.dtype
     rounding = rounding or la.integer_rounding("cpu")
     if la.takes_integer_path(rounding, kind):
-        _, bound = _integer_bound(q, kc, vc, rk, rv, kind, scale, mask, shared, rounding)
+        _, bound = _integer_bound(q, kc, vc, rk, rv, kind, scale, mask, shared, rounding, exact)
         err = (out.double() - ref.double()).abs()
         assert (err <= bound).all(), f"{(err / bound).max().item():.3g} x the bound"
     else:
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
+        torch.testing.assert_close(out, ref, rtol=rtol, atol=rtol * max(1.0, ref.abs().max().item()))
 
 
 def test_kernel_builds_here():
@@ -206,12 +215,15 @@ def test_int4_rows_in_registers_skip_exact_rows(monkeypatch):
 
 
 @settings(max_examples=40, deadline=None)
-@given(g=st.integers(1, 9), n=st.integers(1, 400), widths=st.lists(st.integers(1, 140), min_size=1, max_size=3),
+@given(g=st.integers(1, 9), n=st.integers(1, 400),
+       widths=st.lists(st.one_of(st.integers(1, 140), st.integers(1, 8).map(lambda x: 16 * x)), min_size=1,
+                       max_size=3),
        bits=st.lists(st.sampled_from([8, 5, 4, 3, 2]), min_size=3, max_size=3), rv=st.integers(1, 70),
        mask=st.sampled_from([None, "bool"]), shared=st.booleans(), seed=st.integers(0, 99))
 def test_bands_and_int2_rows_match_reference(g, n, widths, bits, rv, mask, shared, seed):
     """Bits per direction (kvfx.quant bands: int8 / int5 / int4 / int3 / int2 runs of columns in one row) and whole
-    int2 rows: on the integer path (AMX; bands with int3 or int5 take the float path) within the bound of its rounding, elsewhere
+    int2 rows: on the integer path (AMX; int3 / int5 runs of whole 16-column runs transcoded, others on the float
+    path) within the bound of its rounding, elsewhere
     (each band decoded in column order) the
     reference's numbers to float32 round-off. Widths cross group ends (32), 64-column int8 units and the 64-number
     int2 vectors."""
@@ -427,12 +439,15 @@ def _assert_rounds_as_documented(out, q, kc, vc, rk, rv, kind, scale, mask, shar
 
 
 # (format, g, n, shared, mask): bands as kvfx.allocate_bits makes them (edges at 16 columns, an int8 band beside
-# int4 / int2 ones, partial groups, int3 and int5 bands), int8 bands over several 64-column units, odd widths, whole int2 rows
+# int4 / int2 ones, partial groups, int3 and int5 bands: on AMX transcoded where their widths are multiples of 16, a
+# 160-wide int3 band over two 128-column chunks), int8 bands over several 64-column units, odd widths, whole int2 rows
 BAND_CASES = [("int8x48+int4x224+int2x80", 9, 300, True, None), ("int4x16+int2x16", 20, 150, False, "bool"),
               ("int8x130+int2x20", 3, 129, False, "float"), ("int2x100+int4x17", 16, 64, True, "bool"),
               ("int2", 9, 257, False, None), ("int8x7+int4x3+int2x5", 1, 40, True, None),
               ("int4x64+int3x70+int2x128", 9, 300, True, None), ("int3x45+int2x20", 4, 100, False, "bool"),
-              ("int8x32+int5x80+int4x64+int2x16", 9, 300, True, None), ("int5x45+int3x20", 4, 100, False, "bool")]
+              ("int8x32+int5x80+int4x64+int2x16", 9, 300, True, None), ("int5x45+int3x20", 4, 100, False, "bool"),
+              ("int8x48+int5x32+int4x128+int3x96+int2x48", 9, 300, True, None),
+              ("int5x64+int3x160", 4, 100, False, "bool"), ("int3x16+int5x16", 3, 129, False, "float")]
 
 
 @pytest.mark.parametrize("case", BAND_CASES)
@@ -586,10 +601,11 @@ def test_exact_rows_stand_for_their_codes(g, n, rk, rv, kind, mask, shared, slot
     out = torch.ops.kvfx.decode_attention(q, kc, vc, rk, rv, kind, 0.125, m, shared, ek, ev, pos)
     ref = la.reference(q, kc, vc, rk, rv, kind, 0.125, m, shared, ek, ev, pos)
     plain = la.reference(q, kc, vc, rk, rv, kind, 0.125, m, shared)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * max(1.0, ref.abs().max().item()))
+    _assert_matches(out, q, kc, vc, rk, rv, kind, 0.125, m, shared, exact=(ek, ev, pos), rtol=1e-4)
     held = ((pos >= 0) & (pos < n)).any()
-    if held and (m is None or m.dtype != torch.bool):  # the rows are really used: out is the reference's, not the
-        # codes' (one held row of 600 can move the output by only ~1e-4: compared with the round-off, not a constant)
+    if held and (m is None or m.dtype != torch.bool) and not la.integer_path("cpu", kind):
+        # the rows are really used: out is the reference's, not the codes' (one held row of 600 can move the output
+        # by only ~1e-4: compared with the round-off, not a constant; on the integer path see the test below)
         assert (out - plain).abs().max() > max(1e-5, 10 * (out - ref).abs().max())
 
 
@@ -605,11 +621,31 @@ def test_dequantize_writes_the_exact_rows_over_their_codes(kind):
     assert torch.equal(out[:, :, [0, 3]], want[:, :, [0, 3]])
 
 
-@pytest.mark.parametrize("switch", ["KVFX_NO_AMX", "KVFX_AVX2_INTEGER"])
+@pytest.mark.parametrize("kind", ["int4", "int8x16+int5x32+int4x16+int3x32"])
+def test_exact_rows_replace_their_codes_on_the_integer_path(kind, integer):
+    """On an integer path too (AMX here, or AVX2 switched on), a held position scores its exact row, not its codes:
+    exact keys that point along the query take nearly all the weight, so the output is nearly their values' mean,
+    while the codes alone give something else entirely."""
+    if not la.integer_path("cpu", kind):
+        pytest.skip(f"{kind} takes no integer path on this CPU")
+    q, kc, vc, _ = _case(1, 2, 3, 300, 96, 96, kind, None, False, 8)
+    pos = torch.tensor([0, 150, 299])
+    ek = (q[:, :, :1] * 40).expand(1, 2, 3, 96).half()  # scores ~40·|q|²·0.125 above the codes'
+    ev = torch.randn(1, 2, 3, 96).half()
+    out = torch.ops.kvfx.decode_attention(q, kc, vc, 96, 96, kind, 0.125, None, False, ek, ev, pos)
+    _assert_matches(out, q, kc, vc, 96, 96, kind, 0.125, None, False, exact=(ek, ev, pos))
+    plain = la.reference(q, kc, vc, 96, 96, kind, 0.125)
+    near = ev.float().mean(2, keepdim=True).expand_as(out)
+    assert (out[:, :, :1] - near[:, :, :1]).abs().max() < 0.05 < (plain[:, :, :1] - near[:, :, :1]).abs().max()
+
+
+@pytest.mark.parametrize("switch", ["KVFX_NO_AMX", "KVFX_AVX2_INTEGER", None])
 def test_every_row_held_exact(switch, monkeypatch):
-    """Every position held exact (a cache shorter than its sinks + window), on the float path and with the AVX2
-    integer path switched on: whole blocks of codes skipped, the output the exact rows' attention."""
-    monkeypatch.setenv(switch, "1")
+    """Every position held exact (a cache shorter than its sinks + window), on the float path, with the AVX2
+    integer path switched on and on this CPU's own path (AMX where it has one): whole blocks of codes skipped, the
+    output the exact rows' attention."""
+    if switch:
+        monkeypatch.setenv(switch, "1")
     q, kc, vc, _ = _case(1, 2, 9, 300, 64, 64, "int4", None, False, 5)
     ek, ev = torch.randn(1, 2, 300, 64).half(), torch.randn(1, 2, 300, 64).half()
     out = torch.ops.kvfx.decode_attention(q, kc, vc, 64, 64, "int4", 0.125, None, False, ek, ev, torch.arange(300))
