@@ -135,9 +135,10 @@ struct Perm4 {
 constexpr int kT3Src[8] = {-1, 0, 1, 4, -1, 2, 3, 5};  // bits 0, 4 set by the constant 0x11
 constexpr int kT5Src[8] = {-1, 0, 1, 2, 3, 4, 4, 4};   // bit 0 set by the constant 0x01
 struct TransCtl {
-  __m512i idx3, idx5, a3, b3, a5, b5;
+  __m512i idx3, idx5, a3, b3, a5, b5, pair5;
   TransCtl() {
-    alignas(64) int8_t i3[64], i5[64], sa3[64], sb3[64], sa5[64], sb5[64];
+    alignas(64) int8_t i3[64], i5[64], sa3[64], sb3[64], sa5[64], sb5[64], p5[64];
+    for (int k = 0; k < 64; ++k) p5[k] = static_cast<int8_t>(k % 16 < 8 ? k / 16 * 8 + k % 16 : 32 + k / 16 * 8 + k % 16 - 8);
     for (int q = 0; q < 8; ++q)
       for (int j = 0; j < 8; ++j) {
         const int k = 8 * q + j;
@@ -149,6 +150,7 @@ struct TransCtl {
       }
     idx3 = _mm512_load_si512(i3), idx5 = _mm512_load_si512(i5);
     a3 = _mm512_load_si512(sa3), b3 = _mm512_load_si512(sb3), a5 = _mm512_load_si512(sa5), b5 = _mm512_load_si512(sb5);
+    pair5 = _mm512_load_si512(p5);
   }
 };
 struct BandPlan;  // bands (lowbit_attention_amx_bands.h)

@@ -17,14 +17,18 @@
 // * int3 and int5 bands (codes stored as a low-bits plane and a sign plane) are transcoded first, a block of rows at
 //   a time (transcode_row: a byte permute, two bit-field extracts and one GF2P8AFFINEQB per 64 output bytes), into
 //   the mid-rise level k = 2q + 1 (x = k · 2^(e/8) / 2, exact): int3's k in [-7, 7] as int4 nibbles, taken as a
-//   4-bit unit; int5's k in [-31, 31] as bytes, one 8-bit unit per 32-column group (its own scale). Their scale
-//   codes are read from the stored row.
+//   4-bit unit; int5's k in [-31, 31] as bytes, for the keys one 8-bit unit per 32-column group (its own scale),
+//   for the values a second copy with two groups in one 64-byte chunk (each 128-bit lane: 8 columns of one, then 8
+//   of the other), so that the int8 format's value tiles give each group two C tiles of its own (not four, half of
+//   them padding). Their scale codes are read from the stored row.
 
 // A bands row's units, scale groups and column orders (keys or values; built once per call from its Format).
 struct BandPlan {
   struct Unit {
     int bits, at, bytes, col, cols;  // codes from byte `at` (`bytes` of them), band columns col .. col + cols
     bool tr;                         // codes in the transcoded row (int3 / int5), else in the stored row
+    int ct;                          // values: its C tiles ct .. ct + tiles() - 1
+    int tiles() const { return bits == 8 ? 4 : 2; }  // bits 5: one group of a paired int5 value chunk
   };
   struct Group {
     bool i8;
@@ -34,8 +38,8 @@ struct BandPlan {
     int bits, at, cb, n, u0, ct0;
     bool tr;
   };
-  struct Trans {  // an int3 / int5 band: codes at byte `at` of a stored row -> k = 2q + 1 at byte `to` (transcode_row)
-    int bits, at, width, to;
+  struct Trans {  // an int3 / int5 band: codes at byte `at` of a stored row -> k = 2q + 1 at byte `to`, int5's
+    int bits, at, width, to, to2;  // paired value chunks at `to2` (transcode_row)
   };
   struct Scales {
     int at, n, first;  // n scale codes from byte `at` -> rows first .. first + n - 1 of ks / vs
@@ -56,54 +60,59 @@ struct BandPlan {
   BandPlan() = default;
   explicit BandPlan(const Format& f, bool keys) {
     for (const Band& b : f.bands) has8 |= b.bits == 8 || b.bits == 5;
-    int ct = 0, to = 0;  // C tiles so far, transcoded bytes so far
+    int to = 0;  // transcoded bytes so far
     for (const Band& b : f.bands) {
       const int first = static_cast<int>(groups.size());
       const int sat = b.at + b.code_bytes;  // the band's scale codes in the stored row
-      if (b.bits == 5) {  // an 8-bit unit (its own run, score group and scale) per 32 columns of transcoded bytes
+      if (b.bits == 5) {  // keys: an 8-bit unit (its own run, score group) per 32 columns; values: paired chunks
+        const int to2 = to + b.width;
         for (int c = 0; c < b.width; c += 32) {
           const int cols = std::min(32, b.width - c), u = static_cast<int>(units.size());
-          runs.push_back({8, to + c, cols, cols, u, ct, true});
-          ct += 4;
+          if (keys) {
+            runs.push_back({8, to + c, cols, cols, u, ctiles, true});
+          } else if (c % 64 == 0) {  // one int8 value chunk a pair of groups: 4 C tiles, 2 for each
+            runs.push_back({8, to2 + c, 64, 64, u, ctiles, true});
+            ctiles += 4;
+          }
           groups.push_back({true, u, u + 1, slots});
           slots += 2;
-          units.push_back({8, to + c, cols, b.col + c, cols, true});
+          units.push_back({keys ? 8 : 5, keys ? to + c : to2 + c / 64 * 64, cols, b.col + c, cols, true,
+                           keys ? 0 : ctiles - 4 + 2 * (c / 32 % 2)});
         }
         scales.push_back({sat, (b.width + 31) / 32, first, 0.5f});
-        trans.push_back({5, b.at, b.width, to});
-        to += b.width;
+        trans.push_back({5, b.at, b.width, to, to2});
+        to = to2 + 64 * ((b.width + 63) / 64);
         continue;
       }
       const bool t3 = b.bits == 3;  // transcoded to int4 nibbles
       const int bits = t3 ? 4 : b.bits, at = t3 ? to : b.at, cb = t3 ? b.width / 2 : b.code_bytes;
-      runs.push_back({bits, at, cb, bits == 8 ? b.width : (b.width + 31) / 32, static_cast<int>(units.size()), ct, t3});
-      ct += bits == 8 ? 4 * ((b.width + 63) / 64) : 2 * ((b.width + 31) / 32);
+      runs.push_back({bits, at, cb, bits == 8 ? b.width : (b.width + 31) / 32, static_cast<int>(units.size()), ctiles,
+                      t3});
       if (bits == 8) {
         const int u0 = static_cast<int>(units.size());
-        for (int c = 0; c < b.width; c += 64) units.push_back({8, b.at + c, std::min(64, b.width - c), b.col + c,
-                                                               std::min(64, b.width - c), false});
+        for (int c = 0; c < b.width; c += 64, ctiles += 4)
+          units.push_back({8, b.at + c, std::min(64, b.width - c), b.col + c, std::min(64, b.width - c), false,
+                           ctiles});
         groups.push_back({true, u0, static_cast<int>(units.size()), slots});
         slots += 2;
         scales.push_back({sat, 1, first, 1.0f});
       } else {
         const int per = 8 / bits;
-        for (int c = 0; c < b.width; c += 32) {
+        for (int c = 0; c < b.width; c += 32, ctiles += 2) {
           const int cols = std::min(32, b.width - c);
           groups.push_back({false, static_cast<int>(units.size()), static_cast<int>(units.size()) + 1, slots++});
-          units.push_back({bits, at + c / per, (cols + per - 1) / per, b.col + c, cols, t3});
+          units.push_back({bits, at + c / per, (cols + per - 1) / per, b.col + c, cols, t3, ctiles});
         }
         const float mult = (b.bits == 2 || t3 ? 0.5f : 1.0f) * (keys && has8 ? 16.0f : 1.0f);
         scales.push_back({sat, (b.width + 31) / 32, first, mult});
-        if (t3) trans.push_back({3, b.at, b.width, to}), to += b.width / 2;
+        if (t3) trans.push_back({3, b.at, b.width, to, 0}), to += b.width / 2;
       }
     }
     trans_bytes = static_cast<int>(round_up(to, 64));
-    for (size_t g = 0; g < groups.size(); ++g)  // values: 2 C tiles a 4/2-bit unit, 4 an 8-bit one
-      for (int u = groups[g].u0; u < groups[g].u1; ++u) {
-        const int n = units[u].bits == 8 ? 4 : 2;
-        for (int k = 0; k < n; k += 2) item_ct.push_back(ctiles + k), item_ws.push_back(static_cast<int>(g));
-        ctiles += n;
-      }
+    for (size_t g = 0; g < groups.size(); ++g)  // values: 2 C tiles a 4/2-bit unit or int5 group, 4 an 8-bit one
+      for (int u = groups[g].u0; u < groups[g].u1; ++u)
+        for (int k = 0; k < units[u].tiles(); k += 2)
+          item_ct.push_back(units[u].ct + k), item_ws.push_back(static_cast<int>(g));
     const int rk = f.width, pad = 4 * rk;  // digits[d * rk + c]: digit d (query_entry) of column c; [pad] = 0
     if (keys)
       for (size_t u = 0; u < units.size(); ++u)
@@ -118,17 +127,15 @@ struct BandPlan {
 
   // The value column of accumulated column j (C tile j / 16, lane j % 16), -1 for padding.
   int64_t column(int64_t j) const {
-    int ct = 0;
     for (const Unit& u : units) {
-      const int n = u.bits == 8 ? 4 : 2;
-      if (j / 16 < ct + n) {
-        const int t = static_cast<int>(j / 16) - ct, lane = static_cast<int>(j % 16), L = lane / 4, m = lane % 4;
-        // 8-bit: the int8 format's unpack order; 4-bit: the int4 format's (nibble t); 2-bit: byte (L, 4t + m) of
-        // value_z
-        const int local = u.bits == 8 ? 16 * L + 4 * t + m : u.bits == 4 ? 2 * lane + t : 4 * (4 * t + m) + L;
+      if (j / 16 >= u.ct && j / 16 < u.ct + u.tiles()) {
+        const int t = static_cast<int>(j / 16) - u.ct, lane = static_cast<int>(j % 16), L = lane / 4, m = lane % 4;
+        // 8-bit: the int8 format's unpack order; int5 (paired chunk): its 8 columns of lane L; 4-bit: the int4
+        // format's (nibble t); 2-bit: byte (L, 4t + m) of value_z
+        const int local = u.bits == 8 ? 16 * L + 4 * t + m : u.bits == 5 ? 8 * L + 4 * t + m
+                        : u.bits == 4 ? 2 * lane + t : 4 * (4 * t + m) + L;
         return local < u.cols ? u.col + local : -1;
       }
-      ct += n;
     }
     return -1;
   }
@@ -204,6 +211,8 @@ inline void transcode_row(const TransCtl& t, const std::vector<BandPlan::Trans>&
       const __m512i k = three ? _mm512_gf2p8affine_epi64_epi8(y, _mm512_set1_epi64(affine(kT3Src)), 0x11)
                               : _mm512_gf2p8affine_epi64_epi8(y, _mm512_set1_epi64(affine(kT5Src)), 0x01);
       _mm512_mask_storeu_epi8(out + b.to + (three ? c / 2 : c), first_bytes(three ? cols / 2 : cols), k);
+      if (!three)  // the values' copy: lane L = columns 8L .. 8L + 7 of the chunk's first group, then of its second
+        _mm512_storeu_si512(out + b.to2 + c, _mm512_permutexvar_epi8(t.pair5, _mm512_maskz_mov_epi8(first_bytes(cols), k)));
     }
   }
 }
@@ -306,22 +315,17 @@ void Worker::band_value_tiles(const char* const* rows, const char* const* trows,
   constexpr int64_t kTile = (BN / 64) * 1024;
   for (const BandPlan::Run& b : V.runs)
     if (b.bits != 2) value_tiles(b.tr ? trows : rows, t, b.bits == 4, b.at, b.cb, b.n, b.ct0);
-  int ct = 0;
   for (const BandPlan::Unit& x : V.units) {
-    if (x.bits != 2) {
-      ct += x.bits == 8 ? 4 : 2;
-      continue;
-    }
+    if (x.bits != 2) continue;
     for (int u = u0; u < u0 + 4; ++u) {
       const char* const* r4 = rows + 4 * (u - u0);
-      int8_t* dst = vbp + ct * kTile + ((u / 16) * 1024 + (4 * (u % 4) + (u % 16) / 4) * 64);
+      int8_t* dst = vbp + x.ct * kTile + ((u / 16) * 1024 + (4 * (u % 4) + (u % 16) / 4) * 64);
       __m512i z[4];
       for (int k = 0; k < 4; ++k) z[k] = r4[k] ? value_z(x, r4[k]) : _mm512_setzero_si512();
       const __m512i a = _mm512_unpacklo_epi8(z[0], z[1]), c = _mm512_unpacklo_epi8(z[2], z[3]);
       put(dst, _mm512_unpacklo_epi16(a, c));
       put(dst + kTile, _mm512_unpackhi_epi16(a, c));
     }
-    ct += 2;
   }
 }
 
