@@ -1,30 +1,44 @@
-// A decode step's linear layers: y[m, :] = W x[m, :] (+ b) for a few rows m (one token per sequence), float32.
+// A decode step's linear layers: y[m, :] = W x[m, :] (+ b) for a few rows m (one token per sequence), float32 or
+// bfloat16.
 //
 // At one token a step, a linear layer is a matrix-vector product: every weight is read once and used for one
 // multiply-add per row, so the step costs what reading W costs. ATen's float32 linear (MKL's sgemv here) reads
 // SmolLM2's weights at ~9-12 GB/s on this machine's 2 cores against ~20-25 GB/s for a plain sum: the weights, not the
 // cache, are most of a compressed decode step's bytes. This reads W once, 4 output rows at a time (each row's 8-float
 // vectors against every x row in registers), the output rows split over the threads: ~17-19 GB/s on 2 cores.
+// bfloat16 weights (a bfloat16 model) are read as they are and widened in registers (a bfloat16 number is the top
+// half of a float32: zero-extend, shift by 16), against x widened once a call, summed in float32 and rounded to
+// bfloat16 once at the end, as ATen's bfloat16 linear rounds.
 // Pasted into lowbit_attention.cpp's build by kvfx/ops/lowbit_attention.py (one .so, one first-use build) and
 // registered there as the op `linear` (CPU and Meta kernels, no Python on the way: a Python custom op cost ~100 us
-// a call, 211 calls a SmolLM2 step); it takes the kernel for float32 inputs of up to kMaxRows rows and is
-// at::linear otherwise. No autograd kernel: passes/decode_linear.py only puts it in graphs compiled without grad.
+// a call, 211 calls a SmolLM2 step); it takes the kernel for float32 or bfloat16 inputs (x and W of one dtype) of
+// up to kMaxRows rows and is at::linear otherwise. No autograd kernel: passes/decode_linear.py only puts it in
+// graphs compiled without grad.
 
 constexpr int64_t kMaxRows = 8;  // rows (batch × tokens) a call takes; more are a prefill, ATen's GEMM is right there
 
 namespace decode_linear {
 
-inline float dot(const float* w, const float* x, int64_t n) {
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {  // 8 bfloat16 numbers as float32: their bits, 16 places up
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
+template <typename T>
+inline float dot(const T* w, const float* x, int64_t n) {
   int64_t i = 0;
   float s = 0.f;
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 a = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a);
+  for (; i + 8 <= n; i += 8) a = _mm256_fmadd_ps(load8(w + i), _mm256_loadu_ps(x + i), a);
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, a);
   for (float l : lanes) s += l;
 #endif
-  for (; i < n; ++i) s += w[i] * x[i];
+  for (; i < n; ++i) s += static_cast<float>(w[i]) * x[i];
   return s;
 }
 
@@ -38,42 +52,62 @@ inline float hsum(__m256 v) {
 
 // y[m, o .. o+3] for every row m: four weight rows against one x row at a time (4 accumulators, each x vector
 // loaded once for the four); the 4 × n weights stay in L1 for the next x row.
-inline void four_rows(const float* w, int64_t ws, int64_t n, const float* x, int64_t rows, float* y) {
-  const float *w0 = w, *w1 = w + ws, *w2 = w + 2 * ws, *w3 = w + 3 * ws;
+template <typename T>
+inline void four_rows(const T* w, int64_t ws, int64_t n, const float* x, int64_t rows, float* y) {
+  const T *w0 = w, *w1 = w + ws, *w2 = w + 2 * ws, *w3 = w + 3 * ws;
   const int64_t body = n - n % 8;
   for (int64_t m = 0; m < rows; ++m) {
     const float* xm = x + m * n;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t i = 0; i < body; i += 8) {
       const __m256 xv = _mm256_loadu_ps(xm + i);
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i), xv, a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + i), xv, a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + i), xv, a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + i), xv, a3);
+      a0 = _mm256_fmadd_ps(load8(w0 + i), xv, a0);
+      a1 = _mm256_fmadd_ps(load8(w1 + i), xv, a1);
+      a2 = _mm256_fmadd_ps(load8(w2 + i), xv, a2);
+      a3 = _mm256_fmadd_ps(load8(w3 + i), xv, a3);
     }
     float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
     for (int64_t i = body; i < n; ++i) {
-      s[0] += w0[i] * xm[i]; s[1] += w1[i] * xm[i]; s[2] += w2[i] * xm[i]; s[3] += w3[i] * xm[i];
+      const float xi = xm[i];
+      s[0] += static_cast<float>(w0[i]) * xi, s[1] += static_cast<float>(w1[i]) * xi;
+      s[2] += static_cast<float>(w2[i]) * xi, s[3] += static_cast<float>(w3[i]) * xi;
     }
     std::memcpy(y + m * 4, s, sizeof s);
   }
 }
 #endif
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// bfloat16 on CPUs with AVX512-BF16 (Cooper Lake, Sapphire Rapids and later, Zen 4): VDPBF16PS takes 32 weights (one
+// cache line) of a row against 32 numbers of x as they are stored, adding pairs of products into 16 float32 sums;
+// 8 weight rows at a time against one x row, so each loaded x vector serves the eight.
+inline void eight_rows_bf16(const at::BFloat16* w, int64_t ws, int64_t n, const at::BFloat16* x, int64_t rows,
+                            float* y) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const at::BFloat16* xm = x + m * n;
+    __m512 a[8];
+    for (int r = 0; r < 8; ++r) a[r] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 32) {
+      const __mmask32 k = n - i >= 32 ? ~__mmask32(0) : (__mmask32(1) << (n - i)) - 1;
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(k, xm + i);
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * ws + i) + 512, _MM_HINT_T0);
+        a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_maskz_loadu_epi16(k, w + r * ws + i), xv);
+      }
+    }
+    for (int r = 0; r < 8; ++r) y[m * 8 + r] = _mm512_reduce_add_ps(a[r]);
+  }
+}
+#endif
+
 }  // namespace decode_linear
 
-// x [rows, in] float32 (rows <= kMaxRows), weight [out, in] float32 with unit column stride, bias [out] or none.
-at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "linear_rows: x [rows, in], W [out, in]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "linear_rows: float32 only");
-  TORCH_CHECK(x.size(0) <= kMaxRows, "linear_rows: at most ", kMaxRows, " rows");
-  const at::Tensor xc = x.contiguous(), wc = weight.stride(1) == 1 ? weight : weight.contiguous();
-  const int64_t rows = x.size(0), n = x.size(1), out_n = weight.size(0), ws = wc.stride(0);
-  at::Tensor y = at::empty({rows, out_n}, x.options());
-  const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+// y [rows, out] float32 = x [rows, in] float32 · Wᵀ (W [out, in] of T, unit column stride, row stride ws).
+template <typename T>
+void matvec_rows(const float* xp, const T* wp, int64_t ws, int64_t rows, int64_t n, int64_t out_n, float* yp) {
   const int64_t quads = out_n / 4;
-  // a task reads >= ~64 KiB of weights, so small layers are not split into tasks that cost more than they do
+  // a task reads >= ~64 KiB of float32 weights, so small layers are not split into tasks that cost more than they do
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
   at::parallel_for(0, quads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> col(rows * 4);
@@ -90,15 +124,51 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const std:
   });
   for (int64_t o = quads * 4; o < out_n; ++o)  // the last out % 4 rows
     for (int64_t m = 0; m < rows; ++m) yp[m * out_n + o] = decode_linear::dot(wp + o * ws, xp + m * n, n);
-  if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat).reshape({1, out_n}));
-  return y;
 }
 
-// The op: F.linear(x, weight, bias), x [..., in], with up to kMaxRows float32 rows through linear_rows.
+// x [rows, in], weight [out, in] (float32, or both bfloat16) with unit column stride, bias [out] or none; y in x's
+// dtype, summed in float32 (bfloat16: rounded once, after the bias).
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "linear_rows: x [rows, in], W [out, in]");
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((x.scalar_type() == at::kFloat || bf16) && weight.scalar_type() == x.scalar_type(),
+              "linear_rows: float32 or bfloat16 x and W of one dtype");
+  TORCH_CHECK(x.size(0) <= kMaxRows, "linear_rows: at most ", kMaxRows, " rows");
+  const at::Tensor xc = x.to(at::kFloat).contiguous(), wc = weight.stride(1) == 1 ? weight : weight.contiguous();
+  const int64_t rows = x.size(0), n = x.size(1), out_n = weight.size(0), ws = wc.stride(0);
+  at::Tensor y = at::empty({rows, out_n}, x.options().dtype(at::kFloat));
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  if (bf16) {  // x as stored (bfloat16), eight weight rows a step
+    const at::Tensor xb = x.contiguous();
+    const at::BFloat16 *xbp = xb.data_ptr<at::BFloat16>(), *wp = wc.data_ptr<at::BFloat16>();
+    float* yp = y.data_ptr<float>();
+    const int64_t octs = out_n / 8, grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(n, 1));
+    at::parallel_for(0, octs, grain, [&](int64_t begin, int64_t end) {
+      float col[8 * kMaxRows];
+      for (int64_t q = begin; q < end; ++q) {
+        decode_linear::eight_rows_bf16(wp + q * 8 * ws, ws, n, xbp, rows, col);
+        for (int64_t m = 0; m < rows; ++m) std::memcpy(yp + m * out_n + q * 8, &col[m * 8], 8 * sizeof(float));
+      }
+    });
+    const float* xp = xc.data_ptr<float>();
+    for (int64_t o = octs * 8; o < out_n; ++o)  // the last out % 8 rows
+      for (int64_t m = 0; m < rows; ++m) yp[m * out_n + o] = decode_linear::dot(wp + o * ws, xp + m * n, n);
+  } else
+#endif
+  if (bf16)
+    matvec_rows(xc.data_ptr<float>(), wc.data_ptr<at::BFloat16>(), ws, rows, n, out_n, y.data_ptr<float>());
+  else
+    matvec_rows(xc.data_ptr<float>(), wc.data_ptr<float>(), ws, rows, n, out_n, y.data_ptr<float>());
+  if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat).reshape({1, out_n}));
+  return bf16 ? y.to(at::kBFloat16) : y;
+}
+
+// The op: F.linear(x, weight, bias), x [..., in], with up to kMaxRows float32 or bfloat16 rows through linear_rows.
 at::Tensor linear_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const int64_t n = x.dim() ? x.size(-1) : 0, rows = n ? x.numel() / n : 0;
-  if (x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat || weight.dim() != 2 || rows < 1 ||
-      rows > kMaxRows || weight.size(1) != n || (bias.has_value() && bias->defined() && bias->scalar_type() != at::kFloat))
+  const auto dt = x.scalar_type();
+  if ((dt != at::kFloat && dt != at::kBFloat16) || weight.scalar_type() != dt || weight.dim() != 2 || rows < 1 ||
+      rows > kMaxRows || weight.size(1) != n || (bias.has_value() && bias->defined() && bias->scalar_type() != dt))
     return at::linear(x, weight, bias);
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = weight.size(0);

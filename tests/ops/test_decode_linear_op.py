@@ -1,7 +1,9 @@
-"""kvfx's linear op (ops/decode_linear.py): F.linear, with a decode step's float32 rows through the C++ kernel.
+"""kvfx's linear op (ops/decode_linear.py): F.linear, with a decode step's float32 / bfloat16 rows through the C++
+kernel.
 
 Against F.linear on every shape the kernel sees (rows 1-8, widths not multiples of 4 / 8, bias or not, a weight
-with a row stride), the cases it leaves to F.linear, and torch.library's schema and fake-tensor checks."""
+with a row stride; bfloat16 against float32 sums of the same numbers rounded once), the cases it leaves to F.linear,
+and torch.library's schema and fake-tensor checks."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,26 @@ def test_equals_f_linear(rows, out, width, bias, stride, seed):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * width ** 0.5)
 
 
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, dl.MAX_ROWS), out=st.integers(1, 70), width=st.integers(1, 90), bias=st.booleans(),
+       stride=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_bfloat16_sums_in_float32_and_rounds_once(rows, out, width, bias, stride, seed):
+    """bfloat16 x and W: the float32 sum of their products (+ bias) rounded to bfloat16 once, as ATen's bfloat16
+    linear rounds — at most one bfloat16 step from that sum taken in another order (a sum can straddle a rounding
+    boundary), where rounding after each product would be many steps off."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, width, generator=g).bfloat16()
+    w = torch.randn(out * stride, width, generator=g).bfloat16()[::stride]
+    b = torch.randn(out, generator=g).bfloat16() if bias else None
+    assert dl.takes_kernel(x, w) and not dl.takes_kernel(x, w.float())  # x and W of one dtype
+    got = dl.op()(x, w, b)
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.shape == exact.shape and got.dtype == torch.bfloat16
+    step = torch.finfo(torch.bfloat16).eps * exact.abs().clamp_min(1e-30)  # one bfloat16 step (<= 2 ulp below 1.0)
+    assert ((got.double() - exact).abs() <= step + 1e-5 * width ** 0.5).all()
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-2)
+
+
 def test_batched_decode_shape_and_a_model_sized_layer():
     x = torch.randn(3, 1, 576)  # [batch, one token, hidden]
     w = torch.randn(1536, 576)
@@ -36,10 +58,10 @@ def test_batched_decode_shape_and_a_model_sized_layer():
     torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["prefill", "bfloat16", "float64", "empty"])
+@pytest.mark.parametrize("case", ["prefill", "float16", "float64", "empty"])
 def test_other_inputs_are_f_linear(case):
     x, w = torch.randn(2, 5, 16), torch.randn(12, 16)  # prefill: 10 rows > MAX_ROWS
-    if case in ("bfloat16", "float64"):
+    if case in ("float16", "float64"):
         x, w = x[:, :1].to(getattr(torch, case)), w.to(getattr(torch, case))
     if case == "empty":
         x = x[:0]
