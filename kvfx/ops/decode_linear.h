@@ -5,10 +5,12 @@
 // multiply-add per row, so the step costs what reading W costs. ATen's float32 linear (MKL's sgemv here) reads
 // SmolLM2's weights at ~9-12 GB/s on this machine's 2 cores against ~20-25 GB/s for a plain sum: the weights, not the
 // cache, are most of a compressed decode step's bytes. This reads W once, 4 output rows at a time (each row's 8-float
-// vectors against every x row in registers), the output rows split over the threads: ~17-19 GB/s on 2 cores.
-// bfloat16 weights (a bfloat16 model) are read as they are and widened in registers (a bfloat16 number is the top
-// half of a float32: zero-extend, shift by 16), against x widened once a call, summed in float32 and rounded to
-// bfloat16 once at the end, as ATen's bfloat16 linear rounds.
+// vectors against every x row in registers), the output rows split over the threads: ~17-19 GB/s on 2 cores (AMD
+// EPYC, AVX2). With AVX-512, 8 rows a step, a cache line of each and the lines two steps ahead prefetched (on the
+// Sapphire Rapids VM ~21 GB/s, where MKL's sgemv reads ~19-22). bfloat16 weights (a bfloat16 model) are read as
+// they are: with AVX512-BF16 by VDPBF16PS against x as stored (~16 GB/s, where ATen's bfloat16 linear reads ~7),
+// else widened in registers (a bfloat16 number is the top half of a float32: zero-extend, shift by 16) against x
+// widened once a call; summed in float32 and rounded to bfloat16 once at the end, as ATen's bfloat16 linear rounds.
 // Pasted into lowbit_attention.cpp's build by kvfx/ops/lowbit_attention.py (one .so, one first-use build) and
 // registered there as the op `linear` (CPU and Meta kernels, no Python on the way: a Python custom op cost ~100 us
 // a call, 211 calls a SmolLM2 step); it takes the kernel for float32 or bfloat16 inputs (x and W of one dtype) of
@@ -77,6 +79,28 @@ inline void four_rows(const T* w, int64_t ws, int64_t n, const float* x, int64_t
 }
 #endif
 
+#if defined(__AVX512F__)
+// float32 on CPUs with AVX-512: 16 weights (one cache line) of 8 rows at a time against one x row, the lines two
+// steps ahead prefetched (MKL's sgemv reads about as fast on Sapphire Rapids; the 8-float AVX2 loop above did not).
+inline void eight_rows_f32(const float* w, int64_t ws, int64_t n, const float* x, int64_t rows, float* y) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* xm = x + m * n;
+    __m512 a[8];
+    for (int r = 0; r < 8; ++r) a[r] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 k = n - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+      const __m512 xv = _mm512_maskz_loadu_ps(k, xm + i);
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * ws + i) + 512, _MM_HINT_T0);
+        a[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, w + r * ws + i), xv, a[r]);
+      }
+    }
+    for (int r = 0; r < 8; ++r) y[m * 8 + r] = _mm512_reduce_add_ps(a[r]);
+  }
+}
+#endif
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 // bfloat16 on CPUs with AVX512-BF16 (Cooper Lake, Sapphire Rapids and later, Zen 4): VDPBF16PS takes 32 weights (one
 // cache line) of a row against 32 numbers of x as they are stored, adding pairs of products into 16 float32 sums;
@@ -126,6 +150,23 @@ void matvec_rows(const float* xp, const T* wp, int64_t ws, int64_t rows, int64_t
     for (int64_t m = 0; m < rows; ++m) yp[m * out_n + o] = decode_linear::dot(wp + o * ws, xp + m * n, n);
 }
 
+// The AVX-512 kernels' driver: `kernel` (eight_rows_*) on 8 output rows at a time, split over the threads; x as
+// the kernel takes it (xk) and as float32 (xf, for the last out % 8 rows).
+template <typename X, typename T, typename Kernel>
+void by_eights(Kernel kernel, const X* xk, const float* xf, const T* wp, int64_t ws, int64_t rows, int64_t n,
+               int64_t out_n, float* yp) {
+  const int64_t octs = out_n / 8, grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(n, 1));
+  at::parallel_for(0, octs, grain, [&](int64_t begin, int64_t end) {
+    float col[8 * kMaxRows];
+    for (int64_t q = begin; q < end; ++q) {
+      kernel(wp + q * 8 * ws, ws, n, xk, rows, col);
+      for (int64_t m = 0; m < rows; ++m) std::memcpy(yp + m * out_n + q * 8, &col[m * 8], 8 * sizeof(float));
+    }
+  });
+  for (int64_t o = octs * 8; o < out_n; ++o)  // the last out % 8 rows
+    for (int64_t m = 0; m < rows; ++m) yp[m * out_n + o] = decode_linear::dot(wp + o * ws, xf + m * n, n);
+}
+
 // x [rows, in], weight [out, in] (float32, or both bfloat16) with unit column stride, bias [out] or none; y in x's
 // dtype, summed in float32 (bfloat16: rounded once, after the bias).
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -138,22 +179,17 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const std:
   const int64_t rows = x.size(0), n = x.size(1), out_n = weight.size(0), ws = wc.stride(0);
   at::Tensor y = at::empty({rows, out_n}, x.options().dtype(at::kFloat));
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-  if (bf16) {  // x as stored (bfloat16), eight weight rows a step
+  if (bf16) {  // x as stored (bfloat16)
     const at::Tensor xb = x.contiguous();
-    const at::BFloat16 *xbp = xb.data_ptr<at::BFloat16>(), *wp = wc.data_ptr<at::BFloat16>();
-    float* yp = y.data_ptr<float>();
-    const int64_t octs = out_n / 8, grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(n, 1));
-    at::parallel_for(0, octs, grain, [&](int64_t begin, int64_t end) {
-      float col[8 * kMaxRows];
-      for (int64_t q = begin; q < end; ++q) {
-        decode_linear::eight_rows_bf16(wp + q * 8 * ws, ws, n, xbp, rows, col);
-        for (int64_t m = 0; m < rows; ++m) std::memcpy(yp + m * out_n + q * 8, &col[m * 8], 8 * sizeof(float));
-      }
-    });
-    const float* xp = xc.data_ptr<float>();
-    for (int64_t o = octs * 8; o < out_n; ++o)  // the last out % 8 rows
-      for (int64_t m = 0; m < rows; ++m) yp[m * out_n + o] = decode_linear::dot(wp + o * ws, xp + m * n, n);
+    by_eights(decode_linear::eight_rows_bf16, xb.data_ptr<at::BFloat16>(), xc.data_ptr<float>(),
+              wc.data_ptr<at::BFloat16>(), ws, rows, n, out_n, y.data_ptr<float>());
   } else
+#endif
+#if defined(__AVX512F__)
+  if (!bf16)
+    by_eights(decode_linear::eight_rows_f32, xc.data_ptr<float>(), xc.data_ptr<float>(), wc.data_ptr<float>(), ws,
+              rows, n, out_n, y.data_ptr<float>());
+  else
 #endif
   if (bf16)
     matvec_rows(xc.data_ptr<float>(), wc.data_ptr<at::BFloat16>(), ws, rows, n, out_n, y.data_ptr<float>());
