@@ -2,8 +2,8 @@
 
     linear(x, W, b)   ==>   kvfx_lowbit_attention.linear(x, W, b)
 
-The op is F.linear, except that a decode step's float32 matrix-vector products (≤ 8 rows: batch × one token)
-read the weights at the memory's speed instead of ATen's ~half of it on CPU. With the cache compressed, those
+The op is F.linear, except that a decode step's float32 / bfloat16 matrix-vector products (≤ 8 rows: batch × one
+token) read the weights at the memory's speed instead of ATen's ~half of it on CPU. With the cache compressed, those
 weights are most of what a step reads, so this is where the saved cache bytes turn into step time. One counter
 per linear (`decode_linears`). Runs last, on the graph handed to Inductor (kvfx's rewritten graphs, what
 `KvfxBackend.graphs` and the expect-tests show, keep `linear`). Only for graphs compiled with grad off (what
