@@ -77,6 +77,12 @@ inline void four_rows(const T* w, int64_t ws, int64_t n, const float* x, int64_t
     std::memcpy(y + m * 4, s, sizeof s);
   }
 }
+#else
+template <typename T>
+inline void four_rows(const T* w, int64_t ws, int64_t n, const float* x, int64_t rows, float* y) {
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t k = 0; k < 4; ++k) y[m * 4 + k] = dot(w + k * ws, x + m * n, n);
+}
 #endif
 
 #if defined(__AVX512F__)
@@ -127,43 +133,22 @@ inline void eight_rows_bf16(const at::BFloat16* w, int64_t ws, int64_t n, const 
 
 }  // namespace decode_linear
 
-// y [rows, out] float32 = x [rows, in] float32 · Wᵀ (W [out, in] of T, unit column stride, row stride ws).
-template <typename T>
-void matvec_rows(const float* xp, const T* wp, int64_t ws, int64_t rows, int64_t n, int64_t out_n, float* yp) {
-  const int64_t quads = out_n / 4;
+// y [rows, out] float32 = x · Wᵀ (W [out, in] of T, unit column stride, row stride ws): `kernel` (four_rows,
+// eight_rows_*) on K output rows at a time, split over the threads; x as the kernel takes it (xk) and as float32
+// (xf, for the last out % K rows).
+template <int K, typename X, typename T, typename Kernel>
+void by_rows(Kernel kernel, const X* xk, const float* xf, const T* wp, int64_t ws, int64_t rows, int64_t n,
+             int64_t out_n, float* yp) {
   // a task reads >= ~64 KiB of float32 weights, so small layers are not split into tasks that cost more than they do
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
-  at::parallel_for(0, quads, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> col(rows * 4);
+  const int64_t steps = out_n / K, grain = std::max<int64_t>(1, 65536 / (K * std::max<int64_t>(n, 1)));
+  at::parallel_for(0, steps, grain, [&](int64_t begin, int64_t end) {
+    float col[K * kMaxRows];
     for (int64_t q = begin; q < end; ++q) {
-      const int64_t o = q * 4;
-#if defined(__AVX2__) && defined(__FMA__)
-      decode_linear::four_rows(wp + o * ws, ws, n, xp, rows, col.data());
-      for (int64_t m = 0; m < rows; ++m) std::memcpy(yp + m * out_n + o, &col[m * 4], 4 * sizeof(float));
-#else
-      for (int64_t m = 0; m < rows; ++m)
-        for (int64_t k = 0; k < 4; ++k) yp[m * out_n + o + k] = decode_linear::dot(wp + (o + k) * ws, xp + m * n, n);
-#endif
+      kernel(wp + q * K * ws, ws, n, xk, rows, col);
+      for (int64_t m = 0; m < rows; ++m) std::memcpy(yp + m * out_n + q * K, &col[m * K], K * sizeof(float));
     }
   });
-  for (int64_t o = quads * 4; o < out_n; ++o)  // the last out % 4 rows
-    for (int64_t m = 0; m < rows; ++m) yp[m * out_n + o] = decode_linear::dot(wp + o * ws, xp + m * n, n);
-}
-
-// The AVX-512 kernels' driver: `kernel` (eight_rows_*) on 8 output rows at a time, split over the threads; x as
-// the kernel takes it (xk) and as float32 (xf, for the last out % 8 rows).
-template <typename X, typename T, typename Kernel>
-void by_eights(Kernel kernel, const X* xk, const float* xf, const T* wp, int64_t ws, int64_t rows, int64_t n,
-               int64_t out_n, float* yp) {
-  const int64_t octs = out_n / 8, grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(n, 1));
-  at::parallel_for(0, octs, grain, [&](int64_t begin, int64_t end) {
-    float col[8 * kMaxRows];
-    for (int64_t q = begin; q < end; ++q) {
-      kernel(wp + q * 8 * ws, ws, n, xk, rows, col);
-      for (int64_t m = 0; m < rows; ++m) std::memcpy(yp + m * out_n + q * 8, &col[m * 8], 8 * sizeof(float));
-    }
-  });
-  for (int64_t o = octs * 8; o < out_n; ++o)  // the last out % 8 rows
+  for (int64_t o = steps * K; o < out_n; ++o)  // the last out % K rows
     for (int64_t m = 0; m < rows; ++m) yp[m * out_n + o] = decode_linear::dot(wp + o * ws, xf + m * n, n);
 }
 
@@ -178,23 +163,24 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const std:
   const at::Tensor xc = x.to(at::kFloat).contiguous(), wc = weight.stride(1) == 1 ? weight : weight.contiguous();
   const int64_t rows = x.size(0), n = x.size(1), out_n = weight.size(0), ws = wc.stride(0);
   at::Tensor y = at::empty({rows, out_n}, x.options().dtype(at::kFloat));
+  const float* xf = xc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  namespace dl = decode_linear;
+  if (bf16) {
+    const at::BFloat16* wp = wc.data_ptr<at::BFloat16>();
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-  if (bf16) {  // x as stored (bfloat16)
-    const at::Tensor xb = x.contiguous();
-    by_eights(decode_linear::eight_rows_bf16, xb.data_ptr<at::BFloat16>(), xc.data_ptr<float>(),
-              wc.data_ptr<at::BFloat16>(), ws, rows, n, out_n, y.data_ptr<float>());
-  } else
+    const at::Tensor xb = x.contiguous();  // x as stored (bfloat16)
+    by_rows<8>(dl::eight_rows_bf16, xb.data_ptr<at::BFloat16>(), xf, wp, ws, rows, n, out_n, yp);
+#else
+    by_rows<4>(dl::four_rows<at::BFloat16>, xf, xf, wp, ws, rows, n, out_n, yp);
 #endif
+  } else {
 #if defined(__AVX512F__)
-  if (!bf16)
-    by_eights(decode_linear::eight_rows_f32, xc.data_ptr<float>(), xc.data_ptr<float>(), wc.data_ptr<float>(), ws,
-              rows, n, out_n, y.data_ptr<float>());
-  else
+    by_rows<8>(dl::eight_rows_f32, xf, xf, wc.data_ptr<float>(), ws, rows, n, out_n, yp);
+#else
+    by_rows<4>(dl::four_rows<float>, xf, xf, wc.data_ptr<float>(), ws, rows, n, out_n, yp);
 #endif
-  if (bf16)
-    matvec_rows(xc.data_ptr<float>(), wc.data_ptr<at::BFloat16>(), ws, rows, n, out_n, y.data_ptr<float>());
-  else
-    matvec_rows(xc.data_ptr<float>(), wc.data_ptr<float>(), ws, rows, n, out_n, y.data_ptr<float>());
+  }
   if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat).reshape({1, out_n}));
   return bf16 ? y.to(at::kBFloat16) : y;
 }

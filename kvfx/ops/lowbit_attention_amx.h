@@ -138,7 +138,8 @@ struct TransCtl {
   __m512i idx3, idx5, a3, b3, a5, b5, pair5;
   TransCtl() {
     alignas(64) int8_t i3[64], i5[64], sa3[64], sb3[64], sa5[64], sb5[64], p5[64];
-    for (int k = 0; k < 64; ++k) p5[k] = static_cast<int8_t>(k % 16 < 8 ? k / 16 * 8 + k % 16 : 32 + k / 16 * 8 + k % 16 - 8);
+    for (int k = 0; k < 64; ++k)  // lane L: columns 8L .. 8L + 7 of the first 32, then of the second
+      p5[k] = static_cast<int8_t>((k % 16 < 8 ? 0 : 32) + k / 16 * 8 + k % 8);
     for (int q = 0; q < 8; ++q)
       for (int j = 0; j < 8; ++j) {
         const int k = 8 * q + j;
@@ -153,6 +154,10 @@ struct TransCtl {
     pair5 = _mm512_load_si512(p5);
   }
 };
+inline const TransCtl& trans_ctl() {  // built once a process
+  static const TransCtl t;
+  return t;
+}
 struct BandPlan;  // bands (lowbit_attention_amx_bands.h)
 
 struct Problem {
@@ -290,7 +295,6 @@ class Worker {
   Perm4 perm;
   __m512 lut8;
   int8_t *sb, *vb, *av, *tk, *tv;  // tk, tv: a block's transcoded key / value rows (bands with int3 / int5)
-  TransCtl tctl;
   float *ks, *vs, *s_, *ps, *pf;
   int32_t *cs, *cv;
 
@@ -314,7 +318,8 @@ class Worker {
   void band_scales(const char* const* rows, const BandPlan& plan, float* out) const;
   void band_key_tiles(const char* const* rows, const char* const* trows, int t);
   void band_value_tiles(const char* const* rows, const char* const* trows, int t);
-  void transcode(const char* const* rows, int n, const BandPlan& plan, int8_t* buf, const char** out) const;
+  void transcode(const char* const* rows, int n, const BandPlan& plan, int8_t* buf, const char** out, bool keys,
+                 bool values) const;
   void band_score_tiles(int64_t bh, int gb, int t);
   void band_sums(const int32_t* csp, const float* kst, float* st, const float* qs, int g0, int gn, __m512 addv) const;
 };
@@ -638,8 +643,8 @@ void Worker::run(int64_t task) {
       add[r] = r >= rows || (P.skip && P.skip[r0 + r]) ? kNegInf
              : P.mp ? P.mp[moff + r] : P.mbp && !P.mbp[moff + r] ? kNegInf : 0.0f;
     if (P.plan) {
-      transcode(kr, rows, *P.plan, tk, tkr);
-      if (!P.shared) transcode(vr, rows, *P.vplan, tv, tvr);
+      transcode(kr, rows, *P.plan, tk, tkr, true, P.shared);  // a shared latent's values read the key rows
+      if (!P.shared) transcode(vr, rows, *P.vplan, tv, tvr, false, true);
 
       band_scales(kr, *P.plan, ks);
       band_scales(P.shared ? kr : vr, *P.vplan, vs);

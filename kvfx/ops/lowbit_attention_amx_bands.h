@@ -195,7 +195,9 @@ inline __m512i value_z(const BandPlan::Unit& u, const char* row) {
 // low-plane dword and sign bits, two VPMULTISHIFTQB take each output byte's bits (low bits at 0-3, signs at 4-5),
 // and GF2P8AFFINEQB puts them in place with the constant bits. int3: byte = two nibbles 1 | low << 1 | sign << 3
 // (columns 2i, 2i + 1: the int4 format's packing); int5: byte = 1 | low << 1 | (sign ? 0xE0 : 0).
-inline void transcode_row(const TransCtl& t, const std::vector<BandPlan::Trans>& trans, const char* row, int8_t* out) {
+// keys / values: write int5's copy for the key tiles / the paired one for the value tiles (int3's serves both).
+inline void transcode_row(const TransCtl& t, const std::vector<BandPlan::Trans>& trans, const char* row, int8_t* out,
+                          bool keys, bool values) {
   for (const BandPlan::Trans& b : trans) {
     const bool three = b.bits == 3;
     const int per = three ? 128 : 64, lowb = three ? b.width / 4 : b.width / 2;  // columns a chunk, low-plane bytes
@@ -210,9 +212,11 @@ inline void transcode_row(const TransCtl& t, const std::vector<BandPlan::Trans>&
       const __m512i y = _mm512_ternarylogic_epi32(_mm512_set1_epi8(0x0F), lo, sg, 0xCA);  // mask ? lo : sg
       const __m512i k = three ? _mm512_gf2p8affine_epi64_epi8(y, _mm512_set1_epi64(affine(kT3Src)), 0x11)
                               : _mm512_gf2p8affine_epi64_epi8(y, _mm512_set1_epi64(affine(kT5Src)), 0x01);
-      _mm512_mask_storeu_epi8(out + b.to + (three ? c / 2 : c), first_bytes(three ? cols / 2 : cols), k);
-      if (!three)  // the values' copy: lane L = columns 8L .. 8L + 7 of the chunk's first group, then of its second
-        _mm512_storeu_si512(out + b.to2 + c, _mm512_permutexvar_epi8(t.pair5, _mm512_maskz_mov_epi8(first_bytes(cols), k)));
+      if (three || keys)
+        _mm512_mask_storeu_epi8(out + b.to + (three ? c / 2 : c), first_bytes(three ? cols / 2 : cols), k);
+      if (!three && values)  // lane L = columns 8L .. 8L + 7 of the chunk's first group, then of its second
+        _mm512_storeu_si512(out + b.to2 + c,
+                            _mm512_permutexvar_epi8(t.pair5, _mm512_maskz_mov_epi8(first_bytes(cols), k)));
     }
   }
 }
@@ -255,12 +259,13 @@ void quantize_band_queries(const Problem& P, const float* q, float sc, int8_t* q
 }
 
 // The block's rows with their int3 / int5 bands transcoded (into buf, plan.trans_bytes a row; out[r] = its row,
-// nullptr where rows[r] is); nothing to do for bands without them.
-void Worker::transcode(const char* const* rows, int n, const BandPlan& plan, int8_t* buf, const char** out) const {
+// nullptr where rows[r] is) for the key tiles and / or the value tiles; nothing to do for bands without them.
+void Worker::transcode(const char* const* rows, int n, const BandPlan& plan, int8_t* buf, const char** out,
+                       bool keys, bool values) const {
   if (plan.trans.empty()) return;
   for (int r = 0; r < BN; ++r) {
     out[r] = r < n ? reinterpret_cast<const char*>(buf + r * plan.trans_bytes) : nullptr;
-    if (r < n) transcode_row(tctl, plan.trans, rows[r], buf + r * plan.trans_bytes);
+    if (r < n) transcode_row(trans_ctl(), plan.trans, rows[r], buf + r * plan.trans_bytes, keys, values);
   }
 }
 
