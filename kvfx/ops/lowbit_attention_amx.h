@@ -171,6 +171,7 @@ struct Problem {
   const float* qsc;                    // their scales [b, h, g]
   const char *kp, *vp;
   int64_t ksb, ksh, ksn, vsb, vsh, vsn;
+  int64_t krow = 0, vrow = 0;         // bytes of a stored key / value row (what is read of it)
   const float* mp;
   const bool* mbp;
   int64_t mask_b;
@@ -301,6 +302,7 @@ class Worker {
   int64_t block = 0;  // blocks done (for vb_at)
 
   void scales(const char* const* rows, int64_t cb, int64_t ng, float* out) const;
+  void shared_value_scales(const float* ks, const BandPlan& K, const BandPlan& V, float* vs) const;
   void key_tiles(const char* const* rows, int8_t* sbp, bool four, int64_t at, int64_t cb, int64_t n);
   void value_tiles(const char* const* rows, int t, bool four, int64_t at, int64_t cb, int64_t n, int64_t ct0);
   // double buffers: what the tile unit may still be reading is not overwritten by the vector work that follows
@@ -638,6 +640,18 @@ void Worker::run(int64_t task) {
       kr[r] = r < rows ? krows + (r0 + r) * P.ksn : nullptr;
       vr[r] = r < rows ? vrows + (r0 + r) * P.vsn : nullptr;
     }
+    {  // the next block's rows into the cache while this one is worked on (the transcoder / tile layouts read
+       // them in an order the hardware prefetcher follows late)
+      const int64_t next = std::min<int64_t>(BN, n1 - r0 - rows);
+      for (int64_t r = 0; r < next; ++r) {
+        const char* kn = krows + (r0 + rows + r) * P.ksn;
+        for (int64_t at = 0; at < P.krow; at += 64) _mm_prefetch(kn + at, _MM_HINT_T0);
+        if (!P.shared) {
+          const char* vn = vrows + (r0 + rows + r) * P.vsn;
+          for (int64_t at = 0; at < P.vrow; at += 64) _mm_prefetch(vn + at, _MM_HINT_T0);
+        }
+      }
+    }
     const int64_t moff = (P.mask_b == 1 ? 0 : b) * N + r0;
     for (int r = 0; r < BN; ++r)
       add[r] = r >= rows || (P.skip && P.skip[r0 + r]) ? kNegInf
@@ -647,7 +661,8 @@ void Worker::run(int64_t task) {
       if (!P.shared) transcode(vr, rows, *P.vplan, tv, tvr, false, true);
 
       band_scales(kr, *P.plan, ks);
-      band_scales(P.shared ? kr : vr, *P.vplan, vs);
+      if (P.shared) shared_value_scales(ks, *P.plan, *P.vplan, vs);
+      else band_scales(vr, *P.vplan, vs);
     } else {
       scales(kr, P.cbk, P.ngk, ks);
       if (!P.shared) scales(vr, P.cbv, P.ngv, vs);

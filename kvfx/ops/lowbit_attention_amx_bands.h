@@ -279,6 +279,18 @@ void Worker::band_scales(const char* const* rows, const BandPlan& plan, float* o
   }
 }
 
+// A shared latent's value scales from its key scales (ks, band_scales' output): the same scale codes, the value
+// plan's multipliers instead of the key plan's (powers of two: exact). Each Scales entry of V names the rows of its
+// band in vs as the key plan's entry of the same band does in ks.
+void Worker::shared_value_scales(const float* ks, const BandPlan& K, const BandPlan& V, float* vs) const {
+  for (size_t i = 0; i < V.scales.size(); ++i) {
+    const BandPlan::Scales &k = K.scales[i], &v = V.scales[i];
+    const __m512 f = _mm512_set1_ps(v.mult / k.mult);
+    for (int64_t j = 0; j < v.n * BN; j += 16)
+      _mm512_store_ps(vs + v.first * BN + j, _mm512_mul_ps(_mm512_load_ps(ks + k.first * BN + j), f));
+  }
+}
+
 // B tiles of key rows 16t .. 16t + 15: unit u's at sb_at(t) + u · 1024. int8 and int4 bands as those formats';
 // int2 bands 64 code bytes (8 groups) at a time, transposed, group j's dwords 2j + w (w = 0, 1) giving tile rows
 // 4w + f = 16·k of field f and 8 + 4w + f = k: byte 4r + i of an A row is column 16(r' / 4) + 4i + r' % 4 of the
