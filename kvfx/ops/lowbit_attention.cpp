@@ -669,6 +669,14 @@ void softmax_block(float* s, int64_t lds, int rows, int padded, int64_t G, float
 }
 
 
+// Asks for `rows` rows (stride ld, `bytes` each) to be brought into the cache: the next block's, while this one is
+// computed (the integer paths read its codes group by group across the rows, or transcode them a row at a time: an
+// order the hardware prefetcher follows late).
+inline void prefetch_rows(const char* base, int64_t rows, int64_t ld, int64_t bytes) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(base + r * ld + at, 0, 3);
+}
+
 #include "lowbit_attention_amx.h"    // the integer path on AMX (namespace amx), pasted in by lowbit_attention.py
 #include "lowbit_attention_avx2i.h"  // the integer path on AVX2 (namespace avx2i), likewise
 #include "lowbit_attention_avx2_int4.h"  // int4 rows decoded in registers (namespace q4), likewise
@@ -976,8 +984,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
           const int rows = static_cast<int>(std::min<int64_t>(BN, n1 - r0));
           const int padded = static_cast<int>(round_up(rows, 16));
           const int64_t next = std::min<int64_t>(BN, n1 - r0 - rows);
-          avx2i::prefetch_rows(krows + (r0 + rows) * ksn, next, ksn, fk.row_elems);
-          if (!shared) avx2i::prefetch_rows(vrows + (r0 + rows) * vsn, next, vsn, fv.row_elems);
+          prefetch_rows(krows + (r0 + rows) * ksn, next, ksn, fk.row_elems);
+          if (!shared) prefetch_rows(vrows + (r0 + rows) * vsn, next, vsn, fv.row_elems);
           avx2i::decode_block(krows + r0 * ksn, ksn, rows, padded, kpl, lut, true, shared, buf);
           if (!shared) avx2i::decode_block(vrows + r0 * vsn, vsn, rows, padded, vpl, lut, false, true, buf);
           const int64_t moff = (mask_b == 1 ? 0 : b) * N + r0;

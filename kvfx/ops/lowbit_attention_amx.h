@@ -640,18 +640,9 @@ void Worker::run(int64_t task) {
       kr[r] = r < rows ? krows + (r0 + r) * P.ksn : nullptr;
       vr[r] = r < rows ? vrows + (r0 + r) * P.vsn : nullptr;
     }
-    {  // the next block's rows into the cache while this one is worked on (the transcoder / tile layouts read
-       // them in an order the hardware prefetcher follows late)
-      const int64_t next = std::min<int64_t>(BN, n1 - r0 - rows);
-      for (int64_t r = 0; r < next; ++r) {
-        const char* kn = krows + (r0 + rows + r) * P.ksn;
-        for (int64_t at = 0; at < P.krow; at += 64) _mm_prefetch(kn + at, _MM_HINT_T0);
-        if (!P.shared) {
-          const char* vn = vrows + (r0 + rows + r) * P.vsn;
-          for (int64_t at = 0; at < P.vrow; at += 64) _mm_prefetch(vn + at, _MM_HINT_T0);
-        }
-      }
-    }
+    const int64_t next = std::min<int64_t>(BN, n1 - r0 - rows);  // the next block's rows, while this one is worked on
+    prefetch_rows(krows + (r0 + rows) * P.ksn, next, P.ksn, P.krow);
+    if (!P.shared) prefetch_rows(vrows + (r0 + rows) * P.vsn, next, P.vsn, P.vrow);
     const int64_t moff = (P.mask_b == 1 ? 0 : b) * N + r0;
     for (int r = 0; r < BN; ++r)
       add[r] = r >= rows || (P.skip && P.skip[r0 + r]) ? kNegInf

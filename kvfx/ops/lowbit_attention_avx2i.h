@@ -188,13 +188,6 @@ inline void store_values(const __m256i* u, int8_t* vp) {
   }
 }
 
-// Asks for `rows` rows (stride ld, `bytes` each) to be brought into the cache: the next block's, while this one is
-// computed (its codes are read group by group across the rows, a pattern the hardware prefetcher follows late).
-inline void prefetch_rows(const char* base, int64_t rows, int64_t ld, int64_t bytes) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(base + r * ld + at, _MM_HINT_T0);
-}
-
 // Rows r0 … r0 + rows - 1 (stride ld bytes) of one slot into the buffers, padded to `padded` rows (u = 8, scale 0).
 // keys / values: which layouts to write (a shared latent writes both from one decoding).
 inline void decode_block(const char* base, int64_t ld, int rows, int padded, const Plan& plan, const float* lut,
