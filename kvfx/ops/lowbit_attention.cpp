@@ -18,6 +18,8 @@
 //   runs the softmax. The roundings (query: 1/4064 of its row's largest |q| for int4, 1/65024 for int8; weights:
 //   1/65024 of the block's largest) move the output by at most ~1.3e-3 (int4) / ~3e-4 (int8) of its size on
 //   SmolLM2's decode inputs, 200 / 80 times less than the cache's own rounding does; see lowbit_attention_amx.h.
+//   int4 rows read by up to 4 query rows a kv head (per-head latents) take AVX-512 VNNI instead of the tile unit
+//   (lowbit_attention_vnni.h: the same integers and roundings, no tile layouts; KVFX_NO_VNNI=1: the tile unit).
 // * Integer on AVX2, opt-in (KVFX_AVX2_INTEGER=1; int4 / int3 / int2 rows and bands of them, CPUs with AVX2 but not
 //   AVX-512: AMD Zen 1-3; namespace avx2i, lowbit_attention_avx2i.h): the codes as 4-bit integers with an offset,
 //   VPMADDUBSW against the query rounded to 8 bits per 32-column group (scores) and against the weights p·s rounded to 8 bits per block
@@ -673,6 +675,10 @@ void softmax_block(float* s, int64_t lds, int rows, int padded, int64_t G, float
 // computed (the integer paths read its codes group by group across the rows, or transcode them a row at a time: an
 // order the hardware prefetcher follows late).
 inline void prefetch_rows(const char* base, int64_t rows, int64_t ld, int64_t bytes) {
+  if (rows > 0 && ld <= bytes + 64) {  // rows packed densely (narrow rows): their span, a line at a time
+    for (int64_t at = 0; at < (rows - 1) * ld + bytes; at += 64) __builtin_prefetch(base + at, 0, 3);
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(base + r * ld + at, 0, 3);
 }
@@ -957,7 +963,17 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
     pr.krow = fk.row_elems * es, pr.vrow = fv.row_elems * es;
     pr.mp = mp, pr.mbp = mbp, pr.mask_b = mask_b, pr.lut = lut, pr.skip = skip;
     pr.part_m = part_m.data(), pr.part_l = part_l.data(), pr.part_o = part_o.data();
+#if KVFX_VNNI
+    const bool vnni = amx::vnni_takes(pr) && !env_set("KVFX_NO_VNNI");  // KVFX_NO_VNNI=1: the tile unit (A/B runs)
+#endif
     at::parallel_for(0, B * H * chunks, 1, [&](int64_t begin, int64_t end) {
+#if KVFX_VNNI
+      if (vnni) {
+        amx::VnniWorker worker(pr);
+        for (int64_t task = begin; task < end; ++task) worker.run(task);
+        return;
+      }
+#endif
       amx::Worker worker(pr);
       for (int64_t task = begin; task < end; ++task) worker.run(task);
     });

@@ -244,6 +244,80 @@ void quantize_queries(const Problem& P, const float* q, float sc, int8_t* qa, fl
     }
 }
 
+// The block's scale codes -> out[j * BN + r] = 2^(e/8), 0 for missing rows. Several groups: 16 rows at a time,
+// transposed, 2^(e/8) = 2^((e&7) / 8) · 2^(e>>3) by a permute and VSCALEFPS (l8: lut[128 .. 135]).
+void block_scales(const char* const* rows, int64_t cb, int64_t ng, const float* lut, __m512 l8, float* out) {
+  if (ng == 1) {
+    for (int r = 0; r < BN; ++r) out[r] = rows[r] ? lut[reinterpret_cast<const int8_t*>(rows[r])[cb] + 128] : 0.0f;
+    return;
+  }
+  for (int r0 = 0; r0 < BN; r0 += 16) {
+    __mmask16 valid = 0;
+    for (int n = 0; n < 16; ++n) valid |= static_cast<__mmask16>(rows[r0 + n] != nullptr) << n;
+    for (int64_t j0 = 0; j0 < ng; j0 += 64) {
+      const __mmask64 m = first_bytes(ng - j0);
+      __m512i z[16];
+      for (int n = 0; n < 16; ++n)
+        z[n] = rows[r0 + n] ? _mm512_maskz_loadu_epi8(m, rows[r0 + n] + cb + j0) : _mm512_setzero_si512();
+      transpose16(z);
+      for (int64_t j = j0; j < std::min(ng, j0 + 64); ++j) {
+        const int b = static_cast<int>((j - j0) % 4);
+        const __m512i e = _mm512_srai_epi32(_mm512_slli_epi32(z[(j - j0) / 4], 24 - 8 * b), 24);
+        const __m512 s = _mm512_scalef_ps(_mm512_permutexvar_ps(_mm512_and_si512(e, _mm512_set1_epi32(7)), l8),
+                                          _mm512_cvtepi32_ps(_mm512_srai_epi32(e, 3)));
+        _mm512_store_ps(out + j * BN + r0, _mm512_maskz_mov_ps(valid, s));
+      }
+    }
+  }
+}
+
+// Online softmax over a block of BN rows (s_ [G, BN]): s_ becomes exp(score - the block's max) (<= 1: what weights() rounds), pf[g]
+// the factor to the running max m; l and o are rescaled when m grows.
+void block_softmax(float* s_, float* pf, int64_t G, int64_t Rvp, float* m, float* l, float* o) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = s_ + g * BN;
+    __m512 vmax = _mm512_set1_ps(kNegInf);
+    for (int r = 0; r < BN; r += 16) vmax = _mm512_max_ps(vmax, _mm512_load_ps(sg + r));
+    const float bmax = _mm512_reduce_max_ps(vmax);
+    if (bmax == kNegInf) {  // every row of the block masked
+      std::fill(sg, sg + BN, 0.0f);
+      pf[g] = 0.0f;
+      continue;
+    }
+    const float mnew = std::max(m[g], bmax);
+    if (m[g] != mnew) {
+      const __m512 corr = _mm512_set1_ps(exp_nonpositive(m[g] - mnew));
+      l[g] *= corr[0];
+      float* og = o + g * Rvp;
+      for (int64_t i = 0; i < Rvp; i += 16) _mm512_storeu_ps(og + i, _mm512_mul_ps(_mm512_loadu_ps(og + i), corr));
+      m[g] = mnew;
+    }
+    const __m512 bm = _mm512_set1_ps(bmax);
+    __m512 sum = _mm512_setzero_ps();
+    for (int r = 0; r < BN; r += 16) {
+      const __m512 p = exp_nonpositive16(_mm512_sub_ps(_mm512_load_ps(sg + r), bm));
+      _mm512_store_ps(sg + r, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    pf[g] = exp_nonpositive(bmax - mnew);
+    l[g] += pf[g] * _mm512_reduce_add_ps(sum);
+  }
+}
+
+// What a block's scores add: the mask's, -inf for rows skipped (exact rows) or missing (past `rows`).
+inline void block_add(const Problem& P, int64_t b, int64_t r0, int rows, float* add) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t moff = (P.mask_b == 1 ? 0 : b) * P.N + r0;
+  if (!P.skip && !P.mp && !P.mbp) {
+    std::fill(add, add + rows, 0.0f);
+  } else {
+    for (int r = 0; r < rows; ++r)
+      add[r] = P.skip && P.skip[r0 + r] ? kNegInf : P.mp ? P.mp[moff + r] : P.mbp && !P.mbp[moff + r] ? kNegInf : 0.0f;
+  }
+  std::fill(add + rows, add + BN, kNegInf);
+}
+
 // One thread's tiles and buffers (thread-local, reused across calls); run(task) = one (batch, head, chunk of rows).
 class Worker {
  public:
@@ -301,7 +375,9 @@ class Worker {
 
   int64_t block = 0;  // blocks done (for vb_at)
 
-  void scales(const char* const* rows, int64_t cb, int64_t ng, float* out) const;
+  void scales(const char* const* rows, int64_t cb, int64_t ng, float* out) const {
+    block_scales(rows, cb, ng, P.lut, lut8, out);
+  }
   void shared_value_scales(const float* ks, const BandPlan& K, const BandPlan& V, float* vs) const;
   void key_tiles(const char* const* rows, int8_t* sbp, bool four, int64_t at, int64_t cb, int64_t n);
   void value_tiles(const char* const* rows, int t, bool four, int64_t at, int64_t cb, int64_t n, int64_t ct0);
@@ -312,7 +388,7 @@ class Worker {
   int32_t* cv_at(int64_t i) const { return cv + (i % 2) * 4 * Gb * 16; }
   void score_tiles(int64_t bh, int gb, int t);
   void score_sums(int64_t bh, int gb, int t, const float* add);
-  void softmax(float* m, float* l, float* o);
+  void softmax(float* m, float* l, float* o) { block_softmax(s_, pf, P.G, P.Rvp, m, l, o); }
   void weights(int gb, int64_t j);
   void value_sums(int gb, int64_t i, float* o);
   void value_tile_ops(int gb, int64_t i);
@@ -325,34 +401,6 @@ class Worker {
   void band_score_tiles(int64_t bh, int gb, int t);
   void band_sums(const int32_t* csp, const float* kst, float* st, const float* qs, int g0, int gn, __m512 addv) const;
 };
-
-// The block's scale codes -> out[j * BN + r] = 2^(e/8), 0 for missing rows. Several groups: 16 rows at a time,
-// transposed, 2^(e/8) = 2^((e&7) / 8) · 2^(e>>3) by a permute and VSCALEFPS.
-void Worker::scales(const char* const* rows, int64_t cb, int64_t ng, float* out) const {
-  if (ng == 1) {
-    for (int r = 0; r < BN; ++r) out[r] = rows[r] ? P.lut[reinterpret_cast<const int8_t*>(rows[r])[cb] + 128] : 0.0f;
-    return;
-  }
-  const __m512 l8 = lut8;
-  for (int r0 = 0; r0 < BN; r0 += 16) {
-    __mmask16 valid = 0;
-    for (int n = 0; n < 16; ++n) valid |= static_cast<__mmask16>(rows[r0 + n] != nullptr) << n;
-    for (int64_t j0 = 0; j0 < ng; j0 += 64) {
-      const __mmask64 m = first_bytes(ng - j0);
-      __m512i z[16];
-      for (int n = 0; n < 16; ++n)
-        z[n] = rows[r0 + n] ? _mm512_maskz_loadu_epi8(m, rows[r0 + n] + cb + j0) : _mm512_setzero_si512();
-      transpose16(z);
-      for (int64_t j = j0; j < std::min(ng, j0 + 64); ++j) {
-        const int b = static_cast<int>((j - j0) % 4);
-        const __m512i e = _mm512_srai_epi32(_mm512_slli_epi32(z[(j - j0) / 4], 24 - 8 * b), 24);
-        const __m512 s = _mm512_scalef_ps(_mm512_permutexvar_ps(_mm512_and_si512(e, _mm512_set1_epi32(7)), l8),
-                                          _mm512_cvtepi32_ps(_mm512_srai_epi32(e, 3)));
-        _mm512_store_ps(out + j * BN + r0, _mm512_maskz_mov_ps(valid, s));
-      }
-    }
-  }
-}
 
 // The B tiles of 16 key rows: sb[unit * 1024], 16 rows of 64 bytes, row i byte 4n + b = key row n's code of
 // column col(i, b). int4 group j: rows 2d, 2d + 1 = 16 · the low, high nibbles of the group's dword d, rows 8 + 2d,
@@ -494,41 +542,6 @@ void Worker::score_sums(int64_t bh, int gb, int t, const float* add) {
   }
 }
 
-// Online softmax over the block: s_ becomes exp(score - the block's max) (<= 1: what weights() rounds), pf[g]
-// the factor to the running max m; l and o are rescaled when m grows.
-void Worker::softmax(float* m, float* l, float* o) {
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  const int64_t Rvp = P.Rvp;
-  for (int64_t g = 0; g < P.G; ++g) {
-    float* sg = s_ + g * BN;
-    __m512 vmax = _mm512_set1_ps(kNegInf);
-    for (int r = 0; r < BN; r += 16) vmax = _mm512_max_ps(vmax, _mm512_load_ps(sg + r));
-    const float bmax = _mm512_reduce_max_ps(vmax);
-    if (bmax == kNegInf) {  // every row of the block masked
-      std::fill(sg, sg + BN, 0.0f);
-      pf[g] = 0.0f;
-      continue;
-    }
-    const float mnew = std::max(m[g], bmax);
-    if (m[g] != mnew) {
-      const __m512 corr = _mm512_set1_ps(exp_nonpositive(m[g] - mnew));
-      l[g] *= corr[0];
-      float* og = o + g * Rvp;
-      for (int64_t i = 0; i < Rvp; i += 16) _mm512_storeu_ps(og + i, _mm512_mul_ps(_mm512_loadu_ps(og + i), corr));
-      m[g] = mnew;
-    }
-    const __m512 bm = _mm512_set1_ps(bmax);
-    __m512 sum = _mm512_setzero_ps();
-    for (int r = 0; r < BN; r += 16) {
-      const __m512 p = exp_nonpositive16(_mm512_sub_ps(_mm512_load_ps(sg + r), bm));
-      _mm512_store_ps(sg + r, p);
-      sum = _mm512_add_ps(sum, p);
-    }
-    pf[g] = exp_nonpositive(bmax - mnew);
-    l[g] += pf[g] * _mm512_reduce_add_ps(sum);
-  }
-}
-
 // The block's value sums, o[g, :] += sum_n p · s_v · v. Per query row g and value group j (int8: one) the weights
 // w = p · s_v are rounded to x = w · 32512 / max_n w, as two digits x = 256·hi + lo (hi = x >> 8 signed, lo =
 // x & 255 unsigned) summed by two accumulators (TDPBSSD, TDPBUSD). Work item i = a pair of C tiles (int4: group i,
@@ -643,10 +656,7 @@ void Worker::run(int64_t task) {
     const int64_t next = std::min<int64_t>(BN, n1 - r0 - rows);  // the next block's rows, while this one is worked on
     prefetch_rows(krows + (r0 + rows) * P.ksn, next, P.ksn, P.krow);
     if (!P.shared) prefetch_rows(vrows + (r0 + rows) * P.vsn, next, P.vsn, P.vrow);
-    const int64_t moff = (P.mask_b == 1 ? 0 : b) * N + r0;
-    for (int r = 0; r < BN; ++r)
-      add[r] = r >= rows || (P.skip && P.skip[r0 + r]) ? kNegInf
-             : P.mp ? P.mp[moff + r] : P.mbp && !P.mbp[moff + r] ? kNegInf : 0.0f;
+    block_add(P, b, r0, rows, add);
     if (P.plan) {
       transcode(kr, rows, *P.plan, tk, tkr, true, P.shared);  // a shared latent's values read the key rows
       if (!P.shared) transcode(vr, rows, *P.vplan, tv, tvr, false, true);
@@ -694,5 +704,6 @@ void Worker::run(int64_t task) {
 }
 
 #include "lowbit_attention_amx_bands.h"  // bands on the tile unit, pasted in by lowbit_attention.py
+#include "lowbit_attention_vnni.h"  // int4 rows for a few query rows on AVX-512 VNNI, likewise
 }  // namespace amx
 #endif  // KVFX_AMX

@@ -1,0 +1,257 @@
+// int4 rows read by a few query rows (G <= kVnniG: per-head latents, e.g. SmolLM2's 3 query heads a kv head) on
+// AVX-512 VNNI instead of the tile unit. Not a standalone header: lowbit_attention.py pastes it into
+// lowbit_attention_amx.h where that file says `#include "lowbit_attention_vnni.h"` (inside namespace amx, after
+// class Worker: the same Problem, query digits, block scales and online softmax).
+//
+// Why: a tile product takes up to 16 query rows; with 3 of them and one 32-column group a row the tile unit idles
+// while each 16-row tile is laid out, loaded, multiplied and stored in turn (~0.5-0.7 ms a SmolLM2 layer at 16k
+// tokens). VPDPBUSD (u8 x s8 -> int32, 4 products a lane) reads the rows as they are stored, a lane a row (keys) or
+// a lane a column (values), with no tile layout in memory.
+//
+// Same integers, same roundings as the tile path (Worker): the query digits x = 16·hi + lo of quantize_queries and
+// the value weights' two 8-bit digits of a block of BN rows; only the float sums' order may differ.
+// * Scores, 16 rows a vector: the rows' dwords transposed (a 4 x 4 dword transpose in each 128-bit lane), each
+//   nibble read unsigned, u = k + 8 (and 16·u, exact in u8), against the broadcast query digits: sum u·x; the int32
+//   sum minus 8 · sum x (a constant of the query row and group) is the tile path's sum k·x.
+// * Values, 4 rows a step: byte i of 4 rows gathered in one dword (VPERMB), its nibbles sign-extended (columns 2i,
+//   2i + 1 of the group), against the broadcast weights' digits of the 4 rows (hi and lo, u8): the tile path's sums.
+#if defined(__AVX512VNNI__)
+#define KVFX_VNNI 1
+constexpr int kVnniG = 4;  // query rows a kv head up to which VNNI beats the tile unit here (SmolLM2: 3)
+
+inline bool vnni_takes(const Problem& P) {  // (code bytes >= 3: the scale gather reads the dword ending at a code)
+  return P.kind == kInt4 && !P.plan && P.G <= kVnniG && P.cbk >= 3 && P.cbv >= 3;
+}
+
+class VnniWorker {
+ public:
+  explicit VnniWorker(const Problem& p) : P(p) {
+    size_t used = 0;
+    auto take = [&](size_t bytes) { const size_t at = used; used += round_up(bytes, 64); return at; };
+    const size_t o_ks = take(4 * P.ngk * BN), o_vs = take(P.shared ? 0 : 4 * P.ngv * BN), o_s = take(4 * P.G * BN),
+                 o_pf = take(4 * P.G), o_ps = take(4 * P.G * P.ngv), o_wd = take(P.G * P.ngv * 2 * BN),
+                 o_z = take(std::max(P.cbk, P.cbv) + 64);
+    static thread_local std::vector<char> scratch;
+    if (scratch.size() < used + 64) scratch.resize(used + 64);
+    char* base = reinterpret_cast<char*>(round_up(reinterpret_cast<int64_t>(scratch.data()), 64));
+    ks = reinterpret_cast<float*>(base + o_ks);
+    vs = P.shared ? ks : reinterpret_cast<float*>(base + o_vs);
+    s_ = reinterpret_cast<float*>(base + o_s);
+    pf = reinterpret_cast<float*>(base + o_pf);
+    ps = reinterpret_cast<float*>(base + o_ps);
+    wd = reinterpret_cast<uint8_t*>(base + o_wd);
+    zero = base + o_z;
+    std::memset(zero, 0, std::max(P.cbk, P.cbv) + 64);
+    alignas(64) float l8[16] = {};
+    for (int b = 0; b < 8; ++b) l8[b] = P.lut[128 + b];
+    lut8 = _mm512_load_ps(l8);
+  }
+  void run(int64_t task);
+
+ private:
+  const Problem& P;
+  __m512 lut8;
+  float *ks, *vs, *s_, *pf, *ps;
+  uint8_t* wd;       // the block's weight digits [g][group][hi, lo][BN], u8 in row order
+  char* zero;        // a zero row: what missing rows read
+  int32_t corr[kVnniG * 64];  // 8 · sum of the query row's x over each key group (<= 64 groups: 2048 columns)
+
+  // rows r of the block: base + r · ld for r < rows, else the zero row
+  struct Rows {
+    const char* base;
+    int64_t ld;
+    int rows;
+    const char* zero;
+    const char* operator[](int r) const { return r < rows ? base + r * ld : zero; }
+  };
+  void scales(const Rows& r, int64_t cb, int64_t ng, float* out) const;
+  template <int G> void key_scores(const Rows& r, int t, int64_t bh, const float* add);
+  void weights();
+  template <int G> void value_sums(const Rows& r, int n, float* o);
+  template <int G> void block(const Rows& kr, const Rows& vr, int64_t bh, const float* add, float* m, float* l,
+                              float* o);
+};
+
+// The block's scale codes -> out[j * BN + r] = 2^(e/8) (block_scales' numbers, a gather of 16 rows at a time), 0
+// for missing rows.
+void VnniWorker::scales(const Rows& r, int64_t cb, int64_t ng, float* out) const {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int r0 = 0; r0 < BN; r0 += 16) {
+    const __mmask16 valid = static_cast<__mmask16>(first_bytes(r.rows - r0));
+    const __m512i off = _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(r0)),
+                                           _mm512_set1_epi32(static_cast<int>(r.ld)));
+    for (int64_t j = 0; j < ng; ++j) {  // the dword that ends with the code (no read past the row; cb >= 3)
+      const __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, off, r.base + cb + j - 3, 1);
+      const __m512i e = _mm512_srai_epi32(w, 24);
+      const __m512 sc = _mm512_scalef_ps(_mm512_permutexvar_ps(_mm512_and_si512(e, _mm512_set1_epi32(7)), lut8),
+                                         _mm512_cvtepi32_ps(_mm512_srai_epi32(e, 3)));
+      _mm512_store_ps(out + j * BN + r0, _mm512_maskz_mov_ps(valid, sc));
+    }
+  }
+}
+
+// 16 rows' scores: s_[g * BN + 16t + lane] (lane = row 16t + lane).
+template <int G>
+void VnniWorker::key_scores(const Rows& rr, int t, int64_t bh, const float* add) {
+  const char* r[16];
+  for (int i = 0; i < 16; ++i) r[i] = rr[16 * t + i];
+  const float* qs = P.qsc + bh * P.G;
+  const __m512i x88 = _mm512_set1_epi8(static_cast<char>(0x88)), f0 = _mm512_set1_epi8(0x0F),
+                hf = _mm512_set1_epi8(static_cast<char>(0xF0));
+  __m512 accf[kVnniG];
+  for (int g = 0; g < G; ++g) accf[g] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < P.ngk; ++j) {
+    const __mmask16 m = static_cast<__mmask16>(first_bytes(P.cbk - 16 * j));
+    __m512i z[4];
+    for (int a = 0; a < 4; ++a) {  // z[a], 128-bit lane L: row 4L + a's 16 code bytes of group j
+      z[a] = _mm512_castsi128_si512(_mm_maskz_loadu_epi8(m, r[a] + 16 * j));
+      z[a] = _mm512_inserti32x4(z[a], _mm_maskz_loadu_epi8(m, r[4 + a] + 16 * j), 1);
+      z[a] = _mm512_inserti32x4(z[a], _mm_maskz_loadu_epi8(m, r[8 + a] + 16 * j), 2);
+      z[a] = _mm512_inserti32x4(z[a], _mm_maskz_loadu_epi8(m, r[12 + a] + 16 * j), 3);
+    }
+    const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]),
+                  t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+    const __m512i y[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                          _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};  // lane n: row n's dword d
+    __m512i ah[kVnniG], al[kVnniG];  // the hi and lo digits' sums (two chains a row)
+    for (int g = 0; g < G; ++g) ah[g] = al[g] = _mm512_setzero_si512();
+    for (int d = 0; d < 4; ++d) {
+      const __m512i x = _mm512_xor_si512(y[d], x88);  // both nibbles + 8: unsigned
+      const __m512i lo = _mm512_and_si512(x, f0), lo16 = _mm512_and_si512(_mm512_slli_epi32(x, 4), hf),
+                    hi = _mm512_and_si512(_mm512_srli_epi32(x, 4), f0), hi16 = _mm512_and_si512(x, hf);
+      for (int g = 0; g < G; ++g) {
+        const int32_t* q = reinterpret_cast<const int32_t*>(P.qtile(bh, 0, j, 0) + g * 64);  // [hi | lo] digits
+        ah[g] = _mm512_dpbusd_epi32(ah[g], lo16, _mm512_set1_epi32(q[2 * d]));
+        ah[g] = _mm512_dpbusd_epi32(ah[g], hi16, _mm512_set1_epi32(q[2 * d + 1]));
+        al[g] = _mm512_dpbusd_epi32(al[g], lo, _mm512_set1_epi32(q[8 + 2 * d]));
+        al[g] = _mm512_dpbusd_epi32(al[g], hi, _mm512_set1_epi32(q[8 + 2 * d + 1]));
+      }
+    }
+    const __m512 kv = _mm512_load_ps(ks + j * BN + 16 * t);
+    for (int g = 0; g < G; ++g) {
+      const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(ah[g], al[g]), _mm512_set1_epi32(corr[g * P.ngk + j]));
+      accf[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), kv, accf[g]);
+    }
+  }
+  const __m512 addv = _mm512_load_ps(add);
+  for (int g = 0; g < G; ++g)
+    _mm512_store_ps(s_ + g * BN + 16 * t, _mm512_fmadd_ps(accf[g], _mm512_set1_ps(qs[g]), addv));
+}
+
+// Per query row and value group the block's weights w = p · s_v rounded as Worker::weights rounds them (x = w ·
+// 32512 / max w, x = 256·hi + lo), the digits in row order.
+void VnniWorker::weights() {
+  const int64_t ngv = P.ngv;
+  for (int64_t g = 0; g < P.G; ++g)
+    for (int64_t j = 0; j < ngv; ++j) {
+      const float* pg = s_ + g * BN;
+      const float* vj = vs + j * BN;
+      __m512 w[BN / 16];
+      __m512 mx = _mm512_setzero_ps();
+      for (int v = 0; v < BN / 16; ++v) {
+        w[v] = _mm512_mul_ps(_mm512_load_ps(pg + 16 * v), _mm512_load_ps(vj + 16 * v));
+        mx = _mm512_max_ps(mx, w[v]);
+      }
+      const float wmax = _mm512_reduce_max_ps(mx);
+      ps[g * ngv + j] = pf[g] * wmax / kQ8;
+      const __m512 f = _mm512_set1_ps(wmax > 0 ? kQ8 / wmax : 0.0f);
+      uint8_t* hi = wd + (g * ngv + j) * 2 * BN;
+      for (int v = 0; v < BN / 16; ++v) {
+        const __m512i x = _mm512_cvtps_epi32(_mm512_mul_ps(w[v], f));
+        _mm_store_si128(reinterpret_cast<__m128i*>(hi + 16 * v), _mm512_cvtepi32_epi8(_mm512_srli_epi32(x, 8)));
+        _mm_store_si128(reinterpret_cast<__m128i*>(hi + BN + 16 * v), _mm512_cvtepi32_epi8(x));
+      }
+    }
+}
+
+// o[g] += the block's value sums over its first n rows (n a multiple of 4; rows past the block's read zero rows).
+template <int G>
+void VnniWorker::value_sums(const Rows& r, int n, float* o) {
+  alignas(64) int8_t ix[64];  // byte 4i + k <- row k's byte i (128-bit lane k)
+  for (int i = 0; i < 16; ++i)
+    for (int k = 0; k < 4; ++k) ix[4 * i + k] = static_cast<int8_t>(16 * k + i);
+  const __m512i idx = _mm512_load_si512(ix);
+  for (int64_t j = 0; j < P.ngv; ++j) {
+    const __mmask16 m = static_cast<__mmask16>(first_bytes(P.cbv - 16 * j));
+    __m512i acc[kVnniG][4];  // even columns hi, lo; odd columns hi, lo
+    for (int g = 0; g < G; ++g)
+      for (int k = 0; k < 4; ++k) acc[g][k] = _mm512_setzero_si512();
+    for (int n0 = 0; n0 < n; n0 += 4) {
+      __m512i z = _mm512_castsi128_si512(_mm_maskz_loadu_epi8(m, r[n0] + 16 * j));
+      z = _mm512_inserti32x4(z, _mm_maskz_loadu_epi8(m, r[n0 + 1] + 16 * j), 1);
+      z = _mm512_inserti32x4(z, _mm_maskz_loadu_epi8(m, r[n0 + 2] + 16 * j), 2);
+      z = _mm512_inserti32x4(z, _mm_maskz_loadu_epi8(m, r[n0 + 3] + 16 * j), 3);
+      const __m512i y = _mm512_permutexvar_epi8(idx, z);
+      const __m512i ev = lo4(y), od = hi4(y);  // lane i: columns 32j + 2i, 32j + 2i + 1 of the 4 rows, signed
+      for (int g = 0; g < G; ++g) {
+        const uint8_t* hi = wd + (g * P.ngv + j) * 2 * BN + n0;
+        const __m512i wh = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(hi));
+        const __m512i wl = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(hi + BN));
+        acc[g][0] = _mm512_dpbusd_epi32(acc[g][0], wh, ev);
+        acc[g][1] = _mm512_dpbusd_epi32(acc[g][1], wl, ev);
+        acc[g][2] = _mm512_dpbusd_epi32(acc[g][2], wh, od);
+        acc[g][3] = _mm512_dpbusd_epi32(acc[g][3], wl, od);
+      }
+    }
+    for (int g = 0; g < G; ++g) {  // columns as the tile path accumulates them: group j's even, then odd columns
+      const __m512 f = _mm512_set1_ps(ps[g * P.ngv + j]);
+      for (int k = 0; k < 2; ++k) {
+        float* og = o + g * P.Rvp + 32 * j + 16 * k;
+        const __m512 hi = _mm512_cvtepi32_ps(acc[g][2 * k]), lo = _mm512_cvtepi32_ps(acc[g][2 * k + 1]);
+        _mm512_storeu_ps(og, _mm512_fmadd_ps(_mm512_fmadd_ps(hi, _mm512_set1_ps(256.0f), lo), f, _mm512_loadu_ps(og)));
+      }
+    }
+  }
+}
+
+void VnniWorker::run(int64_t task) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t G = P.G, N = P.N;
+  const int64_t bh = task / P.chunks, c = task % P.chunks, b = bh / P.H, h = bh % P.H;
+  const char* krows = P.kp + b * P.ksb + h * P.ksh;
+  const char* vrows = P.vp + b * P.vsb + h * P.vsh;
+  const int64_t n0 = c * P.chunk, n1 = std::min(N, n0 + P.chunk);
+  float* m = P.part_m + task * G;
+  float* l = P.part_l + task * G;
+  float* o = P.part_o + task * G * P.Rvp;
+  std::fill(m, m + G, kNegInf);
+  std::fill(l, l + G, 0.0f);
+  std::fill(o, o + G * P.Rvp, 0.0f);
+  TORCH_CHECK(P.ngk <= 64, "kvfx: VNNI int4 path: at most 2048 key columns");
+  for (int64_t g = 0; g < G; ++g)  // 8 · sum of x = 16·hi + lo over each group's columns
+    for (int64_t j = 0; j < P.ngk; ++j) {
+      const int8_t* q = P.qtile(bh, 0, j, 0) + g * 64;
+      int32_t sx = 0;
+      for (int i = 0; i < 32; ++i) sx += 16 * q[i] + q[32 + i];
+      corr[g * P.ngk + j] = 8 * sx;
+    }
+  alignas(64) float add[BN];
+  for (int64_t r0 = n0; r0 < n1; r0 += BN) {
+    const int rows = static_cast<int>(std::min<int64_t>(BN, n1 - r0));
+    const Rows kr{krows + r0 * P.ksn, P.ksn, rows, zero}, vr{vrows + r0 * P.vsn, P.vsn, rows, zero};
+    const int64_t next = std::min<int64_t>(BN, n1 - r0 - rows);
+    prefetch_rows(krows + (r0 + rows) * P.ksn, next, P.ksn, P.krow);
+    if (!P.shared) prefetch_rows(vrows + (r0 + rows) * P.vsn, next, P.vsn, P.vrow);
+    block_add(P, b, r0, rows, add);
+    switch (G) {
+      case 1: block<1>(kr, vr, bh, add, m, l, o); break;
+      case 2: block<2>(kr, vr, bh, add, m, l, o); break;
+      case 3: block<3>(kr, vr, bh, add, m, l, o); break;
+      default: block<4>(kr, vr, bh, add, m, l, o); break;
+    }
+  }
+}
+
+template <int G>
+void VnniWorker::block(const Rows& kr, const Rows& vr, int64_t bh, const float* add, float* m, float* l, float* o) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  scales(kr, P.cbk, P.ngk, ks);
+  if (!P.shared) scales(vr, P.cbv, P.ngv, vs);
+  const int T = (kr.rows + 15) / 16;
+  for (int t = 0; t < T; ++t) key_scores<G>(kr, t, bh, add + 16 * t);
+  for (int g = 0; g < G; ++g) std::fill(s_ + g * BN + 16 * T, s_ + (g + 1) * BN, kNegInf);
+  block_softmax(s_, pf, G, P.Rvp, m, l, o);
+  weights();
+  value_sums<G>(P.shared ? kr : vr, static_cast<int>(round_up(kr.rows, 4)), o);
+}
+#endif  // __AVX512VNNI__
