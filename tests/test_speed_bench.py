@@ -169,13 +169,15 @@ def test_bits_configs_name_their_band_levels(speed):
 
 def test_decoded_configs_switch_the_integer_path_off(speed):
     """'-decoded': the same low-bit configuration with its rows decoded to float32 in the kernel (KVFX_NO_AMX=1 while
-    its rows run); '-avx2int': with the kernel's opt-in AVX2 integer path (KVFX_AVX2_INTEGER=1). So the paths are
-    measured side by side in one run."""
+    its rows run); '-avx2int': with the kernel's opt-in AVX2 integer path (KVFX_AVX2_INTEGER=1); '-tile': int4 rows
+    of few query rows on AMX's tile unit instead of VNNI (KVFX_NO_VNNI=1). So the paths are measured side by side in one run."""
     from speed_setup import parse_config
     assert parse_config("kvfx-kv-bits-0.125-decoded").decoded and parse_config("kvfx-head-0.5-int4-decoded").decoded
     assert parse_config("kvfx-head-0.5-int4-avx2int").avx2_integer and parse_config("kvfx-kv-bits-0.125-avx2int").avx2_integer
     plain = parse_config("kvfx-head-0.5-int4")
-    assert not plain.decoded and not plain.avx2_integer
+    assert not plain.decoded and not plain.avx2_integer and not plain.tile
+    tile = parse_config("kvfx-head-0.5-int4-tile")
+    assert tile.tile and not tile.decoded
     with pytest.raises(ValueError, match="unknown configuration"):
         parse_config("kvfx-head-0.5-decoded")  # 16-bit latents have no integer path to switch
 
