@@ -18,7 +18,7 @@
 //   runs the softmax. The roundings (query: 1/4064 of its row's largest |q| for int4, 1/65024 for int8; weights:
 //   1/65024 of the block's largest) move the output by at most ~1.3e-3 (int4) / ~3e-4 (int8) of its size on
 //   SmolLM2's decode inputs, 200 / 80 times less than the cache's own rounding does; see lowbit_attention_amx.h.
-//   int4 rows read by up to 4 query rows a kv head (per-head latents) take AVX-512 VNNI instead of the tile unit
+//   int4 / int8 rows read by up to 4 query rows a kv head (per-head latents) take AVX-512 VNNI, not the tile unit
 //   (lowbit_attention_vnni.h: the same integers and roundings, no tile layouts; KVFX_NO_VNNI=1: the tile unit).
 // * Integer on AVX2, opt-in (KVFX_AVX2_INTEGER=1; int4 / int3 / int2 rows and bands of them, CPUs with AVX2 but not
 //   AVX-512: AMD Zen 1-3; namespace avx2i, lowbit_attention_avx2i.h): the codes as 4-bit integers with an offset,

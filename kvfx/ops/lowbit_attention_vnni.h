@@ -1,5 +1,5 @@
-// int4 rows read by a few query rows (G <= kVnniG: per-head latents, e.g. SmolLM2's 3 query heads a kv head) on
-// AVX-512 VNNI instead of the tile unit. Not a standalone header: lowbit_attention.py pastes it into
+// int4 and int8 rows read by a few query rows (G <= kVnniG: per-head latents, e.g. SmolLM2's 3 query heads a kv
+// head) on AVX-512 VNNI instead of the tile unit. Not a standalone header: lowbit_attention.py pastes it into
 // lowbit_attention_amx.h where that file says `#include "lowbit_attention_vnni.h"` (inside namespace amx, after
 // class Worker: the same Problem, query digits, block scales and online softmax).
 //
@@ -15,12 +15,14 @@
 //   sum minus 8 · sum x (a constant of the query row and group) is the tile path's sum k·x.
 // * Values, 4 rows a step: byte i of 4 rows gathered in one dword (VPERMB), its nibbles sign-extended (columns 2i,
 //   2i + 1 of the group), against the broadcast weights' digits of the 4 rows (hi and lo, u8): the tile path's sums.
+// * int8 rows (key_scores8 / value_sums8): the keys' 64-column chunks transposed 16 rows at a time, u = k + 128
+//   against each of the query's two digits; the values interleaved 4 rows a dword by the tile path's own unpacks.
 #if defined(__AVX512VNNI__)
 #define KVFX_VNNI 1
 constexpr int kVnniG = 4;  // query rows a kv head up to which VNNI beats the tile unit here (SmolLM2: 3)
 
 inline bool vnni_takes(const Problem& P) {  // (code bytes >= 3: the scale gather reads the dword ending at a code)
-  return P.kind == kInt4 && !P.plan && P.G <= kVnniG && P.cbk >= 3 && P.cbv >= 3;
+  return (P.kind == kInt4 || P.kind == kInt8) && !P.plan && P.G <= kVnniG && P.cbk >= 3 && P.cbv >= 3;
 }
 
 class VnniWorker {
@@ -54,7 +56,8 @@ class VnniWorker {
   float *ks, *vs, *s_, *pf, *ps;
   uint8_t* wd;       // the block's weight digits [g][group][hi, lo][BN], u8 in row order
   char* zero;        // a zero row: what missing rows read
-  int32_t corr[kVnniG * 64];  // 8 · sum of the query row's x over each key group (<= 64 groups: 2048 columns)
+  int32_t corr[kVnniG * 64];  // what the codes' offset adds to each int32 sum (int4: 8 · sum of x over a group;
+                              // int8: 128 · sum of each digit over a 64-column chunk); <= 2048 columns
 
   // rows r of the block: base + r · ld for r < rows, else the zero row
   struct Rows {
@@ -66,8 +69,10 @@ class VnniWorker {
   };
   void scales(const Rows& r, int64_t cb, int64_t ng, float* out) const;
   template <int G> void key_scores(const Rows& r, int t, int64_t bh, const float* add);
+  template <int G> void key_scores8(const Rows& r, int t, int64_t bh, const float* add);
   void weights();
   template <int G> void value_sums(const Rows& r, int n, float* o);
+  template <int G> void value_sums8(const Rows& r, int n, float* o);
   template <int G> void block(const Rows& kr, const Rows& vr, int64_t bh, const float* add, float* m, float* l,
                               float* o);
 };
@@ -204,6 +209,82 @@ void VnniWorker::value_sums(const Rows& r, int n, float* o) {
   }
 }
 
+// int8 rows: 16 rows' scores. The rows' 64-column chunks transposed (lane = row), u = k + 128 against each query
+// digit (hi, lo: x = 256·hi + lo): the tile path's two int32 sums, scaled as Worker::score_sums scales them.
+template <int G>
+void VnniWorker::key_scores8(const Rows& rr, int t, int64_t bh, const float* add) {
+  const float* qs = P.qsc + bh * P.G;
+  const __m512i x80 = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i ah[G], al[G];
+  for (int g = 0; g < G; ++g) ah[g] = al[g] = _mm512_setzero_si512();
+  for (int64_t c = 0; c < P.ktiles; ++c) {
+    const int64_t bytes = std::min<int64_t>(64, P.cbk - 64 * c);
+    const __mmask64 m = first_bytes(bytes);
+    __m512i z[16];
+    for (int r = 0; r < 16; ++r) z[r] = _mm512_maskz_loadu_epi8(m, rr[16 * t + r] + 64 * c);
+    transpose16(z);  // z[d] lane n: row n's columns 64c + 4d .. 64c + 4d + 3
+    const int32_t* qh[G];
+    const int32_t* ql[G];
+    for (int g = 0; g < G; ++g) {
+      qh[g] = reinterpret_cast<const int32_t*>(P.qtile(bh, 0, c, 0) + g * 64);
+      ql[g] = reinterpret_cast<const int32_t*>(P.qtile(bh, 0, c, 1) + g * 64);
+    }
+    for (int d = 0; d < (bytes + 3) / 4; ++d) {
+      const __m512i u = _mm512_xor_si512(z[d], x80);
+      for (int g = 0; g < G; ++g) {
+        ah[g] = _mm512_dpbusd_epi32(ah[g], u, _mm512_set1_epi32(qh[g][d]));
+        al[g] = _mm512_dpbusd_epi32(al[g], u, _mm512_set1_epi32(ql[g][d]));
+      }
+    }
+  }
+  const __m512 kv = _mm512_load_ps(ks + 16 * t), addv = _mm512_load_ps(add);
+  for (int g = 0; g < G; ++g) {
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(ah[g], _mm512_set1_epi32(corr[2 * g]))),
+                 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(al[g], _mm512_set1_epi32(corr[2 * g + 1])));
+    _mm512_store_ps(s_ + g * BN + 16 * t, _mm512_fmadd_ps(_mm512_fmadd_ps(hi, _mm512_set1_ps(256.0f), lo),
+                                                          _mm512_mul_ps(kv, _mm512_set1_ps(qs[g])), addv));
+  }
+}
+
+// int8 rows: o[g] += the block's value sums over its first n rows. 4 rows' bytes interleaved by the tile path's
+// unpacks (Worker::value_tiles: lane i of C tile 4c + k = its column order), against the weights' digits; two
+// passes (C tiles 4c, 4c + 1, then 4c + 2, 4c + 3) so the sums stay in registers.
+template <int G>
+void VnniWorker::value_sums8(const Rows& r, int n, float* o) {
+  for (int64_t c = 0; c < (P.cbv + 63) / 64; ++c) {
+    const __mmask64 m = first_bytes(P.cbv - 64 * c);
+    for (int half = 0; half < 2; ++half) {
+      __m512i acc[G][4];  // C tile 4c + 2·half: hi, lo; 4c + 2·half + 1: hi, lo
+      for (int g = 0; g < G; ++g)
+        for (int k = 0; k < 4; ++k) acc[g][k] = _mm512_setzero_si512();
+      for (int n0 = 0; n0 < n; n0 += 4) {
+        const __m512i z0 = _mm512_maskz_loadu_epi8(m, r[n0] + 64 * c), z1 = _mm512_maskz_loadu_epi8(m, r[n0 + 1] + 64 * c),
+                      z2 = _mm512_maskz_loadu_epi8(m, r[n0 + 2] + 64 * c), z3 = _mm512_maskz_loadu_epi8(m, r[n0 + 3] + 64 * c);
+        const __m512i a = half ? _mm512_unpackhi_epi8(z0, z1) : _mm512_unpacklo_epi8(z0, z1);
+        const __m512i b = half ? _mm512_unpackhi_epi8(z2, z3) : _mm512_unpacklo_epi8(z2, z3);
+        const __m512i v0 = _mm512_unpacklo_epi16(a, b), v1 = _mm512_unpackhi_epi16(a, b);
+        for (int g = 0; g < G; ++g) {
+          const uint8_t* hi = wd + g * 2 * BN + n0;
+          const __m512i wh = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(hi));
+          const __m512i wl = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(hi + BN));
+          acc[g][0] = _mm512_dpbusd_epi32(acc[g][0], wh, v0);
+          acc[g][1] = _mm512_dpbusd_epi32(acc[g][1], wl, v0);
+          acc[g][2] = _mm512_dpbusd_epi32(acc[g][2], wh, v1);
+          acc[g][3] = _mm512_dpbusd_epi32(acc[g][3], wl, v1);
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        const __m512 f = _mm512_set1_ps(ps[g]);
+        for (int k = 0; k < 2; ++k) {
+          float* og = o + g * P.Rvp + (4 * c + 2 * half + k) * 16;
+          const __m512 hi = _mm512_cvtepi32_ps(acc[g][2 * k]), lo = _mm512_cvtepi32_ps(acc[g][2 * k + 1]);
+          _mm512_storeu_ps(og, _mm512_fmadd_ps(_mm512_fmadd_ps(hi, _mm512_set1_ps(256.0f), lo), f, _mm512_loadu_ps(og)));
+        }
+      }
+    }
+  }
+}
+
 void VnniWorker::run(int64_t task) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t G = P.G, N = P.N;
@@ -217,14 +298,24 @@ void VnniWorker::run(int64_t task) {
   std::fill(m, m + G, kNegInf);
   std::fill(l, l + G, 0.0f);
   std::fill(o, o + G * P.Rvp, 0.0f);
-  TORCH_CHECK(P.ngk <= 64, "kvfx: VNNI int4 path: at most 2048 key columns");
-  for (int64_t g = 0; g < G; ++g)  // 8 · sum of x = 16·hi + lo over each group's columns
-    for (int64_t j = 0; j < P.ngk; ++j) {
-      const int8_t* q = P.qtile(bh, 0, j, 0) + g * 64;
-      int32_t sx = 0;
-      for (int i = 0; i < 32; ++i) sx += 16 * q[i] + q[32 + i];
-      corr[g * P.ngk + j] = 8 * sx;
-    }
+  TORCH_CHECK(P.ngk <= 64, "kvfx: VNNI path: at most 2048 key columns");
+  if (P.kind == kInt4) {
+    for (int64_t g = 0; g < G; ++g)  // 8 · sum of x = 16·hi + lo over each group's columns
+      for (int64_t j = 0; j < P.ngk; ++j) {
+        const int8_t* q = P.qtile(bh, 0, j, 0) + g * 64;
+        int32_t sx = 0;
+        for (int i = 0; i < 32; ++i) sx += 16 * q[i] + q[32 + i];
+        corr[g * P.ngk + j] = 8 * sx;
+      }
+  } else {
+    for (int64_t g = 0; g < G; ++g)  // 128 · sum of each digit over every chunk (the sums run over all of them)
+      for (int digit = 0; digit < 2; ++digit) {
+        int32_t sx = 0;
+        for (int64_t c = 0; c < P.ktiles; ++c)
+          for (int i = 0; i < 64; ++i) sx += P.qtile(bh, 0, c, digit)[g * 64 + i];
+        corr[2 * g + digit] = 128 * sx;
+      }
+  }
   alignas(64) float add[BN];
   for (int64_t r0 = n0; r0 < n1; r0 += BN) {
     const int rows = static_cast<int>(std::min<int64_t>(BN, n1 - r0));
@@ -248,10 +339,12 @@ void VnniWorker::block(const Rows& kr, const Rows& vr, int64_t bh, const float* 
   scales(kr, P.cbk, P.ngk, ks);
   if (!P.shared) scales(vr, P.cbv, P.ngv, vs);
   const int T = (kr.rows + 15) / 16;
-  for (int t = 0; t < T; ++t) key_scores<G>(kr, t, bh, add + 16 * t);
+  const bool i4 = P.kind == kInt4;
+  for (int t = 0; t < T; ++t) i4 ? key_scores<G>(kr, t, bh, add + 16 * t) : key_scores8<G>(kr, t, bh, add + 16 * t);
   for (int g = 0; g < G; ++g) std::fill(s_ + g * BN + 16 * T, s_ + (g + 1) * BN, kNegInf);
   block_softmax(s_, pf, G, P.Rvp, m, l, o);
   weights();
-  value_sums<G>(P.shared ? kr : vr, static_cast<int>(round_up(kr.rows, 4)), o);
+  const int n = static_cast<int>(round_up(kr.rows, 4));
+  i4 ? value_sums<G>(P.shared ? kr : vr, n, o) : value_sums8<G>(P.shared ? kr : vr, n, o);
 }
 #endif  // __AVX512VNNI__

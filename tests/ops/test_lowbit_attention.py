@@ -665,16 +665,17 @@ def test_exact_rows_opcheck():
 @settings(max_examples=30, deadline=None)
 @given(b=st.integers(1, 2), h=st.integers(1, 3), g=st.integers(1, 4), n=st.integers(1, 700),
        rk=st.integers(6, 140), rv=st.integers(6, 140), mask=st.sampled_from([None, "bool", "float"]),
-       shared=st.booleans(), exact=st.booleans(), seed=st.integers(0, 99))
-def test_vnni_int4_rows_are_the_tile_paths_numbers(b, h, g, n, rk, rv, mask, shared, exact, seed):
-    """int4 rows read by up to 4 query rows a kv head (per-head latents) take AVX-512 VNNI instead of the tile unit
-    on AMX CPUs (lowbit_attention_vnni.h): the same integer sums and roundings, so the same numbers as the tile path
-    (KVFX_NO_VNNI=1) up to the float sums' order — for any row count, masks, groups, widths and exact rows."""
+       shared=st.booleans(), exact=st.booleans(), kind=st.sampled_from(["int4", "int8"]), seed=st.integers(0, 99))
+def test_vnni_rows_are_the_tile_paths_numbers(b, h, g, n, rk, rv, mask, shared, exact, kind, seed):
+    """int4 / int8 rows read by up to 4 query rows a kv head (per-head latents) take AVX-512 VNNI instead of the
+    tile unit on AMX CPUs (lowbit_attention_vnni.h): the same integer sums and roundings, so the same numbers as the
+    tile path (KVFX_NO_VNNI=1) up to the float sums' order — for any row count, masks, groups, widths and exact
+    rows."""
     if la.integer_rounding("cpu") != "amx":
-        pytest.skip("no AMX here: int4 rows take no tile path to compare with")
-    q, kc, vc, m = _case(b, h, g, n, rk, rv, "int4", mask, shared, seed)
+        pytest.skip("no AMX here: int4 / int8 rows take no tile path to compare with")
+    q, kc, vc, m = _case(b, h, g, n, rk, rv, kind, mask, shared, seed)
     extra = _exact_rows(b, h, n, rk, rk if shared else rv, 9, seed) if exact else ()
-    run = lambda: torch.ops.kvfx.decode_attention(q, kc, vc, rk, rv, "int4", 0.125, m, shared, *extra)
+    run = lambda: torch.ops.kvfx.decode_attention(q, kc, vc, rk, rv, kind, 0.125, m, shared, *extra)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("KVFX_NO_VNNI", "1")
         tile = run()
