@@ -305,6 +305,44 @@ void block_softmax(float* s_, float* pf, int64_t G, int64_t Rvp, float* m, float
   }
 }
 
+// A split-K task's (batch, head), rows and token range, and its partial results (running max, sum and value
+// accumulators) initialised: what Worker::run and VnniWorker::run start from.
+struct TaskRows {
+  int64_t bh, b, n0, n1;
+  const char *krows, *vrows;
+  float *m, *l, *o;
+};
+inline TaskRows task_rows(const Problem& P, int64_t task) {
+  TaskRows t;
+  t.bh = task / P.chunks, t.b = t.bh / P.H;
+  const int64_t c = task % P.chunks, h = t.bh % P.H;
+  t.krows = P.kp + t.b * P.ksb + h * P.ksh, t.vrows = P.vp + t.b * P.vsb + h * P.vsh;
+  t.n0 = c * P.chunk, t.n1 = std::min(P.N, t.n0 + P.chunk);
+  t.m = P.part_m + task * P.G, t.l = P.part_l + task * P.G, t.o = P.part_o + task * P.G * P.Rvp;
+  std::fill(t.m, t.m + P.G, -std::numeric_limits<float>::infinity());
+  std::fill(t.l, t.l + P.G, 0.0f);
+  std::fill(t.o, t.o + P.G * P.Rvp, 0.0f);
+  return t;
+}
+
+// o[0 .. 16) += f · (256 · hi + lo): a C tile's two digits' int32 sums of the value weights, scaled into the float
+// accumulators.
+inline void add_digit_sums(float* og, __m512i hi, __m512i lo, __m512 f) {
+  _mm512_storeu_ps(og, _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(256.0f),
+                                                       _mm512_cvtepi32_ps(lo)), f, _mm512_loadu_ps(og)));
+}
+
+// A block's value weights w = p · s_v of one query row and value group (p: the softmax's, s_v: the rows' scales),
+// 16 rows a vector; returns their largest.
+inline float value_weights(const float* p, const float* sv, __m512* w) {
+  __m512 mx = _mm512_setzero_ps();
+  for (int v = 0; v < BN / 16; ++v) {
+    w[v] = _mm512_mul_ps(_mm512_load_ps(p + 16 * v), _mm512_load_ps(sv + 16 * v));
+    mx = _mm512_max_ps(mx, w[v]);
+  }
+  return _mm512_reduce_max_ps(mx);
+}
+
 // What a block's scores add: the mask's, -inf for rows skipped (exact rows) or missing (past `rows`).
 inline void block_add(const Problem& P, int64_t b, int64_t r0, int rows, float* add) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -558,14 +596,8 @@ void Worker::weights(int gb, int64_t j) {
   const __m512i ff = _mm512_set1_epi16(255);
   for (int gr = 0; gr < gn; ++gr) {
     const int64_t g = g0 + gr;
-    const float* pg = s_ + g * BN;
     __m512 w[BN / 16];
-    __m512 mx = _mm512_setzero_ps();
-    for (int v = 0; v < BN / 16; ++v) {
-      w[v] = _mm512_mul_ps(_mm512_load_ps(pg + 16 * v), _mm512_load_ps(vj + 16 * v));
-      mx = _mm512_max_ps(mx, w[v]);
-    }
-    const float wmax = _mm512_reduce_max_ps(mx);  // 0: the block's rows are masked or missing for g
+    const float wmax = value_weights(s_ + g * BN, vj, w);  // 0: the block's rows are masked or missing for g
     ps[g * ngv + j] = pf[g] * wmax / kQ8;
     const __m512 f = _mm512_set1_ps(wmax > 0 ? kQ8 / wmax : 0.0f);
     int8_t* a = a0 + gr * 64;
@@ -621,27 +653,18 @@ void Worker::value_sums(int gb, int64_t i, float* o) {
   for (int gr = 0; gr < gn; ++gr) {
     const __m512 f = _mm512_set1_ps(ps[(g0 + gr) * ngv + j]);
     for (int k = 0; k < (two ? 2 : 1); ++k) {
-      float* og = o + (g0 + gr) * Rvp + (ct + k) * 16;
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_load_si512(cvp + ((2 * k) * G8 + gr) * 16));
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_load_si512(cvp + ((2 * k + 1) * G8 + gr) * 16));
-      _mm512_storeu_ps(og, _mm512_fmadd_ps(_mm512_fmadd_ps(hi, _mm512_set1_ps(256.0f), lo), f, _mm512_loadu_ps(og)));
+      add_digit_sums(o + (g0 + gr) * Rvp + (ct + k) * 16, _mm512_load_si512(cvp + ((2 * k) * G8 + gr) * 16),
+                     _mm512_load_si512(cvp + ((2 * k + 1) * G8 + gr) * 16), f);
     }
   }
 }
 
 void Worker::run(int64_t task) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  const int64_t G = P.G, N = P.N;
-  const int64_t bh = task / P.chunks, c = task % P.chunks, b = bh / P.H, h = bh % P.H;
-  const char* krows = P.kp + b * P.ksb + h * P.ksh;
-  const char* vrows = P.vp + b * P.vsb + h * P.vsh;
-  const int64_t n0 = c * P.chunk, n1 = std::min(N, n0 + P.chunk);
-  float* m = P.part_m + task * G;
-  float* l = P.part_l + task * G;
-  float* o = P.part_o + task * G * P.Rvp;
-  std::fill(m, m + G, kNegInf);
-  std::fill(l, l + G, 0.0f);
-  std::fill(o, o + G * P.Rvp, 0.0f);
+  const TaskRows T0 = task_rows(P, task);
+  const int64_t G = P.G, bh = T0.bh, b = T0.b, n0 = T0.n0, n1 = T0.n1;
+  const char *krows = T0.krows, *vrows = T0.vrows;
+  float *m = T0.m, *l = T0.l, *o = T0.o;
   const char* kr[BN];
   const char* vr[BN];
   const char* tkr[BN];  // transcoded rows (bands with int3 / int5)

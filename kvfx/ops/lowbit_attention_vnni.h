@@ -149,15 +149,8 @@ void VnniWorker::weights() {
   const int64_t ngv = P.ngv;
   for (int64_t g = 0; g < P.G; ++g)
     for (int64_t j = 0; j < ngv; ++j) {
-      const float* pg = s_ + g * BN;
-      const float* vj = vs + j * BN;
       __m512 w[BN / 16];
-      __m512 mx = _mm512_setzero_ps();
-      for (int v = 0; v < BN / 16; ++v) {
-        w[v] = _mm512_mul_ps(_mm512_load_ps(pg + 16 * v), _mm512_load_ps(vj + 16 * v));
-        mx = _mm512_max_ps(mx, w[v]);
-      }
-      const float wmax = _mm512_reduce_max_ps(mx);
+      const float wmax = value_weights(s_ + g * BN, vs + j * BN, w);
       ps[g * ngv + j] = pf[g] * wmax / kQ8;
       const __m512 f = _mm512_set1_ps(wmax > 0 ? kQ8 / wmax : 0.0f);
       uint8_t* hi = wd + (g * ngv + j) * 2 * BN;
@@ -201,9 +194,7 @@ void VnniWorker::value_sums(const Rows& r, int n, float* o) {
     for (int g = 0; g < G; ++g) {  // columns as the tile path accumulates them: group j's even, then odd columns
       const __m512 f = _mm512_set1_ps(ps[g * P.ngv + j]);
       for (int k = 0; k < 2; ++k) {
-        float* og = o + g * P.Rvp + 32 * j + 16 * k;
-        const __m512 hi = _mm512_cvtepi32_ps(acc[g][2 * k]), lo = _mm512_cvtepi32_ps(acc[g][2 * k + 1]);
-        _mm512_storeu_ps(og, _mm512_fmadd_ps(_mm512_fmadd_ps(hi, _mm512_set1_ps(256.0f), lo), f, _mm512_loadu_ps(og)));
+        add_digit_sums(o + g * P.Rvp + 32 * j + 16 * k, acc[g][2 * k], acc[g][2 * k + 1], f);
       }
     }
   }
@@ -276,9 +267,7 @@ void VnniWorker::value_sums8(const Rows& r, int n, float* o) {
       for (int g = 0; g < G; ++g) {
         const __m512 f = _mm512_set1_ps(ps[g]);
         for (int k = 0; k < 2; ++k) {
-          float* og = o + g * P.Rvp + (4 * c + 2 * half + k) * 16;
-          const __m512 hi = _mm512_cvtepi32_ps(acc[g][2 * k]), lo = _mm512_cvtepi32_ps(acc[g][2 * k + 1]);
-          _mm512_storeu_ps(og, _mm512_fmadd_ps(_mm512_fmadd_ps(hi, _mm512_set1_ps(256.0f), lo), f, _mm512_loadu_ps(og)));
+          add_digit_sums(o + g * P.Rvp + (4 * c + 2 * half + k) * 16, acc[g][2 * k], acc[g][2 * k + 1], f);
         }
       }
     }
@@ -286,18 +275,10 @@ void VnniWorker::value_sums8(const Rows& r, int n, float* o) {
 }
 
 void VnniWorker::run(int64_t task) {
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  const int64_t G = P.G, N = P.N;
-  const int64_t bh = task / P.chunks, c = task % P.chunks, b = bh / P.H, h = bh % P.H;
-  const char* krows = P.kp + b * P.ksb + h * P.ksh;
-  const char* vrows = P.vp + b * P.vsb + h * P.vsh;
-  const int64_t n0 = c * P.chunk, n1 = std::min(N, n0 + P.chunk);
-  float* m = P.part_m + task * G;
-  float* l = P.part_l + task * G;
-  float* o = P.part_o + task * G * P.Rvp;
-  std::fill(m, m + G, kNegInf);
-  std::fill(l, l + G, 0.0f);
-  std::fill(o, o + G * P.Rvp, 0.0f);
+  const TaskRows T0 = task_rows(P, task);
+  const int64_t G = P.G, bh = T0.bh, b = T0.b, n0 = T0.n0, n1 = T0.n1;
+  const char *krows = T0.krows, *vrows = T0.vrows;
+  float *m = T0.m, *l = T0.l, *o = T0.o;
   TORCH_CHECK(P.ngk <= 64, "kvfx: VNNI path: at most 2048 key columns");
   if (P.kind == kInt4) {
     for (int64_t g = 0; g < G; ++g)  // 8 · sum of x = 16·hi + lo over each group's columns
