@@ -25,6 +25,17 @@ inline bool vnni_takes(const Problem& P) {  // (code bytes >= 3: the scale gathe
   return (P.kind == kInt4 || P.kind == kInt8) && !P.plan && P.G <= kVnniG && P.cbk >= 3 && P.cbv >= 3;
 }
 
+// 16 code bytes of 4 rows, row k in 128-bit lane k (the first bytes of m only; all 16: plain loads).
+inline __m512i rows4(const char* a, const char* b, const char* c, const char* d, __mmask16 m, bool plain) {
+  auto load = [&](const char* p) {
+    return plain ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)) : _mm_maskz_loadu_epi8(m, p);
+  };
+  __m512i z = _mm512_castsi128_si512(load(a));
+  z = _mm512_inserti32x4(z, load(b), 1);
+  z = _mm512_inserti32x4(z, load(c), 2);
+  return _mm512_inserti32x4(z, load(d), 3);
+}
+
 class VnniWorker {
  public:
   explicit VnniWorker(const Problem& p) : P(p) {
@@ -109,10 +120,7 @@ void VnniWorker::key_scores(const Rows& rr, int t, int64_t bh, const float* add)
     const __mmask16 m = static_cast<__mmask16>(first_bytes(P.cbk - 16 * j));
     __m512i z[4];
     for (int a = 0; a < 4; ++a) {  // z[a], 128-bit lane L: row 4L + a's 16 code bytes of group j
-      z[a] = _mm512_castsi128_si512(_mm_maskz_loadu_epi8(m, r[a] + 16 * j));
-      z[a] = _mm512_inserti32x4(z[a], _mm_maskz_loadu_epi8(m, r[4 + a] + 16 * j), 1);
-      z[a] = _mm512_inserti32x4(z[a], _mm_maskz_loadu_epi8(m, r[8 + a] + 16 * j), 2);
-      z[a] = _mm512_inserti32x4(z[a], _mm_maskz_loadu_epi8(m, r[12 + a] + 16 * j), 3);
+      z[a] = rows4(r[a] + 16 * j, r[4 + a] + 16 * j, r[8 + a] + 16 * j, r[12 + a] + 16 * j, m, m == 0xFFFF);
     }
     const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]),
                   t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
@@ -175,10 +183,8 @@ void VnniWorker::value_sums(const Rows& r, int n, float* o) {
     for (int g = 0; g < G; ++g)
       for (int k = 0; k < 4; ++k) acc[g][k] = _mm512_setzero_si512();
     for (int n0 = 0; n0 < n; n0 += 4) {
-      __m512i z = _mm512_castsi128_si512(_mm_maskz_loadu_epi8(m, r[n0] + 16 * j));
-      z = _mm512_inserti32x4(z, _mm_maskz_loadu_epi8(m, r[n0 + 1] + 16 * j), 1);
-      z = _mm512_inserti32x4(z, _mm_maskz_loadu_epi8(m, r[n0 + 2] + 16 * j), 2);
-      z = _mm512_inserti32x4(z, _mm_maskz_loadu_epi8(m, r[n0 + 3] + 16 * j), 3);
+      const __m512i z = rows4(r[n0] + 16 * j, r[n0 + 1] + 16 * j, r[n0 + 2] + 16 * j, r[n0 + 3] + 16 * j, m,
+                              m == 0xFFFF);
       const __m512i y = _mm512_permutexvar_epi8(idx, z);
       const __m512i ev = lo4(y), od = hi4(y);  // lane i: columns 32j + 2i, 32j + 2i + 1 of the 4 rows, signed
       for (int g = 0; g < G; ++g) {
