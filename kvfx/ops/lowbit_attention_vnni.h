@@ -21,8 +21,10 @@
 #define KVFX_VNNI 1
 constexpr int kVnniG = 4;  // query rows a kv head up to which VNNI beats the tile unit here (SmolLM2: 3)
 
-inline bool vnni_takes(const Problem& P) {  // (code bytes >= 3: the scale gather reads the dword ending at a code)
-  return (P.kind == kInt4 || P.kind == kInt8) && !P.plan && P.G <= kVnniG && P.cbk >= 3 && P.cbv >= 3;
+// (code bytes >= 3: the scale gather reads the dword ending at a code; <= 64 int4 groups: `corr`'s room)
+inline bool vnni_takes(const Problem& P) {
+  return (P.kind == kInt4 || P.kind == kInt8) && !P.plan && P.G <= kVnniG && P.cbk >= 3 && P.cbv >= 3 &&
+         P.ngk <= 64;
 }
 
 // 16 code bytes of 4 rows, row k in 128-bit lane k (the first bytes of m only; all 16: plain loads).
@@ -67,8 +69,8 @@ class VnniWorker {
   float *ks, *vs, *s_, *pf, *ps;
   uint8_t* wd;       // the block's weight digits [g][group][hi, lo][BN], u8 in row order
   char* zero;        // a zero row: what missing rows read
-  int32_t corr[kVnniG * 64];  // what the codes' offset adds to each int32 sum (int4: 8 · sum of x over a group;
-                              // int8: 128 · sum of each digit over a 64-column chunk); <= 2048 columns
+  int32_t corr[kVnniG * 64];  // what the codes' offset adds to each int32 sum (int4: 8 · sum of x over a group,
+                              // <= 64 groups; int8: 128 · sum of each digit over the row)
 
   // rows r of the block: base + r · ld for r < rows, else the zero row
   struct Rows {
@@ -285,7 +287,6 @@ void VnniWorker::run(int64_t task) {
   const int64_t G = P.G, bh = T0.bh, b = T0.b, n0 = T0.n0, n1 = T0.n1;
   const char *krows = T0.krows, *vrows = T0.vrows;
   float *m = T0.m, *l = T0.l, *o = T0.o;
-  TORCH_CHECK(P.ngk <= 64, "kvfx: VNNI path: at most 2048 key columns");
   if (P.kind == kInt4) {
     for (int64_t g = 0; g < G; ++g)  // 8 · sum of x = 16·hi + lo over each group's columns
       for (int64_t j = 0; j < P.ngk; ++j) {
