@@ -134,7 +134,7 @@ class Config:
                                      # kvfx-kv-bits5-*: with int5, the recipe's since session 26)
     decoded: bool = False            # low-bit rows decoded to float32 in the kernel (KVFX_NO_AMX=1: no integer path)
     avx2_integer: bool = False       # the kernel's opt-in AVX2 integer path (KVFX_AVX2_INTEGER=1)
-    tile: bool = False               # int4 rows of few query rows on AMX's tile unit, not VNNI (KVFX_NO_VNNI=1)
+    tile: bool = False               # per-head int4 / int8 rows on AMX's tile unit, not VNNI (KVFX_NO_VNNI=1)
     exact: tuple = (0, 0)            # "bits": (sinks, recent) tokens held in 16 bits (reserved at EXACT_CONTEXT)
     uncentred: bool = False          # "bits": latents rounded around zero (Projections.uncentred: an ablation)
     aten_linear: bool = False        # kvfx: linears left to ATen (KVFX_NO_DECODE_LINEAR=1)
@@ -176,7 +176,8 @@ def parse_config(name: str) -> Config:
     m = _KVFX.fullmatch(name)
     if m and 0 < float(m.group(2)) <= 1 and not (m.group(4) and not m.group(3)):
         return Config(name, "kvfx", m.group(1), float(m.group(2)), m.group(3), decoded=m.group(4) == "-decoded",
-                      avx2_integer=m.group(4) == "-avx2int", tile=m.group(4) == "-tile", aten_linear=bool(m.group(5)), py_attend=bool(m.group(6)))
+                      avx2_integer=m.group(4) == "-avx2int", tile=m.group(4) == "-tile", aten_linear=bool(m.group(5)),
+                      py_attend=bool(m.group(6)))
     raise ValueError(f"unknown configuration {name!r}: use original-dynamic, original-static, kvfx-identity, "
                      "peer-quanto-int4, peer-quanto-int2, kvfx-{head|layer|kv}-RANK[-int8|-int4] with RANK in "
                      "(0, 1] (e.g. kvfx-kv-0.5-int8) or kvfx-kv-bits-BUDGET (allocate_bits, BUDGET in (0, 1); "
@@ -185,8 +186,8 @@ def parse_config(name: str) -> Config:
                      "last W tokens also held in 16 bits, e.g. kvfx-kv-bits-0.125-s4r32; + '-uncentred': rounded around "
                      "zero, not the calibration mean); a low-bit kvfx "
                      "configuration + '-decoded': its rows decoded to float32 in the kernel (no integer path), "
-                     "+ '-avx2int': the kernel's opt-in AVX2 integer path (KVFX_AVX2_INTEGER=1), + '-tile': int4 rows "
-                     "of few query rows on AMX's tile unit, not VNNI (KVFX_NO_VNNI=1); a kvfx configuration "
+                     "+ '-avx2int': the kernel's opt-in AVX2 integer path (KVFX_AVX2_INTEGER=1), + '-tile': per-head "
+                     "int4 / int8 rows on AMX's tile unit, not VNNI (KVFX_NO_VNNI=1); a kvfx configuration "
                      "+ '-atenlinear': its linears left to ATen (KVFX_NO_DECODE_LINEAR=1); a kvfx configuration "
                      "+ '-pyattend': decode attention through the Python op (KVFX_NO_DECODE_KERNEL=1); "
                      "original-dynamic-kvfxlinear "

@@ -20,8 +20,9 @@ one scale per query row), and the value sums as int8 dot products of the codes w
 rows' scales, rounded per block of rows to 16 bits; float arithmetic only applies the per-group scales and runs the
 softmax. On SmolLM2's decode inputs these roundings move the output by at most ~1.3e-3 (int4) / ~3e-4 (int8) of its
 size, 200 (int4) / 80 (int8) times less than the cache's own rounding moves it (tests/ops/test_lowbit_attention.py
-bounds them); int4 / int8 rows read by up to 4 query rows a kv head (per-head latents) compute the same integer sums with
-AVX-512 VNNI instead (lowbit_attention_vnni.h; the tile unit idles on so few rows). On CPUs with AVX2 but not AVX-512 (AMD Zen 1-3; lowbit_attention_avx2i.h), with KVFX_AVX2_INTEGER=1,
+bounds them); int4 / int8 rows read by up to 4 query rows a kv head (per-head latents) compute the same integer
+sums with AVX-512 VNNI instead (lowbit_attention_vnni.h; the tile unit idles on so few rows). On CPUs with AVX2 but
+not AVX-512 (AMD Zen 1-3; lowbit_attention_avx2i.h), with KVFX_AVX2_INTEGER=1,
 int4 / int3 / int2 rows and bands of them (not those with an int8 or int5 band) take an integer path too: VPMADDUBSW on the
 codes as 4-bit integers, the query rounded to 8 bits per 32-column group and the weights to 8 bits per block — 2-17 %
 faster decode steps, but outputs moved ~10× more than by AMX's roundings, so opt-in (`integer_rounding()` says which

@@ -257,8 +257,10 @@ void VnniWorker::value_sums8(const Rows& r, int n, float* o) {
       for (int g = 0; g < G; ++g)
         for (int k = 0; k < 4; ++k) acc[g][k] = _mm512_setzero_si512();
       for (int n0 = 0; n0 < n; n0 += 4) {
-        const __m512i z0 = _mm512_maskz_loadu_epi8(m, r[n0] + 64 * c), z1 = _mm512_maskz_loadu_epi8(m, r[n0 + 1] + 64 * c),
-                      z2 = _mm512_maskz_loadu_epi8(m, r[n0 + 2] + 64 * c), z3 = _mm512_maskz_loadu_epi8(m, r[n0 + 3] + 64 * c);
+        const __m512i z0 = _mm512_maskz_loadu_epi8(m, r[n0] + 64 * c),
+                      z1 = _mm512_maskz_loadu_epi8(m, r[n0 + 1] + 64 * c),
+                      z2 = _mm512_maskz_loadu_epi8(m, r[n0 + 2] + 64 * c),
+                      z3 = _mm512_maskz_loadu_epi8(m, r[n0 + 3] + 64 * c);
         const __m512i a = half ? _mm512_unpackhi_epi8(z0, z1) : _mm512_unpacklo_epi8(z0, z1);
         const __m512i b = half ? _mm512_unpackhi_epi8(z2, z3) : _mm512_unpacklo_epi8(z2, z3);
         const __m512i v0 = _mm512_unpacklo_epi16(a, b), v1 = _mm512_unpackhi_epi16(a, b);
