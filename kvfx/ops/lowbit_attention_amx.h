@@ -244,8 +244,20 @@ void quantize_queries(const Problem& P, const float* q, float sc, int8_t* qa, fl
     }
 }
 
+// 2^(e/8) of 16 scale codes e (int32 lanes) = 2^((e&7) / 8) · 2^(e>>3): a permute of l8 (lut[128 .. 135], see
+// lut8_of) and VSCALEFPS.
+inline __m512 scale_of(__m512i e, __m512 l8) {
+  return _mm512_scalef_ps(_mm512_permutexvar_ps(_mm512_and_si512(e, _mm512_set1_epi32(7)), l8),
+                          _mm512_cvtepi32_ps(_mm512_srai_epi32(e, 3)));
+}
+inline __m512 lut8_of(const float* lut) {
+  alignas(64) float l8[16] = {};
+  for (int b = 0; b < 8; ++b) l8[b] = lut[128 + b];
+  return _mm512_load_ps(l8);
+}
+
 // The block's scale codes -> out[j * BN + r] = 2^(e/8), 0 for missing rows. Several groups: 16 rows at a time,
-// transposed, 2^(e/8) = 2^((e&7) / 8) · 2^(e>>3) by a permute and VSCALEFPS (l8: lut[128 .. 135]).
+// transposed, scale_of each.
 void block_scales(const char* const* rows, int64_t cb, int64_t ng, const float* lut, __m512 l8, float* out) {
   if (ng == 1) {
     for (int r = 0; r < BN; ++r) out[r] = rows[r] ? lut[reinterpret_cast<const int8_t*>(rows[r])[cb] + 128] : 0.0f;
@@ -263,16 +275,14 @@ void block_scales(const char* const* rows, int64_t cb, int64_t ng, const float* 
       for (int64_t j = j0; j < std::min(ng, j0 + 64); ++j) {
         const int b = static_cast<int>((j - j0) % 4);
         const __m512i e = _mm512_srai_epi32(_mm512_slli_epi32(z[(j - j0) / 4], 24 - 8 * b), 24);
-        const __m512 s = _mm512_scalef_ps(_mm512_permutexvar_ps(_mm512_and_si512(e, _mm512_set1_epi32(7)), l8),
-                                          _mm512_cvtepi32_ps(_mm512_srai_epi32(e, 3)));
-        _mm512_store_ps(out + j * BN + r0, _mm512_maskz_mov_ps(valid, s));
+        _mm512_store_ps(out + j * BN + r0, _mm512_maskz_mov_ps(valid, scale_of(e, l8)));
       }
     }
   }
 }
 
-// Online softmax over a block of BN rows (s_ [G, BN]): s_ becomes exp(score - the block's max) (<= 1: what weights() rounds), pf[g]
-// the factor to the running max m; l and o are rescaled when m grows.
+// Online softmax over a block of BN rows (s_ [G, BN]): s_ becomes exp(score - the block's max) (<= 1: what the
+// weights' rounding takes), pf[g] the factor to the running max m; l and o are rescaled when m grows.
 void block_softmax(float* s_, float* pf, int64_t G, int64_t Rvp, float* m, float* l, float* o) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   for (int64_t g = 0; g < G; ++g) {
@@ -389,9 +399,7 @@ class Worker {
     const int gn = static_cast<int>(P.G - (NGB - 1) * Gb);  // rows of the last g-block: the rest of its A rows stay 0
     for (int64_t i = 0; i < P.ngv * 2 * (BN / 64); ++i)
       std::memset(av + (((NGB - 1) * P.ngv * 2 * (BN / 64) + i) * Gb + gn) * 64, 0, (Gb - gn) * 64);
-    alignas(64) float l8[16] = {};
-    for (int b = 0; b < 8; ++b) l8[b] = P.lut[128 + b];
-    lut8 = _mm512_load_ps(l8);
+    lut8 = lut8_of(P.lut);
     _tile_loadconfig(&cfg);
   }
   ~Worker() { _tile_release(); }

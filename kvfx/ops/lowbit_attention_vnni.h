@@ -38,6 +38,17 @@ inline __m512i rows4(const char* a, const char* b, const char* c, const char* d,
   return _mm512_inserti32x4(z, load(d), 3);
 }
 
+// acc[0..3] += the weights' hi / lo digits of 4 rows (w: hi at w, lo at w + BN, u8) times two vectors of the rows'
+// codes (4 rows a dword, s8): (a, hi), (a, lo), (b, hi), (b, lo).
+inline void weigh4(__m512i* acc, const uint8_t* w, __m512i a, __m512i b) {
+  const __m512i wh = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(w));
+  const __m512i wl = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(w + BN));
+  acc[0] = _mm512_dpbusd_epi32(acc[0], wh, a);
+  acc[1] = _mm512_dpbusd_epi32(acc[1], wl, a);
+  acc[2] = _mm512_dpbusd_epi32(acc[2], wh, b);
+  acc[3] = _mm512_dpbusd_epi32(acc[3], wl, b);
+}
+
 class VnniWorker {
  public:
   explicit VnniWorker(const Problem& p) : P(p) {
@@ -57,9 +68,7 @@ class VnniWorker {
     wd = reinterpret_cast<uint8_t*>(base + o_wd);
     zero = base + o_z;
     std::memset(zero, 0, std::max(P.cbk, P.cbv) + 64);
-    alignas(64) float l8[16] = {};
-    for (int b = 0; b < 8; ++b) l8[b] = P.lut[128 + b];
-    lut8 = _mm512_load_ps(l8);
+    lut8 = lut8_of(P.lut);
   }
   void run(int64_t task);
 
@@ -101,9 +110,7 @@ void VnniWorker::scales(const Rows& r, int64_t cb, int64_t ng, float* out) const
     for (int64_t j = 0; j < ng; ++j) {  // the dword that ends with the code (no read past the row; cb >= 3)
       const __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, off, r.base + cb + j - 3, 1);
       const __m512i e = _mm512_srai_epi32(w, 24);
-      const __m512 sc = _mm512_scalef_ps(_mm512_permutexvar_ps(_mm512_and_si512(e, _mm512_set1_epi32(7)), lut8),
-                                         _mm512_cvtepi32_ps(_mm512_srai_epi32(e, 3)));
-      _mm512_store_ps(out + j * BN + r0, _mm512_maskz_mov_ps(valid, sc));
+      _mm512_store_ps(out + j * BN + r0, _mm512_maskz_mov_ps(valid, scale_of(e, lut8)));
     }
   }
 }
@@ -190,13 +197,7 @@ void VnniWorker::value_sums(const Rows& r, int n, float* o) {
       const __m512i y = _mm512_permutexvar_epi8(idx, z);
       const __m512i ev = lo4(y), od = hi4(y);  // lane i: columns 32j + 2i, 32j + 2i + 1 of the 4 rows, signed
       for (int g = 0; g < G; ++g) {
-        const uint8_t* hi = wd + (g * P.ngv + j) * 2 * BN + n0;
-        const __m512i wh = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(hi));
-        const __m512i wl = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(hi + BN));
-        acc[g][0] = _mm512_dpbusd_epi32(acc[g][0], wh, ev);
-        acc[g][1] = _mm512_dpbusd_epi32(acc[g][1], wl, ev);
-        acc[g][2] = _mm512_dpbusd_epi32(acc[g][2], wh, od);
-        acc[g][3] = _mm512_dpbusd_epi32(acc[g][3], wl, od);
+        weigh4(acc[g], wd + (g * P.ngv + j) * 2 * BN + n0, ev, od);
       }
     }
     for (int g = 0; g < G; ++g) {  // columns as the tile path accumulates them: group j's even, then odd columns
@@ -265,13 +266,7 @@ void VnniWorker::value_sums8(const Rows& r, int n, float* o) {
         const __m512i b = half ? _mm512_unpackhi_epi8(z2, z3) : _mm512_unpacklo_epi8(z2, z3);
         const __m512i v0 = _mm512_unpacklo_epi16(a, b), v1 = _mm512_unpackhi_epi16(a, b);
         for (int g = 0; g < G; ++g) {
-          const uint8_t* hi = wd + g * 2 * BN + n0;
-          const __m512i wh = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(hi));
-          const __m512i wl = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(hi + BN));
-          acc[g][0] = _mm512_dpbusd_epi32(acc[g][0], wh, v0);
-          acc[g][1] = _mm512_dpbusd_epi32(acc[g][1], wl, v0);
-          acc[g][2] = _mm512_dpbusd_epi32(acc[g][2], wh, v1);
-          acc[g][3] = _mm512_dpbusd_epi32(acc[g][3], wl, v1);
+          weigh4(acc[g], wd + g * 2 * BN + n0, v0, v1);
         }
       }
       for (int g = 0; g < G; ++g) {
