@@ -1,5 +1,5 @@
-"""Pass 6 — compile: the Dynamo backend that runs match → rewrite → fold → decode → decode kernel → decode linears,
-then the user's compiler.
+"""Pass 6 — compile: the Dynamo backend that runs match → rewrite → fold → decode → decode kernel → decode matmuls →
+decode linears, then the user's compiler.
 
 Why a backend (and not Inductor's pre_grad_custom_pass): a backend sees Dynamo's torch-IR graph with
 the real parameters in `example_inputs`, so folds can compute W·A once from real weights, new tensors
@@ -17,7 +17,7 @@ import torch.fx as fx
 from ..projections import Projections, ProjectionError, SiteShape
 from .constants import GraphConstants, fresh_copy
 from .counters import counters
-from . import decode_kernel, decode_linear
+from . import decode_kernel, decode_linear, decode_matmul
 from .decode import group_decode_sites
 from .fold import fold_sites
 from .match import find_sites
@@ -74,17 +74,25 @@ def options_of(compiled: Any) -> tuple[torch.nn.Module, CompileOptions]:
             f"({torch.__version__}) changed its internals. Pass the plain module to kvfx.compress instead.") from e
 
 
+# Inductor settings kvfx asks for in CPU inference graphs (the user's own options win): no size / stride assert
+# after each ATen or kvfx op call in the generated wrapper (SmolLM2's step: ~700 calls, ~2 % of a step at 16k
+# tokens; kvfx's ops' shapes are checked by their fake kernels, tests/ops' opcheck).
+DECODE_PATCHES = {"size_asserts": False}
+
+
 def inner_compiler(opts: CompileOptions) -> Callable:
+    """compiler(gm, example_inputs, defaults=None): the user's compiler; `defaults` are Inductor config patches
+    applied where the user set nothing else (ignored by other backends)."""
     if opts.backend == "inductor":
         from torch._inductor.compile_fx import compile_fx
         patches = dict(opts.options)
-        return lambda gm, ex: compile_fx(gm, ex, config_patches=patches or None)
+        return lambda gm, ex, defaults=None: compile_fx(gm, ex, config_patches={**(defaults or {}), **patches} or None)
     if isinstance(opts.backend, str):
         from torch._dynamo.backends.registry import lookup_backend
         fn = lookup_backend(opts.backend)
     else:
         fn = opts.backend
-    return lambda gm, ex: fn(gm, ex, **opts.kwargs)
+    return lambda gm, ex, defaults=None: fn(gm, ex, **opts.kwargs)
 
 
 def compile_isolated(fn: Callable, **kwargs) -> Callable:
@@ -143,9 +151,13 @@ class KvfxBackend:
         extra = consts.tensors if consts is not None else []
         if not self.live and decode_kernel.wanted(example_inputs):
             new = decode_kernel.decode_kernels(new)  # a copy: self.graphs keeps the rewritten graph as it was
-        if not self.live and decode_linear.wanted(example_inputs):
+        if not self.live and decode_matmul.wanted(example_inputs):
+            new = decode_matmul.decode_matmuls(new)  # likewise
+        inference = not self.live and decode_linear.wanted(example_inputs)
+        if inference:
             new = decode_linear.decode_linears(new)  # likewise
-        compiled = self.compile(new, list(example_inputs) + _static(example_inputs, extra))
+        compiled = self.compile(new, list(example_inputs) + _static(example_inputs, extra),
+                                DECODE_PATCHES if inference else None)
         if not extra:
             return compiled
         if self.live:

@@ -70,9 +70,13 @@ def shape_of(node) -> tuple[int, ...] | None:
 
 
 def static_int(x) -> int | None:
-    """x as a Python int when it is known at trace time, else None (symbolic sizes)."""
+    """x as a Python int when it is known at trace time, else None (symbolic sizes). Never guards: int() of a
+    dynamic SymInt would return its hint and specialise the graph to it."""
     if isinstance(x, int):
         return x
+    if isinstance(x, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import is_concrete_int
+        return int(x) if is_concrete_int(x) else None
     try:
         return int(x)
     except Exception:  # noqa: BLE001 - symbolic ints raise various errors

@@ -31,3 +31,24 @@ def test_constants_reach_the_compiler_with_static_shapes():
     dynamo_vals = [node.meta["example_value"] for node in places if not node.name.startswith("kvfx_")]
     assert any(isinstance(s, torch.SymInt) for t in dynamo_vals if isinstance(t, torch.Tensor) for s in t.shape)
     assert consts and all(isinstance(t, FakeTensor) and all(isinstance(s, int) for s in t.shape) for t in consts)
+
+
+def test_inference_graphs_drop_the_wrappers_size_asserts_unless_the_user_keeps_them():
+    """CPU inference graphs compile with DECODE_PATCHES (no assert_size_stride after each op call in Inductor's
+    wrapper); the user's own Inductor options win; a graph compiled with grad on keeps Inductor's defaults."""
+    import copy
+    from torch._inductor.utils import run_and_get_code
+    m = tiny_llama(layers=1)
+    proj = random_projections(m, rank=4)
+    ids = torch.randint(3, 60, (1, 6))
+
+    def code(options, grad=False):
+        torch._dynamo.reset()
+        cm = kvfx.compress(torch.compile(copy.deepcopy(m), options=options), proj)
+        with torch.set_grad_enabled(grad):
+            _, sources = run_and_get_code(lambda: cm(input_ids=ids, use_cache=False))
+        return "\n".join(sources)
+
+    assert "assert_size_stride(" not in code({})
+    assert "assert_size_stride(" in code({"size_asserts": True})
+    assert "assert_size_stride(" in code({}, grad=True)
