@@ -140,6 +140,7 @@ class Config:
     aten_linear: bool = False        # kvfx: linears left to ATen (KVFX_NO_DECODE_LINEAR=1)
     kvfx_linear: bool = False        # original: compiled with kvfx's decode-linear pass alone (passes/decode_linear.py)
     py_attend: bool = False          # kvfx: decode attention through the Python op (KVFX_NO_DECODE_KERNEL=1)
+    bmm: bool = False                # kvfx: a decode step's small matmuls left as ATen bmm (KVFX_NO_DECODE_MATMUL=1)
 
     def kinds(self, wanted: list[str]) -> list[str]:
         """Cache kinds this configuration runs with (kvfx: each of --cache-kinds)."""
@@ -148,7 +149,8 @@ class Config:
         return ["quantized"] if self.family == "peer" else list(wanted)
 
 
-_KVFX = re.compile(r"kvfx-(head|layer|kv)-([0-9]*\.?[0-9]+)(?:-(int8|int4))?(-decoded|-avx2int|-tile)?(-atenlinear)?(-pyattend)?")
+_KVFX = re.compile(r"kvfx-(head|layer|kv)-([0-9]*\.?[0-9]+)(?:-(int8|int4))?(-decoded|-avx2int|-tile)?(-atenlinear)?(-pyattend)?"
+                   r"(-bmm)?")
 # allocate_bits' bands in BUDGET (842: no int3; 5: with int5), -sSrW: the first S and last W tokens also held in 16 bits
 _BITS = re.compile(r"kvfx-kv-bits(842|5)?-([0-9]*\.?[0-9]+)(?:-s([0-9]+)r([0-9]+))?(-decoded|-avx2int)?(-uncentred)?(-atenlinear)?(-pyattend)?")
 LEVELS = {None: (8, 4, 3, 2), "842": (8, 4, 2), "5": (8, 5, 4, 3, 2)}
@@ -177,7 +179,7 @@ def parse_config(name: str) -> Config:
     if m and 0 < float(m.group(2)) <= 1 and not (m.group(4) and not m.group(3)):
         return Config(name, "kvfx", m.group(1), float(m.group(2)), m.group(3), decoded=m.group(4) == "-decoded",
                       avx2_integer=m.group(4) == "-avx2int", tile=m.group(4) == "-tile", aten_linear=bool(m.group(5)),
-                      py_attend=bool(m.group(6)))
+                      py_attend=bool(m.group(6)), bmm=bool(m.group(7)))
     raise ValueError(f"unknown configuration {name!r}: use original-dynamic, original-static, kvfx-identity, "
                      "peer-quanto-int4, peer-quanto-int2, kvfx-{head|layer|kv}-RANK[-int8|-int4] with RANK in "
                      "(0, 1] (e.g. kvfx-kv-0.5-int8) or kvfx-kv-bits-BUDGET (allocate_bits, BUDGET in (0, 1); "
@@ -189,7 +191,9 @@ def parse_config(name: str) -> Config:
                      "+ '-avx2int': the kernel's opt-in AVX2 integer path (KVFX_AVX2_INTEGER=1), + '-tile': per-head "
                      "int4 / int8 rows on AMX's tile unit, not VNNI (KVFX_NO_VNNI=1); a kvfx configuration "
                      "+ '-atenlinear': its linears left to ATen (KVFX_NO_DECODE_LINEAR=1); a kvfx configuration "
-                     "+ '-pyattend': decode attention through the Python op (KVFX_NO_DECODE_KERNEL=1); "
+                     "+ '-pyattend': decode attention through the Python op (KVFX_NO_DECODE_KERNEL=1); a per-head / "
+                     "layer / kv configuration + '-bmm' (last): a decode step's small matmuls left to ATen's bmm "
+                     "(KVFX_NO_DECODE_MATMUL=1); "
                      "original-dynamic-kvfxlinear "
                      "/ original-static-kvfxlinear: the original with kvfx's decode linears only")
 
@@ -205,6 +209,11 @@ def kvfx_linear_backend(compile_opts: dict):
     return lambda gm, ex: inner(decode_linears(gm) if wanted(ex) else gm, ex)  # kvfx's backend's rule
 
 
+# Config flags and the environment switch each sets while its configuration runs.
+SWITCHES = {"decoded": "KVFX_NO_AMX", "avx2_integer": "KVFX_AVX2_INTEGER", "tile": "KVFX_NO_VNNI",
+            "aten_linear": "KVFX_NO_DECODE_LINEAR", "py_attend": "KVFX_NO_DECODE_KERNEL", "bmm": "KVFX_NO_DECODE_MATMUL"}
+
+
 class Applied:
     """One configuration applied to the (shared, original) model; `undo` restores the model exactly."""
 
@@ -212,16 +221,8 @@ class Applied:
         self.model, self.config, self.kind, self.note = model, config, kind, ""
         self.cache_kwarg = cache_kwarg(model)
         self.peer_opts = peer_opts
-        if config.decoded:  # the kernel reads these switches at every call: this configuration's rows only
-            os.environ["KVFX_NO_AMX"] = "1"
-        if config.avx2_integer:
-            os.environ["KVFX_AVX2_INTEGER"] = "1"
-        if config.tile:
-            os.environ["KVFX_NO_VNNI"] = "1"
-        if config.aten_linear:  # read when a graph compiles, which happens while this configuration runs
-            os.environ["KVFX_NO_DECODE_LINEAR"] = "1"
-        if config.py_attend:  # likewise
-            os.environ["KVFX_NO_DECODE_KERNEL"] = "1"
+        for name in self._switches():  # this configuration's rows only: set while it runs (the kernel reads its
+            os.environ[name] = "1"       # switches at every call, the passes when a graph compiles), removed by undo
         if config.family == "kvfx":
             proj = projections_for(model, config, projections)
             kvfx.compress(torch.compile(model, **compile_opts), proj, cache=kind,
@@ -248,17 +249,12 @@ class Applied:
         torch._dynamo.reset()
         self.note = f"eager: compile failed ({reason})"
 
+    def _switches(self) -> list[str]:
+        return [env for flag, env in SWITCHES.items() if getattr(self.config, flag)]
+
     def undo(self) -> None:
-        if self.config.decoded:
-            os.environ.pop("KVFX_NO_AMX", None)
-        if self.config.avx2_integer:
-            os.environ.pop("KVFX_AVX2_INTEGER", None)
-        if self.config.tile:
-            os.environ.pop("KVFX_NO_VNNI", None)
-        if self.config.aten_linear:
-            os.environ.pop("KVFX_NO_DECODE_LINEAR", None)
-        if self.config.py_attend:
-            os.environ.pop("KVFX_NO_DECODE_KERNEL", None)
+        for name in self._switches():
+            os.environ.pop(name, None)
         if self.config.family == "kvfx":
             try:
                 kvfx.decompress(self.model)

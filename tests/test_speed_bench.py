@@ -204,24 +204,28 @@ def test_linear_configs_side_by_side(speed, monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_pyattend_configs_switch_the_decode_kernel_pass(speed, monkeypatch):
+@pytest.mark.parametrize("suffix, env", [("-pyattend", "KVFX_NO_DECODE_KERNEL"), ("-bmm", "KVFX_NO_DECODE_MATMUL")])
+def test_switch_suffixes_set_their_switch_while_the_configuration_runs(speed, monkeypatch, suffix, env):
     """'-pyattend': a kvfx configuration whose decode attention goes through the Python op
-    (KVFX_NO_DECODE_KERNEL=1 while it runs, removed after): the C++ op's saving measured in one run."""
+    (KVFX_NO_DECODE_KERNEL=1 while it runs, removed after): the C++ op's saving measured in one run; '-bmm': its
+    decode step's small matmuls left to ATen (KVFX_NO_DECODE_MATMUL=1), likewise."""
     import os
     from speed_setup import Applied, parse_config
     c = parse_config("kvfx-head-0.5-int4-atenlinear-pyattend")
     assert c.py_attend and c.aten_linear and c.quantize == "int4" and not parse_config("kvfx-head-0.5-int4").py_attend
     assert parse_config("kvfx-kv-bits5-0.25-atenlinear-pyattend").py_attend
-    with pytest.raises(ValueError, match="unknown configuration"):
-        parse_config("kvfx-head-0.5-pyattend-atenlinear")  # the suffixes' order is fixed
+    assert parse_config("kvfx-head-0.5-int4-pyattend-bmm").bmm and not parse_config("kvfx-head-0.5-int4").bmm
+    for wrong in ("kvfx-head-0.5-pyattend-atenlinear", "kvfx-head-0.5-bmm-pyattend"):
+        with pytest.raises(ValueError, match="unknown configuration"):
+            parse_config(wrong)  # the suffixes' order is fixed
     monkeypatch.setattr("speed_setup.projections_for", lambda *a: None)
     monkeypatch.setattr("speed_setup.kvfx.compress", lambda *a, **k: None)
     monkeypatch.setattr("speed_setup.kvfx.decompress", lambda *a, **k: None)
-    monkeypatch.delenv("KVFX_NO_DECODE_KERNEL", raising=False)
-    applied = Applied(torch.nn.Linear(2, 2), parse_config("kvfx-head-0.5-int4-pyattend"), "dynamic", {}, {}, {})
-    assert os.environ.get("KVFX_NO_DECODE_KERNEL") == "1"
+    monkeypatch.delenv(env, raising=False)
+    applied = Applied(torch.nn.Linear(2, 2), parse_config("kvfx-head-0.5-int4" + suffix), "dynamic", {}, {}, {})
+    assert os.environ.get(env) == "1"
     applied.undo()
-    assert "KVFX_NO_DECODE_KERNEL" not in os.environ
+    assert env not in os.environ
 
 
 def test_integer_agreement_refuses_unknown_names_before_loading():
