@@ -141,6 +141,7 @@ class Config:
     kvfx_linear: bool = False        # original: compiled with kvfx's decode-linear pass alone (passes/decode_linear.py)
     py_attend: bool = False          # kvfx: decode attention through the Python op (KVFX_NO_DECODE_KERNEL=1)
     bmm: bool = False                # kvfx: a decode step's small matmuls left as ATen bmm (KVFX_NO_DECODE_MATMUL=1)
+    ungrouped: bool = False          # kvfx: one linear call a weight, not (q, k, v) / (gate, up) (KVFX_NO_LINEAR_GROUPS=1)
 
     def kinds(self, wanted: list[str]) -> list[str]:
         """Cache kinds this configuration runs with (kvfx: each of --cache-kinds)."""
@@ -150,7 +151,7 @@ class Config:
 
 
 _KVFX = re.compile(r"kvfx-(head|layer|kv)-([0-9]*\.?[0-9]+)(?:-(int8|int4))?(-decoded|-avx2int|-tile)?(-atenlinear)?(-pyattend)?"
-                   r"(-bmm)?")
+                   r"(-bmm)?(-ungrouped)?")
 # allocate_bits' bands in BUDGET (842: no int3; 5: with int5), -sSrW: the first S and last W tokens also held in 16 bits
 _BITS = re.compile(r"kvfx-kv-bits(842|5)?-([0-9]*\.?[0-9]+)(?:-s([0-9]+)r([0-9]+))?(-decoded|-avx2int)?(-uncentred)?(-atenlinear)?(-pyattend)?")
 LEVELS = {None: (8, 4, 3, 2), "842": (8, 4, 2), "5": (8, 5, 4, 3, 2)}
@@ -179,7 +180,7 @@ def parse_config(name: str) -> Config:
     if m and 0 < float(m.group(2)) <= 1 and not (m.group(4) and not m.group(3)):
         return Config(name, "kvfx", m.group(1), float(m.group(2)), m.group(3), decoded=m.group(4) == "-decoded",
                       avx2_integer=m.group(4) == "-avx2int", tile=m.group(4) == "-tile", aten_linear=bool(m.group(5)),
-                      py_attend=bool(m.group(6)), bmm=bool(m.group(7)))
+                      py_attend=bool(m.group(6)), bmm=bool(m.group(7)), ungrouped=bool(m.group(8)))
     raise ValueError(f"unknown configuration {name!r}: use original-dynamic, original-static, kvfx-identity, "
                      "peer-quanto-int4, peer-quanto-int2, kvfx-{head|layer|kv}-RANK[-int8|-int4] with RANK in "
                      "(0, 1] (e.g. kvfx-kv-0.5-int8) or kvfx-kv-bits-BUDGET (allocate_bits, BUDGET in (0, 1); "
@@ -193,7 +194,8 @@ def parse_config(name: str) -> Config:
                      "+ '-atenlinear': its linears left to ATen (KVFX_NO_DECODE_LINEAR=1); a kvfx configuration "
                      "+ '-pyattend': decode attention through the Python op (KVFX_NO_DECODE_KERNEL=1); a per-head / "
                      "layer / kv configuration + '-bmm' (last): a decode step's small matmuls left to ATen's bmm "
-                     "(KVFX_NO_DECODE_MATMUL=1); "
+                     "(KVFX_NO_DECODE_MATMUL=1), + '-ungrouped' (last): one linear call a weight, not one for q, k, v "
+                     "and one for gate, up (KVFX_NO_LINEAR_GROUPS=1); "
                      "original-dynamic-kvfxlinear "
                      "/ original-static-kvfxlinear: the original with kvfx's decode linears only")
 
@@ -211,7 +213,8 @@ def kvfx_linear_backend(compile_opts: dict):
 
 # Config flags and the environment switch each sets while its configuration runs.
 SWITCHES = {"decoded": "KVFX_NO_AMX", "avx2_integer": "KVFX_AVX2_INTEGER", "tile": "KVFX_NO_VNNI",
-            "aten_linear": "KVFX_NO_DECODE_LINEAR", "py_attend": "KVFX_NO_DECODE_KERNEL", "bmm": "KVFX_NO_DECODE_MATMUL"}
+            "aten_linear": "KVFX_NO_DECODE_LINEAR", "py_attend": "KVFX_NO_DECODE_KERNEL", "bmm": "KVFX_NO_DECODE_MATMUL",
+            "ungrouped": "KVFX_NO_LINEAR_GROUPS"}
 
 
 class Applied:

@@ -204,7 +204,8 @@ def test_linear_configs_side_by_side(speed, monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("suffix, env", [("-pyattend", "KVFX_NO_DECODE_KERNEL"), ("-bmm", "KVFX_NO_DECODE_MATMUL")])
+@pytest.mark.parametrize("suffix, env", [("-pyattend", "KVFX_NO_DECODE_KERNEL"), ("-bmm", "KVFX_NO_DECODE_MATMUL"),
+                                         ("-ungrouped", "KVFX_NO_LINEAR_GROUPS")])
 def test_switch_suffixes_set_their_switch_while_the_configuration_runs(speed, monkeypatch, suffix, env):
     """'-pyattend': a kvfx configuration whose decode attention goes through the Python op
     (KVFX_NO_DECODE_KERNEL=1 while it runs, removed after): the C++ op's saving measured in one run; '-bmm': its
@@ -215,6 +216,7 @@ def test_switch_suffixes_set_their_switch_while_the_configuration_runs(speed, mo
     assert c.py_attend and c.aten_linear and c.quantize == "int4" and not parse_config("kvfx-head-0.5-int4").py_attend
     assert parse_config("kvfx-kv-bits5-0.25-atenlinear-pyattend").py_attend
     assert parse_config("kvfx-head-0.5-int4-pyattend-bmm").bmm and not parse_config("kvfx-head-0.5-int4").bmm
+    assert parse_config("kvfx-head-0.5-int4-bmm-ungrouped").ungrouped
     for wrong in ("kvfx-head-0.5-pyattend-atenlinear", "kvfx-head-0.5-bmm-pyattend"):
         with pytest.raises(ValueError, match="unknown configuration"):
             parse_config(wrong)  # the suffixes' order is fixed

@@ -135,70 +135,110 @@ inline void eight_rows_bf16(const at::BFloat16* w, int64_t ws, int64_t n, const 
 
 }  // namespace decode_linear
 
-// y [rows, out] of Y = x · Wᵀ (+ bias [out] of T, or null) (W [out, in] of T, unit column stride, row stride ws):
-// `kernel` (four_rows, eight_rows_*) on K output rows at a time, split over the threads, each sum rounded to Y once,
-// after the bias; x as the kernel takes it (xk) and as float32 (xf, for the last out % K rows; null when there are
-// none: no float32 copy of a bfloat16 x, no cast of y after, ~3.6 us each a call).
+// One weight of a call: W [out_n, in] of T (unit column stride, row stride ws), its bias [out_n] of T or null, and
+// where its y [rows, out_n] of Y goes.
+template <typename T, typename Y>
+struct Part {
+  const T* w;
+  int64_t ws, out_n;
+  const T* bias;
+  Y* y;
+};
+
+// y = x · Wᵀ (+ bias) for every part (several weights of one x: an attention's q, k, v, an MLP's gate and up):
+// `kernel` (four_rows, eight_rows_*) on K output rows at a time, the parts' rows split over the threads as one range
+// (one fork and join a call), each sum rounded to Y once, after the bias; x as the kernel takes it (xk) and as
+// float32 (xf, for the last out_n % K rows of a part; null when there are none: no float32 copy of a bfloat16 x).
 template <int K, typename X, typename T, typename Y, typename Kernel>
-void by_rows(Kernel kernel, const X* xk, const float* xf, const T* wp, int64_t ws, const T* bias, int64_t rows,
-             int64_t n, int64_t out_n, Y* yp) {
-  const auto put = [&](int64_t m, int64_t o, float v) {
-    yp[m * out_n + o] = static_cast<Y>(bias ? v + static_cast<float>(bias[o]) : v);
+void by_rows(Kernel kernel, const X* xk, const float* xf, const std::vector<Part<T, Y>>& parts, int64_t rows,
+             int64_t n) {
+  const auto put = [&](const Part<T, Y>& p, int64_t m, int64_t o, float v) {
+    p.y[m * p.out_n + o] = static_cast<Y>(p.bias ? v + static_cast<float>(p.bias[o]) : v);
   };
+  std::vector<int64_t> first(parts.size() + 1, 0);  // the parts' first K-row steps in the one range
+  for (size_t i = 0; i < parts.size(); ++i) first[i + 1] = first[i] + parts[i].out_n / K;
   // a task reads >= ~64 KiB of float32 weights, so small layers are not split into tasks that cost more than they do
-  const int64_t steps = out_n / K, grain = std::max<int64_t>(1, 65536 / (K * std::max<int64_t>(n, 1)));
-  at::parallel_for(0, steps, grain, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, 65536 / (K * std::max<int64_t>(n, 1)));
+  at::parallel_for(0, first.back(), grain, [&](int64_t begin, int64_t end) {
     float col[K * kMaxRows];
+    size_t i = 0;
     for (int64_t q = begin; q < end; ++q) {
-      kernel(wp + q * K * ws, ws, n, xk, rows, col);
+      while (q >= first[i + 1]) ++i;
+      const Part<T, Y>& p = parts[i];
+      const int64_t o = (q - first[i]) * K;
+      kernel(p.w + o * p.ws, p.ws, n, xk, rows, col);
       for (int64_t m = 0; m < rows; ++m)
-        for (int k = 0; k < K; ++k) put(m, q * K + k, col[m * K + k]);
+        for (int k = 0; k < K; ++k) put(p, m, o + k, col[m * K + k]);
     }
   });
-  for (int64_t o = steps * K; o < out_n; ++o)  // the last out % K rows
-    for (int64_t m = 0; m < rows; ++m) put(m, o, decode_linear::dot(wp + o * ws, xf + m * n, n));
+  for (const Part<T, Y>& p : parts)
+    for (int64_t o = p.out_n / K * K; o < p.out_n; ++o)  // the last out_n % K rows
+      for (int64_t m = 0; m < rows; ++m) put(p, m, o, decode_linear::dot(p.w + o * p.ws, xf + m * n, n));
 }
 
-// x [rows, in], weight [out, in] (float32, or both bfloat16) with unit column stride, bias [out] or none; y in x's
-// dtype, summed in float32 (bfloat16: rounded once, after the bias).
-at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "linear_rows: x [rows, in], W [out, in]");
+// y_i = x · W_iᵀ (+ b_i) for x [rows, in] and weights [out_i, in] (float32, or all bfloat16) with unit column
+// stride, biases [out_i] of x's dtype or undefined; each y in x's dtype, summed in float32 (bfloat16: rounded once,
+// after the bias).
+std::vector<at::Tensor> linear_parts(const at::Tensor& x, at::TensorList weights, at::TensorList biases) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= kMaxRows, "linear_rows: x [rows, in], at most ", kMaxRows, " rows");
   const bool bf16 = x.scalar_type() == at::kBFloat16;
-  TORCH_CHECK((x.scalar_type() == at::kFloat || bf16) && weight.scalar_type() == x.scalar_type(),
-              "linear_rows: float32 or bfloat16 x and W of one dtype");
-  TORCH_CHECK(x.size(0) <= kMaxRows, "linear_rows: at most ", kMaxRows, " rows");
-  const bool has_bias = bias.has_value() && bias->defined();
-  TORCH_CHECK(!has_bias || (bias->scalar_type() == x.scalar_type() && bias->numel() == weight.size(0)),
-              "linear_rows: a bias of x's dtype, one number an output");
-  const at::Tensor wc = weight.stride(1) == 1 ? weight : weight.contiguous(), xc = x.contiguous();
-  const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
-  const int64_t rows = x.size(0), n = x.size(1), out_n = weight.size(0), ws = wc.stride(0);
-  at::Tensor y = at::empty({rows, out_n}, x.options());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || bf16, "linear_rows: float32 or bfloat16 x");
+  const int64_t rows = x.size(0), n = x.size(1);
+  const at::Tensor xc = x.contiguous();
+  std::vector<at::Tensor> ws, bs, ys;
+  bool tails = false;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor& w = weights[i];
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == n && w.scalar_type() == x.scalar_type(),
+                "linear_rows: W [out, in] of x's dtype");
+    const bool has_bias = i < biases.size() && biases[i].defined();
+    TORCH_CHECK(!has_bias || (biases[i].scalar_type() == x.scalar_type() && biases[i].numel() == w.size(0)),
+                "linear_rows: a bias of x's dtype, one number an output");
+    ws.push_back(w.stride(1) == 1 ? w : w.contiguous());
+    bs.push_back(has_bias ? biases[i].contiguous() : at::Tensor());
+    ys.push_back(at::empty({rows, w.size(0)}, x.options()));
+    tails = tails || w.size(0) % 8 != 0;
+  }
   namespace dl = decode_linear;
+  const auto parts = [&](auto* t, auto* y) {  // the Part list, T and Y as the pointers' types
+    using T = std::remove_pointer_t<decltype(t)>;
+    using Y = std::remove_pointer_t<decltype(y)>;
+    std::vector<Part<T, Y>> out;
+    for (size_t i = 0; i < ws.size(); ++i)
+      out.push_back({ws[i].data_ptr<T>(), ws[i].stride(0), ws[i].size(0),
+                     bs[i].defined() ? bs[i].data_ptr<T>() : nullptr, ys[i].data_ptr<Y>()});
+    return out;
+  };
   if (bf16) {
     using B = at::BFloat16;
-    const B *wp = wc.data_ptr<B>(), *bp = has_bias ? bc.data_ptr<B>() : nullptr;
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-    constexpr int K = 8;
+    const at::Tensor xf = tails ? xc.to(at::kFloat) : at::Tensor();  // float32 x only where it is read
+    by_rows<8>(dl::eight_rows_bf16, xc.data_ptr<B>(), xf.defined() ? xf.data_ptr<float>() : nullptr,
+               parts(static_cast<B*>(nullptr), static_cast<B*>(nullptr)), rows, n);
 #else
-    constexpr int K = 4;
-#endif
-    const at::Tensor xf = out_n % K || K == 4 ? xc.to(at::kFloat) : at::Tensor();  // float32 x where it is read
-    const float* xfp = xf.defined() ? xf.data_ptr<float>() : nullptr;
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
-    by_rows<K>(dl::eight_rows_bf16, xc.data_ptr<B>(), xfp, wp, ws, bp, rows, n, out_n, y.data_ptr<B>());
-#else
-    by_rows<K>(dl::four_rows<B>, xfp, xfp, wp, ws, bp, rows, n, out_n, y.data_ptr<B>());
+    const at::Tensor xf = xc.to(at::kFloat);
+    by_rows<4>(dl::four_rows<B>, xf.data_ptr<float>(), xf.data_ptr<float>(),
+               parts(static_cast<B*>(nullptr), static_cast<B*>(nullptr)), rows, n);
 #endif
   } else {
-    const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>(), *bp = has_bias ? bc.data_ptr<float>() : nullptr;
+    const float* xp = xc.data_ptr<float>();
 #if defined(__AVX512F__)
-    by_rows<8>(dl::eight_rows_f32, xp, xp, wp, ws, bp, rows, n, out_n, y.data_ptr<float>());
+    by_rows<8>(dl::eight_rows_f32, xp, xp, parts(static_cast<float*>(nullptr), static_cast<float*>(nullptr)), rows, n);
 #else
-    by_rows<4>(dl::four_rows<float>, xp, xp, wp, ws, bp, rows, n, out_n, y.data_ptr<float>());
+    by_rows<4>(dl::four_rows<float>, xp, xp, parts(static_cast<float*>(nullptr), static_cast<float*>(nullptr)), rows,
+               n);
 #endif
   }
-  return y;
+  return ys;
+}
+
+// x [rows, in], weight [out, in] (float32, or both bfloat16), bias [out] or none: linear_parts of one weight.
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "linear_rows: x [rows, in], W [out, in]");
+  TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+              weight.scalar_type() == x.scalar_type(), "linear_rows: float32 or bfloat16 x and W of one dtype");
+  const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
+  return linear_parts(x, {weight}, {b})[0];
 }
 
 // The op: F.linear(x, weight, bias), x [..., in], with up to kMaxRows float32 or bfloat16 rows through linear_rows.
@@ -217,4 +257,32 @@ at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& weight, const std:
   std::vector<c10::SymInt> sizes(x.sym_sizes().begin(), x.sym_sizes().end());
   sizes.back() = weight.sym_size(0);
   return at::empty_symint(sizes, x.options());
+}
+
+// The op linears(x, weights): [F.linear(x, W) for W in weights], one call for the weights of one x (an attention's
+// q, k, v; an MLP's gate and up): one dispatch and one split over the threads for all of them, through linear_parts
+// where linear_op would take its kernel for each, else at::linear for each.
+std::vector<at::Tensor> linears_op(const at::Tensor& x, at::TensorList weights) {
+  const int64_t n = x.dim() ? x.size(-1) : 0, rows = n ? x.numel() / n : 0;
+  const auto dt = x.scalar_type();
+  bool kernel = (dt == at::kFloat || dt == at::kBFloat16) && rows >= 1 && rows <= kMaxRows;
+  for (const at::Tensor& w : weights) kernel = kernel && w.scalar_type() == dt && w.dim() == 2 && w.size(1) == n;
+  std::vector<at::Tensor> ys;
+  if (!kernel) {
+    for (const at::Tensor& w : weights) ys.push_back(at::linear(x, w));
+    return ys;
+  }
+  ys = linear_parts(x.reshape({rows, n}), weights, {});
+  for (size_t i = 0; i < ys.size(); ++i) {
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes.back() = weights[i].size(0);
+    ys[i] = ys[i].view(sizes);
+  }
+  return ys;
+}
+
+std::vector<at::Tensor> linears_meta(const at::Tensor& x, at::TensorList weights) {
+  std::vector<at::Tensor> ys;
+  for (const at::Tensor& w : weights) ys.push_back(linear_meta(x, w, std::nullopt));
+  return ys;
 }

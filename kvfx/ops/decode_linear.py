@@ -26,6 +26,12 @@ def op():
     return None if ext is None else ext.linear.default
 
 
+def group_op():
+    """torch.ops.<build>.linears.default — [F.linear(x, W) for W in weights] in one call — or None (no compiler)."""
+    ext = _extension()
+    return None if ext is None else ext.linears.default
+
+
 def takes_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the op runs the C++ matrix-vector kernel for these inputs (else it is F.linear)."""
     return (op() is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)

@@ -768,11 +768,13 @@ torch::Tensor dequantize_rows(torch::Tensor stored, int64_t width, int64_t bits,
 // latents of width Rk / Rv; mask: None or [B or 1, N], bool (true = attend) or float32 (added to the scores).
 // Returns [B, H, G, Rv] float32. int4 rows decode as [even columns | odd columns] (decode_row), and the integer path
 // has its own column order (amx): the query is gathered into that order and the output scattered back here.
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64_t rk, int64_t rv,
-                               int64_t bits, double scale, c10::optional<torch::Tensor> mask_opt, bool shared,
-                               std::vector<int64_t> kbands, std::vector<int64_t> vbands, torch::Tensor scales,
-                               c10::optional<torch::Tensor> ek_opt, c10::optional<torch::Tensor> ev_opt,
-                               c10::optional<torch::Tensor> epos_opt) {
+// decode_attention_as: the same, the result in out_type (float32, or a query's bfloat16 / float16: each number
+// rounded once from its float32 sum, without a float32 result and a cast after it).
+torch::Tensor decode_attention_as(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64_t rk, int64_t rv,
+                                  int64_t bits, double scale, c10::optional<torch::Tensor> mask_opt, bool shared,
+                                  std::vector<int64_t> kbands, std::vector<int64_t> vbands, torch::Tensor scales,
+                                  c10::optional<torch::Tensor> ek_opt, c10::optional<torch::Tensor> ev_opt,
+                                  c10::optional<torch::Tensor> epos_opt, at::ScalarType out_type) {
   TORCH_CHECK(q.dim() == 4 && kc.dim() == 4 && q.scalar_type() == torch::kFloat32, "q must be [B, H, G, R] float32");
   Kind kind;
   if (bits == -1) {  // bands (kbands / vbands: bits, width, bits, width, …)
@@ -1114,18 +1116,27 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
     });
   }
 
-  auto out = torch::empty({B, H, G, rv}, q.options());
-  float* op = out.data_ptr<float>();
+  TORCH_CHECK(out_type == torch::kFloat32 || out_type == torch::kBFloat16 || out_type == torch::kHalf,
+              "decode_attention: a float32, bfloat16 or float16 result");
+  auto out = torch::empty({B, H, G, rv}, q.options().dtype(out_type));
+  char* const obase = static_cast<char*>(out.data_ptr());
   at::parallel_for(0, B * H * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(Rvp);
+    std::vector<float> acc(Rvp), row(out_type == torch::kFloat32 ? 0 : rv);
     for (int64_t i = begin; i < end; ++i) {
+      float* dst = out_type == torch::kFloat32 ? reinterpret_cast<float*>(obase) + i * rv : row.data();
+      const auto round_row = [&] {  // a 16-bit result: the row's float32 numbers rounded once
+        if (out_type == torch::kBFloat16)
+          std::copy(row.begin(), row.end(), reinterpret_cast<at::BFloat16*>(obase) + i * rv);
+        else if (out_type == torch::kHalf)
+          std::copy(row.begin(), row.end(), reinterpret_cast<at::Half*>(obase) + i * rv);
+      };
       const int64_t bh = i / G, g = i % G;
       float mmax = kNegInf;
       for (int64_t c = 0; c < chunks; ++c) mmax = std::max(mmax, part_m[(bh * chunks + c) * G + g]);
       if (!held.empty()) mmax = std::max(mmax, ex_m[i]);
-      float* dst = op + i * rv;
       if (mmax == kNegInf) {  // every key masked: SDPA gives NaN
         std::fill(dst, dst + rv, std::numeric_limits<float>::quiet_NaN());
+        round_row();
         continue;
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
@@ -1146,9 +1157,20 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor 
       const float inv = 1.0f / total;  // one division a row: a division a column cost ~1 us a call
       for (int64_t j = 0; j < Rvp; ++j)
         if (columns[j] >= 0) dst[columns[j]] = acc[j] * inv;
+      round_row();
     }
   });
   return out;
+}
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64_t rk, int64_t rv,
+                               int64_t bits, double scale, c10::optional<torch::Tensor> mask_opt, bool shared,
+                               std::vector<int64_t> kbands, std::vector<int64_t> vbands, torch::Tensor scales,
+                               c10::optional<torch::Tensor> ek_opt, c10::optional<torch::Tensor> ev_opt,
+                               c10::optional<torch::Tensor> epos_opt) {
+  return decode_attention_as(q, kc, vc, rk, rv, bits, scale, std::move(mask_opt), shared, std::move(kbands),
+                             std::move(vbands), std::move(scales), std::move(ek_opt), std::move(ev_opt),
+                             std::move(epos_opt), torch::kFloat32);
 }
 
 // The scale table as kvfx.ops.lowbit_attention._scales computes it (torch's exp2 of e / 8), made once a process.
@@ -1173,11 +1195,13 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& kc, const torc
     torch::Tensor x = mask->reshape({mask->size(0), kc.size(2)});
     m = x.scalar_type() == torch::kBool || x.scalar_type() == torch::kFloat32 ? x : x.to(torch::kFloat32);
   }
+  const auto t = q.scalar_type();
+  const bool direct = t == torch::kFloat32 || t == torch::kBFloat16 || t == torch::kHalf;  // else a cast after
   const torch::Tensor out =
-      decode_attention(q.scalar_type() == torch::kFloat32 ? q : q.to(torch::kFloat32), kc, vc, rk, rv, bits, scale, m,
-                       shared, std::move(kbands), std::move(vbands), default_scales(), exact_keys,
-                       shared ? std::nullopt : exact_values, positions);
-  return out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type());
+      decode_attention_as(t == torch::kFloat32 ? q : q.to(torch::kFloat32), kc, vc, rk, rv, bits, scale, m, shared,
+                          std::move(kbands), std::move(vbands), default_scales(), exact_keys,
+                          shared ? std::nullopt : exact_values, positions, direct ? t : torch::kFloat32);
+  return direct ? out : out.to(t);
 }
 
 torch::Tensor attend_meta(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc, int64_t rk,
@@ -1198,16 +1222,19 @@ torch::Tensor attend_meta(const torch::Tensor& q, const torch::Tensor& kc, const
     m.def("integer_path", &integer_path);               \
     m.def("linear_rows", &linear_rows);                 \
     m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor"); \
+    m.def("linears(Tensor x, Tensor[] weights) -> Tensor[]"); \
     m.def("attend(Tensor q, Tensor kc, Tensor vc, int rk, int rv, int bits, float scale, Tensor? mask, "   \
           "bool shared, int[] kbands, int[] vbands, Tensor? exact_keys=None, Tensor? exact_values=None, " \
           "Tensor? positions=None) -> Tensor");          \
   }                                                      \
   TORCH_LIBRARY_IMPL(ns, CPU, m) {                       \
     m.impl("linear", &linear_op);                        \
+    m.impl("linears", &linears_op);                      \
     m.impl("attend", &attend);                           \
   }                                                      \
   TORCH_LIBRARY_IMPL(ns, Meta, m) {                      \
     m.impl("linear", &linear_meta);                      \
+    m.impl("linears", &linears_meta);                    \
     m.impl("attend", &attend_meta);                      \
   }
 KVFX_REGISTER(TORCH_EXTENSION_NAME)

@@ -81,3 +81,27 @@ def test_opcheck(bias):
     x, w = torch.randn(2, 1, 24), torch.randn(10, 24)
     torch.library.opcheck(dl.op(), (x, w, torch.randn(10) if bias else None),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, dl.MAX_ROWS), outs=st.lists(st.integers(1, 70), min_size=1, max_size=4),
+       width=st.integers(1, 90), bf16=st.booleans(), stride=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_linears_is_the_op_for_each_weight(rows, outs, width, bf16, stride, seed):
+    """linears(x, weights): the linear op's numbers for each weight (the same kernel on each row, bit for bit), all
+    of them in one call: output rows of several weights (and their out % 8 tails) in one split over the threads."""
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.bfloat16 if bf16 else torch.float32
+    x = torch.randn(1, rows, width, generator=g).to(dt)
+    ws = [torch.randn(o * stride, width, generator=g).to(dt)[::stride] for o in outs]
+    got = dl.group_op()(x, ws)
+    assert len(got) == len(ws)
+    for y, w in zip(got, ws):
+        assert y.dtype == dt and torch.equal(y, dl.op()(x, w, None))
+
+
+def test_linears_leaves_what_the_kernel_does_not_take_to_f_linear():
+    x = torch.randn(12, 24)  # 12 rows: a prefill
+    ws = [torch.randn(10, 24), torch.randn(7, 24)]
+    for y, w in zip(dl.group_op()(x, ws), ws):
+        torch.testing.assert_close(y, F.linear(x, w))
+    torch.library.opcheck(dl.group_op(), (torch.randn(2, 1, 24), ws), test_utils=("test_schema", "test_faketensor"))

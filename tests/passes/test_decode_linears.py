@@ -38,10 +38,13 @@ def test_every_linear_becomes_the_op_and_tokens_stay(monkeypatch):
     graphs = cm._kvfx.backend.graphs
     assert len(seen) == len(graphs) and all(_linears(g) > 0 for g in graphs)  # kvfx's graphs keep linear
     for g, handed in zip(graphs, seen):
-        calls = [n for n in handed.graph.nodes if n.target is ops.op()]
-        assert _linears(handed) == 0 and len(calls) == _linears(g)
+        single = [n for n in handed.graph.nodes if n.target is ops.op()]
+        groups = [n for n in handed.graph.nodes if n.target is ops.group_op()]
+        assert _linears(handed) == 0 and len(single) + sum(len(n.args[1]) for n in groups) == _linears(g)
+        assert sorted(len(n.args[1]) for n in groups) == [2, 2, 3, 3]  # each layer's (gate, up) and (q, k, v)
     # 2 layers × (q, k, v, o, gate, up, down) + lm_head, in every graph (prefill and decode)
     assert kvfx.counters["kvfx"]["decode_linears"] == 15 * len(graphs)
+    assert kvfx.counters["kvfx"]["decode_linear_groups"] == 4 * len(graphs)
 
 
 def test_switched_off_and_other_devices(monkeypatch):
@@ -60,6 +63,15 @@ def test_switched_off_and_other_devices(monkeypatch):
     assert kvfx.counters["kvfx"]["decode_linears"] == 0 and kvfx.counters["kvfx"]["graphs"] == 2
 
 
+def test_groups_switched_off(monkeypatch):
+    m = tiny_llama(1)
+    monkeypatch.setenv("KVFX_NO_LINEAR_GROUPS", "1")
+    cm = kvfx.compress(torch.compile(copy.deepcopy(m), backend="eager"), random_projections(m, rank=4))
+    with torch.no_grad():
+        cm(model_inputs(m, tokens=4))
+    assert kvfx.counters["kvfx"]["decode_linears"] == 8 and kvfx.counters["kvfx"]["decode_linear_groups"] == 0
+
+
 def test_inductor_runs_the_op():
     m = tiny_llama(1)
     ids = model_inputs(m, tokens=4)
@@ -68,4 +80,5 @@ def test_inductor_runs_the_op():
         want = kvfx.compress(torch.compile(copy.deepcopy(m), backend="eager"), P)(ids).logits
         got = kvfx.compress(torch.compile(copy.deepcopy(m)), P)(ids).logits
     assert kvfx.counters["kvfx"]["decode_linears"] == 2 * 8
+    assert kvfx.counters["kvfx"]["decode_linear_groups"] == 2 * 2  # (q, k, v), (gate, up), in both compiles
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
