@@ -236,3 +236,19 @@ def test_integer_agreement_refuses_unknown_names_before_loading():
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "integer_agreement.py"), "--configs", "kv-0.3-int4",
                         "--domains", "poetry"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "kv-0.3-int4, poetry" in r.stderr and "kv-0.9375-int4" in r.stderr
+
+
+def test_step_ab_interleaves_two_configurations():
+    """benchmarks/step_ab.py: two configurations built side by side, their steps alternating, each with only its
+    own switches set; one line with both medians and A / B. Unknown names are refused before any model loads."""
+    script = str(ROOT / "benchmarks" / "step_ab.py")
+    r = subprocess.run([sys.executable, script, "kvfx-head-0.5-int4", "kvfx-head-0.5-int4-bmm-ungrouped", "--model",
+                        "llama-tiny", "--context", "64", "--steps", "3", "--threads", "1"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = r.stdout.strip().splitlines()[-1]
+    assert "interleaved: kvfx-head-0.5-int4 " in line and "kvfx-head-0.5-int4-bmm-ungrouped" in line and "A / B" in line
+    assert "KVFX_NO_DECODE_MATMUL" not in r.stderr
+    r = subprocess.run([sys.executable, script, "kvfx-head-0.5-int4", "kvfx-head-2"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "unknown configuration 'kvfx-head-2'" in r.stderr

@@ -1,0 +1,81 @@
+"""Two speed.py configurations' decode steps, interleaved in one process: A, B, A, B, … — the ratio of their medians.
+
+    python benchmarks/step_ab.py kvfx-head-0.5-int4 kvfx-head-0.5-int4-bmm --dtype bfloat16 --context 16384
+
+speed.py times its configurations one after another; on a VM whose speed drifts within minutes (this project's:
+the same step 30-42 ms in one run) that cannot resolve a 1-5 % change. Here both are built first (two copies of the
+model, each compiled with its configuration's switches set, speed_setup.SWITCHES), their caches filled alike, and
+their steps alternate, each with only its own switches set, so a drift moves both medians alike. Prints one line:
+both medians and A / B (> 1: B is faster).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import speed_setup as ss  # noqa: E402
+
+
+def _switch(config: ss.Config) -> None:
+    """Set exactly `config`'s environment switches (the others removed)."""
+    for flag, env in ss.SWITCHES.items():
+        if getattr(config, flag):
+            os.environ[env] = "1"
+        else:
+            os.environ.pop(env, None)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("a", help="a speed.py configuration, e.g. kvfx-head-0.5-int4")
+    ap.add_argument("b", help="another, e.g. kvfx-head-0.5-int4-bmm")
+    ap.add_argument("--model", default="smollm2", choices=ss.MODELS)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--context", type=int, default=16384, help="cached tokens (random contents)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=30, help="timed steps of each, after 3 warm-up steps")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    try:
+        configs = [ss.parse_config(args.a), ss.parse_config(args.b)]
+    except ValueError as e:
+        ap.error(str(e))
+    if any(c.family == "peer" for c in configs):
+        ap.error("peer configurations take transformers' QuantizedCache; use speed.py for them")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    dtype, device = getattr(torch, args.dtype), torch.device("cpu")
+    memo, built = {}, []
+    for config in configs:
+        model = ss.load_model(args.model, ss.model_config(args.model, 2), dtype, device)
+        shape = ss.model_shape(model.config)
+        app = ss.Applied(model, config, config.kinds(["dynamic"])[0], {}, memo, {})
+        cache = app.make_cache(args.context + args.steps + 8)
+        ss.fill_cache(cache, shape, args.batch, args.context, dtype, device)
+        built.append((config, app, cache))
+    ids = torch.randint(3, 100, (args.batch, 1))
+    times: list[list[float]] = [[], []]
+    for i in range(args.steps + 3):
+        for k, (config, app, cache) in enumerate(built):
+            _switch(config)  # compiles (first steps) and runs with only its own switches
+            pos = torch.full((args.batch, 1), args.context + i)
+            t = time.perf_counter()
+            app.model(input_ids=ids, position_ids=pos, use_cache=True, **{app.cache_kwarg: cache})
+            if i >= 3:
+                times[k].append(time.perf_counter() - t)
+    _switch(ss.Config("none", "original"))
+    a, b = (statistics.median(t) * 1e3 for t in times)
+    print(f"{args.model} {args.dtype} batch {args.batch} × {args.context} tokens, {args.steps} steps each, "
+          f"interleaved: {args.a} {a:.2f} ms, {args.b} {b:.2f} ms, A / B {a / b:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
