@@ -12,8 +12,8 @@
 // else widened in registers (a bfloat16 number is the top half of a float32: zero-extend, shift by 16) against x
 // widened once a call; summed in float32 and rounded to bfloat16 once at the end, as ATen's bfloat16 linear rounds.
 // Pasted into lowbit_attention.cpp's build by kvfx/ops/lowbit_attention.py (one .so, one first-use build) and
-// registered there as the op `linear` (CPU and Meta kernels, no Python on the way: a Python custom op cost ~100 us
-// a call, 211 calls a SmolLM2 step); it takes the kernel for float32 or bfloat16 inputs (x and W of one dtype) of
+// registered there as the ops `linear` and `linears` (several weights of one x in one call; CPU and Meta kernels, no
+// Python on the way: a Python custom op cost ~100 us a call, 211 calls a SmolLM2 step); it takes the kernel for float32 or bfloat16 inputs (x and W of one dtype) of
 // up to kMaxRows rows and is at::linear otherwise. No autograd kernel: passes/decode_linear.py only puts it in
 // graphs compiled without grad.
 

@@ -7,7 +7,8 @@ token) read the weights at the memory's speed instead of ATen's ~half of it on C
 weights are most of what a step reads, so this is where the saved cache bytes turn into step time. One counter
 per linear (`decode_linears`). Linears without bias that read one x from the graph's own weights (an attention's
 q, k, v; an MLP's gate and up) become one call, `linears(x, [W_q, W_k, W_v])`, one dispatch and one split of
-all their rows over the threads (counter `decode_linear_groups`; KVFX_NO_LINEAR_GROUPS=1 keeps one call a linear). Runs last, on the graph handed to Inductor (kvfx's rewritten graphs, what
+all their rows over the threads (counter `decode_linear_groups`; KVFX_NO_LINEAR_GROUPS=1 keeps one call a
+linear). Runs last, on the graph handed to Inductor (kvfx's rewritten graphs, what
 `KvfxBackend.graphs` and the expect-tests show, keep `linear`). Only for graphs compiled with grad off (what
 generate and evaluation run; the op has no autograd kernel, and Dynamo guards on grad mode, so a graph compiled
 with grad on keeps F.linear), with CPU inputs only (on CUDA Inductor's GEMMs serve them), not in live mode
@@ -58,15 +59,16 @@ def _group_by_input(g: fx.Graph) -> None:
     `linears(x, [W, ...])` call: one dispatch and one fork-join of the threads for all of them."""
     calls: dict[fx.Node, list[fx.Node]] = {}
     for node in g.nodes:
-        if node.target is ops.op() and node.args[2] is None and node.args[1].op in ("placeholder", "get_attr"):
+        w = node.args[1] if node.target is ops.op() and node.args[2] is None else None
+        if isinstance(w, fx.Node) and w.op in ("placeholder", "get_attr"):
             calls.setdefault(node.args[0], []).append(node)
     for x, nodes in calls.items():
         if len(nodes) < 2:
             continue
         with g.inserting_before(nodes[0]):
-            both = g.call_function(ops.group_op(), (x, [n.args[1] for n in nodes]))
+            group = g.call_function(ops.group_op(), (x, [n.args[1] for n in nodes]))
             for i, n in enumerate(nodes):
-                n.replace_all_uses_with(g.call_function(operator.getitem, (both, i)))
+                n.replace_all_uses_with(g.call_function(operator.getitem, (group, i)))
         for n in nodes:
             g.erase_node(n)
         counters["kvfx"]["decode_linear_groups"] += 1
