@@ -49,6 +49,10 @@ constexpr auto kFloat32 = at::kFloat;
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#ifdef KVFX_STAGE_CYCLES  // benchmarks/kernel.py --stages: the VNNI block's stage counters (__rdtsc)
+#include <atomic>
+#include <x86intrin.h>
+#endif
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
 #define KVFX_AVX2 1  // 16 vector registers of 8 floats: scores and value sums in tiles that fit them (AMD Zen 1-3, …)
 #endif
@@ -699,6 +703,16 @@ inline bool env_set(const char* name) {
   const char* v = std::getenv(name);
   return v && *v && std::strcmp(v, "0") != 0;
 }
+// The VNNI block's stage counters, read and reset: cycles of the scale codes, key scores, softmax, weights and value
+// sums, and the rows (zeros unless built with -DKVFX_STAGE_CYCLES, see lowbit_attention_vnni.h).
+torch::Tensor stage_cycles() {
+  torch::Tensor out = at::zeros({6}, at::kLong);
+#if KVFX_AMX && defined(KVFX_VNNI) && defined(KVFX_STAGE_CYCLES)
+  for (int i = 0; i < 6; ++i) out[i] = static_cast<int64_t>(amx::stage_cycles[i].exchange(0));
+#endif
+  return out;
+}
+
 int64_t integer_path() {
   if (env_set("KVFX_NO_AMX")) return 0;
 #if KVFX_AMX
@@ -1220,6 +1234,7 @@ torch::Tensor attend_meta(const torch::Tensor& q, const torch::Tensor& kc, const
     m.def("decode_attention", &decode_attention);       \
     m.def("dequantize_rows", &dequantize_rows);         \
     m.def("integer_path", &integer_path);               \
+    m.def("stage_cycles", &stage_cycles);               \
     m.def("linear_rows", &linear_rows);                 \
     m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor"); \
     m.def("linears(Tensor x, Tensor[] weights) -> Tensor[]"); \

@@ -144,9 +144,10 @@ def _decoded(rows: torch.Tensor, width: int, kind: str) -> torch.Tensor:
     return rows.float() if kind == "float" else quant.dequantize(rows, torch.float32, width, kind)
 
 
-def _build(arch: str = "native"):
+def _build(arch: str = "native", stages: bool = False):
     """lowbit_attention.cpp compiled for -march=`arch` (another arch: another module, e.g. "x86-64-v2" for the
-    portable code a CPU without AVX-512 and AMX runs; torch caches each build under ~/.cache/torch_extensions)."""
+    portable code a CPU without AVX-512 and AMX runs; torch caches each build under ~/.cache/torch_extensions).
+    stages: a module whose VNNI blocks count their stages' cycles (`stage_cycles()`; benchmarks/kernel.py --stages)."""
     from torch.utils.cpp_extension import load_inline
     here = Path(__file__).parent  # the AMX part lives in its own file, pasted in (so the source hash covers it)
     src = (here / "lowbit_attention.cpp").read_text()
@@ -157,6 +158,8 @@ def _build(arch: str = "native"):
     flags = ["-O3", f"-march={arch}", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
              "-fno-trapping-math"]
     name = "kvfx_lowbit_attention" + ("" if arch == "native" else "_" + arch.replace("-", "_").replace(".", "_"))
+    if stages:
+        flags, name = flags + ["-DKVFX_STAGE_CYCLES"], name + "_stages"
     # no pybind11 module: the .so registers its functions as ops (torch.ops.<name>.decode_attention, …), and ATen
     # alone parses in a third of torch/extension.h's time: a build takes ~30 s, not ~60 (a first decode waits for it)
     load_inline(name, cpp_sources=[src], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False,

@@ -49,6 +49,20 @@ inline void weigh4(__m512i* acc, const uint8_t* w, __m512i a, __m512i b) {
   acc[3] = _mm512_dpbusd_epi32(acc[3], wl, b);
 }
 
+// Where a block's time goes: time-stamp-counter cycles of each stage, summed over the threads, and the rows
+// (benchmarks/kernel.py --stages builds with -DKVFX_STAGE_CYCLES; other builds count nothing).
+#ifdef KVFX_STAGE_CYCLES
+std::atomic<uint64_t> stage_cycles[6];  // scale codes, key scores, softmax, weights, value sums; rows
+inline uint64_t stage_clock() { return __rdtsc(); }
+#else
+inline uint64_t stage_clock() { return 0; }
+#endif
+inline void stage_count(int i, uint64_t n) {
+#ifdef KVFX_STAGE_CYCLES
+  stage_cycles[i].fetch_add(n, std::memory_order_relaxed);
+#endif
+}
+
 class VnniWorker {
  public:
   explicit VnniWorker(const Problem& p) : P(p) {
@@ -321,15 +335,24 @@ void VnniWorker::run(int64_t task) {
 template <int G>
 void VnniWorker::block(const Rows& kr, const Rows& vr, int64_t bh, const float* add, float* m, float* l, float* o) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const uint64_t c0 = stage_clock();
   scales(kr, P.cbk, P.ngk, ks);
   if (!P.shared) scales(vr, P.cbv, P.ngv, vs);
+  const uint64_t c1 = stage_clock();
   const int T = (kr.rows + 15) / 16;
   const bool i4 = P.kind == kInt4;
   for (int t = 0; t < T; ++t) i4 ? key_scores<G>(kr, t, bh, add + 16 * t) : key_scores8<G>(kr, t, bh, add + 16 * t);
   for (int g = 0; g < G; ++g) std::fill(s_ + g * BN + 16 * T, s_ + (g + 1) * BN, kNegInf);
+  const uint64_t c2 = stage_clock();
   block_softmax(s_, pf, G, P.Rvp, m, l, o);
+  const uint64_t c3 = stage_clock();
   weights();
+  const uint64_t c4 = stage_clock();
   const int n = static_cast<int>(round_up(kr.rows, 4));
   i4 ? value_sums<G>(P.shared ? kr : vr, n, o) : value_sums8<G>(P.shared ? kr : vr, n, o);
+  const uint64_t c5 = stage_clock();
+  const uint64_t at[6] = {c0, c1, c2, c3, c4, c5};
+  for (int i = 0; i < 5; ++i) stage_count(i, at[i + 1] - at[i]);
+  stage_count(5, kr.rows);
 }
 #endif  // __AVX512VNNI__

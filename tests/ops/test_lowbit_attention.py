@@ -682,3 +682,33 @@ def test_vnni_rows_are_the_tile_paths_numbers(b, h, g, n, rk, rv, mask, shared, 
         env.setenv("KVFX_NO_VNNI", "0")
         vnni = run()
     torch.testing.assert_close(vnni, tile, rtol=1e-5, atol=1e-6 * max(1.0, tile.abs().max().item()))
+
+
+@pytest.mark.skipif(la.integer_rounding("cpu") != "amx", reason="the VNNI blocks run on AMX CPUs")
+def test_stage_counters_count_only_in_the_stages_build():
+    """benchmarks/kernel.py --stages: a build with -DKVFX_STAGE_CYCLES counts each VNNI stage's cycles and every
+    row it reads (read and reset by stage_cycles()); the default build counts nothing and gives the same numbers."""
+    k, v = (quant.quantize(torch.randn(1, 3, 300, 32), "int4") for _ in range(2))
+    q = torch.randn(1, 3, 3, 32)
+    ext, counting = la._extension(), la._build(stages=True)
+    want = ext.attend(q, k, v, 32, 32, 4, 0.125, None, False, [], [])
+    got = counting.attend(q, k, v, 32, 32, 4, 0.125, None, False, [], [])
+    assert torch.equal(got, want)
+    counts = counting.stage_cycles().tolist()
+    assert counts[5] == 3 * 300 and all(c > 0 for c in counts[:5])
+    assert counting.stage_cycles().tolist() == [0] * 6  # reset by the read
+    assert ext.stage_cycles().tolist() == [0] * 6
+
+
+@pytest.mark.skipif(la.integer_rounding("cpu") != "amx", reason="the VNNI blocks run on AMX CPUs")
+def test_kernel_bench_prints_the_stage_split():
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).parents[2] / "benchmarks" / "kernel.py"
+    out = subprocess.run([sys.executable, str(script), "--stages", "--n", "256", "--layers", "1", "--reps", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("head-")]
+    assert [r[0] for r in rows] == ["head-0.5-int8", "head-0.5-int4", "head-0.25-int4"]
+    assert all(float(r[-1]) > 0 for r in rows)  # cycles per row, all stages
