@@ -49,7 +49,7 @@ constexpr auto kFloat32 = at::kFloat;
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
-#ifdef KVFX_STAGE_CYCLES  // benchmarks/kernel.py --stages: the VNNI block's stage counters (__rdtsc)
+#ifdef KVFX_STAGE_CYCLES  // benchmarks/kernel.py --stages: the integer path's stage counters (__rdtsc)
 #include <atomic>
 #include <x86intrin.h>
 #endif
@@ -703,11 +703,11 @@ inline bool env_set(const char* name) {
   const char* v = std::getenv(name);
   return v && *v && std::strcmp(v, "0") != 0;
 }
-// The VNNI block's stage counters, read and reset: cycles of the scale codes, key scores, softmax, weights and value
-// sums, and the rows (zeros unless built with -DKVFX_STAGE_CYCLES, see lowbit_attention_vnni.h).
+// The integer path's stage counters, read and reset: cycles of each stage of a block and the rows (zeros unless built
+// with -DKVFX_STAGE_CYCLES; the stages: lowbit_attention_amx.h).
 torch::Tensor stage_cycles() {
   torch::Tensor out = at::zeros({6}, at::kLong);
-#if KVFX_AMX && defined(KVFX_VNNI) && defined(KVFX_STAGE_CYCLES)
+#if KVFX_AMX && defined(KVFX_STAGE_CYCLES)
   for (int i = 0; i < 6; ++i) out[i] = static_cast<int64_t>(amx::stage_cycles[i].exchange(0));
 #endif
   return out;

@@ -32,6 +32,22 @@ namespace amx {
 constexpr int BN = 128;                  // rows per block: a multiple of 64 (one K step of the value tiles)
 constexpr int kQ4 = 2032, kQ8 = 32512;   // |x| bounds of the two-digit operands: 16·127, 256·127
 
+// Where a block's time goes: time-stamp-counter cycles of each stage, summed over the threads, and the rows
+// (benchmarks/kernel.py --stages builds with -DKVFX_STAGE_CYCLES; other builds count nothing). The VNNI blocks count
+// 0 scale codes, 1 key scores, 2 softmax, 3 weights, 4 value sums; the tile unit's (Worker) 0 transcoding and scale
+// codes, 1 key and value layouts with the key products and score sums, 2 softmax, 4 weights with the value products.
+#ifdef KVFX_STAGE_CYCLES
+std::atomic<uint64_t> stage_cycles[6];  // scale codes, key scores, softmax, weights, value sums; rows
+inline uint64_t stage_clock() { return __rdtsc(); }
+#else
+inline uint64_t stage_clock() { return 0; }
+#endif
+inline void stage_count(int i, uint64_t n) {
+#ifdef KVFX_STAGE_CYCLES
+  stage_cycles[i].fetch_add(n, std::memory_order_relaxed);
+#endif
+}
+
 // AMX needs the kernel's permission once per process (Linux >= 5.16) and the CPU to have it at run time (the
 // extension is built with -march=native, but its build cache could outlive a change of machine).
 inline bool ready() {
@@ -688,6 +704,7 @@ void Worker::run(int64_t task) {
     prefetch_rows(krows + (r0 + rows) * P.ksn, next, P.ksn, P.krow);
     if (!P.shared) prefetch_rows(vrows + (r0 + rows) * P.vsn, next, P.vsn, P.vrow);
     block_add(P, b, r0, rows, add);
+    const uint64_t c0 = stage_clock();
     if (P.plan) {
       transcode(kr, rows, *P.plan, tk, tkr, true, P.shared);  // a shared latent's values read the key rows
       if (!P.shared) transcode(vr, rows, *P.vplan, tv, tvr, false, true);
@@ -699,6 +716,7 @@ void Worker::run(int64_t task) {
       scales(kr, P.cbk, P.ngk, ks);
       if (!P.shared) scales(vr, P.cbv, P.ngv, vs);
     }
+    const uint64_t c1 = stage_clock();
     // Tile instructions run one after another on the tile unit; each batch is followed in program order by
     // vector work that does not wait for it (the next rows' layouts, the previous batch's sums), so the two overlap.
     const int T = (rows + 15) / 16;
@@ -719,7 +737,9 @@ void Worker::run(int64_t task) {
       if (t > 0 && t - 1 < T) score_sums(bh, NGB - 1, t - 1, add + 16 * (t - 1));
     }
     if (T == BN / 16) score_sums(bh, NGB - 1, T - 1, add + 16 * (T - 1));
+    const uint64_t c2 = stage_clock();
     softmax(m, l, o);
+    const uint64_t c3 = stage_clock();
     const int64_t items = static_cast<int64_t>(P.item_ct.size());
     for (int gb = 0; gb < NGB; ++gb) {
       weights(gb, P.item_ws[0]);
@@ -730,6 +750,9 @@ void Worker::run(int64_t task) {
       }
       value_sums(gb, items - 1, o);
     }
+    const uint64_t c4 = stage_clock();
+    stage_count(0, c1 - c0), stage_count(1, c2 - c1), stage_count(2, c3 - c2), stage_count(4, c4 - c3);
+    stage_count(5, rows);
     ++block;
   }
 }

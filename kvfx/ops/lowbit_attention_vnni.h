@@ -49,20 +49,6 @@ inline void weigh4(__m512i* acc, const uint8_t* w, __m512i a, __m512i b) {
   acc[3] = _mm512_dpbusd_epi32(acc[3], wl, b);
 }
 
-// Where a block's time goes: time-stamp-counter cycles of each stage, summed over the threads, and the rows
-// (benchmarks/kernel.py --stages builds with -DKVFX_STAGE_CYCLES; other builds count nothing).
-#ifdef KVFX_STAGE_CYCLES
-std::atomic<uint64_t> stage_cycles[6];  // scale codes, key scores, softmax, weights, value sums; rows
-inline uint64_t stage_clock() { return __rdtsc(); }
-#else
-inline uint64_t stage_clock() { return 0; }
-#endif
-inline void stage_count(int i, uint64_t n) {
-#ifdef KVFX_STAGE_CYCLES
-  stage_cycles[i].fetch_add(n, std::memory_order_relaxed);
-#endif
-}
-
 class VnniWorker {
  public:
   explicit VnniWorker(const Problem& p) : P(p) {

@@ -687,7 +687,8 @@ def test_vnni_rows_are_the_tile_paths_numbers(b, h, g, n, rk, rv, mask, shared, 
 @pytest.mark.skipif(la.integer_rounding("cpu") != "amx", reason="the VNNI blocks run on AMX CPUs")
 def test_stage_counters_count_only_in_the_stages_build():
     """benchmarks/kernel.py --stages: a build with -DKVFX_STAGE_CYCLES counts each VNNI stage's cycles and every
-    row it reads (read and reset by stage_cycles()); the default build counts nothing and gives the same numbers."""
+    row it reads (read and reset by stage_cycles()); the default build counts nothing and gives the same numbers.
+    The tile unit's blocks (9 query rows a latent) count their coarser stages (no separate weights)."""
     k, v = (quant.quantize(torch.randn(1, 3, 300, 32), "int4") for _ in range(2))
     q = torch.randn(1, 3, 3, 32)
     ext, counting = la._extension(), la._build(stages=True)
@@ -698,6 +699,11 @@ def test_stage_counters_count_only_in_the_stages_build():
     assert counts[5] == 3 * 300 and all(c > 0 for c in counts[:5])
     assert counting.stage_cycles().tolist() == [0] * 6  # reset by the read
     assert ext.stage_cycles().tolist() == [0] * 6
+    q9 = torch.randn(1, 1, 9, 32)
+    assert torch.equal(counting.attend(q9, k[:, :1], k[:, :1], 32, 32, 4, 0.125, None, True, [], []),
+                       ext.attend(q9, k[:, :1], k[:, :1], 32, 32, 4, 0.125, None, True, [], []))
+    counts = counting.stage_cycles().tolist()
+    assert counts[5] == 300 and counts[3] == 0 and all(counts[i] > 0 for i in (0, 1, 2, 4))
 
 
 @pytest.mark.skipif(la.integer_rounding("cpu") != "amx", reason="the VNNI blocks run on AMX CPUs")
@@ -709,6 +715,8 @@ def test_kernel_bench_prints_the_stage_split():
     out = subprocess.run([sys.executable, str(script), "--stages", "--n", "256", "--layers", "1", "--reps", "1"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("head-")]
-    assert [r[0] for r in rows] == ["head-0.5-int8", "head-0.5-int4", "head-0.25-int4"]
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith(("head-", "kv-"))]
+    assert [r[0] for r in rows] == ["head-0.5-int8", "head-0.5-int4", "head-0.25-int4", "kv-0.9375-int4",
+                                    "kv-bits5-0.25"]
+    assert [r[1] for r in rows] == ["vnni"] * 3 + ["tile"] * 2
     assert all(float(r[-1]) > 0 for r in rows)  # cycles per row, all stages
