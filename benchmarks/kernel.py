@@ -50,6 +50,12 @@ def _rows(b, h, n, width, storage, spare=512):
     return stored[:, :, :n]
 
 
+def _layers(args, h, r, shared, storage):
+    """args.layers layers' (keys, values) slots; a shared latent's values are its keys."""
+    return [(k, k if shared else _rows(args.batch, h, args.n, r, storage))
+            for k in (_rows(args.batch, h, args.n, r, storage) for _ in range(args.layers))]
+
+
 def _median_ms(fn, reps: int) -> float:
     fn()
     times = []
@@ -77,8 +83,7 @@ def stage_split(args) -> None:
     print(f"{'latent':18s} {'unit':>5s} " + " ".join(f"{s:>16s}" for s in STAGES) + f" {'total':>7s}")
     for name in ("head-0.5-int8", "head-0.5-int4", "head-0.25-int4", "kv-0.9375-int4", "kv-bits5-0.25"):
         h, g, r, shared, storage = SHAPES[name]
-        layers = [(k, k if shared else _rows(args.batch, h, args.n, r, storage))
-                  for k in (_rows(args.batch, h, args.n, r, storage) for _ in range(args.layers))]
+        layers = _layers(args, h, r, shared, storage)
         q = torch.randn(args.batch, h, g, r)
         bits, kbands, vbands = la.kernel_format(storage, r, r, shared)
 
@@ -118,8 +123,7 @@ def main() -> None:
           f"{'cold SDPA':>10s} {'cold GB/s':>9s}   (ms per layer)")
     for name, (h, g, r, shared, storage) in SHAPES.items():
         kind = "float" if storage == "float32" else storage
-        layers = [(k, k if shared else _rows(args.batch, h, args.n, r, storage))
-                  for k in (_rows(args.batch, h, args.n, r, storage) for _ in range(args.layers))]
+        layers = _layers(args, h, r, shared, storage)
         q = torch.randn(args.batch, h, g, r)
         floats = [(la._decoded(k, r, kind), None if shared else la._decoded(v, r, kind)) for k, v in layers[:1]]
 

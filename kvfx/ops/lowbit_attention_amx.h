@@ -42,9 +42,12 @@ inline uint64_t stage_clock() { return __rdtsc(); }
 #else
 inline uint64_t stage_clock() { return 0; }
 #endif
-inline void stage_count(int i, uint64_t n) {
+// A block of `rows` rows whose stage slots[i] ran from clock at[i] to at[i + 1].
+template <size_t N>
+inline void stage_counts(const uint64_t (&at)[N], const int (&slots)[N - 1], int rows) {
 #ifdef KVFX_STAGE_CYCLES
-  stage_cycles[i].fetch_add(n, std::memory_order_relaxed);
+  for (size_t i = 0; i + 1 < N; ++i) stage_cycles[slots[i]].fetch_add(at[i + 1] - at[i], std::memory_order_relaxed);
+  stage_cycles[5].fetch_add(rows, std::memory_order_relaxed);
 #endif
 }
 
@@ -750,9 +753,7 @@ void Worker::run(int64_t task) {
       }
       value_sums(gb, items - 1, o);
     }
-    const uint64_t c4 = stage_clock();
-    stage_count(0, c1 - c0), stage_count(1, c2 - c1), stage_count(2, c3 - c2), stage_count(4, c4 - c3);
-    stage_count(5, rows);
+    stage_counts({c0, c1, c2, c3, stage_clock()}, {0, 1, 2, 4}, rows);
     ++block;
   }
 }

@@ -336,9 +336,6 @@ void VnniWorker::block(const Rows& kr, const Rows& vr, int64_t bh, const float* 
   const uint64_t c4 = stage_clock();
   const int n = static_cast<int>(round_up(kr.rows, 4));
   i4 ? value_sums<G>(P.shared ? kr : vr, n, o) : value_sums8<G>(P.shared ? kr : vr, n, o);
-  const uint64_t c5 = stage_clock();
-  const uint64_t at[6] = {c0, c1, c2, c3, c4, c5};
-  for (int i = 0; i < 5; ++i) stage_count(i, at[i + 1] - at[i]);
-  stage_count(5, kr.rows);
+  stage_counts({c0, c1, c2, c3, c4, stage_clock()}, {0, 1, 2, 3, 4}, kr.rows);
 }
 #endif  // __AVX512VNNI__
