@@ -328,7 +328,12 @@ def parse_args(argv=None):
     p.add_argument("--write", action="store_true", help='record the tables in --results ("## Decode speed" section)')
     p.add_argument("--results", type=Path, default=RESULTS, help="the file --write edits (benchmarks/RESULTS.md)")
     p.add_argument("--section", default="speed", help="the marked section --write replaces (one per setting)")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="measure nothing: print (and with --write record) the tables of a run's --json file, with "
+                        "this version's tables and targets, under the command and machine it records")
     args = p.parse_args(argv)
+    if args.render:
+        return p, args
     if args.configs == ["all"]:
         args.configs = DEFAULT_CONFIGS
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -376,8 +381,24 @@ def _has_quanto() -> bool:
     return True
 
 
+def render(args) -> dict:
+    """The tables of a saved run (--render JSON): its rows, command and machine; nothing measured."""
+    try:
+        res = json.loads(args.render.read_text())
+        _, run_args = parse_args(res["command"])
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"--render {args.render}: not a speed.py --json file ({e})") from None
+    text = header(res, run_args) + "\n" + tables(res, run_args)
+    print("\n" + text)
+    if args.write:
+        write_results(text, args.results, args.section)
+    return res
+
+
 def main(argv=None) -> dict:
     parser, args = parse_args(argv)
+    if args.render:
+        return render(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch.cuda.is_available() is False (no GPU or a CPU-only torch build)",
               file=sys.stderr)

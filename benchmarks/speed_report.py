@@ -10,6 +10,7 @@ import torch
 
 from results_file import RESULTS, write_section
 from speed_setup import GiB, MiB
+from speed_targets import targets
 
 
 
@@ -44,7 +45,8 @@ def tables(res: dict, args) -> str:
         lines += [f"| {o['model']} | {o['dtype']} | {o['config']} | {o['cache']} | {o['bytes_per_token']:.0f} | "
                   f"{o['extra_fixed'] / MiB:.0f} | {o['extra_per_token']:.0f} | {o['tokens']} | "
                   f"{_x(o['vs_dynamic'])} |" for o in res["longest"]]
-    return "\n".join(lines) + "\n"
+    goals = targets(res)
+    return "\n".join(lines) + "\n" + ("\n" + goals if goals else "")
 
 
 def machine(args) -> str:
@@ -59,8 +61,10 @@ def machine(args) -> str:
 
 
 def header(res: dict, args) -> str:
+    """The section's command and setting lines (a rendered run: the machine and threads its JSON recorded)."""
     return (f"Command: `python benchmarks/speed.py {shlex.join(args.argv)}`\n"
-            f"Machine: {machine(args)}; {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
+            f"Machine: {res.get('machine') or machine(args)}; {res.get('threads') or torch.get_num_threads()} torch "
+            f"threads; torch {torch.__version__}, "
             f"transformers {__import__('transformers').__version__}, Python {platform.python_version()}; compile "
             f"backend {args.backend}{', mode ' + args.mode if args.mode else ''}\n"
             f"Read bandwidth (torch.sum over {args.bandwidth_gib:g} GiB float32): {res['bandwidth'] / 1e9:.1f} GB/s; "
