@@ -61,7 +61,10 @@ def test_faster_original_is_the_reference(goals):
     res = _res()
     res["rows"][1] = _row("kvfx-head-0.5-int4", 40.0, 48.0, static=60.0)  # the static original: 60 ms, faster
     row = next(ln for ln in goals.targets(res).splitlines() if "| kvfx-head-0.5-int4 |" in ln)
-    assert "| 5.00× |" in row  # max of the two ratios: against the faster original, 200 / 40
+    assert "| 1.50× |" in row and "short by" in row  # against the faster original, 60 / 40, not 200 / 40
+    res["rows"][1] = _row("kvfx-head-0.5-int4", 40.0, 48.0, static=900.0)  # a slower static original
+    row = next(ln for ln in goals.targets(res).splitlines() if "| kvfx-head-0.5-int4 |" in ln)
+    assert "| 5.00× |" in row
 
 
 def test_other_targets_name_what_misses(goals):
