@@ -111,8 +111,9 @@ def _other_targets(res: dict) -> list[str]:
         if want is not None:
             checks.append((o, frac, want))
     if checks:
-        short = [f"{o['config']} ({frac:.2f} of the bytes) {o['vs_dynamic']:.2f}× < {want}×" for o, frac, want in checks
-                 if o["vs_dynamic"] < want]
+        short = [f"{o['config']} ({frac:.2f} of the bytes) {o['vs_dynamic']:.2f}× < {want}×"
+                 for o, frac, want in checks if o["vs_dynamic"] < want]
+        verdict = f"not met: {', '.join(short)}" if short else f"met by all {len(checks)} rows that hold at most half"
         out.append(f"* Longest context in the budget (≥ {LONGEST[1][1]}× at half the bytes, ≥ {LONGEST[0][1]}× at a "
-                   f"quarter): {'met by all ' + str(len(checks)) + ' rows that hold at most half' if not short else 'not met: ' + ', '.join(short)}.")
+                   f"quarter): {verdict}.")
     return out
