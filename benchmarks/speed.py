@@ -21,6 +21,7 @@ and the cache under the name kvfx.compress.cache_kwarg(model) gives (`cache`).
 
     python benchmarks/speed.py --quick                      # smoke: tiny random llama, N=256, eager backend (~30 s)
     python benchmarks/speed.py                              # everything (hours on 2 CPU cores)
+    python benchmarks/speed.py --render out/bench/fp32.json # a saved --json run's tables and issue 15's targets
     python benchmarks/speed.py --models smollm2 --dtype bfloat16 --contexts 1024,4096 --batches 1 \\
         --configs original-dynamic,original-static,kvfx-kv-0.5,peer-quanto-int4 --write --plot speed.png
 """
