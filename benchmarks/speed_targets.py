@@ -35,8 +35,9 @@ def _faster_original(r: dict) -> float | None:
     return min(known) if known else None
 
 
-def _decode_rows(rows: list[dict]) -> list[dict]:
-    """The rows the decode targets are about: kvfx configurations saving bytes, at 16k (batch 1) or batched."""
+def _decode_rows(rows: list[dict]) -> list[tuple[dict, float]]:
+    """The rows the decode targets are about, with their cache bytes as a fraction of the original's: kvfx
+    configurations saving bytes, at 16k (batch 1) or batched."""
     ref = {_key(r): r for r in rows if r["config"] == "original-dynamic"}
     out = []
     for r in rows:
@@ -44,12 +45,12 @@ def _decode_rows(rows: list[dict]) -> list[dict]:
         if not r["config"].startswith("kvfx-") or orig is None or r["cache_bytes"] >= orig["cache_bytes"]:
             continue
         if (r["batch"] == 1 and r["N"] >= CONTEXT) or (r["batch"] > 1 and r["batch"] * r["N"] >= BATCHED):
-            out.append(r)
+            out.append((r, r["cache_bytes"] / orig["cache_bytes"]))
     return out
 
 
 def _vs_peers(r: dict, rows: list[dict]) -> str:
-    """Slowest peer step holding at least r's cache bytes, over r's step; '-' without such a peer row."""
+    """The fastest peer row holding at least r's cache bytes: its step over r's; '-' without such a row."""
     peers = [p for p in rows if p["config"].startswith("peer-") and _key(p) == _key(r)
              and p["cache_bytes"] >= r["cache_bytes"]]
     if not peers:
@@ -68,16 +69,14 @@ def targets(res: dict) -> str:
                   "QuantizedCache row holding at least the configuration's cache bytes):", "",
                   "| model | dtype | batch × N | config | cache × original | speed-up | bytes-ideal | ≥ bytes-ideal | "
                   f"bandwidth bound | ≥ {ANCHOR} | vs peer |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        ref = {_key(r): r for r in rows if r["config"] == "original-dynamic"}
-        for r in decode:
+        for r, frac in decode:
             up, ideal = _faster_original(r), r.get("bytes_ideal")
-            frac = r["cache_bytes"] / ref[_key(r)]["cache_bytes"]
             lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} × {r['N']} | {r['config']} | {frac:.3f} | "
                          f"{'-' if up is None else f'{up:.2f}×'} | {'-' if ideal is None else f'{ideal:.2f}×'} | "
                          f"{'-' if up is None or ideal is None else _verdict(up, ideal)} | {r['bw_fraction']:.2f} | "
                          f"{_verdict(r['bw_fraction'], ANCHOR)} | {_vs_peers(r, rows)} |")
-        met = sum(1 for r in decode if (_faster_original(r) or 0) >= (r.get("bytes_ideal") or float("inf")))
-        anchor = sum(1 for r in decode if r["bw_fraction"] >= ANCHOR)
+        met = sum(1 for r, _ in decode if (_faster_original(r) or 0) >= (r.get("bytes_ideal") or float("inf")))
+        anchor = sum(1 for r, _ in decode if r["bw_fraction"] >= ANCHOR)
         lines += ["", f"Decode: {met} of {len(decode)} rows at or above their bytes-ideal ratio, {anchor} of "
                   f"{len(decode)} at a bandwidth bound ≥ {ANCHOR}."]
     others = _other_targets(res)
@@ -90,8 +89,8 @@ def _other_targets(res: dict) -> list[str]:
     rows, out = res.get("rows") or [], []
     ident = [r for r in rows if r["config"].startswith("kvfx-identity")]
     if ident:
-        slow = [f"{r['config']} {r['batch']} × {r['N']} {_faster_original(r):.2f}×" for r in ident
-                if _faster_original(r) is not None and _faster_original(r) < 1]
+        ups = [(r, _faster_original(r)) for r in ident]
+        slow = [f"{r['config']} {r['batch']} × {r['N']} {up:.2f}×" for r, up in ups if up is not None and up < 1]
         out.append(f"* Identity projections no slower than the original: "
                    f"{'met on every row' if not slow else 'not met: ' + ', '.join(slow)}.")
     pre = [p for p in res.get("prefill") or [] if p["config"].startswith("kvfx-") and p.get("vs_dynamic")]
