@@ -114,7 +114,7 @@ class _LowRankLayerMixin:
         if sum(self.kvfx_exact):
             self._keep_exact(k, v, self._start())
         if kind:
-            k, v = quant.quantize(k, kind), (quant.quantize(v, kind) if rv else v.to(torch.int8))
+            k, v = _quantize(k, kind), (_quantize(v, kind) if rv else v.to(torch.int8))
         keys, values = self._store(k, v, *args, **kwargs)
         if kind:  # one opaque node each: a decode step reads the codes directly (kvfx::decode_attention)
             codes = quant.codes_of(kind)
@@ -126,6 +126,15 @@ class _LowRankLayerMixin:
         if self.kvfx_shared:
             return torch.matmul(keys, self.kvfx_key_up), torch.matmul(keys, self.kvfx_value_up)
         return torch.matmul(keys, self.kvfx_key_up), torch.matmul(values, self.kvfx_value_up)
+
+
+def _quantize(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Latent rows as the cache stores them. Many rows on CPU (a prefill, a chunk): kvfx::quantize, the C++ encoder
+    (one opaque node; Inductor's kernel for quant.quantize's ops runs ~10× slower); one row (a decode step) or
+    another device: quant.quantize's torch ops, which Inductor fuses into the step's own kernels."""
+    if x.device.type == "cpu" and x.shape[-2] > 1:
+        return torch.ops.kvfx.quantize(x, kind)
+    return quant.quantize(x, kind)
 
 
 class _Slot:

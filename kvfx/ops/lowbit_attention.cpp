@@ -777,6 +777,8 @@ torch::Tensor dequantize_rows(torch::Tensor stored, int64_t width, int64_t bits,
   return out;
 }
 
+#include "quantize_rows.h"  // kvfx::quantize's encoder (quantize_rows), pasted in likewise
+
 // q [B, H, G, Rk] float32; kc [B, H, N, kb] and vc [B, H, N, vb], any strides with contiguous rows (vc is ignored
 // when shared: V = K rows): int8 rows of codes (bits 8 or 4, kvfx/quant.py) or, bits 0, float32 / bfloat16 / float16
 // latents of width Rk / Rv; mask: None or [B or 1, N], bool (true = attend) or float32 (added to the scores).
@@ -1233,6 +1235,7 @@ torch::Tensor attend_meta(const torch::Tensor& q, const torch::Tensor& kc, const
   TORCH_LIBRARY(ns, m) {                                 \
     m.def("decode_attention", &decode_attention);       \
     m.def("dequantize_rows", &dequantize_rows);         \
+    m.def("quantize_rows", &quantize_rows);             \
     m.def("integer_path", &integer_path);               \
     m.def("stage_cycles", &stage_cycles);               \
     m.def("linear_rows", &linear_rows);                 \

@@ -1,4 +1,4 @@
-"""Custom ops for low-bit latents: `kvfx::dequantize` and `kvfx::decode_attention`.
+"""Custom ops for low-bit latents: `kvfx::quantize`, `kvfx::dequantize` and `kvfx::decode_attention`.
 
 kvfx's cache reads its int8 / int4 rows through `torch.ops.kvfx.dequantize`, one opaque node in the captured
 graph. A decode step (one query token, see passes/decode.py) then turns SDPA(q, dequantize(K), dequantize(V))
@@ -83,6 +83,27 @@ def dequantize(stored: torch.Tensor, width: int, kind: str, dtype: torch.dtype, 
     return out if offset is None else out.add_(offset.to(out.dtype))
 
 
+@torch.library.custom_op("kvfx::quantize", mutates_args=())
+def quantize(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """[..., R] float latents -> [..., row_bytes(R)] int8 rows (kvfx.quant.quantize as one graph node; on CPU the C++
+    kernel's quantize_rows: one pass, where Inductor's kernel for quant.quantize's torch ops does not vectorise).
+    The same format and numbers, except that a group's scale code is the smallest whose 2^(e/8) (torch's table)
+    covers the group: quant.quantize's ceil(8·log2) picks the next one where it lands within float round-off of an
+    integer (~1e-6 of groups)."""
+    width = x.shape[-1]
+    ext = _extension() if x.device.type == "cpu" and width > 0 else None
+    if ext is None:
+        return quant.quantize(x, kind)
+    bits = _BITS.get(kind, -1)
+    spec = list(_band_spec(kind, width)) if bits < 0 else []
+    return ext.quantize_rows(x.float().contiguous(), width, bits, spec, _scales(), _scales(-1))
+
+
+@quantize.register_fake
+def _(x, kind):
+    return x.new_empty((*x.shape[:-1], quant.row_bytes(kind, x.shape[-1])), dtype=torch.int8)
+
+
 def _put_exact(latent: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """latent [b, h, N, R] with row p replaced, in place, by rows[:, :, j] where positions[j] = p (0 <= p < N)."""
     held = (positions >= 0) & (positions < latent.shape[2])
@@ -90,10 +111,11 @@ def _put_exact(latent: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
     return latent
 
 
-@functools.lru_cache(maxsize=1)
-def _scales() -> torch.Tensor:
-    """2^(e/8) for the 256 scale codes, computed as quant.dequantize computes them (torch's exp2)."""
-    return torch.exp2(torch.arange(-128, 128, dtype=torch.float32) / quant.SCALE_STEPS).contiguous()
+@functools.lru_cache(maxsize=2)
+def _scales(sign: int = 1) -> torch.Tensor:
+    """2^(e/8) (sign -1: 2^(-e/8)) for the 256 scale codes e = -128 … 127, computed as kvfx.quant computes them
+    (torch's exp2)."""
+    return torch.exp2(sign * torch.arange(-128, 128, dtype=torch.float32) / quant.SCALE_STEPS).contiguous()
 
 
 @dequantize.register_fake
@@ -153,7 +175,7 @@ def _build(arch: str = "native", stages: bool = False):
     src = (here / "lowbit_attention.cpp").read_text()
     for part in ("lowbit_attention_amx.h", "lowbit_attention_amx_bands.h", "lowbit_attention_vnni.h",
                  "lowbit_attention_avx2i.h",
-                 "lowbit_attention_avx2_int4.h", "decode_linear.h"):
+                 "lowbit_attention_avx2_int4.h", "decode_linear.h", "quantize_rows.h"):
         src = src.replace(f'#include "{part}"', (here / part).read_text())
     flags = ["-O3", f"-march={arch}", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
              "-fno-trapping-math"]
