@@ -1,12 +1,15 @@
-"""Two speed.py configurations' decode steps, interleaved in one process: A, B, A, B, … — the ratio of their medians.
+"""Two speed.py configurations' decode steps (or prefills), interleaved in one process: A, B, A, B, … — the ratio
+of their medians.
 
     python benchmarks/step_ab.py kvfx-head-0.5-int4 kvfx-head-0.5-int4-bmm --dtype bfloat16 --context 16384
+    python benchmarks/step_ab.py original-dynamic kvfx-kv-0.9375-int4 --prefill 1024 --steps 9
 
 speed.py times its configurations one after another; on a VM whose speed drifts within minutes (this project's:
 the same step 30-42 ms in one run) that cannot resolve a 1-5 % change. Here both are built first (two copies of the
 model, each compiled with its configuration's switches set, speed_setup.SWITCHES), their caches filled alike, and
 their steps alternate, each with only its own switches set, so a drift moves both medians alike. Prints one line:
-both medians and A / B (> 1: B is faster).
+both medians and A / B (> 1: B is faster). With --prefill N each run is a prompt of N random tokens (batch 1) into
+a fresh cache instead, after one warm-up prompt each (speed.py's prefill, interleaved).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=16384, help="cached tokens (random contents)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=30, help="timed steps of each, after 3 warm-up steps")
+    ap.add_argument("--prefill", type=int, default=0, help="time prompts of this many tokens instead of steps")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     try:
@@ -57,9 +61,12 @@ def main(argv=None) -> int:
         model = ss.load_model(args.model, ss.model_config(args.model, 2), dtype, device)
         shape = ss.model_shape(model.config)
         app = ss.Applied(model, config, config.kinds(["dynamic"])[0], {}, memo, {})
-        cache = app.make_cache(args.context + args.steps + 8)
-        ss.fill_cache(cache, shape, args.batch, args.context, dtype, device)
+        cache = None if args.prefill else app.make_cache(args.context + args.steps + 8)
+        if cache is not None:
+            ss.fill_cache(cache, shape, args.batch, args.context, dtype, device)
         built.append((config, app, cache))
+    if args.prefill:
+        return _prefills(args, built, shape)
     ids = torch.randint(3, 100, (args.batch, 1))
     times: list[list[float]] = [[], []]
     for i in range(args.steps + 3):
@@ -74,6 +81,27 @@ def main(argv=None) -> int:
     a, b = (statistics.median(t) * 1e3 for t in times)
     print(f"{args.model} {args.dtype} batch {args.batch} × {args.context} tokens, {args.steps} steps each, "
           f"interleaved: {args.a} {a:.2f} ms, {args.b} {b:.2f} ms, A / B {a / b:.3f}")
+    return 0
+
+
+def _prefills(args, built, shape) -> int:
+    """--prefill: A's and B's prompts alternate, each into a fresh cache; one warm-up prompt each (compiles)."""
+    ids = torch.randint(3, shape.vocab, (1, args.prefill))
+    pos = torch.arange(args.prefill)[None]
+    times: list[list[float]] = [[], []]
+    for i in range(args.steps + 1):
+        for k, (config, app, _) in enumerate(built):
+            _switch(config)
+            cache = app.make_cache(args.prefill)
+            t = time.perf_counter()
+            app.model(input_ids=ids, position_ids=pos, use_cache=True, **{app.cache_kwarg: cache})
+            if i >= 1:
+                times[k].append(time.perf_counter() - t)
+            del cache
+    _switch(ss.Config("none", "original"))
+    a, b = (statistics.median(t) * 1e3 for t in times)
+    print(f"{args.model} {args.dtype} prefill of {args.prefill} tokens (batch 1), {args.steps} runs each, "
+          f"interleaved: {args.a} {a:.1f} ms, {args.b} {b:.1f} ms, A / B {a / b:.3f}")
     return 0
 
 

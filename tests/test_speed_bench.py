@@ -252,3 +252,14 @@ def test_step_ab_interleaves_two_configurations():
     r = subprocess.run([sys.executable, script, "kvfx-head-0.5-int4", "kvfx-head-2"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "unknown configuration 'kvfx-head-2'" in r.stderr
+
+
+def test_step_ab_interleaves_prefills():
+    """--prefill N: prompts of N tokens into fresh caches, alternating; a shared low-bit latent (kvfx::quantize
+    writes its rows) against the original."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_ab.py"), "original-dynamic", "kvfx-kv-0.5-int4",
+                        "--model", "llama-tiny", "--prefill", "40", "--steps", "2", "--threads", "1"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = r.stdout.strip().splitlines()[-1]
+    assert "prefill of 40 tokens" in line and "kvfx-kv-0.5-int4" in line and "A / B" in line
