@@ -37,6 +37,9 @@ varies, not on a mean that every row repeats; exact up to the rounding, no bytes
 A per-site dict {site name: format} gives each attention site its own (`site`). A stored row is one int8 vector
 [codes | scale codes] per band, so the cache holds a single int8 tensor [b, h, N, row_bytes(R)] per slot and
 transformers' own Dynamic and Static layers store it unchanged.
+On CPU, kvfx's cache writes a prefill's or a chunk's rows with `kvfx::quantize` (kvfx/ops/quantize_rows.h, one pass
+in C++; the same bytes, up to the scale code of a group whose 8·log2(amax / top) lies within float round-off of an
+integer) and a decode step's one row with `quantize` here, which Inductor fuses into the step.
 
 Without kvfx's cache (perplexity runs, transformers' own cache) the rewrite pass inserts `fake_quant` on the
 latents, so every path computes attention on the same rounded latents. Gradients pass straight through.

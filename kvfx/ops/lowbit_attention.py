@@ -33,7 +33,8 @@ rows, so the accumulators fit 16 registers and each loaded vector serves several
 the reference's numbers up to float32 round-off. On AVX2, int4 rows of keys and values of 16, 32, 48, … columns
 (per-head latents) skip the buffer: their codes become floats in registers where they are consumed
 (lowbit_attention_avx2_int4.h; ~1.5× faster on SmolLM2's per-head rank-32 rows at 16k tokens, benchmarks/kernel.py).
-Without a compiler the op runs `reference` (float32), without the saving. `kernel_available()` says which. On CPU graphs
+Without a compiler the op runs `reference` (float32), without the saving. `kernel_available()` says which. The same
+module encodes the rows a prefill or a chunk writes (`quantize`, quantize_rows.h). On CPU graphs
 passes/decode_kernel.py calls the kernel through the C++ op `attend` (same arguments with the format as integers),
 not through this Python op.
 

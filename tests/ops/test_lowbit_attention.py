@@ -302,6 +302,9 @@ def test_portable_build_matches_reference(arch, portable_builds, monkeypatch):
         bits = la._BITS.get(kind, -1)
         spec = list(la._band_spec(kind, width)) if bits < 0 else []
         _check_dequantized(ext.dequantize_rows(stored, width, bits, spec, la._scales()), stored, width, kind)
+        x = torch.randn(2, 50, width, generator=torch.Generator().manual_seed(width)) * torch.logspace(0, -2, width)
+        assert torch.equal(ext.quantize_rows(x, width, bits, spec, la._scales(), la._scales(-1)),
+                           torch.ops.kvfx.quantize(x, kind))  # the prefill's write: this build's encoder (plain C++)
 
 
 def _run_build(ext, kind, i):
