@@ -90,7 +90,7 @@ def quantize(x: torch.Tensor, kind: str) -> torch.Tensor:
     kernel's quantize_rows: one pass, where Inductor's kernel for quant.quantize's torch ops does not vectorise).
     The same format and numbers, except that a group's scale code is the smallest whose 2^(e/8) (torch's table)
     covers the group: quant.quantize's ceil(8·log2) picks the next one where it lands within float round-off of an
-    integer (~1e-6 of groups)."""
+    integer (~1e-5 of Gaussian groups, by one step)."""
     width = x.shape[-1]
     ext = _extension() if x.device.type == "cpu" and width > 0 else None
     if ext is None:

@@ -5,7 +5,7 @@
 //
 // Numbers: a group's scale code e is the smallest in [-128, 127] with amax / top <= 2^(e/8), read off the same table
 // of 2^(e/8) the decoder uses (torch's exp2; quant.quantize takes ceil(8 log2(amax / top)), which differs from it by
-// one step only where 8 log2 lies within float round-off of an integer, ~1e-6 of groups); codes are x · 2^(-e/8)
+// one step only where 8 log2 lies within float round-off of an integer, ~1e-5 of groups); codes are x · 2^(-e/8)
 // (torch's exp2 again), rounded half to even (symmetric int8 / int4, |q| <= 2^(bits-1) - 1) or down (mid-rise int5 /
 // int3 / int2, -2^(bits-1) <= q < 2^(bits-1)), packed as quant._pack / _pack_planes pack them.
 
