@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill", type=int, default=0, help="time prompts of this many tokens instead of steps")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
+    if args.prefill < 0 or args.steps < 1:
+        ap.error(f"need --prefill >= 0 (0: decode steps) and --steps >= 1, got {args.prefill} and {args.steps}")
     try:
         configs = [ss.parse_config(args.a), ss.parse_config(args.b)]
     except ValueError as e:

@@ -263,3 +263,6 @@ def test_step_ab_interleaves_prefills():
     assert r.returncode == 0, r.stderr[-3000:]
     line = r.stdout.strip().splitlines()[-1]
     assert "prefill of 40 tokens" in line and "kvfx-kv-0.5-int4" in line and "A / B" in line
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_ab.py"), "original-dynamic", "kvfx-kv-0.5-int4",
+                        "--prefill", "-3"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "need --prefill >= 0" in r.stderr  # refused before any model loads
