@@ -732,6 +732,36 @@ inline const float* scale_table(const torch::Tensor& scales) {
   return scales.data_ptr<float>();
 }
 
+// A decoded float32 row finished into the output: `off` (the latent the rows were rounded around; none: nullptr)
+// added, then stored as float32 or rounded once to bfloat16 (to nearest, ties to even: c10::BFloat16's rounding).
+inline void finish_row(const float* __restrict x, const float* __restrict off, bool bf16, char* __restrict out,
+                       int width) {
+  float* of = reinterpret_cast<float*>(out);
+  uint16_t* ob = reinterpret_cast<uint16_t*>(out);
+  int c = 0;
+#if defined(__AVX512F__)
+  const __m512i one = _mm512_set1_epi32(1), round = _mm512_set1_epi32(0x7FFF), nan = _mm512_set1_epi32(0x7FC0);
+  for (; c + 16 <= width; c += 16) {
+    __m512 v = _mm512_loadu_ps(x + c);
+    if (off) v = _mm512_add_ps(v, _mm512_loadu_ps(off + c));
+    if (!bf16) {
+      _mm512_storeu_ps(of + c, v);
+      continue;
+    }
+    const __m512i u = _mm512_castps_si512(v);
+    __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(u, _mm512_add_epi32(round, _mm512_and_si512(_mm512_srli_epi32(u, 16), one))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ob + c), _mm512_cvtepi32_epi16(r));
+  }
+#endif
+  for (; c < width; ++c) {
+    const float v = off ? x[c] + off[c] : x[c];
+    if (bf16) ob[c] = c10::BFloat16(v).x;
+    else of[c] = v;
+  }
+}
+
 // Stored rows [..., row_elems] (int8 / int4 rows, bits 8 / 4, or bands, bits -1 with `spec` = (bits, columns, …))
 // as float32 [..., width] in column order: kvfx::dequantize, the read of a prefill or a chunk (many query rows,
 // where SDPA over float rows is the right kernel); decode steps never call it. The rows may be a strided view (the
@@ -739,10 +769,16 @@ inline const float* scale_table(const torch::Tensor& scales) {
 // 127 as torch computes it (its vectorised exp2 differs from std::exp2 in the last bit for some e; the same bits
 // keep the cache's numbers those of quant.fake_quant in compiled code: rounding downstream would amplify a last-bit
 // difference). One multiply by the scale a number, as quant.dequantize.
-torch::Tensor dequantize_rows(torch::Tensor stored, int64_t width, int64_t bits, std::vector<int64_t> spec,
-                              torch::Tensor scales) {
+// dequantize_rows_as: the same, plus `offset` (float32, [..., width] broadcast to the rows' leading sizes, e.g. an
+// expand of [h, 1, width]: a row's offset is read through its strides) added to every row, and the result in
+// out_type (float32 or bfloat16: each number rounded once, from its float32 sum with the offset).
+torch::Tensor dequantize_rows_as(torch::Tensor stored, int64_t width, int64_t bits, std::vector<int64_t> spec,
+                                 torch::Tensor scales, c10::optional<torch::Tensor> offset_opt,
+                                 at::ScalarType out_type) {
   TORCH_CHECK(stored.scalar_type() == torch::kInt8 && stored.device().is_cpu() && stored.dim() >= 1,
               "dequantize_rows: stored rows must be an int8 CPU tensor");
+  TORCH_CHECK(out_type == torch::kFloat32 || out_type == torch::kBFloat16,
+              "dequantize_rows: a float32 or bfloat16 result");
   std::vector<Band> bands;
   int row_elems = 0;
   if (bits == 8 || bits == 4) {
@@ -757,24 +793,48 @@ torch::Tensor dequantize_rows(torch::Tensor stored, int64_t width, int64_t bits,
   TORCH_CHECK(stored.size(-1) == row_elems, "dequantize_rows: rows of ", stored.size(-1), " bytes, the format has ",
               row_elems);
   TORCH_CHECK(stored.stride(-1) == 1 || row_elems <= 1, "dequantize_rows: the last dimension must be contiguous");
+  const bool has_offset = offset_opt.has_value() && offset_opt->defined();
+  if (has_offset) {
+    const torch::Tensor& o = *offset_opt;
+    TORCH_CHECK(o.scalar_type() == torch::kFloat32 && o.device().is_cpu() && o.dim() == stored.dim() &&
+                    o.size(-1) == width && (o.stride(-1) == 1 || width <= 1),
+                "dequantize_rows: the offset must be float32 [..., width] with a contiguous last dimension");
+    for (int64_t d = 0; d + 1 < stored.dim(); ++d)
+      TORCH_CHECK(o.size(d) == stored.size(d), "dequantize_rows: the offset's size ", o.size(d), " in dimension ", d,
+                  " is not the rows' ", stored.size(d), " (expand it)");
+  }
   std::vector<int64_t> sizes = stored.sizes().vec();
   sizes.back() = width;
-  auto out = torch::empty(sizes, stored.options().dtype(torch::kFloat32));
+  auto out = torch::empty(sizes, stored.options().dtype(out_type));
   const int64_t lead = stored.dim() - 1, rows = width == 0 ? 0 : out.numel() / width;
   if (rows == 0) return out;
   const float* lut = scale_table(scales);
   const int8_t* base = stored.data_ptr<int8_t>();
-  float* op = out.data_ptr<float>();
+  const float* obase = has_offset ? offset_opt->data_ptr<float>() : nullptr;
+  char* op = static_cast<char*>(out.data_ptr());
+  const bool bf16 = out_type == torch::kBFloat16, direct = !bf16 && !has_offset;  // decoded straight into out
+  const int64_t row_bytes = width * out.element_size();
   const std::vector<int64_t> sz(stored.sizes().begin(), stored.sizes().end() - 1),
-      st(stored.strides().begin(), stored.strides().end() - 1);
+      st(stored.strides().begin(), stored.strides().end() - 1),
+      ost = has_offset ? std::vector<int64_t>(offset_opt->strides().begin(), offset_opt->strides().end() - 1)
+                       : std::vector<int64_t>(lead, 0);
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> tmp(direct ? 0 : width);
     for (int64_t i = begin; i < end; ++i) {
-      int64_t off = 0, rest = i;
-      for (int64_t d = lead - 1; d >= 0; --d) off += (rest % sz[d]) * st[d], rest /= sz[d];
-      for (const Band& b : bands) decode_band(base + off, b, lut, op + i * width + b.col);
+      int64_t off = 0, ooff = 0, rest = i;
+      for (int64_t d = lead - 1; d >= 0; --d) off += (rest % sz[d]) * st[d], ooff += (rest % sz[d]) * ost[d], rest /= sz[d];
+      float* dst = direct ? reinterpret_cast<float*>(op + i * row_bytes) : tmp.data();
+      for (const Band& b : bands) decode_band(base + off, b, lut, dst + b.col);
+      if (!direct) finish_row(dst, has_offset ? obase + ooff : nullptr, bf16, op + i * row_bytes, width);
     }
   });
   return out;
+}
+
+torch::Tensor dequantize_rows(torch::Tensor stored, int64_t width, int64_t bits, std::vector<int64_t> spec,
+                              torch::Tensor scales) {
+  return dequantize_rows_as(std::move(stored), width, bits, std::move(spec), std::move(scales), c10::nullopt,
+                            torch::kFloat32);
 }
 
 #include "quantize_rows.h"  // kvfx::quantize's encoder (quantize_rows), pasted in likewise
@@ -1235,6 +1295,7 @@ torch::Tensor attend_meta(const torch::Tensor& q, const torch::Tensor& kc, const
   TORCH_LIBRARY(ns, m) {                                 \
     m.def("decode_attention", &decode_attention);       \
     m.def("dequantize_rows", &dequantize_rows);         \
+    m.def("dequantize_rows_as", &dequantize_rows_as);   \
     m.def("quantize_rows", &quantize_rows);             \
     m.def("integer_path", &integer_path);               \
     m.def("stage_cycles", &stage_cycles);               \

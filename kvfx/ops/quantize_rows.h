@@ -45,6 +45,20 @@ inline int8_t encode_group(const float* __restrict x, int n, int top, bool midri
   return static_cast<int8_t>(e);
 }
 
+// n bfloat16 numbers (their bits) as float32: the bits 16 places up, exact.
+inline void widen_bf16(const uint16_t* __restrict x, int n, float* __restrict out) {
+  int c = 0;
+#if defined(__AVX512F__)
+  for (; c + 16 <= n; c += 16)
+    _mm512_storeu_ps(out + c, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                  _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + c))), 16)));
+#endif
+  for (; c < n; ++c) {
+    const uint32_t u = static_cast<uint32_t>(x[c]) << 16;
+    std::memcpy(out + c, &u, 4);
+  }
+}
+
 // quant._pack: `bits`-wide codes, 8 / bits a byte, code j of a byte in bits j·bits … (the last byte zero-padded).
 inline void pack_codes(const int8_t* __restrict q, int width, int bits, int8_t* __restrict out) {
   const int per = 8 / bits, full = width / per, mask = (1 << bits) - 1;
@@ -91,25 +105,33 @@ inline void encode_band(const float* __restrict x, const Band& b, const float* u
   }
 }
 
-// x [..., width] float32 with a contiguous last dimension -> [..., row_elems] int8 (bits 8 / 4, or -1: bands `spec` =
-// (bits, columns, …)). up, down [256]: 2^(e/8) and 2^(-e/8) for e = -128 … 127, as torch computes them.
+// x [..., width] float32 or bfloat16, contiguous -> [..., row_elems] int8 (bits 8 / 4, or -1: bands `spec` =
+// (bits, columns, …)); a bfloat16 row is widened to float32 (exactly) first. up, down [256]: 2^(e/8) and 2^(-e/8)
+// for e = -128 … 127, as torch computes them.
 torch::Tensor quantize_rows(torch::Tensor x, int64_t width, int64_t bits, std::vector<int64_t> spec,
                             torch::Tensor up, torch::Tensor down) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.device().is_cpu() && x.dim() >= 1 && x.size(-1) == width &&
-                  x.is_contiguous(),
-              "quantize_rows: rows must be a contiguous float32 CPU tensor [..., width]");
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK((x.scalar_type() == torch::kFloat32 || bf16) && x.device().is_cpu() && x.dim() >= 1 &&
+                  x.size(-1) == width && x.is_contiguous(),
+              "quantize_rows: rows must be a contiguous float32 or bfloat16 CPU tensor [..., width]");
   const Format f(bits == 8 || bits == 4 ? std::vector<int64_t>{bits, width} : spec);  // a whole row: one band
   TORCH_CHECK(f.width == width, "quantize_rows: the bands span ", f.width, " columns, not ", width);
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = f.row_elems;
   auto out = torch::empty(sizes, x.options().dtype(torch::kInt8));
   const int64_t rows = width == 0 ? 0 : x.numel() / width;
-  const float *U = scale_table(up), *D = scale_table(down), *xp = x.data_ptr<float>();
+  const float *U = scale_table(up), *D = scale_table(down);
+  const float* xf = bf16 ? nullptr : x.data_ptr<float>();
+  const uint16_t* xb = bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr()) : nullptr;
   int8_t* op = out.data_ptr<int8_t>();
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     std::vector<int8_t> q(2 * width);  // a band's codes (and int3 / int5 signs) before packing
-    for (int64_t i = begin; i < end; ++i)
-      for (const Band& b : f.bands) encode_band(xp + i * width + b.col, b, U, D, op + i * f.row_elems, q.data());
+    std::vector<float> wide(bf16 ? width : 0);
+    for (int64_t i = begin; i < end; ++i) {
+      const float* row = xf ? xf + i * width : wide.data();
+      if (bf16) widen_bf16(xb + i * width, static_cast<int>(width), wide.data());
+      for (const Band& b : f.bands) encode_band(row + b.col, b, U, D, op + i * f.row_elems, q.data());
+    }
   });
   return out;
 }

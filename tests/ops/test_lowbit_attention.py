@@ -379,6 +379,44 @@ def test_dequantize_reads_strided_rows_in_column_order(kind, width):
                                         list(la._band_spec(kind, width)) if kind not in la._BITS else [], la._scales())
 
 
+@pytest.mark.parametrize("kind,width", DEQUANT_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_adds_the_offset_then_rounds_once(kind, width, dtype):
+    """With an offset (the latent the rows were rounded around), each number is the float32 decoded one plus the
+    offset, rounded once to the model's dtype (in the reader for float32 / bfloat16, by a cast for others), on
+    strided rows; held exact rows get the offset too."""
+    if not la.kernel_available("cpu"):
+        pytest.skip("no C++ compiler: kvfx::dequantize runs quant.dequantize itself")
+    stored = _stored_view(kind, width, seed=width)
+    offset = torch.randn(stored.shape[1], 1, width, generator=torch.Generator().manual_seed(3))
+    plain = torch.ops.kvfx.dequantize(stored, width, kind, torch.float32)
+    out = torch.ops.kvfx.dequantize(stored, width, kind, dtype, None, None, offset)
+    assert out.dtype == dtype and out.shape == plain.shape and out.is_contiguous()
+    assert torch.equal(out, (plain + offset).to(dtype))
+    rows = torch.randn(*stored.shape[:2], 2, width).half()
+    out = torch.ops.kvfx.dequantize(stored, width, kind, dtype, rows, torch.tensor([1, -1]), offset)
+    want = (plain + offset).to(dtype)
+    want[:, :, 1] = (rows[:, :, 0].float() + offset[:, 0]).to(dtype)
+    assert torch.equal(out, want)
+
+
+def test_dequantize_rounds_to_bfloat16_as_torch_does():
+    """The reader's bfloat16 rounding (ties to even, NaN and infinities kept) is torch's: zero rows plus offsets
+    that sit on rounding ties, next to them, and at the ends of the range."""
+    if not la.kernel_available("cpu"):
+        pytest.skip("no C++ compiler: kvfx::dequantize runs quant.dequantize itself")
+    one = torch.tensor(1.0).view(torch.int32).item()
+    bits = torch.tensor([one + 0x8000, one + 0x18000, one + 0x7FFF, one + 0x8001, 0x7F7FFFFF, 0x7F7F8000, 1, 0x8000],
+                        dtype=torch.int32)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 3.0e38, -1e-40])
+    offset = torch.cat([bits.view(torch.float32), -bits.view(torch.float32), special, torch.randn(14)])  # 36 numbers
+    stored = quant.quantize(torch.zeros(1, 1, 5, 36), "int8")
+    out = torch.ops.kvfx.dequantize(stored, 36, "int8", torch.bfloat16, None, None, offset.view(1, 1, 36))
+    want = offset.bfloat16().expand(1, 1, 5, 36)
+    assert torch.equal(out.isnan(), want.isnan())
+    assert torch.equal(out.nan_to_num(), want.nan_to_num())
+
+
 # (g, n, rk, rv, shared, mask): widths across int4 groups and int8 64-column chunks, odd ones, more than 16 query
 # rows (two row blocks of tiles), several row blocks and a ragged last one, masks
 ROUNDING_CASES = [(9, 300, 360, 360, True, None), (3, 40, 32, 32, False, "bool"), (20, 150, 70, 9, False, "float"),
