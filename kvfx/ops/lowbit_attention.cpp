@@ -691,6 +691,7 @@ inline void prefetch_rows(const char* base, int64_t rows, int64_t ld, int64_t by
 #include "lowbit_attention_avx2i.h"  // the integer path on AVX2 (namespace avx2i), likewise
 #include "lowbit_attention_avx2_int4.h"  // int4 rows decoded in registers (namespace q4), likewise
 #include "decode_linear.h"           // a decode step's linear layers (linear_rows), likewise
+#include "decode_matmul.h"           // a decode step's small matmuls by kvfx constants (small_matmul), likewise
 
 }  // namespace
 
@@ -1302,6 +1303,7 @@ torch::Tensor attend_meta(const torch::Tensor& q, const torch::Tensor& kc, const
     m.def("linear_rows", &linear_rows);                 \
     m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor"); \
     m.def("linears(Tensor x, Tensor[] weights) -> Tensor[]"); \
+    m.def("small_matmul(Tensor x, Tensor C) -> Tensor"); \
     m.def("attend(Tensor q, Tensor kc, Tensor vc, int rk, int rv, int bits, float scale, Tensor? mask, "   \
           "bool shared, int[] kbands, int[] vbands, Tensor? exact_keys=None, Tensor? exact_values=None, " \
           "Tensor? positions=None) -> Tensor");          \
@@ -1309,11 +1311,13 @@ torch::Tensor attend_meta(const torch::Tensor& q, const torch::Tensor& kc, const
   TORCH_LIBRARY_IMPL(ns, CPU, m) {                       \
     m.impl("linear", &linear_op);                        \
     m.impl("linears", &linears_op);                      \
+    m.impl("small_matmul", &small_matmul);               \
     m.impl("attend", &attend);                           \
   }                                                      \
   TORCH_LIBRARY_IMPL(ns, Meta, m) {                      \
     m.impl("linear", &linear_meta);                      \
     m.impl("linears", &linears_meta);                    \
+    m.impl("small_matmul", &small_matmul_meta);          \
     m.impl("attend", &attend_meta);                      \
   }
 KVFX_REGISTER(TORCH_EXTENSION_NAME)

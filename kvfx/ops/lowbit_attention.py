@@ -183,7 +183,7 @@ def _build(arch: str = "native", stages: bool = False):
     src = (here / "lowbit_attention.cpp").read_text()
     for part in ("lowbit_attention_amx.h", "lowbit_attention_amx_bands.h", "lowbit_attention_vnni.h",
                  "lowbit_attention_avx2i.h",
-                 "lowbit_attention_avx2_int4.h", "decode_linear.h", "quantize_rows.h"):
+                 "lowbit_attention_avx2_int4.h", "decode_linear.h", "decode_matmul.h", "quantize_rows.h"):
         src = src.replace(f'#include "{part}"', (here / part).read_text())
     flags = ["-O3", f"-march={arch}", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
              "-fno-trapping-math"]

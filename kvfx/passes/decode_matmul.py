@@ -1,9 +1,12 @@
 """Pass 5c — decode matmuls: a decode step's per-head projections as one multiply-sum that Inductor generates.
 
     matmul(x [.., g, d], C [h, d, R])   ==>   (x.float()[.., :, None] * C.float()[:, None]).sum(-2).to(x.dtype)
+    matmul(x [.., n, d], C [d, R])      ==>   (x.float()[.., :, None] * C.float()[None]).sum(-2).to(x.dtype)
 
 A decode step keeps a few small matmuls by kvfx constants: q·B where RoPE blocks folding B into W_Q (one a layer;
-passes/decode.py groups it per kv head), o·Dᵀ where a latent wider than head_dim keeps it. Each is a few thousand
+passes/decode.py groups it per kv head), o·Dᵀ where a latent wider than head_dim keeps it, and the cache's
+projection of the new token's keys and values into a joint latent (`layer` / `kv` granularity: x [b, 1, h·d] by C
+[h·d, R], two a layer, ~80 µs each as a bfloat16 mm). Each is a few thousand
 multiply-adds (SmolLM2 per-head: 3 kv heads × 3 query rows × 64 × 32), but as a matmul it leaves Inductor as an
 ATen bmm call: ~14 µs a call in float32 and ~60 µs in bfloat16 on this project's CPU (oneDNN's bfloat16 path), one a
 layer and step. As a multiply and a sum it is a loop Inductor writes itself, fused with the RoPE and scaling before
@@ -21,6 +24,7 @@ import os
 import torch
 import torch.fx as fx
 
+from ..ops.lowbit_attention import _extension
 from . import graph_utils as gu
 from .constants import fresh_copy
 from .counters import counters
@@ -52,13 +56,13 @@ def _small(node: fx.Node) -> bool:
         return False
     x, c = node.args
     cs, xs = gu.shape_of(c), _sizes(x)
-    if c.op != "placeholder" or cs is None or len(cs) != 3 or xs is None or len(xs) < 3:
+    if c.op != "placeholder" or cs is None or len(cs) not in (2, 3) or xs is None or len(xs) < 3:
         return False
     rows = gu.static_int(xs[-2])
     if rows is None or not 0 < rows <= MAX_ROWS:
         return False
     heads = math.prod(_hint(b) for b in xs[:-2])
-    return heads * rows * cs[1] * cs[2] <= MAX_PRODUCT
+    return heads * rows * cs[-2] * cs[-1] <= MAX_PRODUCT
 
 
 def _hint(size) -> int:
@@ -71,21 +75,34 @@ def _hint(size) -> int:
     return int(hint) if hint is not None else 1
 
 
+def small_matmul_op():
+    """torch.ops.<build>.small_matmul.default (kvfx/ops/decode_matmul.h), or None without the C++ kernel or with
+    KVFX_MATMUL_MULSUM=1 (the multiply-sum instead)."""
+    if os.environ.get("KVFX_MATMUL_MULSUM") == "1":
+        return None
+    ext = _extension()
+    return None if ext is None else ext.small_matmul.default
+
+
 def decode_matmuls(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of `gm` with every small matmul by a constant as a multiply-sum (`gm` itself when it has none)."""
     if not any(_small(n) for n in gm.graph.nodes):
         return gm
     new = fresh_copy(gm)
     g = new.graph
+    op = small_matmul_op()
     for node in list(g.nodes):
         if not _small(node):
             continue
         x, c = node.args
         dtype = c.meta.get("example_value", c.meta.get("val")).dtype  # x's: kvfx makes C in the graph's dtype
         with g.inserting_before(node):
-            xf = g.call_method("unsqueeze", (g.call_method("float", (x,)), -1))
-            cf = g.call_method("unsqueeze", (g.call_method("float", (c,)), -3))
-            out = g.call_method("to", (g.call_method("sum", (g.call_function(torch.mul, (xf, cf)), -2)), dtype))
+            if op is not None:  # the C++ op: x computed once, into a buffer (see the top)
+                out = g.call_function(op, (x, c))
+            else:
+                xf = g.call_method("unsqueeze", (g.call_method("float", (x,)), -1))
+                cf = g.call_method("unsqueeze", (g.call_method("float", (c,)), -3))
+                out = g.call_method("to", (g.call_method("sum", (g.call_function(torch.mul, (xf, cf)), -2)), dtype))
         node.replace_all_uses_with(out)
         g.erase_node(node)
         counters["kvfx"]["decode_matmuls"] += 1
