@@ -10,7 +10,7 @@
 // Pasted into lowbit_attention.cpp's build by kvfx/ops/lowbit_attention.py and registered there as `small_matmul`
 // (CPU and Meta kernels); anything it does not take (other dtypes, more rows, wider C) goes to at::matmul.
 
-constexpr int64_t kMaxMatmulRows = 64;    // rows of x (all heads): a decode step's few; more: a prefill's GEMM
+constexpr int64_t kMaxMatmulRows = 4096;  // rows of x (all heads); the pass sends a decode step's few
 constexpr int64_t kMaxMatmulCols = 4096;  // R: the scratch row
 
 namespace decode_matmul {

@@ -1,20 +1,25 @@
-"""Pass 5c — decode matmuls: a decode step's per-head projections as one multiply-sum that Inductor generates.
+"""Pass 5c — decode matmuls: a decode step's small matmuls by kvfx constants as one C++ op call each.
 
-    matmul(x [.., g, d], C [h, d, R])   ==>   (x.float()[.., :, None] * C.float()[:, None]).sum(-2).to(x.dtype)
-    matmul(x [.., n, d], C [d, R])      ==>   (x.float()[.., :, None] * C.float()[None]).sum(-2).to(x.dtype)
+    matmul(x [.., g, d], C [h, d, R])   ==>   small_matmul(x, C)      (kvfx/ops/decode_matmul.h)
+    matmul(x [.., n, d], C [d, R])      ==>   small_matmul(x, C)
 
 A decode step keeps a few small matmuls by kvfx constants: q·B where RoPE blocks folding B into W_Q (one a layer;
 passes/decode.py groups it per kv head), o·Dᵀ where a latent wider than head_dim keeps it, and the cache's
 projection of the new token's keys and values into a joint latent (`layer` / `kv` granularity: x [b, 1, h·d] by C
-[h·d, R], two a layer, ~80 µs each as a bfloat16 mm). Each is a few thousand
-multiply-adds (SmolLM2 per-head: 3 kv heads × 3 query rows × 64 × 32), but as a matmul it leaves Inductor as an
-ATen bmm call: ~14 µs a call in float32 and ~60 µs in bfloat16 on this project's CPU (oneDNN's bfloat16 path), one a
-layer and step. As a multiply and a sum it is a loop Inductor writes itself, fused with the RoPE and scaling before
-it, summed in float32 like the bmm. Only where the rows a head multiplies are few (x's second-to-last size known
-and ≤ MAX_ROWS: one token's query heads of a group) and the product is small (≤ MAX_PRODUCT numbers), so a prefill
-graph's matmul over its tokens stays a GEMM. One counter per matmul (`decode_matmuls`). Runs on the graph handed
-to the compiler, like passes 5 and 5b; only for CPU graphs compiled with grad off, not in live mode, not with
-KVFX_NO_DECODE_MATMUL=1.
+[h·d, R], two a layer). Each is a few thousand multiply-adds (SmolLM2 per-head: 3 kv heads × 3 query rows × 64 ×
+32), but as a matmul it leaves Inductor as an ATen bmm / mm call: ~14-22 µs a call in float32 and ~50-80 µs in
+bfloat16 on this project's CPU (oneDNN's bfloat16 path), one to three a layer and step. The C++ op sums each row in
+float32 against C read from the caches (~2-5 µs), its input computed once into a buffer. Without the C++ build, or
+with KVFX_MATMUL_MULSUM=1, the pass writes a multiply and a sum instead,
+
+    (x.float()[.., :, None] * C.float()[:, None]).sum(-2).to(x.dtype)   (2-D C: C.float()[None])
+
+a loop Inductor writes itself, fused with the RoPE before it — which it then recomputes, cos and sin included, for
+every 16 output columns (generated code; 13 k cos / sin a layer for SmolLM2's 360-wide latent). Only where the rows
+a head multiplies are few (x's second-to-last size known and ≤ MAX_ROWS: one token's query heads of a group) and
+the product is small (≤ MAX_PRODUCT numbers), so a prefill graph's matmul over its tokens stays a GEMM. One counter
+per matmul (`decode_matmuls`). Runs on the graph handed to the compiler, like passes 5 and 5b; only for CPU graphs
+compiled with grad off, not in live mode, not with KVFX_NO_DECODE_MATMUL=1.
 """
 from __future__ import annotations
 
@@ -85,7 +90,8 @@ def small_matmul_op():
 
 
 def decode_matmuls(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of `gm` with every small matmul by a constant as a multiply-sum (`gm` itself when it has none)."""
+    """A copy of `gm` with every small matmul by a constant as small_matmul or a multiply-sum (`gm` itself when it
+    has none)."""
     if not any(_small(n) for n in gm.graph.nodes):
         return gm
     new = fresh_copy(gm)
