@@ -45,7 +45,7 @@ inline int8_t encode_group(const float* __restrict x, int n, int top, bool midri
   return static_cast<int8_t>(e);
 }
 
-// n bfloat16 numbers (their bits) as float32: the bits 16 places up, exact.
+// n bfloat16 numbers (their bits) as float32: the bits 16 places up, exact (bf16_to_float, 16 at a time).
 inline void widen_bf16(const uint16_t* __restrict x, int n, float* __restrict out) {
   int c = 0;
 #if defined(__AVX512F__)
@@ -53,10 +53,7 @@ inline void widen_bf16(const uint16_t* __restrict x, int n, float* __restrict ou
     _mm512_storeu_ps(out + c, _mm512_castsi512_ps(_mm512_slli_epi32(
                                   _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + c))), 16)));
 #endif
-  for (; c < n; ++c) {
-    const uint32_t u = static_cast<uint32_t>(x[c]) << 16;
-    std::memcpy(out + c, &u, 4);
-  }
+  for (; c < n; ++c) out[c] = bf16_to_float(x[c]);
 }
 
 // quant._pack: `bits`-wide codes, 8 / bits a byte, code j of a byte in bits j·bits … (the last byte zero-padded).
