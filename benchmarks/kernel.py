@@ -9,7 +9,7 @@ real step reads them: each layer's rows come from memory). Prints ms per layer, 
     python benchmarks/kernel.py --batch 4 --n 4096
     KVFX_NO_AMX=1 python benchmarks/kernel.py    # low-bit rows decoded to float32 (no integer path)
     KVFX_AVX2_INTEGER=1 python benchmarks/kernel.py   # AVX2-only CPUs: the opt-in integer path
-    python benchmarks/kernel.py --stages          # AMX CPUs: where a block's time goes, stage by stage
+    python benchmarks/kernel.py --stages          # AVX-512 VNNI / AMX CPUs: where a block's time goes, by stage
 
 Bands rows (kv-bits-*) take the integer path too: on AMX int2 codes as int4 groups, the int8 band as int8 chunks,
 int3 / int5 bands transcoded to their levels (int4 nibbles / bytes) a block of rows at a time; on AVX2 int4 / int3 / int2 codes as 4-bit integers (not bands with an int8 band).
@@ -71,18 +71,23 @@ STAGES = ("scale codes", "key scores", "softmax", "weights", "value sums")
 
 def stage_split(args) -> None:
     """Where the integer path's blocks spend their time: a build that counts each stage's time-stamp-counter cycles
-    (summed over the threads), per cached row, with the stages' shares, on the cold pass. Per-head int4 / int8 rows
-    (up to 4 query rows a kv head) run on AVX-512 VNNI, the shared latents on the tile unit, whose stages are
-    coarser: its scale codes include the int3 / int5 bands' transcoding, its key scores the value rows' tile layout,
-    its value sums the weights' rounding (weights: -)."""
-    if la.integer_rounding("cpu") != "amx":
-        raise SystemExit("--stages counts the integer path on AMX CPUs: this CPU (or KVFX_NO_AMX) takes another path")
+    (summed over the threads), per cached row, with the stages' shares, on the cold pass. On AMX CPUs per-head int4 /
+    int8 rows (up to 4 query rows a kv head) run on AVX-512 VNNI, the shared latents on the tile unit, whose stages
+    are coarser: its scale codes include the int3 / int5 bands' transcoding, its key scores the value rows' tile
+    layout, its value sums the weights' rounding (weights: -). On AVX-512 VNNI CPUs without AMX every int4 / int8 row
+    runs on VNNI, and bands (decoded to float32) are left out."""
+    rounding = la.integer_rounding("cpu")
+    if rounding not in ("amx", "vnni"):
+        raise SystemExit("--stages counts the integer path on AVX-512 VNNI / AMX CPUs: this CPU (or KVFX_NO_AMX) takes "
+                         "another path")
     ext = la._build(stages=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N={args.n}, batch {args.batch}; "
           "time-stamp-counter cycles per cached row (all threads), stage shares in brackets")
     print(f"{'latent':18s} {'unit':>5s} " + " ".join(f"{s:>16s}" for s in STAGES) + f" {'total':>7s}")
     for name in ("head-0.5-int8", "head-0.5-int4", "head-0.25-int4", "kv-0.9375-int4", "kv-bits5-0.25"):
         h, g, r, shared, storage = SHAPES[name]
+        if not la.takes_integer_path(rounding, storage):
+            continue  # (bands without AMX: the float path, no stages)
         layers = _layers(args, h, r, shared, storage)
         q = torch.randn(args.batch, h, g, r)
         bits, kbands, vbands = la.kernel_format(storage, r, r, shared)
@@ -97,7 +102,8 @@ def stage_split(args) -> None:
         counts = ext.stage_cycles().tolist()
         per_row = [c / counts[5] for c in counts[:5]]
         total = sum(per_row)
-        unit = "tile" if g > 4 or bits < 0 or os.environ.get("KVFX_NO_VNNI", "0") not in ("", "0") else "vnni"
+        tile = g > 4 or bits < 0 or os.environ.get("KVFX_NO_VNNI", "0") not in ("", "0")
+        unit = "tile" if rounding == "amx" and tile else "vnni"
         cells = [f"{c:8.2f} ({c / total:4.0%})" if c else f"{'-':>16s}" for c in per_row]
         print(f"{name:18s} {unit:>5s} " + " ".join(cells) + f" {total:7.2f}", flush=True)
 
@@ -108,14 +114,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--layers", type=int, default=30, help="layers cycled through on the cold pass")
     p.add_argument("--reps", type=int, default=9)
-    p.add_argument("--stages", action="store_true", help="AMX CPUs: cycles per cached row of each stage")
+    p.add_argument("--stages", action="store_true", help="AVX-512 VNNI / AMX CPUs: cycles per cached row of each stage")
     args = p.parse_args()
     if not la.kernel_available("cpu"):
         raise SystemExit("the C++ kernel did not build here (needs a C++ compiler and ninja)")
     if args.stages:
         return stage_split(args)
     path = la.integer_rounding("cpu")
-    rows = {"amx": "integer dot products (AMX)", "avx2": "int4 / int3 / int2 codes: integer dot products (AVX2)",
+    rows = {"amx": "integer dot products (AMX)", "vnni": "int4 / int8 rows: integer dot products (AVX-512 VNNI), bands "
+            "decoded to float32", "avx2": "int4 / int3 / int2 codes: integer dot products (AVX2)",
             None: "decoded to float32"}[path]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N={args.n}, batch {args.batch}; "
           f"int8/int4 rows: {rows} (KVFX_NO_AMX=1: decoded)")

@@ -56,8 +56,13 @@ constexpr auto kFloat32 = at::kFloat;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
 #define KVFX_AVX2 1  // 16 vector registers of 8 floats: scores and value sums in tiles that fit them (AMD Zen 1-3, …)
 #endif
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512BW__) && defined(__AVX512VBMI__) && \
-    defined(__GFNI__) && defined(__linux__)
+// The integer path's shared parts and its AVX-512 VNNI blocks (lowbit_attention_amx.h, lowbit_attention_vnni.h):
+// CPUs with AVX-512 BW / VBMI / VNNI and GFNI (Intel Ice Lake and later, AMD Zen 4 and later); the tile unit on top
+// of them where the CPU has AMX-INT8 (Sapphire Rapids and later).
+#if defined(__AVX512BW__) && defined(__AVX512VBMI__) && defined(__AVX512VNNI__) && defined(__GFNI__)
+#define KVFX_INT 1
+#endif
+#if KVFX_INT && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
 #define KVFX_AMX 1
 #include <cpuid.h>
 #include <sys/syscall.h>
@@ -696,7 +701,9 @@ inline void prefetch_rows(const char* base, int64_t rows, int64_t ld, int64_t by
 }  // namespace
 
 // Which integer path int4 / int2 rows and bands take here: 1, AMX (int8 rows too; built with AMX-INT8, AVX-512 VBMI
-// and GFNI, and the CPU and the OS allow it at run time), 2, AVX2 (built with AVX2 but not AVX-512, and asked for:
+// / VNNI and GFNI, and the CPU and the OS allow it at run time), 3, AVX-512 VNNI without the tile unit (int4 and int8
+// rows, not bands: the VNNI blocks, AMX's integers and roundings; built with AVX-512 VBMI / VNNI and GFNI: Ice Lake,
+// Zen 4 and later), 2, AVX2 (built with AVX2 but not AVX-512, and asked for:
 // KVFX_AVX2_INTEGER=1; its 8-bit roundings move the output more than AMX's, see lowbit_attention_avx2i.h), or 0
 // where there is none or the environment variable KVFX_NO_AMX is set (not "0"): rows are decoded to float32 like
 // the 16/32-bit latents (the portable path; KVFX_NO_AMX=1 forces it, for tests and benchmarks, on either CPU).
@@ -708,7 +715,7 @@ inline bool env_set(const char* name) {
 // with -DKVFX_STAGE_CYCLES; the stages: lowbit_attention_amx.h).
 torch::Tensor stage_cycles() {
   torch::Tensor out = at::zeros({6}, at::kLong);
-#if KVFX_AMX && defined(KVFX_STAGE_CYCLES)
+#if KVFX_INT && defined(KVFX_STAGE_CYCLES)
   for (int i = 0; i < 6; ++i) out[i] = static_cast<int64_t>(amx::stage_cycles[i].exchange(0));
 #endif
   return out;
@@ -717,7 +724,10 @@ torch::Tensor stage_cycles() {
 int64_t integer_path() {
   if (env_set("KVFX_NO_AMX")) return 0;
 #if KVFX_AMX
-  return amx::ready() ? 1 : 0;
+  if (amx::ready()) return 1;
+#endif
+#if KVFX_INT
+  return 3;
 #elif KVFX_AVX2
   return env_set("KVFX_AVX2_INTEGER") ? 2 : 0;
 #else
@@ -924,8 +934,15 @@ torch::Tensor decode_attention_as(torch::Tensor q, torch::Tensor kc, torch::Tens
   }
   const uint8_t* skip = held.empty() ? nullptr : excluded.data();
   const int64_t path = integer_path();  // the environment's switches, read once a call
-  const bool use_amx = (kind == kInt8 || kind == kInt4 || kind == kBands) && rk > 0 && rv > 0 &&
-                       !odd_planes(fk) && !odd_planes(fv) && path == 1;
+  // the VNNI blocks (int4 / int8 rows; KVFX_NO_VNNI=1: the tile unit on AMX, the float path without it)
+  bool vnni = false;
+#if KVFX_INT
+  vnni = (path == 1 || path == 3) && rk > 0 && rv > 0 && !env_set("KVFX_NO_VNNI") &&
+         amx::vnni_fits(kind, G, fk.code_bytes, fv.code_bytes, path);
+#endif
+  // the integer path (namespace amx): the tile unit (path 1) or the VNNI blocks
+  const bool use_amx = vnni || ((kind == kInt8 || kind == kInt4 || kind == kBands) && rk > 0 && rv > 0 &&
+                                !odd_planes(fk) && !odd_planes(fv) && path == 1);
 #if KVFX_AVX2
   // the AVX2 integer path: int4 rows and bands (a plan each for the key and value rows; none: the float path)
   std::unique_ptr<avx2i::Plan> kplan_i, vplan_i;
@@ -1015,7 +1032,7 @@ torch::Tensor decode_attention_as(torch::Tensor q, torch::Tensor kc, torch::Tens
     return t;
   };
 
-#if KVFX_AMX
+#if KVFX_INT
   if (use_amx) {
     amx::Problem pr;
     pr.kind = kind, pr.shared = shared, pr.B = B, pr.H = H, pr.G = G, pr.N = N, pr.chunk = chunk, pr.chunks = chunks;
@@ -1025,36 +1042,39 @@ torch::Tensor decode_attention_as(torch::Tensor q, torch::Tensor kc, torch::Tens
     pr.cslots = kind == kInt4 ? pr.ngk : 2;
     for (int64_t i = 0; i < (kind == kInt4 ? pr.ngv : (pr.vtiles + 1) / 2); ++i)  // C tile pairs, weight groups
       pr.item_ct.push_back(static_cast<int>(2 * i)), pr.item_ws.push_back(kind == kInt4 ? static_cast<int>(i) : 0);
+#if KVFX_AMX
     if (kplan) {
       pr.plan = kplan, pr.vplan = vplan;
       pr.ngk = kplan->groups.size(), pr.ngv = vplan->groups.size(), pr.ktiles = kplan->units.size();
       pr.cslots = kplan->slots, pr.item_ct = vplan->item_ct, pr.item_ws = vplan->item_ws;
       pr.ktrans = kplan->trans_bytes, pr.vtrans = vplan->trans_bytes;
     }
+#endif
     pr.Gb = static_cast<int>(std::min<int64_t>(G, 16)), pr.NGB = static_cast<int>((G + pr.Gb - 1) / pr.Gb);
     std::vector<int8_t> qdigits(B * H * pr.NGB * pr.ktiles * pr.digits() * pr.Gb * 64 + 64, 0);
     std::vector<float> qscales(B * H * G);
     int8_t* qa = reinterpret_cast<int8_t*>(round_up(reinterpret_cast<int64_t>(qdigits.data()), 64));
     pr.qa = qa, pr.qsc = qscales.data();
+#if KVFX_AMX
     (kplan ? amx::quantize_band_queries : amx::quantize_queries)(pr, qp, sc, qa, qscales.data());
+#else
+    amx::quantize_queries(pr, qp, sc, qa, qscales.data());
+#endif
     pr.kp = kp, pr.vp = vp;
     pr.ksb = ksb, pr.ksh = ksh, pr.ksn = ksn, pr.vsb = vsb, pr.vsh = vsh, pr.vsn = vsn;
     pr.krow = fk.row_elems * es, pr.vrow = fv.row_elems * es;
     pr.mp = mp, pr.mbp = mbp, pr.mask_b = mask_b, pr.lut = lut, pr.skip = skip;
     pr.part_m = part_m.data(), pr.part_l = part_l.data(), pr.part_o = part_o.data();
-#if KVFX_VNNI
-    const bool vnni = amx::vnni_takes(pr) && !env_set("KVFX_NO_VNNI");  // KVFX_NO_VNNI=1: the tile unit (A/B runs)
-#endif
     at::parallel_for(0, B * H * chunks, 1, [&](int64_t begin, int64_t end) {
-#if KVFX_VNNI
       if (vnni) {
         amx::VnniWorker worker(pr);
         for (int64_t task = begin; task < end; ++task) worker.run(task);
         return;
       }
-#endif
+#if KVFX_AMX
       amx::Worker worker(pr);
       for (int64_t task = begin; task < end; ++task) worker.run(task);
+#endif
     });
   } else
 #endif

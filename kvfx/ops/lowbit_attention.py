@@ -223,9 +223,12 @@ def integer_path(device: str | torch.device = "cpu", kind: str | None = None) ->
 
 
 def takes_integer_path(rounding: str | None, kind: str) -> bool:
-    """Whether rows of format `kind` take the integer path `rounding` ("amx", "avx2"; None: none)."""
+    """Whether rows of format `kind` take the integer path `rounding` ("amx", "vnni", "avx2"; None: none). ("vnni":
+    int4 / int8 rows of at least 6 / 3 columns; narrower ones: the float path.)"""
     if rounding is None or kind == "float":
         return False
+    if rounding == "vnni":
+        return quant.bands_of(kind) is None and quant.codes_of(kind) in ("int4", "int8")
     layout = quant.layout(kind, quant.width_of(kind) or 64)
     if rounding == "amx":  # int3 / int5 runs are transcoded in whole 16-column runs (kvfx.allocate_bits' edges)
         return all(w % 16 == 0 for fmt, w in layout if fmt.bits in quant.PLANES)
@@ -234,10 +237,11 @@ def takes_integer_path(rounding: str | None, kind: str) -> bool:
 
 def integer_rounding(device: str | torch.device = "cpu") -> str | None:
     """Which integer path runs here and so how it rounds: "amx" (the query to 12 / 16 bits a row, the value weights
-    to 16 bits), "avx2" (the query to 8 bits a 32-column group, the weights to 8 bits), or None."""
+    to 16 bits), "vnni" (AVX-512 VNNI without AMX: int4 / int8 rows, not bands, rounded as "amx" rounds them), "avx2"
+    (the query to 8 bits a 32-column group, the weights to 8 bits), or None."""
     if not kernel_available(device):
         return None
-    return {1: "amx", 2: "avx2"}.get(int(_extension().integer_path()))
+    return {1: "amx", 2: "avx2", 3: "vnni"}.get(int(_extension().integer_path()))
 
 
 @torch.library.custom_op("kvfx::decode_attention", mutates_args=())

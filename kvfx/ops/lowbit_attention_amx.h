@@ -1,7 +1,10 @@
 // The integer path of kvfx's decode kernel (int8 / int4 rows on the AMX tile unit). Not a standalone header:
 // lowbit_attention.py pastes it into lowbit_attention.cpp where that file says `#include "lowbit_attention_amx.h"`
 // (inside its anonymous namespace, after its includes and float helpers), so the build's source hash covers it.
-#if KVFX_AMX
+// Built where the CPU has AVX-512 VBMI / VNNI and GFNI (KVFX_INT): the parts every integer block shares (Problem,
+// the query digits, block scales, the online softmax) and the VNNI blocks; the tile unit's Worker and the bands on
+// top of them only with AMX-INT8 (KVFX_AMX).
+#if KVFX_INT
 // ---------------------------------------------------------------------------------------------------------------
 // Integer path (int8 / int4 rows on CPUs with AMX-INT8): the dot products of the scores and of the value sums run
 // on the AMX tile unit (TDPBSSD / TDPBUSD: int8 x int8 -> int32, an M x 64 by 64 x 16 product per instruction,
@@ -51,6 +54,7 @@ inline void stage_counts(const uint64_t (&at)[N], const int (&slots)[N - 1], int
 #endif
 }
 
+#if KVFX_AMX
 // AMX needs the kernel's permission once per process (Linux >= 5.16) and the CPU to have it at run time (the
 // extension is built with -march=native, but its build cache could outlive a change of machine).
 inline bool ready() {
@@ -67,6 +71,7 @@ struct alignas(64) TileConfig {
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
+#endif  // KVFX_AMX
 
 // GF2P8AFFINEQB matrices (one byte-wise op): output bit i = input bit src[i], or 0 for -1.
 constexpr uint64_t affine(const int (&src)[8]) {
@@ -385,6 +390,7 @@ inline void block_add(const Problem& P, int64_t b, int64_t r0, int rows, float* 
   std::fill(add + rows, add + BN, kNegInf);
 }
 
+#if KVFX_AMX
 // One thread's tiles and buffers (thread-local, reused across calls); run(task) = one (batch, head, chunk of rows).
 class Worker {
  public:
@@ -759,6 +765,7 @@ void Worker::run(int64_t task) {
 }
 
 #include "lowbit_attention_amx_bands.h"  // bands on the tile unit, pasted in by lowbit_attention.py
-#include "lowbit_attention_vnni.h"  // int4 rows for a few query rows on AVX-512 VNNI, likewise
-}  // namespace amx
 #endif  // KVFX_AMX
+#include "lowbit_attention_vnni.h"  // int4 / int8 rows on AVX-512 VNNI, likewise
+}  // namespace amx
+#endif  // KVFX_INT

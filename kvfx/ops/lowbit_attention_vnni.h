@@ -1,12 +1,15 @@
-// int4 and int8 rows read by a few query rows (G <= kVnniG: per-head latents, e.g. SmolLM2's 3 query heads a kv
-// head) on AVX-512 VNNI instead of the tile unit. Not a standalone header: lowbit_attention.py pastes it into
-// lowbit_attention_amx.h where that file says `#include "lowbit_attention_vnni.h"` (inside namespace amx, after
-// class Worker: the same Problem, query digits, block scales and online softmax).
+// int4 and int8 rows on AVX-512 VNNI: on AMX CPUs for rows read by a few query rows (G <= kVnniG: per-head latents,
+// e.g. SmolLM2's 3 query heads a kv head), where the tile unit idles; on CPUs with AVX-512 VNNI but no tile unit
+// (Ice Lake, AMD Zen 4; `integer_path()` 3) for any G (a shared latent's 9 query rows too). Not a
+// standalone header: lowbit_attention.py pastes it into lowbit_attention_amx.h where that file says
+// `#include "lowbit_attention_vnni.h"` (inside namespace amx, after the shared parts: the same Problem, query
+// digits, block scales and online softmax).
 //
 // Why: a tile product takes up to 16 query rows; with 3 of them and one 32-column group a row the tile unit idles
 // while each 16-row tile is laid out, loaded, multiplied and stored in turn (~0.5-0.7 ms a SmolLM2 layer at 16k
 // tokens). VPDPBUSD (u8 x s8 -> int32, 4 products a lane) reads the rows as they are stored, a lane a row (keys) or
-// a lane a column (values), with no tile layout in memory.
+// a lane a column (values), with no tile layout in memory. Without a tile unit it does the work of the float path
+// (rows decoded to float32, 16 products an FMA) with 64 products an instruction.
 //
 // Same integers, same roundings as the tile path (Worker): the query digits x = 16·hi + lo of quantize_queries and
 // the value weights' two 8-bit digits of a block of BN rows; only the float sums' order may differ.
@@ -17,15 +20,22 @@
 //   2i + 1 of the group), against the broadcast weights' digits of the 4 rows (hi and lo, u8): the tile path's sums.
 // * int8 rows (key_scores8 / value_sums8): the keys' 64-column chunks transposed 16 rows at a time, u = k + 128
 //   against each of the query's two digits; the values interleaved 4 rows a dword by the tile path's own unpacks.
+// * More than 4 query rows: passes of up to 4 (sizes as even as possible: 9 = 3 + 3 + 3), so each pass's int32 sums
+//   stay in registers; the rows' operands, laid out by the first pass, are kept for the others (`ops`), except the
+//   int8 values', whose unpacks cost less than a copy.
 #if defined(__AVX512VNNI__)
 #define KVFX_VNNI 1
-constexpr int kVnniG = 4;  // query rows a kv head up to which VNNI beats the tile unit here (SmolLM2: 3)
+constexpr int kVnniG = 4;  // query rows a kv head up to which VNNI beats the tile unit on AMX CPUs (SmolLM2: 3)
 
-// (code bytes >= 3: the scale gather reads the dword ending at a code; <= 64 int4 groups: `corr`'s room)
-inline bool vnni_takes(const Problem& P) {
-  return (P.kind == kInt4 || P.kind == kInt8) && !P.plan && P.G <= kVnniG && P.cbk >= 3 && P.cbv >= 3 &&
-         P.ngk <= 64;
+// Whether the VNNI blocks take int4 / int8 rows of `G` query rows a kv head: on AMX CPUs (path 1) up to kVnniG (the
+// tile unit beyond), without (path 3) any G. (code bytes >= 3: the scale gather reads the dword ending at a code.)
+inline bool vnni_fits(Kind kind, int64_t G, int64_t cbk, int64_t cbv, int64_t path) {
+  return (kind == kInt4 || kind == kInt8) && (path != 1 || G <= kVnniG) && cbk >= 3 && cbv >= 3;
 }
+
+// The passes of G query rows: pass p takes rows pass_at(G, p) .. pass_at(G, p + 1) - 1, at most 4 of them.
+inline int passes_of(int64_t G) { return static_cast<int>((G + 3) / 4); }
+inline int pass_at(int64_t G, int p) { return static_cast<int>(G * p / passes_of(G)); }
 
 // 16 code bytes of 4 rows, row k in 128-bit lane k (the first bytes of m only; all 16: plain loads).
 inline __m512i rows4(const char* a, const char* b, const char* c, const char* d, __mmask16 m, bool plain) {
@@ -49,14 +59,28 @@ inline void weigh4(__m512i* acc, const uint8_t* w, __m512i a, __m512i b) {
   acc[3] = _mm512_dpbusd_epi32(acc[3], wl, b);
 }
 
+// Calls CALL(CG, g0) for each pass of G query rows (CG = its rows, 1 .. 4, a constant; g0 its first).
+#define KVFX_EACH_PASS(G, CALL)                                                  \
+  for (int p_ = 0; p_ < passes_of(G); ++p_) {                                    \
+    const int g0_ = pass_at(G, p_);                                              \
+    switch (pass_at(G, p_ + 1) - g0_) {                                          \
+      case 1: CALL(1, g0_); break;                                               \
+      case 2: CALL(2, g0_); break;                                               \
+      case 3: CALL(3, g0_); break;                                               \
+      default: CALL(4, g0_); break;                                              \
+    }                                                                            \
+  }
+
 class VnniWorker {
  public:
-  explicit VnniWorker(const Problem& p) : P(p) {
+  explicit VnniWorker(const Problem& p) : P(p), NP(passes_of(p.G)) {
     size_t used = 0;
     auto take = [&](size_t bytes) { const size_t at = used; used += round_up(bytes, 64); return at; };
     const size_t o_ks = take(4 * P.ngk * BN), o_vs = take(P.shared ? 0 : 4 * P.ngv * BN), o_s = take(4 * P.G * BN),
                  o_pf = take(4 * P.G), o_ps = take(4 * P.G * P.ngv), o_wd = take(P.G * P.ngv * 2 * BN),
-                 o_z = take(std::max(P.cbk, P.cbv) + 64);
+                 o_z = take(std::max(P.cbk, P.cbv) + 64), o_ia = take(2 * 64 * P.G),
+                 o_co = take(4 * P.G * std::max<int64_t>(P.ngk, 2)),
+                 o_vo = take(NP > 1 && P.kind == kInt4 ? 64 * 2 * (BN / 4) : 0);
     static thread_local std::vector<char> scratch;
     if (scratch.size() < used + 64) scratch.resize(used + 64);
     char* base = reinterpret_cast<char*>(round_up(reinterpret_cast<int64_t>(scratch.data()), 64));
@@ -67,6 +91,9 @@ class VnniWorker {
     ps = reinterpret_cast<float*>(base + o_ps);
     wd = reinterpret_cast<uint8_t*>(base + o_wd);
     zero = base + o_z;
+    iacc = reinterpret_cast<__m512i*>(base + o_ia);
+    corr = reinterpret_cast<int32_t*>(base + o_co);
+    vop = reinterpret_cast<__m512i*>(base + o_vo);
     std::memset(zero, 0, std::max(P.cbk, P.cbv) + 64);
     lut8 = lut8_of(P.lut);
   }
@@ -74,12 +101,15 @@ class VnniWorker {
 
  private:
   const Problem& P;
+  const int NP;      // passes over the query rows (passes_of)
   __m512 lut8;
   float *ks, *vs, *s_, *pf, *ps;
   uint8_t* wd;       // the block's weight digits [g][group][hi, lo][BN], u8 in row order
   char* zero;        // a zero row: what missing rows read
-  int32_t corr[kVnniG * 64];  // what the codes' offset adds to each int32 sum (int4: 8 · sum of x over a group,
-                              // <= 64 groups; int8: 128 · sum of each digit over the row)
+  __m512i* iacc;     // int8 keys: each query row's two int32 sums of 16 rows, between the passes of a chunk
+  __m512i* vop;      // int4 values, more than one pass: a group's operands as the first pass made them
+  int32_t* corr;     // what the codes' offset adds to each int32 sum (int4: 8 · sum of x over a group, [g][group];
+                     // int8: 128 · sum of each digit over the row, [g][digit])
 
   // rows r of the block: base + r · ld for r < rows, else the zero row
   struct Rows {
@@ -89,14 +119,21 @@ class VnniWorker {
     const char* zero;
     const char* operator[](int r) const { return r < rows ? base + r * ld : zero; }
   };
+  // query row g's digits of key unit j (int4: [hi | lo] of group j; int8: digit `digit` of chunk j), 64 bytes
+  const int32_t* qrow(int64_t bh, int64_t g, int64_t j, int digit) const {
+    return reinterpret_cast<const int32_t*>(P.qtile(bh, static_cast<int>(g / P.Gb), j, digit) + (g % P.Gb) * 64);
+  }
   void scales(const Rows& r, int64_t cb, int64_t ng, float* out) const;
-  template <int G> void key_scores(const Rows& r, int t, int64_t bh, const float* add);
-  template <int G> void key_scores8(const Rows& r, int t, int64_t bh, const float* add);
+  void key_scores(const Rows& r, int t, int64_t bh, const float* add);
+  template <int CG> void key_pass(const __m512i* op, int t, int64_t bh, int64_t j, int g0);
+  void key_scores8(const Rows& r, int t, int64_t bh, const float* add);
+  template <int CG> void key_pass8(const __m512i* z, int64_t c, int dwords, int64_t bh, int g0);
   void weights();
-  template <int G> void value_sums(const Rows& r, int n, float* o);
-  template <int G> void value_sums8(const Rows& r, int n, float* o);
-  template <int G> void block(const Rows& kr, const Rows& vr, int64_t bh, const float* add, float* m, float* l,
-                              float* o);
+  void value_sums(const Rows& r, int n, float* o);
+  template <int CG> void value_pass(const Rows& r, int n, int64_t j, int g0, float* o);
+  void value_sums8(const Rows& r, int n, float* o);
+  template <int CG> void value_pass8(const Rows& r, int n, int64_t c, int half, int g0, float* o);
+  void block(const Rows& kr, const Rows& vr, int64_t bh, const float* add, float* m, float* l, float* o);
 };
 
 // The block's scale codes -> out[j * BN + r] = 2^(e/8) (block_scales' numbers, a gather of 16 rows at a time), 0
@@ -115,16 +152,14 @@ void VnniWorker::scales(const Rows& r, int64_t cb, int64_t ng, float* out) const
   }
 }
 
-// 16 rows' scores: s_[g * BN + 16t + lane] (lane = row 16t + lane).
-template <int G>
+// 16 rows' scores: s_[g * BN + 16t + lane] (lane = row 16t + lane). Per group: the rows' operands (per dword d:
+// 16·lo, 16·hi, lo, hi nibbles as u8) laid out once for every pass; each pass adds its rows' sums into s_.
 void VnniWorker::key_scores(const Rows& rr, int t, int64_t bh, const float* add) {
   const char* r[16];
   for (int i = 0; i < 16; ++i) r[i] = rr[16 * t + i];
-  const float* qs = P.qsc + bh * P.G;
   const __m512i x88 = _mm512_set1_epi8(static_cast<char>(0x88)), f0 = _mm512_set1_epi8(0x0F),
                 hf = _mm512_set1_epi8(static_cast<char>(0xF0));
-  __m512 accf[kVnniG];
-  for (int g = 0; g < G; ++g) accf[g] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < P.G; ++g) _mm512_store_ps(s_ + g * BN + 16 * t, _mm512_setzero_ps());
   for (int64_t j = 0; j < P.ngk; ++j) {
     const __mmask16 m = static_cast<__mmask16>(first_bytes(P.cbk - 16 * j));
     __m512i z[4];
@@ -135,29 +170,47 @@ void VnniWorker::key_scores(const Rows& rr, int t, int64_t bh, const float* add)
                   t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
     const __m512i y[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
                           _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};  // lane n: row n's dword d
-    __m512i ah[kVnniG], al[kVnniG];  // the hi and lo digits' sums (two chains a row)
-    for (int g = 0; g < G; ++g) ah[g] = al[g] = _mm512_setzero_si512();
+    __m512i op[16];
     for (int d = 0; d < 4; ++d) {
       const __m512i x = _mm512_xor_si512(y[d], x88);  // both nibbles + 8: unsigned
-      const __m512i lo = _mm512_and_si512(x, f0), lo16 = _mm512_and_si512(_mm512_slli_epi32(x, 4), hf),
-                    hi = _mm512_and_si512(_mm512_srli_epi32(x, 4), f0), hi16 = _mm512_and_si512(x, hf);
-      for (int g = 0; g < G; ++g) {
-        const int32_t* q = reinterpret_cast<const int32_t*>(P.qtile(bh, 0, j, 0) + g * 64);  // [hi | lo] digits
-        ah[g] = _mm512_dpbusd_epi32(ah[g], lo16, _mm512_set1_epi32(q[2 * d]));
-        ah[g] = _mm512_dpbusd_epi32(ah[g], hi16, _mm512_set1_epi32(q[2 * d + 1]));
-        al[g] = _mm512_dpbusd_epi32(al[g], lo, _mm512_set1_epi32(q[8 + 2 * d]));
-        al[g] = _mm512_dpbusd_epi32(al[g], hi, _mm512_set1_epi32(q[8 + 2 * d + 1]));
-      }
+      op[4 * d] = _mm512_and_si512(_mm512_slli_epi32(x, 4), hf);
+      op[4 * d + 1] = _mm512_and_si512(x, hf);
+      op[4 * d + 2] = _mm512_and_si512(x, f0);
+      op[4 * d + 3] = _mm512_and_si512(_mm512_srli_epi32(x, 4), f0);
     }
-    const __m512 kv = _mm512_load_ps(ks + j * BN + 16 * t);
-    for (int g = 0; g < G; ++g) {
-      const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(ah[g], al[g]), _mm512_set1_epi32(corr[g * P.ngk + j]));
-      accf[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), kv, accf[g]);
-    }
+#define KVFX_KEY_PASS(CG, g0) key_pass<CG>(op, t, bh, j, g0)
+    KVFX_EACH_PASS(P.G, KVFX_KEY_PASS)
+#undef KVFX_KEY_PASS
   }
+  const float* qs = P.qsc + bh * P.G;
   const __m512 addv = _mm512_load_ps(add);
-  for (int g = 0; g < G; ++g)
-    _mm512_store_ps(s_ + g * BN + 16 * t, _mm512_fmadd_ps(accf[g], _mm512_set1_ps(qs[g]), addv));
+  for (int64_t g = 0; g < P.G; ++g) {
+    float* sg = s_ + g * BN + 16 * t;
+    _mm512_store_ps(sg, _mm512_fmadd_ps(_mm512_load_ps(sg), _mm512_set1_ps(qs[g]), addv));
+  }
+}
+
+// s_ (16 rows of query rows g0 .. g0 + CG - 1) += group j's int32 sums (the hi and lo digits' chains) times the
+// rows' key scales.
+template <int CG>
+inline void VnniWorker::key_pass(const __m512i* op, int t, int64_t bh, int64_t j, int g0) {
+  __m512i ah[CG], al[CG];
+  const int32_t* q[CG];  // [hi | lo] digits
+  for (int g = 0; g < CG; ++g) ah[g] = al[g] = _mm512_setzero_si512(), q[g] = qrow(bh, g0 + g, j, 0);
+  for (int d = 0; d < 4; ++d)
+    for (int g = 0; g < CG; ++g) {
+      ah[g] = _mm512_dpbusd_epi32(ah[g], op[4 * d], _mm512_set1_epi32(q[g][2 * d]));
+      ah[g] = _mm512_dpbusd_epi32(ah[g], op[4 * d + 1], _mm512_set1_epi32(q[g][2 * d + 1]));
+      al[g] = _mm512_dpbusd_epi32(al[g], op[4 * d + 2], _mm512_set1_epi32(q[g][8 + 2 * d]));
+      al[g] = _mm512_dpbusd_epi32(al[g], op[4 * d + 3], _mm512_set1_epi32(q[g][8 + 2 * d + 1]));
+    }
+  const __m512 kv = _mm512_load_ps(ks + j * BN + 16 * t);
+  for (int g = 0; g < CG; ++g) {
+    const __m512i sum =
+        _mm512_sub_epi32(_mm512_add_epi32(ah[g], al[g]), _mm512_set1_epi32(corr[(g0 + g) * P.ngk + j]));
+    float* sg = s_ + (g0 + g) * BN + 16 * t;
+    _mm512_store_ps(sg, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), kv, _mm512_load_ps(sg)));
+  }
 }
 
 // Per query row and value group the block's weights w = p · s_v rounded as Worker::weights rounds them (x = w ·
@@ -179,105 +232,133 @@ void VnniWorker::weights() {
     }
 }
 
+// byte 4i + k <- row k's byte i (128-bit lane k): 4 rows' byte i in one dword
+alignas(64) constexpr int8_t kRows4Bytes[64] = {0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51,
+                                                4, 20, 36, 52, 5, 21, 37, 53, 6, 22, 38, 54, 7, 23, 39, 55,
+                                                8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
+                                                12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
+
 // o[g] += the block's value sums over its first n rows (n a multiple of 4; rows past the block's read zero rows).
-template <int G>
 void VnniWorker::value_sums(const Rows& r, int n, float* o) {
-  alignas(64) int8_t ix[64];  // byte 4i + k <- row k's byte i (128-bit lane k)
-  for (int i = 0; i < 16; ++i)
-    for (int k = 0; k < 4; ++k) ix[4 * i + k] = static_cast<int8_t>(16 * k + i);
-  const __m512i idx = _mm512_load_si512(ix);
   for (int64_t j = 0; j < P.ngv; ++j) {
-    const __mmask16 m = static_cast<__mmask16>(first_bytes(P.cbv - 16 * j));
-    __m512i acc[kVnniG][4];  // even columns hi, lo; odd columns hi, lo
-    for (int g = 0; g < G; ++g)
-      for (int k = 0; k < 4; ++k) acc[g][k] = _mm512_setzero_si512();
-    for (int n0 = 0; n0 < n; n0 += 4) {
+#define KVFX_VALUE_PASS(CG, g0) value_pass<CG>(r, n, j, g0, o)
+    KVFX_EACH_PASS(P.G, KVFX_VALUE_PASS)
+#undef KVFX_VALUE_PASS
+  }
+}
+
+// Group j's value sums of query rows g0 .. g0 + CG - 1; the first pass unpacks the rows (and keeps them in vop when
+// there are more passes), the others read vop.
+template <int CG>
+inline void VnniWorker::value_pass(const Rows& r, int n, int64_t j, int g0, float* o) {
+  const __m512i idx = _mm512_load_si512(kRows4Bytes);
+  const __mmask16 m = static_cast<__mmask16>(first_bytes(P.cbv - 16 * j));
+  const bool first = g0 == 0, keep = first && NP > 1;
+  __m512i acc[CG][4];  // even columns hi, lo; odd columns hi, lo
+  for (int g = 0; g < CG; ++g)
+    for (int k = 0; k < 4; ++k) acc[g][k] = _mm512_setzero_si512();
+  for (int n0 = 0; n0 < n; n0 += 4) {
+    __m512i ev, od;  // lane i: columns 32j + 2i, 32j + 2i + 1 of the 4 rows, signed
+    if (first) {
       const __m512i z = rows4(r[n0] + 16 * j, r[n0 + 1] + 16 * j, r[n0 + 2] + 16 * j, r[n0 + 3] + 16 * j, m,
                               m == 0xFFFF);
       const __m512i y = _mm512_permutexvar_epi8(idx, z);
-      const __m512i ev = lo4(y), od = hi4(y);  // lane i: columns 32j + 2i, 32j + 2i + 1 of the 4 rows, signed
-      for (int g = 0; g < G; ++g) {
-        weigh4(acc[g], wd + (g * P.ngv + j) * 2 * BN + n0, ev, od);
-      }
+      ev = lo4(y), od = hi4(y);
+      if (keep) _mm512_store_si512(vop + n0 / 2, ev), _mm512_store_si512(vop + n0 / 2 + 1, od);
+    } else {
+      ev = _mm512_load_si512(vop + n0 / 2), od = _mm512_load_si512(vop + n0 / 2 + 1);
     }
-    for (int g = 0; g < G; ++g) {  // columns as the tile path accumulates them: group j's even, then odd columns
-      const __m512 f = _mm512_set1_ps(ps[g * P.ngv + j]);
-      for (int k = 0; k < 2; ++k) {
-        add_digit_sums(o + g * P.Rvp + 32 * j + 16 * k, acc[g][2 * k], acc[g][2 * k + 1], f);
-      }
+    for (int g = 0; g < CG; ++g) weigh4(acc[g], wd + ((g0 + g) * P.ngv + j) * 2 * BN + n0, ev, od);
+  }
+  for (int g = 0; g < CG; ++g) {  // columns as the tile path accumulates them: group j's even, then odd columns
+    const __m512 f = _mm512_set1_ps(ps[(g0 + g) * P.ngv + j]);
+    for (int k = 0; k < 2; ++k) {
+      add_digit_sums(o + (g0 + g) * P.Rvp + 32 * j + 16 * k, acc[g][2 * k], acc[g][2 * k + 1], f);
     }
   }
 }
 
 // int8 rows: 16 rows' scores. The rows' 64-column chunks transposed (lane = row), u = k + 128 against each query
-// digit (hi, lo: x = 256·hi + lo): the tile path's two int32 sums, scaled as Worker::score_sums scales them.
-template <int G>
+// digit (hi, lo: x = 256·hi + lo): the tile path's two int32 sums (kept in iacc between chunks), scaled as
+// Worker::score_sums scales them.
 void VnniWorker::key_scores8(const Rows& rr, int t, int64_t bh, const float* add) {
   const float* qs = P.qsc + bh * P.G;
-  const __m512i x80 = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512i ah[G], al[G];
-  for (int g = 0; g < G; ++g) ah[g] = al[g] = _mm512_setzero_si512();
   for (int64_t c = 0; c < P.ktiles; ++c) {
     const int64_t bytes = std::min<int64_t>(64, P.cbk - 64 * c);
     const __mmask64 m = first_bytes(bytes);
     __m512i z[16];
     for (int r = 0; r < 16; ++r) z[r] = _mm512_maskz_loadu_epi8(m, rr[16 * t + r] + 64 * c);
     transpose16(z);  // z[d] lane n: row n's columns 64c + 4d .. 64c + 4d + 3
-    const int32_t* qh[G];
-    const int32_t* ql[G];
-    for (int g = 0; g < G; ++g) {
-      qh[g] = reinterpret_cast<const int32_t*>(P.qtile(bh, 0, c, 0) + g * 64);
-      ql[g] = reinterpret_cast<const int32_t*>(P.qtile(bh, 0, c, 1) + g * 64);
-    }
-    for (int d = 0; d < (bytes + 3) / 4; ++d) {
-      const __m512i u = _mm512_xor_si512(z[d], x80);
-      for (int g = 0; g < G; ++g) {
-        ah[g] = _mm512_dpbusd_epi32(ah[g], u, _mm512_set1_epi32(qh[g][d]));
-        al[g] = _mm512_dpbusd_epi32(al[g], u, _mm512_set1_epi32(ql[g][d]));
-      }
-    }
+    const int dwords = static_cast<int>((bytes + 3) / 4);
+#define KVFX_KEY_PASS8(CG, g0) key_pass8<CG>(z, c, dwords, bh, g0)
+    KVFX_EACH_PASS(P.G, KVFX_KEY_PASS8)
+#undef KVFX_KEY_PASS8
   }
   const __m512 kv = _mm512_load_ps(ks + 16 * t), addv = _mm512_load_ps(add);
-  for (int g = 0; g < G; ++g) {
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(ah[g], _mm512_set1_epi32(corr[2 * g]))),
-                 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(al[g], _mm512_set1_epi32(corr[2 * g + 1])));
+  for (int64_t g = 0; g < P.G; ++g) {
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(iacc[2 * g], _mm512_set1_epi32(corr[2 * g]))),
+                 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(iacc[2 * g + 1], _mm512_set1_epi32(corr[2 * g + 1])));
     _mm512_store_ps(s_ + g * BN + 16 * t, _mm512_fmadd_ps(_mm512_fmadd_ps(hi, _mm512_set1_ps(256.0f), lo),
                                                           _mm512_mul_ps(kv, _mm512_set1_ps(qs[g])), addv));
   }
 }
 
+// Chunk c's sums of query rows g0 .. g0 + CG - 1, added to iacc (started at chunk 0).
+template <int CG>
+inline void VnniWorker::key_pass8(const __m512i* z, int64_t c, int dwords, int64_t bh, int g0) {
+  const __m512i x80 = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i ah[CG], al[CG];
+  const int32_t* qh[CG];
+  const int32_t* ql[CG];
+  for (int g = 0; g < CG; ++g) {
+    ah[g] = c ? iacc[2 * (g0 + g)] : _mm512_setzero_si512();
+    al[g] = c ? iacc[2 * (g0 + g) + 1] : _mm512_setzero_si512();
+    qh[g] = qrow(bh, g0 + g, c, 0), ql[g] = qrow(bh, g0 + g, c, 1);
+  }
+  for (int d = 0; d < dwords; ++d) {
+    const __m512i u = _mm512_xor_si512(z[d], x80);
+    for (int g = 0; g < CG; ++g) {
+      ah[g] = _mm512_dpbusd_epi32(ah[g], u, _mm512_set1_epi32(qh[g][d]));
+      al[g] = _mm512_dpbusd_epi32(al[g], u, _mm512_set1_epi32(ql[g][d]));
+    }
+  }
+  for (int g = 0; g < CG; ++g) iacc[2 * (g0 + g)] = ah[g], iacc[2 * (g0 + g) + 1] = al[g];
+}
+
 // int8 rows: o[g] += the block's value sums over its first n rows. 4 rows' bytes interleaved by the tile path's
 // unpacks (Worker::value_tiles: lane i of C tile 4c + k = its column order), against the weights' digits; two
-// passes (C tiles 4c, 4c + 1, then 4c + 2, 4c + 3) so the sums stay in registers.
-template <int G>
+// halves (C tiles 4c, 4c + 1, then 4c + 2, 4c + 3) and passes of query rows so the sums stay in registers.
 void VnniWorker::value_sums8(const Rows& r, int n, float* o) {
-  for (int64_t c = 0; c < (P.cbv + 63) / 64; ++c) {
-    const __mmask64 m = first_bytes(P.cbv - 64 * c);
+  for (int64_t c = 0; c < (P.cbv + 63) / 64; ++c)
     for (int half = 0; half < 2; ++half) {
-      __m512i acc[G][4];  // C tile 4c + 2·half: hi, lo; 4c + 2·half + 1: hi, lo
-      for (int g = 0; g < G; ++g)
-        for (int k = 0; k < 4; ++k) acc[g][k] = _mm512_setzero_si512();
-      for (int n0 = 0; n0 < n; n0 += 4) {
-        const __m512i z0 = _mm512_maskz_loadu_epi8(m, r[n0] + 64 * c),
-                      z1 = _mm512_maskz_loadu_epi8(m, r[n0 + 1] + 64 * c),
-                      z2 = _mm512_maskz_loadu_epi8(m, r[n0 + 2] + 64 * c),
-                      z3 = _mm512_maskz_loadu_epi8(m, r[n0 + 3] + 64 * c);
-        const __m512i a = half ? _mm512_unpackhi_epi8(z0, z1) : _mm512_unpacklo_epi8(z0, z1);
-        const __m512i b = half ? _mm512_unpackhi_epi8(z2, z3) : _mm512_unpacklo_epi8(z2, z3);
-        const __m512i v0 = _mm512_unpacklo_epi16(a, b), v1 = _mm512_unpackhi_epi16(a, b);
-        for (int g = 0; g < G; ++g) {
-          weigh4(acc[g], wd + g * 2 * BN + n0, v0, v1);
-        }
-      }
-      for (int g = 0; g < G; ++g) {
-        const __m512 f = _mm512_set1_ps(ps[g]);
-        for (int k = 0; k < 2; ++k) {
-          add_digit_sums(o + g * P.Rvp + (4 * c + 2 * half + k) * 16, acc[g][2 * k], acc[g][2 * k + 1], f);
-        }
-      }
+#define KVFX_VALUE_PASS8(CG, g0) value_pass8<CG>(r, n, c, half, g0, o)
+      KVFX_EACH_PASS(P.G, KVFX_VALUE_PASS8)
+#undef KVFX_VALUE_PASS8
+    }
+}
+
+template <int CG>
+inline void VnniWorker::value_pass8(const Rows& r, int n, int64_t c, int half, int g0, float* o) {
+  const __mmask64 m = first_bytes(P.cbv - 64 * c);
+  __m512i acc[CG][4];  // C tile 4c + 2·half: hi, lo; 4c + 2·half + 1: hi, lo
+  for (int g = 0; g < CG; ++g)
+    for (int k = 0; k < 4; ++k) acc[g][k] = _mm512_setzero_si512();
+  for (int n0 = 0; n0 < n; n0 += 4) {
+    const __m512i z0 = _mm512_maskz_loadu_epi8(m, r[n0] + 64 * c), z1 = _mm512_maskz_loadu_epi8(m, r[n0 + 1] + 64 * c),
+                  z2 = _mm512_maskz_loadu_epi8(m, r[n0 + 2] + 64 * c), z3 = _mm512_maskz_loadu_epi8(m, r[n0 + 3] + 64 * c);
+    const __m512i a = half ? _mm512_unpackhi_epi8(z0, z1) : _mm512_unpacklo_epi8(z0, z1);
+    const __m512i b = half ? _mm512_unpackhi_epi8(z2, z3) : _mm512_unpacklo_epi8(z2, z3);
+    const __m512i v0 = _mm512_unpacklo_epi16(a, b), v1 = _mm512_unpackhi_epi16(a, b);
+    for (int g = 0; g < CG; ++g) weigh4(acc[g], wd + (g0 + g) * 2 * BN + n0, v0, v1);
+  }
+  for (int g = 0; g < CG; ++g) {
+    const __m512 f = _mm512_set1_ps(ps[g0 + g]);
+    for (int k = 0; k < 2; ++k) {
+      add_digit_sums(o + (g0 + g) * P.Rvp + (4 * c + 2 * half + k) * 16, acc[g][2 * k], acc[g][2 * k + 1], f);
     }
   }
 }
+#undef KVFX_EACH_PASS
 
 void VnniWorker::run(int64_t task) {
   const TaskRows T0 = task_rows(P, task);
@@ -287,7 +368,7 @@ void VnniWorker::run(int64_t task) {
   if (P.kind == kInt4) {
     for (int64_t g = 0; g < G; ++g)  // 8 · sum of x = 16·hi + lo over each group's columns
       for (int64_t j = 0; j < P.ngk; ++j) {
-        const int8_t* q = P.qtile(bh, 0, j, 0) + g * 64;
+        const int8_t* q = reinterpret_cast<const int8_t*>(qrow(bh, g, j, 0));
         int32_t sx = 0;
         for (int i = 0; i < 32; ++i) sx += 16 * q[i] + q[32 + i];
         corr[g * P.ngk + j] = 8 * sx;
@@ -296,8 +377,10 @@ void VnniWorker::run(int64_t task) {
     for (int64_t g = 0; g < G; ++g)  // 128 · sum of each digit over every chunk (the sums run over all of them)
       for (int digit = 0; digit < 2; ++digit) {
         int32_t sx = 0;
-        for (int64_t c = 0; c < P.ktiles; ++c)
-          for (int i = 0; i < 64; ++i) sx += P.qtile(bh, 0, c, digit)[g * 64 + i];
+        for (int64_t c = 0; c < P.ktiles; ++c) {
+          const int8_t* q = reinterpret_cast<const int8_t*>(qrow(bh, g, c, digit));
+          for (int i = 0; i < 64; ++i) sx += q[i];
+        }
         corr[2 * g + digit] = 128 * sx;
       }
   }
@@ -309,16 +392,10 @@ void VnniWorker::run(int64_t task) {
     prefetch_rows(krows + (r0 + rows) * P.ksn, next, P.ksn, P.krow);
     if (!P.shared) prefetch_rows(vrows + (r0 + rows) * P.vsn, next, P.vsn, P.vrow);
     block_add(P, b, r0, rows, add);
-    switch (G) {
-      case 1: block<1>(kr, vr, bh, add, m, l, o); break;
-      case 2: block<2>(kr, vr, bh, add, m, l, o); break;
-      case 3: block<3>(kr, vr, bh, add, m, l, o); break;
-      default: block<4>(kr, vr, bh, add, m, l, o); break;
-    }
+    block(kr, vr, bh, add, m, l, o);
   }
 }
 
-template <int G>
 void VnniWorker::block(const Rows& kr, const Rows& vr, int64_t bh, const float* add, float* m, float* l, float* o) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const uint64_t c0 = stage_clock();
@@ -327,15 +404,15 @@ void VnniWorker::block(const Rows& kr, const Rows& vr, int64_t bh, const float* 
   const uint64_t c1 = stage_clock();
   const int T = (kr.rows + 15) / 16;
   const bool i4 = P.kind == kInt4;
-  for (int t = 0; t < T; ++t) i4 ? key_scores<G>(kr, t, bh, add + 16 * t) : key_scores8<G>(kr, t, bh, add + 16 * t);
-  for (int g = 0; g < G; ++g) std::fill(s_ + g * BN + 16 * T, s_ + (g + 1) * BN, kNegInf);
+  for (int t = 0; t < T; ++t) i4 ? key_scores(kr, t, bh, add + 16 * t) : key_scores8(kr, t, bh, add + 16 * t);
+  for (int64_t g = 0; g < P.G; ++g) std::fill(s_ + g * BN + 16 * T, s_ + (g + 1) * BN, kNegInf);
   const uint64_t c2 = stage_clock();
-  block_softmax(s_, pf, G, P.Rvp, m, l, o);
+  block_softmax(s_, pf, P.G, P.Rvp, m, l, o);
   const uint64_t c3 = stage_clock();
   weights();
   const uint64_t c4 = stage_clock();
   const int n = static_cast<int>(round_up(kr.rows, 4));
-  i4 ? value_sums<G>(P.shared ? kr : vr, n, o) : value_sums8<G>(P.shared ? kr : vr, n, o);
+  i4 ? value_sums(P.shared ? kr : vr, n, o) : value_sums8(P.shared ? kr : vr, n, o);
   stage_counts({c0, c1, c2, c3, c4, stage_clock()}, {0, 1, 2, 3, 4}, kr.rows);
 }
 #endif  // __AVX512VNNI__
