@@ -20,12 +20,14 @@
 //   SmolLM2's decode inputs, 200 / 80 times less than the cache's own rounding does; see lowbit_attention_amx.h.
 //   int4 / int8 rows read by up to 4 query rows a kv head (per-head latents) take AVX-512 VNNI, not the tile unit
 //   (lowbit_attention_vnni.h: the same integers and roundings, no tile layouts; KVFX_NO_VNNI=1: the tile unit).
+//   CPUs with AVX-512 VNNI / VBMI and GFNI but no AMX (Ice Lake, AMD Zen 4; KVFX_INT without KVFX_AMX): int4 / int8
+//   rows take the VNNI blocks for any number of query rows (KVFX_NO_VNNI=1: the float path); bands the float path.
 // * Integer on AVX2, opt-in (KVFX_AVX2_INTEGER=1; int4 / int3 / int2 rows and bands of them, CPUs with AVX2 but not
 //   AVX-512: AMD Zen 1-3; namespace avx2i, lowbit_attention_avx2i.h): the codes as 4-bit integers with an offset,
 //   VPMADDUBSW against the query rounded to 8 bits per 32-column group (scores) and against the weights p·s rounded to 8 bits per block
 //   (value sums); float arithmetic applies the scales and runs the softmax.
-// * Float (16/32-bit latents; int8 / int4 rows elsewhere, int3 / int5 bands not whole 16-column runs, or with
-//   KVFX_NO_AMX=1): rows decoded to float32 into
+// * Float (16/32-bit latents; int8 / int4 rows elsewhere, bands without AMX, int3 / int5 bands not whole 16-column
+//   runs, or with KVFX_NO_AMX=1): rows decoded to float32 into
 //   a buffer, the scores as 16-row tiles (one query row against 16 key rows in registers, reduced by a shuffle
 //   tree), the value sums in registers: the reference's numbers up to float32 round-off. Plain C++ (GCC vector
 //   extensions) with AVX-512 or AVX2 intrinsics under #if, so it builds for any CPU (AVX2: 16 registers of 8

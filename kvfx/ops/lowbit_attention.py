@@ -21,7 +21,10 @@ rows' scales, rounded per block of rows to 16 bits; float arithmetic only applie
 softmax. On SmolLM2's decode inputs these roundings move the output by at most ~1.3e-3 (int4) / ~3e-4 (int8) of its
 size, 200 (int4) / 80 (int8) times less than the cache's own rounding moves it (tests/ops/test_lowbit_attention.py
 bounds them); int4 / int8 rows read by up to 4 query rows a kv head (per-head latents) compute the same integer
-sums with AVX-512 VNNI instead (lowbit_attention_vnni.h; the tile unit idles on so few rows). On CPUs with AVX2 but
+sums with AVX-512 VNNI instead (lowbit_attention_vnni.h; the tile unit idles on so few rows). On CPUs with AVX-512
+VNNI, VBMI and GFNI but no tile unit (Intel Ice Lake, AMD Zen 4; `integer_rounding()` "vnni") int4 / int8 rows take
+those VNNI blocks for any number of query rows (a shared latent's 9: passes of up to 4), with the same integers and
+roundings; bands there are decoded to float32. On CPUs with AVX2 but
 not AVX-512 (AMD Zen 1-3; lowbit_attention_avx2i.h), with KVFX_AVX2_INTEGER=1,
 int4 / int3 / int2 rows and bands of them (not those with an int8 or int5 band) take an integer path too: VPMADDUBSW on the
 codes as 4-bit integers, the query rounded to 8 bits per 32-column group and the weights to 8 bits per block — 2-17 %
