@@ -321,6 +321,38 @@ def _run_build(ext, kind, i):
     return out, la.reference(q, kc, vc, rk, rv, kind, 0.125, m, shared), (q, kc, vc, rk, rv, kind, m, shared)
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def test_integer_builds_compile_for_other_cpus(monkeypatch):
+    """The integer path's two builds whatever this CPU is: Sapphire Rapids (the tile unit with the VNNI blocks) and
+    Ice Lake server (AVX-512 VNNI without AMX: the VNNI blocks alone) compile and load; where this CPU runs Ice Lake's
+    instructions (Zen 4 has them) that build takes the VNNI path (integer_path 3), rounding as documented."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 build flags")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        builds = {arch: pool.submit(la._build, arch) for arch in ("sapphirerapids", "icelake-server")}
+    builds = {arch: build.result() for arch, build in builds.items()}
+    if not {"avx512_vnni", "avx512vbmi", "avx512_vbmi2", "gfni", "avx512_bitalg", "avx512ifma"} <= _cpu_flags():
+        return  # built and loaded; this CPU cannot run Ice Lake's code
+    ext = builds["icelake-server"]
+    monkeypatch.delenv("KVFX_NO_AMX", raising=False)
+    monkeypatch.delenv("KVFX_NO_VNNI", raising=False)
+    assert ext.integer_path() == 3
+    for i, kind in enumerate(["int4", "int8", "int4x16+int3x70"]):
+        out, ref, (q, kc, vc, rk, rv, kind, m, shared) = _run_build(ext, kind, i)
+        if la.takes_integer_path("vnni", kind):
+            _assert_matches(out, q, kc, vc, rk, rv, kind, 0.125, m, shared, rounding="vnni")
+            assert not torch.allclose(out, ref, rtol=1e-6, atol=1e-6)  # rounded, not decoded
+        else:  # bands: decoded to float32 without a tile unit
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
+
+
 def test_avx2_build_takes_its_integer_path(portable_builds, monkeypatch):
     """The x86-64-v3 build on its own (any x86 CPU with AVX2, whatever this one has), KVFX_AVX2_INTEGER=1: int4 /
     int3 / int2 rows and bands without an int8 band take the AVX2 integer path, within the bound of its rounding;
