@@ -21,10 +21,10 @@
 // * int8 rows (key_scores8 / value_sums8): the keys' 64-column chunks transposed 16 rows at a time, u = k + 128
 //   against each of the query's two digits; the values interleaved 4 rows a dword by the tile path's own unpacks.
 // * More than 4 query rows: passes of up to 4 (sizes as even as possible: 9 = 3 + 3 + 3), so each pass's int32 sums
-//   stay in registers; the rows' operands, laid out by the first pass, are kept for the others (`ops`), except the
-//   int8 values', whose unpacks cost less than a copy.
-#if defined(__AVX512VNNI__)
-#define KVFX_VNNI 1
+//   stay in registers, over operands laid out once: int4 keys' per group (the passes' float sums go to s_), int8
+//   keys' per 64-column chunk (the int32 sums wait in `iacc` between chunks), int4 values' by the first pass into
+//   `vop`; int8 values are unpacked again by each pass (cheaper than a copy).
+// Built with the rest of namespace amx (KVFX_INT: AVX-512 BW / VBMI / VNNI and GFNI).
 constexpr int kVnniG = 4;  // query rows a kv head up to which VNNI beats the tile unit on AMX CPUs (SmolLM2: 3)
 
 // Whether the VNNI blocks take int4 / int8 rows of `G` query rows a kv head: on AMX CPUs (path 1) up to kVnniG (the
@@ -415,4 +415,3 @@ void VnniWorker::block(const Rows& kr, const Rows& vr, int64_t bh, const float* 
   i4 ? value_sums(P.shared ? kr : vr, n, o) : value_sums8(P.shared ? kr : vr, n, o);
   stage_counts({c0, c1, c2, c3, c4, stage_clock()}, {0, 1, 2, 3, 4}, kr.rows);
 }
-#endif  // __AVX512VNNI__
