@@ -1066,6 +1066,7 @@ torch::Tensor decode_attention_as(torch::Tensor q, torch::Tensor kc, torch::Tens
     pr.ksb = ksb, pr.ksh = ksh, pr.ksn = ksn, pr.vsb = vsb, pr.vsh = vsh, pr.vsn = vsn;
     pr.krow = fk.row_elems * es, pr.vrow = fv.row_elems * es;
     pr.mp = mp, pr.mbp = mbp, pr.mask_b = mask_b, pr.lut = lut, pr.skip = skip;
+    pr.plain_scales = path == 3;
     pr.part_m = part_m.data(), pr.part_l = part_l.data(), pr.part_o = part_o.data();
     at::parallel_for(0, B * H * chunks, 1, [&](int64_t begin, int64_t end) {
       if (vnni) {

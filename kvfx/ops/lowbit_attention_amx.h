@@ -201,6 +201,7 @@ struct Problem {
   int64_t mask_b;
   const float* lut;
   const uint8_t* skip = nullptr;    // per cached row: 1 where an exact row stands for its codes (score -inf)
+  bool plain_scales = false;        // VNNI blocks without AMX: one-scale rows' codes by plain loads (VnniWorker::scales)
   int ktrans = 0, vtrans = 0;       // bands: bytes of a transcoded key / value row (int3 / int5 bands; 0: none)
   float *part_m, *part_l, *part_o;
   const BandPlan* plan = nullptr;   // bands: the key rows' units (ktiles of them) and score groups (ngk)
