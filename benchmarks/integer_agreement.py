@@ -2,11 +2,13 @@
 
 For each configuration (SmolLM2, shared latents, calibrated on 4 windows of the shipped calibration mix) and each
 domain (kvfx.data.DOMAINS), a greedy generation from a 256-token prompt of the domain's test text runs twice through
-the compiled model: with the integer path this CPU has (AMX, or AVX2 with KVFX_AVX2_INTEGER=1) and with
+the compiled model: with the integer path this CPU has (AMX, AVX-512 VNNI, or AVX2 with KVFX_AVX2_INTEGER=1) and with
 KVFX_NO_AMX=1 (rows decoded to float32: the reference's numbers). Reported: how many generated tokens agree before
 the first difference, the largest logit difference before it, and — on the attention calls of the integer run's
 steps, each re-run through the float path — the kernel's output difference relative to the output's largest |x|
-(median and largest over layers and steps).
+(median and largest over layers and steps). The steps go through the Python op `kvfx::decode_attention`
+(KVFX_NO_DECODE_KERNEL=1, set here: the same kernel and numbers), whose calls the recorder sees; compiled CPU graphs
+otherwise call the C++ op `attend` directly.
 
     python benchmarks/integer_agreement.py                # ~10 min on 2 cores
     python benchmarks/integer_agreement.py --new-tokens 8 --domains wikitext    # quick
@@ -139,6 +141,7 @@ def main(argv=None) -> None:
     p.add_argument("--section", default="integer-agreement")
     p.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
     args = p.parse_args(argv)
+    os.environ["KVFX_NO_DECODE_KERNEL"] = "1"  # steps through the Python op, so the Recorder sees every call
     bad = [c for c in args.configs if c not in CONFIGS] + [d for d in args.domains if d not in DOMAINS]
     if bad:
         p.error(f"unknown configuration(s) / domain(s) {', '.join(bad)}: configs {', '.join(CONFIGS)}; domains "
