@@ -75,7 +75,7 @@ def stage_split(args) -> None:
     int8 rows (up to 4 query rows a kv head) run on AVX-512 VNNI, the shared latents on the tile unit, whose stages
     are coarser: its scale codes include the int3 / int5 bands' transcoding, its key scores the value rows' tile
     layout, its value sums the weights' rounding (weights: -). On AVX-512 VNNI CPUs without AMX every int4 / int8 row
-    runs on VNNI, and bands (decoded to float32) are left out."""
+    and the bands run on VNNI (their scale codes include the int3 / int5 bands' transcoding)."""
     rounding = la.integer_rounding("cpu")
     if rounding not in ("amx", "vnni"):
         raise SystemExit("--stages counts the integer path on AVX-512 VNNI / AMX CPUs: this CPU (or KVFX_NO_AMX) takes "
@@ -87,7 +87,7 @@ def stage_split(args) -> None:
     for name in ("head-0.5-int8", "head-0.5-int4", "head-0.25-int4", "kv-0.9375-int4", "kv-bits5-0.25"):
         h, g, r, shared, storage = SHAPES[name]
         if not la.takes_integer_path(rounding, storage):
-            continue  # (bands without AMX: the float path, no stages)
+            continue  # (rows that take no integer path here: no stages)
         layers = _layers(args, h, r, shared, storage)
         q = torch.randn(args.batch, h, g, r)
         bits, kbands, vbands = la.kernel_format(storage, r, r, shared)
@@ -121,8 +121,7 @@ def main() -> None:
     if args.stages:
         return stage_split(args)
     path = la.integer_rounding("cpu")
-    rows = {"amx": "integer dot products (AMX)", "vnni": "int4 / int8 rows: integer dot products (AVX-512 VNNI), bands "
-            "decoded to float32", "avx2": "int4 / int3 / int2 codes: integer dot products (AVX2)",
+    rows = {"amx": "integer dot products (AMX)", "vnni": "int4 / int8 rows and bands: integer dot products (AVX-512 VNNI)", "avx2": "int4 / int3 / int2 codes: integer dot products (AVX2)",
             None: "decoded to float32"}[path]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N={args.n}, batch {args.batch}; "
           f"int8/int4 rows: {rows} (KVFX_NO_AMX=1: decoded)")

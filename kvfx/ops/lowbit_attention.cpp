@@ -940,7 +940,8 @@ torch::Tensor decode_attention_as(torch::Tensor q, torch::Tensor kc, torch::Tens
   bool vnni = false;
 #if KVFX_INT
   vnni = (path == 1 || path == 3) && rk > 0 && rv > 0 && !env_set("KVFX_NO_VNNI") &&
-         amx::vnni_fits(kind, G, fk.code_bytes, fv.code_bytes, path);
+         (kind == kBands ? path == 3 && !odd_planes(fk) && !odd_planes(fv)  // bands: without AMX (with: the tile unit)
+                         : amx::vnni_fits(kind, G, fk.code_bytes, fv.code_bytes, path));
 #endif
   // the integer path (namespace amx): the tile unit (path 1) or the VNNI blocks
   const bool use_amx = vnni || ((kind == kInt8 || kind == kInt4 || kind == kBands) && rk > 0 && rv > 0 &&
@@ -955,7 +956,7 @@ torch::Tensor decode_attention_as(torch::Tensor q, torch::Tensor kc, torch::Tens
   }
   const avx2i::Plan* vplan_avx2 = kplan_i ? (shared ? kplan_i.get() : vplan_i.get()) : nullptr;
 #endif
-#if KVFX_AMX
+#if KVFX_INT
   // bands on the integer path: units, scale groups and column orders of the key and value rows
   std::shared_ptr<const amx::BandPlans> plans;
   if (use_amx && kind == kBands) plans = amx::band_plans(fk, fv, kbands, shared ? kbands : vbands);
@@ -966,7 +967,7 @@ torch::Tensor decode_attention_as(torch::Tensor q, torch::Tensor kc, torch::Tens
   // integer path accumulates whole value tiles: int4 32 columns a group, int8 64 a chunk.
   const int64_t Rkp = round_up(std::max<int64_t>(Rk, 1), W);
   int64_t Rvp = !use_amx ? round_up(std::max<int64_t>(Rv, 1), W) : round_up(rv, kind == kInt4 ? 32 : 64);
-#if KVFX_AMX
+#if KVFX_INT
   if (vplan) Rvp = 16 * vplan->ctiles;
 #endif
 #if KVFX_AVX2
@@ -980,7 +981,7 @@ torch::Tensor decode_attention_as(torch::Tensor q, torch::Tensor kc, torch::Tens
       const int64_t tile = j / 16, lane = j % 16;
       col = kind == kInt4 ? 32 * (tile / 2) + 2 * lane + tile % 2
           : kind == kInt8 ? 64 * (tile / 4) + 16 * (lane / 4) + 4 * (tile % 4) + lane % 4 : -1;
-#if KVFX_AMX
+#if KVFX_INT
       if (vplan) col = vplan->columns[j];
 #endif
     }
@@ -1044,24 +1045,18 @@ torch::Tensor decode_attention_as(torch::Tensor q, torch::Tensor kc, torch::Tens
     pr.cslots = kind == kInt4 ? pr.ngk : 2;
     for (int64_t i = 0; i < (kind == kInt4 ? pr.ngv : (pr.vtiles + 1) / 2); ++i)  // C tile pairs, weight groups
       pr.item_ct.push_back(static_cast<int>(2 * i)), pr.item_ws.push_back(kind == kInt4 ? static_cast<int>(i) : 0);
-#if KVFX_AMX
     if (kplan) {
       pr.plan = kplan, pr.vplan = vplan;
       pr.ngk = kplan->groups.size(), pr.ngv = vplan->groups.size(), pr.ktiles = kplan->units.size();
       pr.cslots = kplan->slots, pr.item_ct = vplan->item_ct, pr.item_ws = vplan->item_ws;
       pr.ktrans = kplan->trans_bytes, pr.vtrans = vplan->trans_bytes;
     }
-#endif
     pr.Gb = static_cast<int>(std::min<int64_t>(G, 16)), pr.NGB = static_cast<int>((G + pr.Gb - 1) / pr.Gb);
     std::vector<int8_t> qdigits(B * H * pr.NGB * pr.ktiles * pr.digits() * pr.Gb * 64 + 64, 0);
     std::vector<float> qscales(B * H * G);
     int8_t* qa = reinterpret_cast<int8_t*>(round_up(reinterpret_cast<int64_t>(qdigits.data()), 64));
     pr.qa = qa, pr.qsc = qscales.data();
-#if KVFX_AMX
     (kplan ? amx::quantize_band_queries : amx::quantize_queries)(pr, qp, sc, qa, qscales.data());
-#else
-    amx::quantize_queries(pr, qp, sc, qa, qscales.data());
-#endif
     pr.kp = kp, pr.vp = vp;
     pr.ksb = ksb, pr.ksh = ksh, pr.ksn = ksn, pr.vsb = vsb, pr.vsh = vsh, pr.vsn = vsn;
     pr.krow = fk.row_elems * es, pr.vrow = fv.row_elems * es;

@@ -184,7 +184,8 @@ def _build(arch: str = "native", stages: bool = False):
     from torch.utils.cpp_extension import load_inline
     here = Path(__file__).parent  # the AMX part lives in its own file, pasted in (so the source hash covers it)
     src = (here / "lowbit_attention.cpp").read_text()
-    for part in ("lowbit_attention_amx.h", "lowbit_attention_amx_bands.h", "lowbit_attention_vnni.h",
+    for part in ("lowbit_attention_amx.h", "lowbit_attention_bands.h", "lowbit_attention_amx_bands.h",
+                 "lowbit_attention_vnni.h", "lowbit_attention_vnni_bands.h",
                  "lowbit_attention_avx2i.h",
                  "lowbit_attention_avx2_int4.h", "decode_linear.h", "decode_matmul.h", "quantize_rows.h"):
         src = src.replace(f'#include "{part}"', (here / part).read_text())
@@ -227,13 +228,14 @@ def integer_path(device: str | torch.device = "cpu", kind: str | None = None) ->
 
 def takes_integer_path(rounding: str | None, kind: str) -> bool:
     """Whether rows of format `kind` take the integer path `rounding` ("amx", "vnni", "avx2"; None: none). ("vnni":
-    int4 / int8 rows of at least 6 / 3 columns; narrower ones: the float path.)"""
+    int4 / int8 rows of at least 6 / 3 columns, narrower ones the float path; bands and int5 / int3 / int2 rows as on
+    "amx".)"""
     if rounding is None or kind == "float":
         return False
-    if rounding == "vnni":
-        return quant.bands_of(kind) is None and quant.codes_of(kind) in ("int4", "int8")
+    if rounding == "vnni" and quant.bands_of(kind) is None and quant.codes_of(kind) in ("int4", "int8"):
+        return True
     layout = quant.layout(kind, quant.width_of(kind) or 64)
-    if rounding == "amx":  # int3 / int5 runs are transcoded in whole 16-column runs (kvfx.allocate_bits' edges)
+    if rounding in ("amx", "vnni"):  # int3 / int5 runs are transcoded in whole 16-column runs (kvfx.allocate_bits' edges)
         return all(w % 16 == 0 for fmt, w in layout if fmt.bits in quant.PLANES)
     return not {fmt.bits for fmt, _ in layout} & {8, 5}
 

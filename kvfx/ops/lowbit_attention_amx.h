@@ -182,7 +182,8 @@ inline const TransCtl& trans_ctl() {  // built once a process
   static const TransCtl t;
   return t;
 }
-struct BandPlan;  // bands (lowbit_attention_amx_bands.h)
+struct BandPlan;  // bands (lowbit_attention_bands.h)
+inline void shared_value_scales(const float* ks, const BandPlan& K, const BandPlan& V, float* vs);
 
 struct Problem {
   Kind kind;
@@ -450,7 +451,6 @@ class Worker {
   void scales(const char* const* rows, int64_t cb, int64_t ng, float* out) const {
     block_scales(rows, cb, ng, P.lut, lut8, out);
   }
-  void shared_value_scales(const float* ks, const BandPlan& K, const BandPlan& V, float* vs) const;
   void key_tiles(const char* const* rows, int8_t* sbp, bool four, int64_t at, int64_t cb, int64_t n);
   void value_tiles(const char* const* rows, int t, bool four, int64_t at, int64_t cb, int64_t n, int64_t ct0);
   // double buffers: what the tile unit may still be reading is not overwritten by the vector work that follows
@@ -765,8 +765,12 @@ void Worker::run(int64_t task) {
   }
 }
 
-#include "lowbit_attention_amx_bands.h"  // bands on the tile unit, pasted in by lowbit_attention.py
 #endif  // KVFX_AMX
-#include "lowbit_attention_vnni.h"  // int4 / int8 rows on AVX-512 VNNI, likewise
+#include "lowbit_attention_bands.h"  // bands: units, transcoding, query digits; pasted in by lowbit_attention.py
+#if KVFX_AMX
+#include "lowbit_attention_amx_bands.h"  // bands on the tile unit, likewise
+#endif  // KVFX_AMX
+#include "lowbit_attention_vnni.h"        // int4 / int8 rows on AVX-512 VNNI, likewise
+#include "lowbit_attention_vnni_bands.h"  // bands on AVX-512 VNNI, likewise
 }  // namespace amx
 #endif  // KVFX_INT

@@ -76,16 +76,19 @@ class VnniWorker {
   explicit VnniWorker(const Problem& p) : P(p), NP(passes_of(p.G)) {
     size_t used = 0;
     auto take = [&](size_t bytes) { const size_t at = used; used += round_up(bytes, 64); return at; };
-    const size_t o_ks = take(4 * P.ngk * BN), o_vs = take(P.shared ? 0 : 4 * P.ngv * BN), o_s = take(4 * P.G * BN),
+    const bool same_scales = P.shared && !P.plan;  // bands: the key scales carry multipliers (BandPlan::Scales)
+    const int64_t zb = std::max({P.cbk, P.cbv, P.krow, P.vrow, int64_t{P.ktrans}, int64_t{P.vtrans}}) + 64;
+    const size_t o_ks = take(4 * P.ngk * BN), o_vs = take(same_scales ? 0 : 4 * P.ngv * BN), o_s = take(4 * P.G * BN),
                  o_pf = take(4 * P.G), o_ps = take(4 * P.G * P.ngv), o_wd = take(P.G * P.ngv * 2 * BN),
-                 o_z = take(std::max(P.cbk, P.cbv) + 64), o_ia = take(2 * 64 * P.G),
-                 o_co = take(4 * P.G * std::max<int64_t>(P.ngk, 2)),
-                 o_vo = take(NP > 1 && P.kind == kInt4 ? 64 * 2 * (BN / 4) : 0);
+                 o_z = take(zb), o_ia = take(2 * 64 * P.G),
+                 o_co = take(4 * P.G * std::max<int64_t>(P.ngk, 2)), o_c2 = take(P.plan ? 4 * P.G * P.ngk * 2 : 0),
+                 o_vo = take(NP > 1 && P.kind != kInt8 ? 64 * 2 * (BN / 4) : 0),
+                 o_tk = take(BN * P.ktrans), o_tv = take(P.shared ? 0 : BN * P.vtrans);
     static thread_local std::vector<char> scratch;
     if (scratch.size() < used + 64) scratch.resize(used + 64);
     char* base = reinterpret_cast<char*>(round_up(reinterpret_cast<int64_t>(scratch.data()), 64));
     ks = reinterpret_cast<float*>(base + o_ks);
-    vs = P.shared ? ks : reinterpret_cast<float*>(base + o_vs);
+    vs = same_scales ? ks : reinterpret_cast<float*>(base + o_vs);
     s_ = reinterpret_cast<float*>(base + o_s);
     pf = reinterpret_cast<float*>(base + o_pf);
     ps = reinterpret_cast<float*>(base + o_ps);
@@ -93,8 +96,11 @@ class VnniWorker {
     zero = base + o_z;
     iacc = reinterpret_cast<__m512i*>(base + o_ia);
     corr = reinterpret_cast<int32_t*>(base + o_co);
+    corr8 = reinterpret_cast<int32_t*>(base + o_c2);
     vop = reinterpret_cast<__m512i*>(base + o_vo);
-    std::memset(zero, 0, std::max(P.cbk, P.cbv) + 64);
+    tk = reinterpret_cast<int8_t*>(base + o_tk);
+    tv = reinterpret_cast<int8_t*>(base + o_tv);
+    std::memset(zero, 0, zb);
     lut8 = lut8_of(P.lut);
   }
   void run(int64_t task);
@@ -109,7 +115,9 @@ class VnniWorker {
   __m512i* iacc;     // int8 keys: each query row's two int32 sums of 16 rows, between the passes of a chunk
   __m512i* vop;      // int4 values, more than one pass: a group's operands as the first pass made them
   int32_t* corr;     // what the codes' offset adds to each int32 sum (int4: 8 · sum of x over a group, [g][group];
-                     // int8: 128 · sum of each digit over the row, [g][digit])
+                     // int8: 128 · sum of each digit over the row, [g][digit]; bands: 4/2-bit groups, [g][group])
+  int32_t* corr8;    // bands: 8-bit groups' 128 · sum of each digit over the group, [g][group][digit]
+  int8_t *tk, *tv;   // bands: a block's rows with their int3 / int5 bands transcoded (keys; values if not shared)
 
   // rows r of the block: base + r · ld for r < rows, else the zero row
   struct Rows {
@@ -123,17 +131,30 @@ class VnniWorker {
   const int32_t* qrow(int64_t bh, int64_t g, int64_t j, int digit) const {
     return reinterpret_cast<const int32_t*>(P.qtile(bh, static_cast<int>(g / P.Gb), j, digit) + (g % P.Gb) * 64);
   }
+  // a value unit's codes: `bytes` from byte `at` of each row, weighted by group j, into the accumulated columns
+  // col .. col + 31 (two C tiles); 8-bit: `half` picks the unpacks' low or high bytes (C tiles 0, 1 or 2, 3 of 64)
+  struct Codes {
+    int64_t at, bytes, j, col;
+    int half;
+  };
   void scales(const Rows& r, int64_t cb, int64_t ng, float* out) const;
   void key_scores(const Rows& r, int t, int64_t bh, const float* add);
-  template <int CG> void key_pass(const __m512i* op, int t, int64_t bh, int64_t j, int g0);
+  template <int CG> void key_pass(const __m512i* op, int t, int64_t bh, int64_t unit, int64_t j, int g0);
   void key_scores8(const Rows& r, int t, int64_t bh, const float* add);
-  template <int CG> void key_pass8(const __m512i* z, int64_t c, int dwords, int64_t bh, int g0);
+  template <int CG> void key_pass8(const __m512i* z, int64_t unit, int dwords, int64_t bh, int g0, bool first);
   void weights();
   void value_sums(const Rows& r, int n, float* o);
-  template <int CG> void value_pass(const Rows& r, int n, int64_t j, int g0, float* o);
+  template <int CG, int Bits> void value_pass(const Rows& r, int n, const Codes& c, int g0, float* o);
   void value_sums8(const Rows& r, int n, float* o);
-  template <int CG> void value_pass8(const Rows& r, int n, int64_t c, int half, int g0, float* o);
+  template <int CG> void value_pass8(const Rows& r, int n, const Codes& c, int g0, float* o);
   void block(const Rows& kr, const Rows& vr, int64_t bh, const float* add, float* m, float* l, float* o);
+  // bands (lowbit_attention_vnni_bands.h)
+  void band_corrections(int64_t bh);
+  void band_scales(const Rows& r, const BandPlan& plan, float* out) const;
+  Rows transcode(const Rows& r, const BandPlan& plan, int8_t* buf, bool keys, bool values) const;
+  void band_key_scores(const Rows& r, const Rows& tr, int t, int64_t bh, const float* add);
+  void band_value_sums(const Rows& r, const Rows& tr, int n, float* o);
+  void band_block(const Rows& kr, const Rows& vr, int64_t bh, const float* add, float* m, float* l, float* o);
 };
 
 // The block's scale codes -> out[j * BN + r] = 2^(e/8) (block_scales' numbers, a gather of 16 rows at a time), 0
@@ -141,9 +162,10 @@ class VnniWorker {
 // bytes apart: on the Zen 4 VM per-head int4 rank 32 (17-byte rows) 1.27-1.32x faster blocks, int8 1.05-1.09x, than
 // the gather; 9-byte rows 4-6 % slower, so they keep it (scratch interleaved A/B, 16k rows, 30 layers).
 void VnniWorker::scales(const Rows& r, int64_t cb, int64_t ng, float* out) const {
-  if (P.plain_scales && ng == 1 && r.ld >= 16) {  // one code a row, rows >= 16 bytes apart: plain loads
-    for (int i = 0; i < BN; ++i)
-      out[i] = i < r.rows ? P.lut[reinterpret_cast<const int8_t*>(r.base + i * r.ld)[cb] + 128] : 0.0f;
+  if ((P.plain_scales && ng == 1 && r.ld >= 16) || cb < 3) {  // plain loads (cb < 3: a band's codes at the start)
+    for (int64_t j = 0; j < ng; ++j)
+      for (int i = 0; i < BN; ++i)
+        out[j * BN + i] = i < r.rows ? P.lut[reinterpret_cast<const int8_t*>(r.base + i * r.ld)[cb + j] + 128] : 0.0f;
     return;
   }
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -159,33 +181,46 @@ void VnniWorker::scales(const Rows& r, int64_t cb, int64_t ng, float* out) const
   }
 }
 
-// 16 rows' scores: s_[g * BN + 16t + lane] (lane = row 16t + lane). Per group: the rows' operands (per dword d:
-// 16·lo, 16·hi, lo, hi nibbles as u8) laid out once for every pass; each pass adds its rows' sums into s_.
+// y[d], lane n = row n's dword d of the `bytes` (<= 16) code bytes from byte `at` of rows r[0 .. 15] (d < 4; only
+// the first `dwords` are made).
+inline void dwords16(const char* const* r, int64_t at, int64_t bytes, __m512i* y, int dwords = 4) {
+  const __mmask16 m = static_cast<__mmask16>(first_bytes(bytes));
+  __m512i z[4];
+  for (int a = 0; a < 4; ++a)  // z[a], 128-bit lane L: row 4L + a's 16 code bytes
+    z[a] = rows4(r[a] + at, r[4 + a] + at, r[8 + a] + at, r[12 + a] + at, m, m == 0xFFFF);
+  const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t2 = _mm512_unpacklo_epi32(z[2], z[3]);
+  y[0] = _mm512_unpacklo_epi64(t0, t2), y[1] = _mm512_unpackhi_epi64(t0, t2);
+  if (dwords <= 2) return;
+  const __m512i t1 = _mm512_unpackhi_epi32(z[0], z[1]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+  y[2] = _mm512_unpacklo_epi64(t1, t3), y[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+
+// key_pass's operands of an int4 group (16 code bytes from byte `at`) of rows r[0 .. 15]: per dword d the 16·lo,
+// 16·hi, lo, hi nibbles plus 8 (u8).
+inline void int4_operands(const char* const* r, int64_t at, int64_t bytes, __m512i* op) {
+  const __m512i x88 = _mm512_set1_epi8(static_cast<char>(0x88)), f0 = _mm512_set1_epi8(0x0F),
+                hf = _mm512_set1_epi8(static_cast<char>(0xF0));
+  __m512i y[4];
+  dwords16(r, at, bytes, y);
+  for (int d = 0; d < 4; ++d) {
+    const __m512i x = _mm512_xor_si512(y[d], x88);  // both nibbles + 8: unsigned
+    op[4 * d] = _mm512_and_si512(_mm512_slli_epi32(x, 4), hf);
+    op[4 * d + 1] = _mm512_and_si512(x, hf);
+    op[4 * d + 2] = _mm512_and_si512(x, f0);
+    op[4 * d + 3] = _mm512_and_si512(_mm512_srli_epi32(x, 4), f0);
+  }
+}
+
+// 16 rows' scores: s_[g * BN + 16t + lane] (lane = row 16t + lane). Per group: the rows' operands laid out once
+// for every pass (int4_operands); each pass adds its rows' sums into s_.
 void VnniWorker::key_scores(const Rows& rr, int t, int64_t bh, const float* add) {
   const char* r[16];
   for (int i = 0; i < 16; ++i) r[i] = rr[16 * t + i];
-  const __m512i x88 = _mm512_set1_epi8(static_cast<char>(0x88)), f0 = _mm512_set1_epi8(0x0F),
-                hf = _mm512_set1_epi8(static_cast<char>(0xF0));
   for (int64_t g = 0; g < P.G; ++g) _mm512_store_ps(s_ + g * BN + 16 * t, _mm512_setzero_ps());
   for (int64_t j = 0; j < P.ngk; ++j) {
-    const __mmask16 m = static_cast<__mmask16>(first_bytes(P.cbk - 16 * j));
-    __m512i z[4];
-    for (int a = 0; a < 4; ++a) {  // z[a], 128-bit lane L: row 4L + a's 16 code bytes of group j
-      z[a] = rows4(r[a] + 16 * j, r[4 + a] + 16 * j, r[8 + a] + 16 * j, r[12 + a] + 16 * j, m, m == 0xFFFF);
-    }
-    const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]),
-                  t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
-    const __m512i y[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
-                          _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};  // lane n: row n's dword d
     __m512i op[16];
-    for (int d = 0; d < 4; ++d) {
-      const __m512i x = _mm512_xor_si512(y[d], x88);  // both nibbles + 8: unsigned
-      op[4 * d] = _mm512_and_si512(_mm512_slli_epi32(x, 4), hf);
-      op[4 * d + 1] = _mm512_and_si512(x, hf);
-      op[4 * d + 2] = _mm512_and_si512(x, f0);
-      op[4 * d + 3] = _mm512_and_si512(_mm512_srli_epi32(x, 4), f0);
-    }
-#define KVFX_KEY_PASS(CG, g0) key_pass<CG>(op, t, bh, j, g0)
+    int4_operands(r, 16 * j, P.cbk - 16 * j, op);
+#define KVFX_KEY_PASS(CG, g0) key_pass<CG>(op, t, bh, j, j, g0)
     KVFX_EACH_PASS(P.G, KVFX_KEY_PASS)
 #undef KVFX_KEY_PASS
   }
@@ -197,13 +232,13 @@ void VnniWorker::key_scores(const Rows& rr, int t, int64_t bh, const float* add)
   }
 }
 
-// s_ (16 rows of query rows g0 .. g0 + CG - 1) += group j's int32 sums (the hi and lo digits' chains) times the
-// rows' key scales.
+// s_ (16 rows of query rows g0 .. g0 + CG - 1) += group j's int32 sums (the hi and lo digits' chains, against the
+// digits of key unit `unit`) times the rows' key scales.
 template <int CG>
-inline void VnniWorker::key_pass(const __m512i* op, int t, int64_t bh, int64_t j, int g0) {
+inline void VnniWorker::key_pass(const __m512i* op, int t, int64_t bh, int64_t unit, int64_t j, int g0) {
   __m512i ah[CG], al[CG];
   const int32_t* q[CG];  // [hi | lo] digits
-  for (int g = 0; g < CG; ++g) ah[g] = al[g] = _mm512_setzero_si512(), q[g] = qrow(bh, g0 + g, j, 0);
+  for (int g = 0; g < CG; ++g) ah[g] = al[g] = _mm512_setzero_si512(), q[g] = qrow(bh, g0 + g, unit, 0);
   for (int d = 0; d < 4; ++d)
     for (int g = 0; g < CG; ++g) {
       ah[g] = _mm512_dpbusd_epi32(ah[g], op[4 * d], _mm512_set1_epi32(q[g][2 * d]));
@@ -248,39 +283,46 @@ alignas(64) constexpr int8_t kRows4Bytes[64] = {0, 16, 32, 48, 1, 17, 33, 49, 2,
 // o[g] += the block's value sums over its first n rows (n a multiple of 4; rows past the block's read zero rows).
 void VnniWorker::value_sums(const Rows& r, int n, float* o) {
   for (int64_t j = 0; j < P.ngv; ++j) {
-#define KVFX_VALUE_PASS(CG, g0) value_pass<CG>(r, n, j, g0, o)
+    const Codes c{16 * j, P.cbv - 16 * j, j, 32 * j, 0};
+#define KVFX_VALUE_PASS(CG, g0) value_pass<CG, 4>(r, n, c, g0, o)
     KVFX_EACH_PASS(P.G, KVFX_VALUE_PASS)
 #undef KVFX_VALUE_PASS
   }
 }
 
-// Group j's value sums of query rows g0 .. g0 + CG - 1; the first pass unpacks the rows (and keeps them in vop when
-// there are more passes), the others read vop.
-template <int CG>
-inline void VnniWorker::value_pass(const Rows& r, int n, int64_t j, int g0, float* o) {
+// The value sums of query rows g0 .. g0 + CG - 1 over 4-bit (int4 group: lane i = columns 2i, 2i + 1) or 2-bit
+// codes (a bands' unit: lane 4L + m = columns 4m + L, 4(4 + m) + L, value_z's order), signed, 4 rows a dword; the
+// first pass unpacks the rows (and keeps them in vop when there are more passes), the others read vop.
+template <int CG, int Bits>
+inline void VnniWorker::value_pass(const Rows& r, int n, const Codes& c, int g0, float* o) {
   const __m512i idx = _mm512_load_si512(kRows4Bytes);
-  const __mmask16 m = static_cast<__mmask16>(first_bytes(P.cbv - 16 * j));
+  const __mmask16 m = static_cast<__mmask16>(first_bytes(c.bytes));
   const bool first = g0 == 0, keep = first && NP > 1;
-  __m512i acc[CG][4];  // even columns hi, lo; odd columns hi, lo
+  __m512i acc[CG][4];  // first C tile hi, lo; second C tile hi, lo
   for (int g = 0; g < CG; ++g)
     for (int k = 0; k < 4; ++k) acc[g][k] = _mm512_setzero_si512();
   for (int n0 = 0; n0 < n; n0 += 4) {
-    __m512i ev, od;  // lane i: columns 32j + 2i, 32j + 2i + 1 of the 4 rows, signed
+    __m512i ev, od;  // the two C tiles' operands
     if (first) {
-      const __m512i z = rows4(r[n0] + 16 * j, r[n0 + 1] + 16 * j, r[n0 + 2] + 16 * j, r[n0 + 3] + 16 * j, m,
-                              m == 0xFFFF);
-      const __m512i y = _mm512_permutexvar_epi8(idx, z);
-      ev = lo4(y), od = hi4(y);
+      if (Bits == 4) {
+        const __m512i z = rows4(r[n0] + c.at, r[n0 + 1] + c.at, r[n0 + 2] + c.at, r[n0 + 3] + c.at, m, m == 0xFFFF);
+        const __m512i y = _mm512_permutexvar_epi8(idx, z);
+        ev = lo4(y), od = hi4(y);
+      } else {
+        const __m512i a = _mm512_unpacklo_epi8(value_z(c.at, c.bytes, r[n0]), value_z(c.at, c.bytes, r[n0 + 1]));
+        const __m512i b = _mm512_unpacklo_epi8(value_z(c.at, c.bytes, r[n0 + 2]), value_z(c.at, c.bytes, r[n0 + 3]));
+        ev = _mm512_unpacklo_epi16(a, b), od = _mm512_unpackhi_epi16(a, b);
+      }
       if (keep) _mm512_store_si512(vop + n0 / 2, ev), _mm512_store_si512(vop + n0 / 2 + 1, od);
     } else {
       ev = _mm512_load_si512(vop + n0 / 2), od = _mm512_load_si512(vop + n0 / 2 + 1);
     }
-    for (int g = 0; g < CG; ++g) weigh4(acc[g], wd + ((g0 + g) * P.ngv + j) * 2 * BN + n0, ev, od);
+    for (int g = 0; g < CG; ++g) weigh4(acc[g], wd + ((g0 + g) * P.ngv + c.j) * 2 * BN + n0, ev, od);
   }
-  for (int g = 0; g < CG; ++g) {  // columns as the tile path accumulates them: group j's even, then odd columns
-    const __m512 f = _mm512_set1_ps(ps[(g0 + g) * P.ngv + j]);
+  for (int g = 0; g < CG; ++g) {  // columns as the tile path accumulates them (int4: the even, then odd columns)
+    const __m512 f = _mm512_set1_ps(ps[(g0 + g) * P.ngv + c.j]);
     for (int k = 0; k < 2; ++k) {
-      add_digit_sums(o + (g0 + g) * P.Rvp + 32 * j + 16 * k, acc[g][2 * k], acc[g][2 * k + 1], f);
+      add_digit_sums(o + (g0 + g) * P.Rvp + c.col + 16 * k, acc[g][2 * k], acc[g][2 * k + 1], f);
     }
   }
 }
@@ -297,7 +339,7 @@ void VnniWorker::key_scores8(const Rows& rr, int t, int64_t bh, const float* add
     for (int r = 0; r < 16; ++r) z[r] = _mm512_maskz_loadu_epi8(m, rr[16 * t + r] + 64 * c);
     transpose16(z);  // z[d] lane n: row n's columns 64c + 4d .. 64c + 4d + 3
     const int dwords = static_cast<int>((bytes + 3) / 4);
-#define KVFX_KEY_PASS8(CG, g0) key_pass8<CG>(z, c, dwords, bh, g0)
+#define KVFX_KEY_PASS8(CG, g0) key_pass8<CG>(z, c, dwords, bh, g0, c == 0)
     KVFX_EACH_PASS(P.G, KVFX_KEY_PASS8)
 #undef KVFX_KEY_PASS8
   }
@@ -310,17 +352,18 @@ void VnniWorker::key_scores8(const Rows& rr, int t, int64_t bh, const float* add
   }
 }
 
-// Chunk c's sums of query rows g0 .. g0 + CG - 1, added to iacc (started at chunk 0).
+// Key unit `unit`'s sums (z: its dwords, 16 rows transposed) of query rows g0 .. g0 + CG - 1, added to iacc
+// (started at the first unit of the sum).
 template <int CG>
-inline void VnniWorker::key_pass8(const __m512i* z, int64_t c, int dwords, int64_t bh, int g0) {
+inline void VnniWorker::key_pass8(const __m512i* z, int64_t unit, int dwords, int64_t bh, int g0, bool first) {
   const __m512i x80 = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512i ah[CG], al[CG];
   const int32_t* qh[CG];
   const int32_t* ql[CG];
   for (int g = 0; g < CG; ++g) {
-    ah[g] = c ? iacc[2 * (g0 + g)] : _mm512_setzero_si512();
-    al[g] = c ? iacc[2 * (g0 + g) + 1] : _mm512_setzero_si512();
-    qh[g] = qrow(bh, g0 + g, c, 0), ql[g] = qrow(bh, g0 + g, c, 1);
+    ah[g] = first ? _mm512_setzero_si512() : iacc[2 * (g0 + g)];
+    al[g] = first ? _mm512_setzero_si512() : iacc[2 * (g0 + g) + 1];
+    qh[g] = qrow(bh, g0 + g, unit, 0), ql[g] = qrow(bh, g0 + g, unit, 1);
   }
   for (int d = 0; d < dwords; ++d) {
     const __m512i u = _mm512_xor_si512(z[d], x80);
@@ -338,41 +381,43 @@ inline void VnniWorker::key_pass8(const __m512i* z, int64_t c, int dwords, int64
 void VnniWorker::value_sums8(const Rows& r, int n, float* o) {
   for (int64_t c = 0; c < (P.cbv + 63) / 64; ++c)
     for (int half = 0; half < 2; ++half) {
-#define KVFX_VALUE_PASS8(CG, g0) value_pass8<CG>(r, n, c, half, g0, o)
+      const Codes cc{64 * c, P.cbv - 64 * c, 0, (4 * c + 2 * half) * 16, half};
+#define KVFX_VALUE_PASS8(CG, g0) value_pass8<CG>(r, n, cc, g0, o)
       KVFX_EACH_PASS(P.G, KVFX_VALUE_PASS8)
 #undef KVFX_VALUE_PASS8
     }
 }
 
 template <int CG>
-inline void VnniWorker::value_pass8(const Rows& r, int n, int64_t c, int half, int g0, float* o) {
-  const __mmask64 m = first_bytes(P.cbv - 64 * c);
-  __m512i acc[CG][4];  // C tile 4c + 2·half: hi, lo; 4c + 2·half + 1: hi, lo
+inline void VnniWorker::value_pass8(const Rows& r, int n, const Codes& c, int g0, float* o) {
+  const __mmask64 m = first_bytes(c.bytes);
+  __m512i acc[CG][4];  // the first C tile: hi, lo; the second: hi, lo
   for (int g = 0; g < CG; ++g)
     for (int k = 0; k < 4; ++k) acc[g][k] = _mm512_setzero_si512();
   for (int n0 = 0; n0 < n; n0 += 4) {
-    const __m512i z0 = _mm512_maskz_loadu_epi8(m, r[n0] + 64 * c), z1 = _mm512_maskz_loadu_epi8(m, r[n0 + 1] + 64 * c),
-                  z2 = _mm512_maskz_loadu_epi8(m, r[n0 + 2] + 64 * c), z3 = _mm512_maskz_loadu_epi8(m, r[n0 + 3] + 64 * c);
-    const __m512i a = half ? _mm512_unpackhi_epi8(z0, z1) : _mm512_unpacklo_epi8(z0, z1);
-    const __m512i b = half ? _mm512_unpackhi_epi8(z2, z3) : _mm512_unpacklo_epi8(z2, z3);
+    const __m512i z0 = _mm512_maskz_loadu_epi8(m, r[n0] + c.at), z1 = _mm512_maskz_loadu_epi8(m, r[n0 + 1] + c.at),
+                  z2 = _mm512_maskz_loadu_epi8(m, r[n0 + 2] + c.at), z3 = _mm512_maskz_loadu_epi8(m, r[n0 + 3] + c.at);
+    const __m512i a = c.half ? _mm512_unpackhi_epi8(z0, z1) : _mm512_unpacklo_epi8(z0, z1);
+    const __m512i b = c.half ? _mm512_unpackhi_epi8(z2, z3) : _mm512_unpacklo_epi8(z2, z3);
     const __m512i v0 = _mm512_unpacklo_epi16(a, b), v1 = _mm512_unpackhi_epi16(a, b);
-    for (int g = 0; g < CG; ++g) weigh4(acc[g], wd + (g0 + g) * 2 * BN + n0, v0, v1);
+    for (int g = 0; g < CG; ++g) weigh4(acc[g], wd + ((g0 + g) * P.ngv + c.j) * 2 * BN + n0, v0, v1);
   }
   for (int g = 0; g < CG; ++g) {
-    const __m512 f = _mm512_set1_ps(ps[g0 + g]);
+    const __m512 f = _mm512_set1_ps(ps[(g0 + g) * P.ngv + c.j]);
     for (int k = 0; k < 2; ++k) {
-      add_digit_sums(o + (g0 + g) * P.Rvp + (4 * c + 2 * half + k) * 16, acc[g][2 * k], acc[g][2 * k + 1], f);
+      add_digit_sums(o + (g0 + g) * P.Rvp + c.col + 16 * k, acc[g][2 * k], acc[g][2 * k + 1], f);
     }
   }
 }
-#undef KVFX_EACH_PASS
 
 void VnniWorker::run(int64_t task) {
   const TaskRows T0 = task_rows(P, task);
   const int64_t G = P.G, bh = T0.bh, b = T0.b, n0 = T0.n0, n1 = T0.n1;
   const char *krows = T0.krows, *vrows = T0.vrows;
   float *m = T0.m, *l = T0.l, *o = T0.o;
-  if (P.kind == kInt4) {
+  if (P.plan) {
+    band_corrections(bh);
+  } else if (P.kind == kInt4) {
     for (int64_t g = 0; g < G; ++g)  // 8 · sum of x = 16·hi + lo over each group's columns
       for (int64_t j = 0; j < P.ngk; ++j) {
         const int8_t* q = reinterpret_cast<const int8_t*>(qrow(bh, g, j, 0));
@@ -399,7 +444,7 @@ void VnniWorker::run(int64_t task) {
     prefetch_rows(krows + (r0 + rows) * P.ksn, next, P.ksn, P.krow);
     if (!P.shared) prefetch_rows(vrows + (r0 + rows) * P.vsn, next, P.vsn, P.vrow);
     block_add(P, b, r0, rows, add);
-    block(kr, vr, bh, add, m, l, o);
+    P.plan ? band_block(kr, vr, bh, add, m, l, o) : block(kr, vr, bh, add, m, l, o);
   }
 }
 

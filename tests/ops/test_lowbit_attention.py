@@ -344,12 +344,13 @@ def test_integer_builds_compile_for_other_cpus(monkeypatch):
     monkeypatch.delenv("KVFX_NO_AMX", raising=False)
     monkeypatch.delenv("KVFX_NO_VNNI", raising=False)
     assert ext.integer_path() == 3
-    for i, kind in enumerate(["int4", "int8", "int4x16+int3x70"]):
+    for i, kind in enumerate(["int4", "int8", "int8x16+int5x32+int3x32+int2x16", "int4x16+int3x70"]):
         out, ref, (q, kc, vc, rk, rv, kind, m, shared) = _run_build(ext, kind, i)
+        assert la.takes_integer_path("vnni", kind) == (i < 3)
         if la.takes_integer_path("vnni", kind):
             _assert_matches(out, q, kc, vc, rk, rv, kind, 0.125, m, shared, rounding="vnni")
             assert not torch.allclose(out, ref, rtol=1e-6, atol=1e-6)  # rounded, not decoded
-        else:  # bands: decoded to float32 without a tile unit
+        else:  # an int3 band not of whole 16-column runs: decoded to float32
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, ref.abs().max().item()))
 
 
@@ -757,17 +758,29 @@ def test_vnni_rows_are_the_tile_paths_numbers(b, h, g, n, rk, rv, mask, shared, 
     torch.testing.assert_close(vnni, tile, rtol=1e-5, atol=1e-6 * max(1.0, tile.abs().max().item()))
 
 
-@settings(max_examples=25, deadline=None)
+# band rows of every unit kind the VNNI blocks take: int8 chunks (64 columns and a partial one), int5 groups (a pair
+# and a lone one), int4 / int3 groups (partial ones too), 2-bit groups; with and without an int8 band
+VNNI_BANDS = ["int8x80+int5x48+int4x40+int3x32+int2x40", "int5x32+int4x17+int2x16", "int4x48+int3x16+int2x70"]
+
+
+@settings(max_examples=40, deadline=None)
 @given(b=st.integers(1, 2), h=st.integers(1, 2), g=st.integers(2, 20), n=st.integers(1, 400),
        rk=st.integers(6, 100), rv=st.integers(6, 100), mask=st.sampled_from([None, "bool", "float"]),
-       shared=st.booleans(), kind=st.sampled_from(["int4", "int8"]), seed=st.integers(0, 99))
+       shared=st.booleans(), kind=st.sampled_from(["int4", "int8", "int2", "int5", "int3", *VNNI_BANDS]),
+       seed=st.integers(0, 99))
 def test_vnni_passes_give_each_query_row_its_own_numbers(b, h, g, n, rk, rv, mask, shared, kind, seed):
     """Without a tile unit (AVX-512 VNNI CPUs: Ice Lake, Zen 4) the VNNI blocks take any number of query rows a
-    latent head, in passes of up to 4 that share the rows' operands (lowbit_attention_vnni.h): each query row's
-    output is bit for bit what it gets alone (its own query digits, sums and softmax), for 2-20 rows (a shared
-    latent's 9; more than 16: two blocks of query digits), masks, widths and row counts."""
+    latent head, in passes of up to 4 that share the rows' operands (lowbit_attention_vnni.h; bands:
+    lowbit_attention_vnni_bands.h): each query row's output is bit for bit what it gets alone (its own query digits,
+    sums and softmax), for 2-20 rows (a shared latent's 9; more than 16: two blocks of query digits), masks, widths,
+    row counts, and every unit of a band row (8-bit int8 chunks and int5 groups, 4-bit int4 and int3 groups, 2-bit)."""
     if la.integer_rounding("cpu") != "vnni":
         pytest.skip("AVX-512 VNNI without AMX only (on AMX CPUs more than 4 query rows take the tile unit)")
+    if quant.bands_of(kind) is not None:
+        rk = rv = quant.width_of(kind)
+    elif kind in ("int5", "int3"):  # transcoded in whole 16-column runs
+        rk, rv = 16 * (rk // 16 + 1), 16 * (rv // 16 + 1)
+    assert la.takes_integer_path("vnni", kind)
     q, kc, vc, m = _case(b, h, g, n, rk, rv, kind, mask, shared, seed)
     run = lambda qq: torch.ops.kvfx.decode_attention(qq, kc, vc, rk, rv, kind, 0.125, m, shared)
     alone = torch.cat([run(q[:, :, i:i + 1].contiguous()) for i in range(g)], 2)
@@ -808,8 +821,8 @@ def test_kernel_bench_prints_the_stage_split():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines() if line.startswith(("head-", "kv-"))]
-    tile = la.integer_rounding("cpu") == "amx"  # else no tile unit: bands take the float path, left out
+    tile = la.integer_rounding("cpu") == "amx"  # else no tile unit: the shared latents and bands take VNNI too
     assert [r[0] for r in rows] == ["head-0.5-int8", "head-0.5-int4", "head-0.25-int4", "kv-0.9375-int4",
-                                    "kv-bits5-0.25"][:5 if tile else 4]
-    assert [r[1] for r in rows] == ["vnni"] * 3 + (["tile"] * 2 if tile else ["vnni"])
+                                    "kv-bits5-0.25"]
+    assert [r[1] for r in rows] == ["vnni"] * 3 + ["tile" if tile else "vnni"] * 2
     assert all(float(r[-1]) > 0 for r in rows)  # cycles per row, all stages
