@@ -155,7 +155,7 @@ struct Perm4 {
   }
 };
 
-// Controls of transcode_row (lowbit_attention_amx_bands.h): int3 / int5 band codes -> k = 2q + 1.
+// Controls of transcode_rows (lowbit_attention_bands.h): int3 / int5 band codes -> k = 2q + 1.
 constexpr int kT3Src[8] = {-1, 0, 1, 4, -1, 2, 3, 5};  // bits 0, 4 set by the constant 0x11
 constexpr int kT5Src[8] = {-1, 0, 1, 2, 3, 4, 4, 4};   // bit 0 set by the constant 0x01
 struct TransCtl {

@@ -7,10 +7,8 @@
 void Worker::transcode(const char* const* rows, int n, const BandPlan& plan, int8_t* buf, const char** out,
                        bool keys, bool values) const {
   if (plan.trans.empty()) return;
-  for (int r = 0; r < BN; ++r) {
-    out[r] = r < n ? reinterpret_cast<const char*>(buf + r * plan.trans_bytes) : nullptr;
-    if (r < n) transcode_row(trans_ctl(), plan.trans, rows[r], buf + r * plan.trans_bytes, keys, values);
-  }
+  for (int r = 0; r < BN; ++r) out[r] = r < n ? reinterpret_cast<const char*>(buf + r * plan.trans_bytes) : nullptr;
+  transcode_rows(trans_ctl(), plan.trans, [&](int i) { return rows[i]; }, n, buf, plan.trans_bytes, keys, values);
 }
 
 // The block's scale codes of the bands (ks, or vs for values) times their multipliers.

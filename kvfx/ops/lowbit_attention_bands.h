@@ -17,7 +17,7 @@
 // int8 (the same k) in tiles of 16 output columns (2 per 4/2-bit unit, 4 per 8-bit unit), weighted per value
 // scale group as the other formats' (weights() and value_sums(), per item = a pair of C tiles and its group).
 // * int3 and int5 bands (codes stored as a low-bits plane and a sign plane) are transcoded first, a block of rows at
-//   a time (transcode_row: a byte permute, two bit-field extracts and one GF2P8AFFINEQB per 64 output bytes), into
+//   a time (transcode_rows: a byte permute, two bit-field extracts and one GF2P8AFFINEQB per 64 output bytes), into
 //   the mid-rise level k = 2q + 1 (x = k · 2^(e/8) / 2, exact): int3's k in [-7, 7] as int4 nibbles, taken as a
 //   4-bit unit; int5's k in [-31, 31] as bytes, for the keys one 8-bit unit per 32-column group (its own scale),
 //   for the values a second copy with two groups in one 64-byte chunk (each 128-bit lane: 8 columns of one, then 8
@@ -42,7 +42,7 @@ struct BandPlan {
     bool tr;
   };
   struct Trans {  // an int3 / int5 band: codes at byte `at` of a stored row -> k = 2q + 1 at byte `to`, int5's
-    int bits, at, width, to, to2;  // paired value chunks at `to2` (transcode_row)
+    int bits, at, width, to, to2;  // paired value chunks at `to2` (transcode_rows)
   };
   struct Scales {
     int at, n, first;  // n scale codes from byte `at` -> rows first .. first + n - 1 of ks / vs
@@ -194,33 +194,39 @@ inline __m512i value_z(int64_t at, int64_t bytes, const char* row) {  // the uni
   return _mm512_or_si512(_mm512_gf2p8affine_epi64_epi8(_mm512_broadcastq_epi64(x), m, 0), _mm512_set1_epi8(1));
 }
 
-// The stored row's int3 / int5 bands -> their codes k = 2q + 1 (BandPlan::trans; widths multiples of 16). A chunk
-// of the band (int3: 128 columns, int5: 64) becomes 64 output bytes: per output qword a permute gathers its codes'
-// low-plane dword and sign bits, two VPMULTISHIFTQB take each output byte's bits (low bits at 0-3, signs at 4-5),
-// and GF2P8AFFINEQB puts them in place with the constant bits. int3: byte = two nibbles 1 | low << 1 | sign << 3
-// (columns 2i, 2i + 1: the int4 format's packing); int5: byte = 1 | low << 1 | (sign ? 0xE0 : 0).
-// keys / values: write int5's copy for the key tiles / the paired one for the value tiles (int3's serves both).
-inline void transcode_row(const TransCtl& t, const std::vector<BandPlan::Trans>& trans, const char* row, int8_t* out,
-                          bool keys, bool values) {
+// n rows' int3 / int5 bands (row(i): the stored row i) -> their codes k = 2q + 1 (BandPlan::trans; widths multiples
+// of 16), row i's at out + i · ld. A chunk of a band (int3: 128 columns, int5: 64) becomes 64 output bytes: per
+// output qword a permute gathers its codes' low-plane dword and sign bits, two VPMULTISHIFTQB take each output
+// byte's bits (low bits at 0-3, signs at 4-5), and GF2P8AFFINEQB puts them in place with the constant bits. int3:
+// byte = two nibbles 1 | low << 1 | sign << 3 (columns 2i, 2i + 1: the int4 format's packing); int5: byte = 1 |
+// low << 1 | (sign ? 0xE0 : 0). keys / values: write int5's copy for the key operands / the paired one for the value
+// operands (int3's serves both). A chunk at a time over the rows, its controls and masks held in registers.
+template <class RowFn>
+inline void transcode_rows(const TransCtl& t, const std::vector<BandPlan::Trans>& trans, RowFn row, int n,
+                           int8_t* out, int64_t ld, bool keys, bool values) {
   for (const BandPlan::Trans& b : trans) {
     const bool three = b.bits == 3;
     const int per = three ? 128 : 64, lowb = three ? b.width / 4 : b.width / 2;  // columns a chunk, low-plane bytes
+    const __m512i idx = three ? t.idx3 : t.idx5, sa = three ? t.a3 : t.a5, sb = three ? t.b3 : t.b5,
+                  f0 = _mm512_set1_epi8(0x0F), mat = _mm512_set1_epi64(affine(three ? kT3Src : kT5Src));
     for (int c = 0; c < b.width; c += per) {
       const int cols = std::min(per, b.width - c);
-      const __m512i zl = _mm512_maskz_loadu_epi8(first_bytes(three ? cols / 4 : cols / 2),
-                                                 row + b.at + (three ? c / 4 : c / 2));
-      const __m512i zs = _mm512_maskz_loadu_epi8(first_bytes(cols / 8), row + b.at + lowb + c / 8);
-      const __m512i x = _mm512_permutex2var_epi8(zl, three ? t.idx3 : t.idx5, zs);
-      const __m512i lo = _mm512_multishift_epi64_epi8(three ? t.a3 : t.a5, x);
-      const __m512i sg = _mm512_multishift_epi64_epi8(three ? t.b3 : t.b5, x);
-      const __m512i y = _mm512_ternarylogic_epi32(_mm512_set1_epi8(0x0F), lo, sg, 0xCA);  // mask ? lo : sg
-      const __m512i k = three ? _mm512_gf2p8affine_epi64_epi8(y, _mm512_set1_epi64(affine(kT3Src)), 0x11)
-                              : _mm512_gf2p8affine_epi64_epi8(y, _mm512_set1_epi64(affine(kT5Src)), 0x01);
-      if (three || keys)
-        _mm512_mask_storeu_epi8(out + b.to + (three ? c / 2 : c), first_bytes(three ? cols / 2 : cols), k);
-      if (!three && values)  // lane L = columns 8L .. 8L + 7 of the chunk's first group, then of its second
-        _mm512_storeu_si512(out + b.to2 + c,
-                            _mm512_permutexvar_epi8(t.pair5, _mm512_maskz_mov_epi8(first_bytes(cols), k)));
+      const __mmask64 ml = first_bytes(three ? cols / 4 : cols / 2), ms = first_bytes(cols / 8),
+                      mo = first_bytes(three ? cols / 2 : cols);
+      const int64_t lo_at = b.at + (three ? c / 4 : c / 2), sg_at = b.at + lowb + c / 8;
+      int8_t* key_out = out + b.to + (three ? c / 2 : c);
+      int8_t* pair_out = out + b.to2 + c;
+      for (int i = 0; i < n; ++i) {
+        const char* r = row(i);
+        const __m512i x = _mm512_permutex2var_epi8(_mm512_maskz_loadu_epi8(ml, r + lo_at), idx,
+                                                   _mm512_maskz_loadu_epi8(ms, r + sg_at));
+        const __m512i y = _mm512_ternarylogic_epi32(f0, _mm512_multishift_epi64_epi8(sa, x),
+                                                    _mm512_multishift_epi64_epi8(sb, x), 0xCA);  // mask ? lo : sg
+        const __m512i k = three ? _mm512_gf2p8affine_epi64_epi8(y, mat, 0x11) : _mm512_gf2p8affine_epi64_epi8(y, mat, 0x01);
+        if (three || keys) _mm512_mask_storeu_epi8(key_out + i * ld, mo, k);
+        if (!three && values)  // lane L = columns 8L .. 8L + 7 of the chunk's first group, then of its second
+          _mm512_storeu_si512(pair_out + i * ld, _mm512_permutexvar_epi8(t.pair5, _mm512_maskz_mov_epi8(mo, k)));
+      }
     }
   }
 }

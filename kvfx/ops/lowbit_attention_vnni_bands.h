@@ -76,7 +76,7 @@ void VnniWorker::band_scales(const Rows& r, const BandPlan& plan, float* out) co
 VnniWorker::Rows VnniWorker::transcode(const Rows& r, const BandPlan& plan, int8_t* buf, bool keys,
                                        bool values) const {
   if (plan.trans.empty()) return r;
-  for (int i = 0; i < r.rows; ++i) transcode_row(trans_ctl(), plan.trans, r[i], buf + i * plan.trans_bytes, keys, values);
+  transcode_rows(trans_ctl(), plan.trans, [&](int i) { return r[i]; }, r.rows, buf, plan.trans_bytes, keys, values);
   return Rows{reinterpret_cast<const char*>(buf), plan.trans_bytes, r.rows, zero};
 }
 
