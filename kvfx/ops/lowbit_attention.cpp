@@ -959,7 +959,7 @@ torch::Tensor decode_attention_as(torch::Tensor q, torch::Tensor kc, torch::Tens
 #if KVFX_INT
   // bands on the integer path: units, scale groups and column orders of the key and value rows
   std::shared_ptr<const amx::BandPlans> plans;
-  if (use_amx && kind == kBands) plans = amx::band_plans(fk, fv, kbands, shared ? kbands : vbands);
+  if (use_amx && kind == kBands) plans = amx::band_plans(fk, fv, kbands, shared ? kbands : vbands, vnni);
   const amx::BandPlan* kplan = plans ? &plans->keys : nullptr;
   const amx::BandPlan* vplan = plans ? &plans->values : nullptr;
 #endif
@@ -977,10 +977,11 @@ torch::Tensor decode_attention_as(torch::Tensor q, torch::Tensor kc, torch::Tens
   std::vector<int64_t> columns(Rvp);
   for (int64_t j = 0; j < Rvp; ++j) {
     int64_t col = j < Rv ? source(fv, j) : -1;
-    if (use_amx) {  // int4: tile (group, nibble) lane i = column 32·group + 2i + nibble; int8 see value_tiles
+    if (use_amx) {  // int4: tile (group, nibble) lane i = column 32·group + 2i + nibble; int8 see value_tiles (the
+                    // VNNI blocks: column order)
       const int64_t tile = j / 16, lane = j % 16;
       col = kind == kInt4 ? 32 * (tile / 2) + 2 * lane + tile % 2
-          : kind == kInt8 ? 64 * (tile / 4) + 16 * (lane / 4) + 4 * (tile % 4) + lane % 4 : -1;
+          : kind == kInt8 ? (vnni ? j : 64 * (tile / 4) + 16 * (lane / 4) + 4 * (tile % 4) + lane % 4) : -1;
 #if KVFX_INT
       if (vplan) col = vplan->columns[j];
 #endif

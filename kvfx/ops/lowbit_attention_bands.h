@@ -29,9 +29,9 @@ struct BandPlan {
   struct Unit {
     int bits, at, bytes, col, cols;  // codes from byte `at` (`bytes` of them), band columns col .. col + cols
     bool tr;                         // codes in the transcoded row (int3 / int5), else in the stored row
-    int ct;                          // values: its C tiles ct .. ct + tiles() - 1
+    int ct;                          // values: its C tiles ct .. ct + nt - 1
+    int nt;                          // values: 2 a 4/2-bit unit or int5 group, 4 an 8-bit one (rows16: 2 per 32 columns)
     int half = 0;                    // values, int5: which group of its paired chunk (the chunk's 128-bit lane halves)
-    int tiles() const { return bits == 8 ? 4 : 2; }  // bits 5: one group of a paired int5 value chunk
   };
   struct Group {
     bool i8;
@@ -62,7 +62,11 @@ struct BandPlan {
   std::vector<int64_t> columns;       // values: the output column of accumulated column j, -1 for padding
 
   BandPlan() = default;
-  explicit BandPlan(const Format& f, bool keys) {
+  bool rows16 = false;  // values as the VNNI blocks take them: 8-bit codes 16 columns a C tile, in column order
+
+  // keys: the key rows' plan, else the value rows'; rows16: the VNNI blocks' value layout (8-bit units: int8 chunks
+  // and int5 groups, the latter from the keys' transcoded copy; else the tile unit's, see the top)
+  BandPlan(const Format& f, bool keys, bool rows16_) : rows16(!keys && rows16_) {
     for (const Band& b : f.bands) has8 |= b.bits == 8 || b.bits == 5;
     int to = 0;  // transcoded bytes so far
     for (const Band& b : f.bands) {
@@ -74,14 +78,19 @@ struct BandPlan {
           const int cols = std::min(32, b.width - c), u = static_cast<int>(units.size());
           if (keys) {
             runs.push_back({8, to + c, cols, cols, u, ctiles, true});
+          } else if (rows16) {  // the group's codes as the keys read them: 2 C tiles
+            ctiles += 2;
           } else if (c % 64 == 0) {  // one int8 value chunk a pair of groups: 4 C tiles, 2 for each
             runs.push_back({8, to2 + c, 64, 64, u, ctiles, true});
             ctiles += 4;
           }
           groups.push_back({true, u, u + 1, slots});
           slots += 2;
-          units.push_back({keys ? 8 : 5, keys ? to + c : to2 + c / 64 * 64, cols, b.col + c, cols, true,
-                           keys ? 0 : ctiles - 4 + 2 * (c / 32 % 2), c / 32 % 2});
+          if (keys || rows16)
+            units.push_back({keys ? 8 : 5, to + c, cols, b.col + c, cols, true, keys ? 0 : ctiles - 2, 2});
+          else
+            units.push_back({5, to2 + c / 64 * 64, cols, b.col + c, cols, true, ctiles - 4 + 2 * (c / 32 % 2), 2,
+                             c / 32 % 2});
         }
         scales.push_back({sat, (b.width + 31) / 32, first, 0.5f});
         trans.push_back({5, b.at, b.width, to, to2});
@@ -94,9 +103,11 @@ struct BandPlan {
                       t3});
       if (bits == 8) {
         const int u0 = static_cast<int>(units.size());
-        for (int c = 0; c < b.width; c += 64, ctiles += 4)
-          units.push_back({8, b.at + c, std::min(64, b.width - c), b.col + c, std::min(64, b.width - c), false,
-                           ctiles});
+        for (int c = 0; c < b.width; c += 64) {
+          const int cols = std::min(64, b.width - c), nt = rows16 ? 2 * ((cols + 31) / 32) : 4;
+          units.push_back({8, b.at + c, cols, b.col + c, cols, false, ctiles, nt});
+          ctiles += nt;
+        }
         groups.push_back({true, u0, static_cast<int>(units.size()), slots});
         slots += 2;
         scales.push_back({sat, 1, first, 1.0f});
@@ -105,7 +116,7 @@ struct BandPlan {
         for (int c = 0; c < b.width; c += 32, ctiles += 2) {
           const int cols = std::min(32, b.width - c);
           groups.push_back({false, static_cast<int>(units.size()), static_cast<int>(units.size()) + 1, slots++});
-          units.push_back({bits, at + c / per, (cols + per - 1) / per, b.col + c, cols, t3, ctiles});
+          units.push_back({bits, at + c / per, (cols + per - 1) / per, b.col + c, cols, t3, ctiles, 2});
         }
         const float mult = (b.bits == 2 || t3 ? 0.5f : 1.0f) * (keys && has8 ? 16.0f : 1.0f);
         scales.push_back({sat, (b.width + 31) / 32, first, mult});
@@ -113,9 +124,9 @@ struct BandPlan {
       }
     }
     trans_bytes = static_cast<int>(round_up(to, 64));
-    for (size_t g = 0; g < groups.size(); ++g)  // values: 2 C tiles a 4/2-bit unit or int5 group, 4 an 8-bit one
+    for (size_t g = 0; g < groups.size(); ++g)  // values: each unit's C tiles in pairs
       for (int u = groups[g].u0; u < groups[g].u1; ++u)
-        for (int k = 0; k < units[u].tiles(); k += 2)
+        for (int k = 0; k < units[u].nt; k += 2)
           item_ct.push_back(units[u].ct + k), item_ws.push_back(static_cast<int>(g)), item_unit.push_back(u);
     const int rk = f.width, pad = 4 * rk;  // digits[d * rk + c]: digit d (query_entry) of column c; [pad] = 0
     if (keys)
@@ -132,12 +143,13 @@ struct BandPlan {
   // The value column of accumulated column j (C tile j / 16, lane j % 16), -1 for padding.
   int64_t column(int64_t j) const {
     for (const Unit& u : units) {
-      if (j / 16 >= u.ct && j / 16 < u.ct + u.tiles()) {
+      if (j / 16 >= u.ct && j / 16 < u.ct + u.nt) {
         const int t = static_cast<int>(j / 16) - u.ct, lane = static_cast<int>(j % 16), L = lane / 4, m = lane % 4;
-        // 8-bit: the int8 format's unpack order; int5 (paired chunk): its 8 columns of lane L; 4-bit: the int4
-        // format's (nibble t); 2-bit: byte (L, 4t + m) of value_z
-        const int local = u.bits == 8 ? 16 * L + 4 * t + m : u.bits == 5 ? 8 * L + 4 * t + m
-                        : u.bits == 4 ? 2 * lane + t : 4 * (4 * t + m) + L;
+        // 8-bit: the int8 format's unpack order (rows16: column order); int5 (paired chunk): its 8 columns of lane
+        // L; 4-bit: the int4 format's (nibble t); 2-bit: byte (L, 4t + m) of value_z
+        const bool i8 = u.bits == 8 || u.bits == 5;
+        const int local = rows16 && i8 ? 16 * t + lane : u.bits == 8 ? 16 * L + 4 * t + m
+                        : u.bits == 5 ? 8 * L + 4 * t + m : u.bits == 4 ? 2 * lane + t : 4 * (4 * t + m) + L;
         return local < u.cols ? u.col + local : -1;
       }
     }
@@ -167,15 +179,15 @@ struct BandPlans {
   BandPlan keys, values;
 };
 std::shared_ptr<const BandPlans> band_plans(const Format& fk, const Format& fv, const std::vector<int64_t>& kbands,
-                                            const std::vector<int64_t>& vbands) {
+                                            const std::vector<int64_t>& vbands, bool vnni) {
   static std::mutex lock;
   static std::map<std::vector<int64_t>, std::shared_ptr<const BandPlans>> made;
   std::vector<int64_t> key(kbands);
-  key.push_back(-1);
+  key.push_back(vnni ? -2 : -1);
   key.insert(key.end(), vbands.begin(), vbands.end());
   std::lock_guard<std::mutex> hold(lock);
   auto& plans = made[key];
-  if (!plans) plans = std::make_shared<const BandPlans>(BandPlans{BandPlan(fk, true), BandPlan(fv, false)});
+  if (!plans) plans = std::make_shared<const BandPlans>(BandPlans{BandPlan(fk, true, false), BandPlan(fv, false, vnni)});
   return plans;
 }
 

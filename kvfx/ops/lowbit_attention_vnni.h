@@ -59,6 +59,12 @@ inline void weigh4(__m512i* acc, const uint8_t* w, __m512i a, __m512i b) {
   acc[3] = _mm512_dpbusd_epi32(acc[3], wl, b);
 }
 
+// weigh4 with one vector of codes: acc[0..1] += (a, hi), (a, lo).
+inline void weigh2(__m512i* acc, const uint8_t* w, __m512i a) {
+  acc[0] = _mm512_dpbusd_epi32(acc[0], _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(w)), a);
+  acc[1] = _mm512_dpbusd_epi32(acc[1], _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(w + BN)), a);
+}
+
 // Calls CALL(CG, g0) for each pass of G query rows (CG = its rows, 1 .. 4, a constant; g0 its first).
 #define KVFX_EACH_PASS(G, CALL)                                                  \
   for (int p_ = 0; p_ < passes_of(G); ++p_) {                                    \
@@ -82,7 +88,7 @@ class VnniWorker {
                  o_pf = take(4 * P.G), o_ps = take(4 * P.G * P.ngv), o_wd = take(P.G * P.ngv * 2 * BN),
                  o_z = take(zb), o_ia = take(2 * 64 * P.G),
                  o_co = take(4 * P.G * std::max<int64_t>(P.ngk, 2)), o_c2 = take(P.plan ? 4 * P.G * P.ngk * 2 : 0),
-                 o_vo = take(NP > 1 && P.kind != kInt8 ? 64 * 2 * (BN / 4) : 0),
+                 o_vo = take(NP > 1 ? 64 * 2 * (BN / 4) : 0),
                  o_tk = take(BN * P.ktrans), o_tv = take(P.shared ? 0 : BN * P.vtrans);
     static thread_local std::vector<char> scratch;
     if (scratch.size() < used + 64) scratch.resize(used + 64);
@@ -113,7 +119,7 @@ class VnniWorker {
   uint8_t* wd;       // the block's weight digits [g][group][hi, lo][BN], u8 in row order
   char* zero;        // a zero row: what missing rows read
   __m512i* iacc;     // int8 keys: each query row's two int32 sums of 16 rows, between the passes of a chunk
-  __m512i* vop;      // int4 values, more than one pass: a group's operands as the first pass made them
+  __m512i* vop;      // values, more than one pass: a pair of C tiles' operands as the first pass made them
   int32_t* corr;     // what the codes' offset adds to each int32 sum (int4: 8 · sum of x over a group, [g][group];
                      // int8: 128 · sum of each digit over the row, [g][digit]; bands: 4/2-bit groups, [g][group])
   int32_t* corr8;    // bands: 8-bit groups' 128 · sum of each digit over the group, [g][group][digit]
@@ -131,11 +137,10 @@ class VnniWorker {
   const int32_t* qrow(int64_t bh, int64_t g, int64_t j, int digit) const {
     return reinterpret_cast<const int32_t*>(P.qtile(bh, static_cast<int>(g / P.Gb), j, digit) + (g % P.Gb) * 64);
   }
-  // a value unit's codes: `bytes` from byte `at` of each row, weighted by group j, into the accumulated columns
-  // col .. col + 31 (two C tiles); 8-bit: `half` picks the unpacks' low or high bytes (C tiles 0, 1 or 2, 3 of 64)
+  // a pair of C tiles' codes: `bytes` from byte `at` of each row (4-bit: a group's 32 columns; 2-bit: a bands
+  // unit's; 8-bit: 32 columns, 16 a tile), weighted by group j, into the accumulated columns col .. col + 31
   struct Codes {
     int64_t at, bytes, j, col;
-    int half;
   };
   void scales(const Rows& r, int64_t cb, int64_t ng, float* out) const;
   void key_scores(const Rows& r, int t, int64_t bh, const float* add);
@@ -146,7 +151,6 @@ class VnniWorker {
   void value_sums(const Rows& r, int n, float* o);
   template <int CG, int Bits> void value_pass(const Rows& r, int n, const Codes& c, int g0, float* o);
   void value_sums8(const Rows& r, int n, float* o);
-  template <int CG> void value_pass8(const Rows& r, int n, const Codes& c, int g0, float* o);
   void block(const Rows& kr, const Rows& vr, int64_t bh, const float* add, float* m, float* l, float* o);
   // bands (lowbit_attention_vnni_bands.h)
   void band_corrections(int64_t bh);
@@ -280,24 +284,34 @@ alignas(64) constexpr int8_t kRows4Bytes[64] = {0, 16, 32, 48, 1, 17, 33, 49, 2,
                                                 8, 24, 40, 56, 9, 25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
                                                 12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
 
+// byte 4i + k <- byte i of row k, rows 0, 1 at bytes 0, 32 of one table and rows 2, 3 of the other (VPERMT2B)
+alignas(64) constexpr int8_t kRows4Bytes32[64] = {0, 32, 64, 96, 1, 33, 65, 97, 2, 34, 66, 98, 3, 35, 67, 99,
+                                                  4, 36, 68, 100, 5, 37, 69, 101, 6, 38, 70, 102, 7, 39, 71, 103,
+                                                  8, 40, 72, 104, 9, 41, 73, 105, 10, 42, 74, 106, 11, 43, 75, 107,
+                                                  12, 44, 76, 108, 13, 45, 77, 109, 14, 46, 78, 110, 15, 47, 79, 111};
+
 // o[g] += the block's value sums over its first n rows (n a multiple of 4; rows past the block's read zero rows).
 void VnniWorker::value_sums(const Rows& r, int n, float* o) {
   for (int64_t j = 0; j < P.ngv; ++j) {
-    const Codes c{16 * j, P.cbv - 16 * j, j, 32 * j, 0};
+    const Codes c{16 * j, P.cbv - 16 * j, j, 32 * j};
 #define KVFX_VALUE_PASS(CG, g0) value_pass<CG, 4>(r, n, c, g0, o)
     KVFX_EACH_PASS(P.G, KVFX_VALUE_PASS)
 #undef KVFX_VALUE_PASS
   }
 }
 
-// The value sums of query rows g0 .. g0 + CG - 1 over 4-bit (int4 group: lane i = columns 2i, 2i + 1) or 2-bit
-// codes (a bands' unit: lane 4L + m = columns 4m + L, 4(4 + m) + L, value_z's order), signed, 4 rows a dword; the
-// first pass unpacks the rows (and keeps them in vop when there are more passes), the others read vop.
+// The value sums of query rows g0 .. g0 + CG - 1 over a pair of C tiles: 4-bit codes (int4 group: lane i = columns
+// 2i, 2i + 1), 2-bit codes (a bands' unit: lane 4L + m = columns 4m + L, 4(4 + m) + L, value_z's order) or 8-bit
+// codes (lane i = columns i, 16 + i), signed, 4 rows a dword (byte permutes of the rows' codes); the first pass unpacks
+// the rows (and keeps them in vop when there are more passes), the others read vop. 8-bit codes of 16 columns or
+// fewer: the first tile alone.
 template <int CG, int Bits>
 inline void VnniWorker::value_pass(const Rows& r, int n, const Codes& c, int g0, float* o) {
   const __m512i idx = _mm512_load_si512(kRows4Bytes);
   const __mmask16 m = static_cast<__mmask16>(first_bytes(c.bytes));
-  const bool first = g0 == 0, keep = first && NP > 1;
+  const __mmask32 m32 = static_cast<__mmask32>(first_bytes(c.bytes));
+  const __m512i i8lo = _mm512_load_si512(kRows4Bytes32), i8hi = _mm512_add_epi8(i8lo, _mm512_set1_epi8(16));
+  const bool first = g0 == 0, keep = first && NP > 1, one = Bits == 8 && c.bytes <= 16;
   __m512i acc[CG][4];  // first C tile hi, lo; second C tile hi, lo
   for (int g = 0; g < CG; ++g)
     for (int k = 0; k < 4; ++k) acc[g][k] = _mm512_setzero_si512();
@@ -308,6 +322,14 @@ inline void VnniWorker::value_pass(const Rows& r, int n, const Codes& c, int g0,
         const __m512i z = rows4(r[n0] + c.at, r[n0 + 1] + c.at, r[n0 + 2] + c.at, r[n0 + 3] + c.at, m, m == 0xFFFF);
         const __m512i y = _mm512_permutexvar_epi8(idx, z);
         ev = lo4(y), od = hi4(y);
+      } else if (Bits == 8) {  // rows 0, 1 and 2, 3 in one vector each, 32 bytes a row; two VPERMT2B
+        auto pair = [&](const char* p, const char* q) {
+          return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi8(m32, p + c.at)),
+                                    _mm256_maskz_loadu_epi8(m32, q + c.at), 1);
+        };
+        const __m512i z01 = pair(r[n0], r[n0 + 1]), z23 = pair(r[n0 + 2], r[n0 + 3]);
+        ev = _mm512_permutex2var_epi8(z01, i8lo, z23);
+        od = one ? _mm512_setzero_si512() : _mm512_permutex2var_epi8(z01, i8hi, z23);
       } else {
         const __m512i a = _mm512_unpacklo_epi8(value_z(c.at, c.bytes, r[n0]), value_z(c.at, c.bytes, r[n0 + 1]));
         const __m512i b = _mm512_unpacklo_epi8(value_z(c.at, c.bytes, r[n0 + 2]), value_z(c.at, c.bytes, r[n0 + 3]));
@@ -317,11 +339,14 @@ inline void VnniWorker::value_pass(const Rows& r, int n, const Codes& c, int g0,
     } else {
       ev = _mm512_load_si512(vop + n0 / 2), od = _mm512_load_si512(vop + n0 / 2 + 1);
     }
-    for (int g = 0; g < CG; ++g) weigh4(acc[g], wd + ((g0 + g) * P.ngv + c.j) * 2 * BN + n0, ev, od);
+    if (one)
+      for (int g = 0; g < CG; ++g) weigh2(acc[g], wd + ((g0 + g) * P.ngv + c.j) * 2 * BN + n0, ev);
+    else
+      for (int g = 0; g < CG; ++g) weigh4(acc[g], wd + ((g0 + g) * P.ngv + c.j) * 2 * BN + n0, ev, od);
   }
   for (int g = 0; g < CG; ++g) {  // columns as the tile path accumulates them (int4: the even, then odd columns)
     const __m512 f = _mm512_set1_ps(ps[(g0 + g) * P.ngv + c.j]);
-    for (int k = 0; k < 2; ++k) {
+    for (int k = 0; k < (one ? 1 : 2); ++k) {
       add_digit_sums(o + (g0 + g) * P.Rvp + c.col + 16 * k, acc[g][2 * k], acc[g][2 * k + 1], f);
     }
   }
@@ -375,38 +400,14 @@ inline void VnniWorker::key_pass8(const __m512i* z, int64_t unit, int dwords, in
   for (int g = 0; g < CG; ++g) iacc[2 * (g0 + g)] = ah[g], iacc[2 * (g0 + g) + 1] = al[g];
 }
 
-// int8 rows: o[g] += the block's value sums over its first n rows. 4 rows' bytes interleaved by the tile path's
-// unpacks (Worker::value_tiles: lane i of C tile 4c + k = its column order), against the weights' digits; two
-// halves (C tiles 4c, 4c + 1, then 4c + 2, 4c + 3) and passes of query rows so the sums stay in registers.
+// int8 rows: o[g] += the block's value sums over its first n rows, 32 columns (two C tiles in column order) at a
+// time (value_pass<., 8>).
 void VnniWorker::value_sums8(const Rows& r, int n, float* o) {
-  for (int64_t c = 0; c < (P.cbv + 63) / 64; ++c)
-    for (int half = 0; half < 2; ++half) {
-      const Codes cc{64 * c, P.cbv - 64 * c, 0, (4 * c + 2 * half) * 16, half};
-#define KVFX_VALUE_PASS8(CG, g0) value_pass8<CG>(r, n, cc, g0, o)
-      KVFX_EACH_PASS(P.G, KVFX_VALUE_PASS8)
-#undef KVFX_VALUE_PASS8
-    }
-}
-
-template <int CG>
-inline void VnniWorker::value_pass8(const Rows& r, int n, const Codes& c, int g0, float* o) {
-  const __mmask64 m = first_bytes(c.bytes);
-  __m512i acc[CG][4];  // the first C tile: hi, lo; the second: hi, lo
-  for (int g = 0; g < CG; ++g)
-    for (int k = 0; k < 4; ++k) acc[g][k] = _mm512_setzero_si512();
-  for (int n0 = 0; n0 < n; n0 += 4) {
-    const __m512i z0 = _mm512_maskz_loadu_epi8(m, r[n0] + c.at), z1 = _mm512_maskz_loadu_epi8(m, r[n0 + 1] + c.at),
-                  z2 = _mm512_maskz_loadu_epi8(m, r[n0 + 2] + c.at), z3 = _mm512_maskz_loadu_epi8(m, r[n0 + 3] + c.at);
-    const __m512i a = c.half ? _mm512_unpackhi_epi8(z0, z1) : _mm512_unpacklo_epi8(z0, z1);
-    const __m512i b = c.half ? _mm512_unpackhi_epi8(z2, z3) : _mm512_unpacklo_epi8(z2, z3);
-    const __m512i v0 = _mm512_unpacklo_epi16(a, b), v1 = _mm512_unpackhi_epi16(a, b);
-    for (int g = 0; g < CG; ++g) weigh4(acc[g], wd + ((g0 + g) * P.ngv + c.j) * 2 * BN + n0, v0, v1);
-  }
-  for (int g = 0; g < CG; ++g) {
-    const __m512 f = _mm512_set1_ps(ps[(g0 + g) * P.ngv + c.j]);
-    for (int k = 0; k < 2; ++k) {
-      add_digit_sums(o + (g0 + g) * P.Rvp + c.col + 16 * k, acc[g][2 * k], acc[g][2 * k + 1], f);
-    }
+  for (int64_t c = 0; c < (P.cbv + 31) / 32; ++c) {
+    const Codes cc{32 * c, P.cbv - 32 * c, 0, 32 * c};
+#define KVFX_VALUE_PASS(CG, g0) value_pass<CG, 8>(r, n, cc, g0, o)
+    KVFX_EACH_PASS(P.G, KVFX_VALUE_PASS)
+#undef KVFX_VALUE_PASS
   }
 }
 

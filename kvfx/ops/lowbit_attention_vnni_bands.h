@@ -11,7 +11,8 @@
 //   row (BandPlan::query_entry), so key_pass sums u·x and the offset takes 4 · sum x; values k = 2q + 1 from
 //   value_z, 4 rows a dword in value_z's column order (value_pass<., 2>);
 // * an 8-bit unit (an int8 band's 64-column chunk, an int5 band's 32-column group transcoded): the int8 format's
-//   (key_pass8, the sums of a band's units kept in iacc; value_pass8, an int5 value chunk's two groups its halves).
+//   (key_pass8, the sums of a band's units kept in iacc; value_pass<., 8>, 16 columns a C tile in column order:
+//   BandPlan::rows16, so int5 values read the keys' transcoded copy, not the tile unit's paired chunks).
 // The int32 sums are scaled and summed in float as the tile path's (band_sums, weights): the same numbers but for
 // the order of the float sums.
 
@@ -138,9 +139,8 @@ void VnniWorker::band_value_sums(const Rows& r, const Rows& tr, int n, float* o)
   for (size_t i = 0; i < V.item_ct.size(); ++i) {
     const BandPlan::Unit& un = V.units[V.item_unit[i]];
     const Rows& src = un.tr ? tr : r;
-    const int ct = V.item_ct[i];
-    // an int5 chunk holds two groups (64 bytes, one half each); an int8 chunk's C tiles 2, 3 are its high half
-    const Codes c{un.at, un.bits == 5 ? 64 : un.bytes, V.item_ws[i], 16 * ct, un.bits == 5 ? un.half : (ct - un.ct) / 2};
+    const int ct = V.item_ct[i], skip = 16 * (ct - un.ct);  // an 8-bit unit's pairs: 32 columns (bytes) each
+    const Codes c{un.at + skip, un.bytes - skip, V.item_ws[i], 16 * ct};
     if (un.bits == 4) {
 #define KVFX_VALUE_PASS(CG, g0) value_pass<CG, 4>(src, n, c, g0, o)
       KVFX_EACH_PASS(P.G, KVFX_VALUE_PASS)
@@ -150,9 +150,9 @@ void VnniWorker::band_value_sums(const Rows& r, const Rows& tr, int n, float* o)
       KVFX_EACH_PASS(P.G, KVFX_VALUE_PASS)
 #undef KVFX_VALUE_PASS
     } else {
-#define KVFX_VALUE_PASS8(CG, g0) value_pass8<CG>(src, n, c, g0, o)
-      KVFX_EACH_PASS(P.G, KVFX_VALUE_PASS8)
-#undef KVFX_VALUE_PASS8
+#define KVFX_VALUE_PASS(CG, g0) value_pass<CG, 8>(src, n, c, g0, o)
+      KVFX_EACH_PASS(P.G, KVFX_VALUE_PASS)
+#undef KVFX_VALUE_PASS
     }
   }
 }
@@ -164,8 +164,8 @@ void VnniWorker::band_block(const Rows& kr, const Rows& vr, int64_t bh, const fl
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const BandPlan &K = *P.plan, &V = *P.vplan;
   const uint64_t c0 = stage_clock();
-  const Rows tkr = transcode(kr, K, tk, true, P.shared);  // a shared latent's values read the key rows
-  const Rows tvr = P.shared ? tkr : transcode(vr, V, tv, false, true);
+  const Rows tkr = transcode(kr, K, tk, true, false);  // values read int5 codes as keys do (BandPlan::rows16)
+  const Rows tvr = P.shared ? tkr : transcode(vr, V, tv, true, false);
   band_scales(kr, K, ks);
   if (P.shared) shared_value_scales(ks, K, V, vs);
   else band_scales(vr, V, vs);
