@@ -107,6 +107,9 @@ void VnniWorker::band_key_scores(const Rows& rr, const Rows& tr, int t, int64_t 
       __m512i z[16];  // z[d], lane n: row n's dword d
       if (un.bytes <= 16) {
         dwords16(src, un.at, un.bytes, z, dwords);
+      } else if (un.bytes <= 32) {
+        dwords16(src, un.at, 16, z, 4);
+        dwords16(src, un.at + 16, un.bytes - 16, z + 4, dwords - 4);
       } else {
         for (int i = 0; i < 16; ++i) z[i] = _mm512_maskz_loadu_epi8(first_bytes(un.bytes), src[i] + un.at);
         transpose16(z);
