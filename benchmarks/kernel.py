@@ -11,8 +11,9 @@ real step reads them: each layer's rows come from memory). Prints ms per layer, 
     KVFX_AVX2_INTEGER=1 python benchmarks/kernel.py   # AVX2-only CPUs: the opt-in integer path
     python benchmarks/kernel.py --stages          # AVX-512 VNNI / AMX CPUs: where a block's time goes, by stage
 
-Bands rows (kv-bits-*) take the integer path too: on AMX int2 codes as int4 groups, the int8 band as int8 chunks,
-int3 / int5 bands transcoded to their levels (int4 nibbles / bytes) a block of rows at a time; on AVX2 int4 / int3 / int2 codes as 4-bit integers (not bands with an int8 band).
+Bands rows (kv-bits-*) take the integer path too: on AMX and AVX-512 VNNI int2 codes as int4 groups, the int8 band as
+int8 chunks, int3 / int5 bands transcoded to their levels (int4 nibbles / bytes) a block of rows at a time; on AVX2
+int4 / int3 / int2 codes as 4-bit integers (not bands with an int8 band).
 """
 from __future__ import annotations
 

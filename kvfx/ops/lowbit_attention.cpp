@@ -21,12 +21,13 @@
 //   int4 / int8 rows read by up to 4 query rows a kv head (per-head latents) take AVX-512 VNNI, not the tile unit
 //   (lowbit_attention_vnni.h: the same integers and roundings, no tile layouts; KVFX_NO_VNNI=1: the tile unit).
 //   CPUs with AVX-512 VNNI / VBMI and GFNI but no AMX (Ice Lake, AMD Zen 4; KVFX_INT without KVFX_AMX): int4 / int8
-//   rows take the VNNI blocks for any number of query rows (KVFX_NO_VNNI=1: the float path); bands the float path.
+//   rows and bands take the VNNI blocks for any number of query rows (lowbit_attention_vnni.h,
+//   lowbit_attention_vnni_bands.h; KVFX_NO_VNNI=1: the float path).
 // * Integer on AVX2, opt-in (KVFX_AVX2_INTEGER=1; int4 / int3 / int2 rows and bands of them, CPUs with AVX2 but not
 //   AVX-512: AMD Zen 1-3; namespace avx2i, lowbit_attention_avx2i.h): the codes as 4-bit integers with an offset,
 //   VPMADDUBSW against the query rounded to 8 bits per 32-column group (scores) and against the weights p·s rounded to 8 bits per block
 //   (value sums); float arithmetic applies the scales and runs the softmax.
-// * Float (16/32-bit latents; int8 / int4 rows elsewhere, bands without AMX, int3 / int5 bands not whole 16-column
+// * Float (16/32-bit latents; int8 / int4 rows and bands elsewhere, int3 / int5 bands not whole 16-column
 //   runs, or with KVFX_NO_AMX=1): rows decoded to float32 into
 //   a buffer, the scores as 16-row tiles (one query row against 16 key rows in registers, reduced by a shuffle
 //   tree), the value sums in registers: the reference's numbers up to float32 round-off. Plain C++ (GCC vector
@@ -704,7 +705,7 @@ inline void prefetch_rows(const char* base, int64_t rows, int64_t ld, int64_t by
 
 // Which integer path int4 / int2 rows and bands take here: 1, AMX (int8 rows too; built with AMX-INT8, AVX-512 VBMI
 // / VNNI and GFNI, and the CPU and the OS allow it at run time), 3, AVX-512 VNNI without the tile unit (int4 and int8
-// rows, not bands: the VNNI blocks, AMX's integers and roundings; built with AVX-512 VBMI / VNNI and GFNI: Ice Lake,
+// rows and bands: the VNNI blocks, AMX's integers and roundings; built with AVX-512 VBMI / VNNI and GFNI: Ice Lake,
 // Zen 4 and later), 2, AVX2 (built with AVX2 but not AVX-512, and asked for:
 // KVFX_AVX2_INTEGER=1; its 8-bit roundings move the output more than AMX's, see lowbit_attention_avx2i.h), or 0
 // where there is none or the environment variable KVFX_NO_AMX is set (not "0"): rows are decoded to float32 like

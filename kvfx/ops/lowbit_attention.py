@@ -13,7 +13,7 @@ CPU: a C++ kernel (lowbit_attention.cpp), built on first use with torch.utils.cp
 and ninja; cached under ~/.cache/torch_extensions). It reads the cache's [:, :, :N] views of its reserved storage
 in place, a block of rows at a time, with an online softmax per split-K chunk. On CPUs with AMX-INT8 (Sapphire
 Rapids and later; `integer_path()`) int8 / int4 / int2 rows and bands of them (bits per direction:
-lowbit_attention_amx_bands.h; int3 / int5 bands of whole 16-column runs are first transcoded, a block of rows at a
+lowbit_attention_bands.h, lowbit_attention_amx_bands.h; int3 / int5 bands of whole 16-column runs are first transcoded, a block of rows at a
 time, to their levels k = 2q + 1 as int4 / int8 codes) never become floats: the tile unit computes the scores as int8
 dot products of the stored codes with the query, rounded once per call to integers (12 bits for int4, 16 for int8,
 one scale per query row), and the value sums as int8 dot products of the codes with the softmax weights times the
@@ -24,7 +24,8 @@ bounds them); int4 / int8 rows read by up to 4 query rows a kv head (per-head la
 sums with AVX-512 VNNI instead (lowbit_attention_vnni.h; the tile unit idles on so few rows). On CPUs with AVX-512
 VNNI, VBMI and GFNI but no tile unit (Intel Ice Lake, AMD Zen 4; `integer_rounding()` "vnni") int4 / int8 rows take
 those VNNI blocks for any number of query rows (a shared latent's 9: passes of up to 4), with the same integers and
-roundings; bands there are decoded to float32. On CPUs with AVX2 but
+roundings, and so do bands (lowbit_attention_vnni_bands.h: the tile path's units, query digits and int3 / int5
+transcoding, lowbit_attention_bands.h). On CPUs with AVX2 but
 not AVX-512 (AMD Zen 1-3; lowbit_attention_avx2i.h), with KVFX_AVX2_INTEGER=1,
 int4 / int3 / int2 rows and bands of them (not those with an int8 or int5 band) take an integer path too: VPMADDUBSW on the
 codes as 4-bit integers, the query rounded to 8 bits per 32-column group and the weights to 8 bits per block — 2-17 %
@@ -242,7 +243,7 @@ def takes_integer_path(rounding: str | None, kind: str) -> bool:
 
 def integer_rounding(device: str | torch.device = "cpu") -> str | None:
     """Which integer path runs here and so how it rounds: "amx" (the query to 12 / 16 bits a row, the value weights
-    to 16 bits), "vnni" (AVX-512 VNNI without AMX: int4 / int8 rows, not bands, rounded as "amx" rounds them), "avx2"
+    to 16 bits), "vnni" (AVX-512 VNNI without AMX: the rows "amx" takes, rounded as it rounds them), "avx2"
     (the query to 8 bits a 32-column group, the weights to 8 bits), or None."""
     if not kernel_available(device):
         return None

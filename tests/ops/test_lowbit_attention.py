@@ -222,8 +222,8 @@ def test_int4_rows_in_registers_skip_exact_rows(monkeypatch):
        mask=st.sampled_from([None, "bool"]), shared=st.booleans(), seed=st.integers(0, 99))
 def test_bands_and_int2_rows_match_reference(g, n, widths, bits, rv, mask, shared, seed):
     """Bits per direction (kvfx.quant bands: int8 / int5 / int4 / int3 / int2 runs of columns in one row) and whole
-    int2 rows: on the integer path (AMX; int3 / int5 runs of whole 16-column runs transcoded, others on the float
-    path) within the bound of its rounding, elsewhere
+    int2 rows: on the integer path (AMX, AVX-512 VNNI; int3 / int5 runs of whole 16-column runs transcoded, others on
+    the float path) within the bound of its rounding, elsewhere
     (each band decoded in column order) the
     reference's numbers to float32 round-off. Widths cross group ends (32), 64-column int8 units and the 64-number
     int2 vectors."""
@@ -526,7 +526,7 @@ BAND_CASES = [("int8x48+int4x224+int2x80", 9, 300, True, None), ("int4x16+int2x1
 
 @pytest.mark.parametrize("case", BAND_CASES)
 def test_integer_path_rounds_bands_as_documented(case, integer):
-    """Bands on the integer path. AMX: 4/2-bit units summed as int4 groups (int2 as k = 2q + 1 at half the scale),
+    """Bands on the integer path. AMX and AVX-512 VNNI: 4/2-bit units summed as int4 groups (int2 as k = 2q + 1 at half the scale),
     int8 bands as int8 chunks, one query scale per row with the int8 band's columns at 16x the precision of the rest
     (_query_steps). AVX2: every band's groups of 32 as 4-bit codes with an offset (int2 / int3: q + 8, mid-rise), one
     query scale a group. Float64 attention with the query rounded so leaves only the weights' rounding; a query
