@@ -165,7 +165,7 @@ class VnniWorker {
   Rows transcode(const Rows& r, const BandPlan& plan, int8_t* buf, bool keys, bool values) const;
   void band_key_scores(const Rows& r, const Rows& tr, int t, int64_t bh, const float* add);
   void band_value_sums(const Rows& r, const Rows& tr, int n, float* o);
-  void band_block(const Rows& kr, const Rows& vr, int64_t bh, const float* add, float* m, float* l, float* o);
+  void band_rows(const Rows& kr, const Rows& vr, Rows& tkr, Rows& tvr);
 };
 
 // The block's scale codes -> out[j * BN + r] = 2^(e/8) (block_scales' numbers, a gather of 16 rows at a time), 0
@@ -452,19 +452,28 @@ void VnniWorker::run(int64_t task) {
     prefetch_rows(krows + (r0 + rows) * P.ksn, next, P.ksn, P.krow);
     if (!P.shared) prefetch_rows(vrows + (r0 + rows) * P.vsn, next, P.vsn, P.vrow);
     block_add(P, b, r0, rows, add);
-    P.plan ? band_block(kr, vr, bh, add, m, l, o) : block(kr, vr, bh, add, m, l, o);
+    block(kr, vr, bh, add, m, l, o);
   }
 }
 
+// A block of rows: scale codes (bands: and their transcoding), scores, softmax, weights, value sums.
 void VnniWorker::block(const Rows& kr, const Rows& vr, int64_t bh, const float* add, float* m, float* l, float* o) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const uint64_t c0 = stage_clock();
-  scales(kr, P.cbk, P.ngk, ks);
-  if (!P.shared) scales(vr, P.cbv, P.ngv, vs);
+  Rows tkr = kr, tvr = vr;  // bands: the rows with their int3 / int5 bands transcoded
+  if (P.plan) {
+    band_rows(kr, vr, tkr, tvr);
+  } else {
+    scales(kr, P.cbk, P.ngk, ks);
+    if (!P.shared) scales(vr, P.cbv, P.ngv, vs);
+  }
   const uint64_t c1 = stage_clock();
   const int T = (kr.rows + 15) / 16;
   const bool i4 = P.kind == kInt4;
-  for (int t = 0; t < T; ++t) i4 ? key_scores(kr, t, bh, add + 16 * t) : key_scores8(kr, t, bh, add + 16 * t);
+  for (int t = 0; t < T; ++t) {
+    if (P.plan) band_key_scores(kr, tkr, t, bh, add + 16 * t);
+    else i4 ? key_scores(kr, t, bh, add + 16 * t) : key_scores8(kr, t, bh, add + 16 * t);
+  }
   for (int64_t g = 0; g < P.G; ++g) std::fill(s_ + g * BN + 16 * T, s_ + (g + 1) * BN, kNegInf);
   const uint64_t c2 = stage_clock();
   block_softmax(s_, pf, P.G, P.Rvp, m, l, o);
@@ -472,6 +481,7 @@ void VnniWorker::block(const Rows& kr, const Rows& vr, int64_t bh, const float* 
   weights();
   const uint64_t c4 = stage_clock();
   const int n = static_cast<int>(round_up(kr.rows, 4));
-  i4 ? value_sums(P.shared ? kr : vr, n, o) : value_sums8(P.shared ? kr : vr, n, o);
+  if (P.plan) band_value_sums(P.shared ? kr : vr, tvr, n, o);
+  else i4 ? value_sums(P.shared ? kr : vr, n, o) : value_sums8(P.shared ? kr : vr, n, o);
   stage_counts({c0, c1, c2, c3, c4, stage_clock()}, {0, 1, 2, 3, 4}, kr.rows);
 }

@@ -161,26 +161,13 @@ void VnniWorker::band_value_sums(const Rows& r, const Rows& tr, int n, float* o)
 }
 #undef KVFX_EACH_PASS
 
-// block() for bands: transcoding and scale codes, scores, softmax, weights, value sums.
-void VnniWorker::band_block(const Rows& kr, const Rows& vr, int64_t bh, const float* add, float* m, float* l,
-                            float* o) {
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// block()'s first stage for bands: the rows' int3 / int5 bands transcoded (tkr, tvr; a shared latent's values read
+// the key rows) and their scale codes times the plans' multipliers (ks, vs).
+void VnniWorker::band_rows(const Rows& kr, const Rows& vr, Rows& tkr, Rows& tvr) {
   const BandPlan &K = *P.plan, &V = *P.vplan;
-  const uint64_t c0 = stage_clock();
-  const Rows tkr = transcode(kr, K, tk, true, false);  // values read int5 codes as keys do (BandPlan::rows16)
-  const Rows tvr = P.shared ? tkr : transcode(vr, V, tv, true, false);
+  tkr = transcode(kr, K, tk, true, false);  // values read int5 codes as keys do (BandPlan::rows16)
+  tvr = P.shared ? tkr : transcode(vr, V, tv, true, false);
   band_scales(kr, K, ks);
   if (P.shared) shared_value_scales(ks, K, V, vs);
   else band_scales(vr, V, vs);
-  const uint64_t c1 = stage_clock();
-  const int T = (kr.rows + 15) / 16;
-  for (int t = 0; t < T; ++t) band_key_scores(kr, tkr, t, bh, add + 16 * t);
-  for (int64_t g = 0; g < P.G; ++g) std::fill(s_ + g * BN + 16 * T, s_ + (g + 1) * BN, kNegInf);
-  const uint64_t c2 = stage_clock();
-  block_softmax(s_, pf, P.G, P.Rvp, m, l, o);
-  const uint64_t c3 = stage_clock();
-  weights();
-  const uint64_t c4 = stage_clock();
-  band_value_sums(P.shared ? kr : vr, tvr, static_cast<int>(round_up(kr.rows, 4)), o);
-  stage_counts({c0, c1, c2, c3, c4, stage_clock()}, {0, 1, 2, 3, 4}, kr.rows);
 }
