@@ -19,11 +19,12 @@
 // * Values, 4 rows a step: byte i of 4 rows gathered in one dword (VPERMB), its nibbles sign-extended (columns 2i,
 //   2i + 1 of the group), against the broadcast weights' digits of the 4 rows (hi and lo, u8): the tile path's sums.
 // * int8 rows (key_scores8 / value_sums8): the keys' 64-column chunks transposed 16 rows at a time, u = k + 128
-//   against each of the query's two digits; the values interleaved 4 rows a dword by the tile path's own unpacks.
+//   against each of the query's two digits; the values 4 rows a dword by two byte permutes of 32 columns, 16
+//   columns a C tile in column order (the tile path's unpack order would leave padding lanes in narrow rows).
 // * More than 4 query rows: passes of up to 4 (sizes as even as possible: 9 = 3 + 3 + 3), so each pass's int32 sums
-//   stay in registers, over operands laid out once: int4 keys' per group (the passes' float sums go to s_), int8
-//   keys' per 64-column chunk (the int32 sums wait in `iacc` between chunks), int4 values' by the first pass into
-//   `vop`; int8 values are unpacked again by each pass (cheaper than a copy).
+//   stay in registers, over operands laid out once: keys' per group (int4; the passes' float sums go to s_) or
+//   64-column chunk (int8; the int32 sums wait in `iacc` between chunks), values' by the first pass into `vop`.
+// * Bands: lowbit_attention_vnni_bands.h, with these operands per unit.
 // Built with the rest of namespace amx (KVFX_INT: AVX-512 BW / VBMI / VNNI and GFNI).
 constexpr int kVnniG = 4;  // query rows a kv head up to which VNNI beats the tile unit on AMX CPUs (SmolLM2: 3)
 
