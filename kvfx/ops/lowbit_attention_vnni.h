@@ -163,7 +163,7 @@ class VnniWorker {
   // bands (lowbit_attention_vnni_bands.h)
   void band_corrections(int64_t bh);
   void band_scales(const Rows& r, const BandPlan& plan, float* out) const;
-  Rows transcode(const Rows& r, const BandPlan& plan, int8_t* buf, bool keys, bool values) const;
+  Rows transcode(const Rows& r, const BandPlan& plan, int8_t* buf) const;
   void band_key_scores(const Rows& r, const Rows& tr, int t, int64_t bh, const float* add);
   void band_value_sums(const Rows& r, const Rows& tr, int n, float* o);
   void band_rows(const Rows& kr, const Rows& vr, Rows& tkr, Rows& tvr);

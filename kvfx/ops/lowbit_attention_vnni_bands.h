@@ -72,12 +72,12 @@ void VnniWorker::band_scales(const Rows& r, const BandPlan& plan, float* out) co
   }
 }
 
-// The block's rows with their int3 / int5 bands transcoded into buf (plan.trans_bytes a row) for the key operands
-// and / or the value operands; the rows as they are for bands without them.
-VnniWorker::Rows VnniWorker::transcode(const Rows& r, const BandPlan& plan, int8_t* buf, bool keys,
-                                       bool values) const {
+// The block's rows with their int3 / int5 bands transcoded into buf (plan.trans_bytes a row): int5 as the keys read
+// it, which the values read too (BandPlan::rows16; the tile unit's paired copy is not written); the rows as they are
+// for bands without them.
+VnniWorker::Rows VnniWorker::transcode(const Rows& r, const BandPlan& plan, int8_t* buf) const {
   if (plan.trans.empty()) return r;
-  transcode_rows(trans_ctl(), plan.trans, [&](int i) { return r[i]; }, r.rows, buf, plan.trans_bytes, keys, values);
+  transcode_rows(trans_ctl(), plan.trans, [&](int i) { return r[i]; }, r.rows, buf, plan.trans_bytes, true, false);
   return Rows{reinterpret_cast<const char*>(buf), plan.trans_bytes, r.rows, zero};
 }
 
@@ -165,8 +165,8 @@ void VnniWorker::band_value_sums(const Rows& r, const Rows& tr, int n, float* o)
 // the key rows) and their scale codes times the plans' multipliers (ks, vs).
 void VnniWorker::band_rows(const Rows& kr, const Rows& vr, Rows& tkr, Rows& tvr) {
   const BandPlan &K = *P.plan, &V = *P.vplan;
-  tkr = transcode(kr, K, tk, true, false);  // values read int5 codes as keys do (BandPlan::rows16)
-  tvr = P.shared ? tkr : transcode(vr, V, tv, true, false);
+  tkr = transcode(kr, K, tk);
+  tvr = P.shared ? tkr : transcode(vr, V, tv);
   band_scales(kr, K, ks);
   if (P.shared) shared_value_scales(ks, K, V, vs);
   else band_scales(vr, V, vs);
