@@ -142,6 +142,7 @@ class Config:
     py_attend: bool = False          # kvfx: decode attention through the Python op (KVFX_NO_DECODE_KERNEL=1)
     bmm: bool = False                # kvfx: a decode step's small matmuls left as ATen bmm (KVFX_NO_DECODE_MATMUL=1)
     ungrouped: bool = False          # kvfx: one linear call a weight, not (q, k, v) / (gate, up) (KVFX_NO_LINEAR_GROUPS=1)
+    py_codec: bool = False           # kvfx: the cache's writes / reads through the Python ops (KVFX_NO_CPP_CODEC=1)
 
     def kinds(self, wanted: list[str]) -> list[str]:
         """Cache kinds this configuration runs with (kvfx: each of --cache-kinds)."""
@@ -151,9 +152,9 @@ class Config:
 
 
 _KVFX = re.compile(r"kvfx-(head|layer|kv)-([0-9]*\.?[0-9]+)(?:-(int8|int4))?(-decoded|-avx2int|-tile)?(-atenlinear)?(-pyattend)?"
-                   r"(-bmm)?(-ungrouped)?")
+                   r"(-bmm)?(-ungrouped)?(-pycodec)?")
 # allocate_bits' bands in BUDGET (842: no int3; 5: with int5), -sSrW: the first S and last W tokens also held in 16 bits
-_BITS = re.compile(r"kvfx-kv-bits(842|5)?-([0-9]*\.?[0-9]+)(?:-s([0-9]+)r([0-9]+))?(-decoded|-avx2int)?(-uncentred)?(-atenlinear)?(-pyattend)?")
+_BITS = re.compile(r"kvfx-kv-bits(842|5)?-([0-9]*\.?[0-9]+)(?:-s([0-9]+)r([0-9]+))?(-decoded|-avx2int)?(-uncentred)?(-atenlinear)?(-pyattend)?(-pycodec)?")
 LEVELS = {None: (8, 4, 3, 2), "842": (8, 4, 2), "5": (8, 5, 4, 3, 2)}
 EXACT_CONTEXT = 512  # exact rows' bytes reserved from the budget at the quality protocol's context (same layout)
 DEFAULT_CONFIGS = ["original-dynamic", "original-static", "kvfx-head-0.5", "kvfx-head-0.25", "kvfx-layer-0.5",
@@ -175,12 +176,13 @@ def parse_config(name: str) -> Config:
         return Config(name, "kvfx", "kv", float(m.group(2)), "bits", levels=LEVELS[m.group(1)],
                       decoded=m.group(5) == "-decoded", avx2_integer=m.group(5) == "-avx2int",
                       exact=(int(m.group(3) or 0), int(m.group(4) or 0)), uncentred=bool(m.group(6)),
-                      aten_linear=bool(m.group(7)), py_attend=bool(m.group(8)))
+                      aten_linear=bool(m.group(7)), py_attend=bool(m.group(8)), py_codec=bool(m.group(9)))
     m = _KVFX.fullmatch(name)
     if m and 0 < float(m.group(2)) <= 1 and not (m.group(4) and not m.group(3)):
         return Config(name, "kvfx", m.group(1), float(m.group(2)), m.group(3), decoded=m.group(4) == "-decoded",
                       avx2_integer=m.group(4) == "-avx2int", tile=m.group(4) == "-tile", aten_linear=bool(m.group(5)),
-                      py_attend=bool(m.group(6)), bmm=bool(m.group(7)), ungrouped=bool(m.group(8)))
+                      py_attend=bool(m.group(6)), bmm=bool(m.group(7)), ungrouped=bool(m.group(8)),
+                      py_codec=bool(m.group(9)))
     raise ValueError(f"unknown configuration {name!r}: use original-dynamic, original-static, kvfx-identity, "
                      "peer-quanto-int4, peer-quanto-int2, kvfx-{head|layer|kv}-RANK[-int8|-int4] with RANK in "
                      "(0, 1] (e.g. kvfx-kv-0.5-int8) or kvfx-kv-bits-BUDGET (allocate_bits, BUDGET in (0, 1); "
@@ -195,7 +197,8 @@ def parse_config(name: str) -> Config:
                      "+ '-pyattend': decode attention through the Python op (KVFX_NO_DECODE_KERNEL=1); a per-head / "
                      "layer / kv configuration + '-bmm' (last): a decode step's small matmuls left to ATen's bmm "
                      "(KVFX_NO_DECODE_MATMUL=1), + '-ungrouped' (last): one linear call a weight, not one for q, k, v "
-                     "and one for gate, up (KVFX_NO_LINEAR_GROUPS=1); "
+                     "and one for gate, up (KVFX_NO_LINEAR_GROUPS=1), + '-pycodec' (last): the cache's writes and "
+                     "reads through kvfx's Python ops, not their C++ twins (KVFX_NO_CPP_CODEC=1); "
                      "original-dynamic-kvfxlinear "
                      "/ original-static-kvfxlinear: the original with kvfx's decode linears only")
 
@@ -214,7 +217,7 @@ def kvfx_linear_backend(compile_opts: dict):
 # Config flags and the environment switch each sets while its configuration runs.
 SWITCHES = {"decoded": "KVFX_NO_AMX", "avx2_integer": "KVFX_AVX2_INTEGER", "tile": "KVFX_NO_VNNI",
             "aten_linear": "KVFX_NO_DECODE_LINEAR", "py_attend": "KVFX_NO_DECODE_KERNEL", "bmm": "KVFX_NO_DECODE_MATMUL",
-            "ungrouped": "KVFX_NO_LINEAR_GROUPS"}
+            "ungrouped": "KVFX_NO_LINEAR_GROUPS", "py_codec": "KVFX_NO_CPP_CODEC"}
 
 
 class Applied:

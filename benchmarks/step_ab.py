@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     dtype, device = getattr(torch, args.dtype), torch.device("cpu")
     memo, built = {}, []
     for config in configs:
+        _switch(config)  # only its own switches while it is built (its cache reads some when it is made)
         model = ss.load_model(args.model, ss.model_config(args.model, 2), dtype, device)
         shape = ss.model_shape(model.config)
         app = ss.Applied(model, config, config.kinds(["dynamic"])[0], {}, memo, {})

@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from . import quant
 from .ops import lowbit_attention  # noqa: F401  (registers torch.ops.kvfx.*)
-from .passes import cache_contract as cc
+from .passes import cache_contract as cc, decode_kernel
 from .projections import Projections, SiteProjection
 
 
@@ -32,6 +32,7 @@ class _LowRankLayerMixin:
         for width in {proj.key_rank, 0 if proj.shared else proj.value_rank} - {0}:
             quant.row_bytes(quantize, width)  # a bands format must span the latent (a clear error, before any write)
         self.kvfx_quantize = quantize
+        self.kvfx_cpp_codec = bool(quantize) and torch.device(device).type == "cpu" and decode_kernel.cpp_codec()
         self.kvfx_exact = quant.exact_of(quantize)  # (sinks, recent) tokens whose latents are held in 16 bits
         self.kvfx_exact_keys = self.kvfx_exact_values = self.kvfx_exact_positions = None
         cast = lambda t: t.to(dtype=dtype, device=device).contiguous()  # noqa: E731
@@ -114,7 +115,8 @@ class _LowRankLayerMixin:
         if sum(self.kvfx_exact):
             self._keep_exact(k, v, self._start())
         if kind:
-            k, v = _quantize(k, kind), (_quantize(v, kind) if rv else v.to(torch.int8))
+            k = _quantize(k, kind, self.kvfx_cpp_codec)
+            v = _quantize(v, kind, self.kvfx_cpp_codec) if rv else v.to(torch.int8)
         keys, values = self._store(k, v, *args, **kwargs)
         if kind:  # one opaque node each: a decode step reads the codes directly (kvfx::decode_attention)
             codes = quant.codes_of(kind)
@@ -128,11 +130,14 @@ class _LowRankLayerMixin:
         return torch.matmul(keys, self.kvfx_key_up), torch.matmul(values, self.kvfx_value_up)
 
 
-def _quantize(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """Latent rows as the cache stores them. Many rows on CPU (a prefill, a chunk): kvfx::quantize, the C++ encoder
-    (one opaque node; Inductor's kernel for quant.quantize's ops runs ~10× slower); one row (a decode step) or
-    another device: quant.quantize's torch ops, which Inductor fuses into the step's own kernels."""
-    if x.device.type == "cpu" and x.shape[-2] > 1:
+def _quantize(x: torch.Tensor, kind: str, cpp_codec: bool) -> torch.Tensor:
+    """Latent rows as the cache stores them. On CPU: kvfx::quantize, the C++ encoder (one opaque node; Inductor's
+    kernel for quant.quantize's ops runs ~10× slower on many rows, and on a decode step's one row allocates a buffer
+    per band's scale and codes, ~40 a layer); compiled, passes/decode_kernel.py calls it as a C++ op. One row without
+    that pass (KVFX_NO_DECODE_KERNEL=1, no C++ build) or another device: quant.quantize's torch ops, which Inductor
+    fuses into the step's own kernels (the Python op's dispatch would cost more than they do). `cpp_codec`: whether
+    the pass will (decode_kernel.cpp_codec(), read when the cache is built: Dynamo then guards on a bool)."""
+    if x.device.type == "cpu" and (x.shape[-2] > 1 or cpp_codec):
         return torch.ops.kvfx.quantize(x, kind)
     return quant.quantize(x, kind)
 

@@ -1310,6 +1310,71 @@ torch::Tensor attend_meta(const torch::Tensor& q, const torch::Tensor& kc, const
   return at::empty_symint({q.sym_size(0), q.sym_size(1), q.sym_size(2), c10::SymInt(shared ? rk : rv)}, q.options());
 }
 
+// kvfx::quantize and kvfx::dequantize as C++ ops (passes/decode_kernel.py puts them in the Python ops' place: their
+// dispatch costs ~20-250 us a call, one or two a layer and step or prompt; these the dispatcher's few us), with what
+// the Python ops do around quantize_rows / dequantize_rows_as: any float dtype and strides, the default tables, a
+// held position's exact row written over its decoded one.
+const torch::Tensor& default_down_scales() {  // 2^(-e/8): kvfx.ops.lowbit_attention._scales(-1)
+  static const torch::Tensor* table = new torch::Tensor(at::exp2(-at::arange(-128, 128, at::kFloat) / 8));
+  return *table;
+}
+
+int64_t row_bytes_of(int64_t width, int64_t bits, const std::vector<int64_t>& spec) {
+  return bits == 8 || bits == 4 ? Format(bits == 8 ? kInt8 : kInt4, static_cast<int>(width)).row_elems
+                                : Format(spec).row_elems;
+}
+
+// spec's widths of -1: the rows' width (a whole-row int5 / int3 / int2 format's one band)
+std::vector<int64_t> full_width(std::vector<int64_t> spec, int64_t width) {
+  for (size_t i = 1; i < spec.size(); i += 2)
+    if (spec[i] < 0) spec[i] = width;
+  return spec;
+}
+
+torch::Tensor encode(const torch::Tensor& x, int64_t bits, std::vector<int64_t> spec) {
+  spec = full_width(std::move(spec), x.size(-1));
+  const auto t = x.scalar_type();
+  const torch::Tensor rows = t == torch::kFloat32 || t == torch::kBFloat16 ? x.contiguous()
+                                                                          : x.to(torch::kFloat32).contiguous();
+  return quantize_rows(rows, x.size(-1), bits, std::move(spec), default_scales(), default_down_scales());
+}
+
+torch::Tensor encode_meta(const torch::Tensor& x, int64_t bits, std::vector<int64_t> spec) {
+  std::vector<c10::SymInt> sizes(x.sym_sizes().begin(), x.sym_sizes().end());
+  sizes.back() = c10::SymInt(row_bytes_of(x.size(-1), bits, full_width(spec, x.size(-1))));
+  return at::empty_symint(sizes, x.options().dtype(torch::kInt8));
+}
+
+torch::Tensor decode(const torch::Tensor& stored, int64_t width, int64_t bits, std::vector<int64_t> spec,
+                     at::ScalarType dtype, const std::optional<torch::Tensor>& exact_rows,
+                     const std::optional<torch::Tensor>& positions, const std::optional<torch::Tensor>& offset) {
+  const bool direct = dtype == torch::kFloat32 || dtype == torch::kBFloat16;  // else a cast after
+  std::optional<torch::Tensor> off;
+  if (offset.has_value() && offset->defined()) {
+    std::vector<int64_t> sizes = stored.sizes().vec();
+    sizes.back() = width;
+    off = offset->to(torch::kFloat32).expand(sizes);
+  }
+  torch::Tensor out = dequantize_rows_as(stored, width, bits, std::move(spec), default_scales(), off,
+                                         direct ? dtype : torch::kFloat32);
+  if (!direct) out = out.to(dtype);
+  if (positions.has_value() && positions->defined()) {  // kvfx.ops.lowbit_attention._put_exact
+    const torch::Tensor& p = *positions;
+    const torch::Tensor held = p.ge(0).logical_and(p.lt(out.size(2)));
+    torch::Tensor rows = off ? exact_rows->to(torch::kFloat32) + offset->to(torch::kFloat32) : *exact_rows;
+    out.index_copy_(2, p.masked_select(held), rows.index_select(2, held.nonzero().flatten()).to(out.scalar_type()));
+  }
+  return out;
+}
+
+torch::Tensor decode_meta(const torch::Tensor& stored, int64_t width, int64_t bits, std::vector<int64_t> spec,
+                          at::ScalarType dtype, const std::optional<torch::Tensor>& exact_rows,
+                          const std::optional<torch::Tensor>& positions, const std::optional<torch::Tensor>& offset) {
+  std::vector<c10::SymInt> sizes(stored.sym_sizes().begin(), stored.sym_sizes().end());
+  sizes.back() = c10::SymInt(width);
+  return at::empty_symint(sizes, stored.options().dtype(dtype));
+}
+
 // One op namespace per build (TORCH_EXTENSION_NAME: kvfx_lowbit_attention, kvfx_lowbit_attention_x86_64_v2, …), so
 // builds for several -march values load side by side. (An indirection: TORCH_LIBRARY pastes its argument unexpanded.)
 #define KVFX_REGISTER(ns)                                \
@@ -1327,17 +1392,24 @@ torch::Tensor attend_meta(const torch::Tensor& q, const torch::Tensor& kc, const
     m.def("attend(Tensor q, Tensor kc, Tensor vc, int rk, int rv, int bits, float scale, Tensor? mask, "   \
           "bool shared, int[] kbands, int[] vbands, Tensor? exact_keys=None, Tensor? exact_values=None, " \
           "Tensor? positions=None) -> Tensor");          \
+    m.def("encode(Tensor x, int bits, int[] spec) -> Tensor"); \
+    m.def("decode(Tensor stored, int width, int bits, int[] spec, ScalarType dtype, Tensor? exact_rows=None, " \
+          "Tensor? positions=None, Tensor? offset=None) -> Tensor"); \
   }                                                      \
   TORCH_LIBRARY_IMPL(ns, CPU, m) {                       \
     m.impl("linear", &linear_op);                        \
     m.impl("linears", &linears_op);                      \
     m.impl("small_matmul", &small_matmul);               \
     m.impl("attend", &attend);                           \
+    m.impl("encode", &encode);                           \
+    m.impl("decode", &decode);                           \
   }                                                      \
   TORCH_LIBRARY_IMPL(ns, Meta, m) {                      \
     m.impl("linear", &linear_meta);                      \
     m.impl("linears", &linears_meta);                    \
     m.impl("small_matmul", &small_matmul_meta);          \
     m.impl("attend", &attend_meta);                      \
+    m.impl("encode", &encode_meta);                      \
+    m.impl("decode", &decode_meta);                      \
   }
 KVFX_REGISTER(TORCH_EXTENSION_NAME)

@@ -74,10 +74,10 @@ def options_of(compiled: Any) -> tuple[torch.nn.Module, CompileOptions]:
             f"({torch.__version__}) changed its internals. Pass the plain module to kvfx.compress instead.") from e
 
 
-# Inductor settings kvfx asks for in CPU inference graphs (the user's own options win): no size / stride assert
-# after each ATen or kvfx op call in the generated wrapper (SmolLM2's step: ~700 calls, ~2 % of a step at 16k
-# tokens; kvfx's ops' shapes are checked by their fake kernels, tests/ops' opcheck).
-DECODE_PATCHES = {"size_asserts": False}
+# Inductor settings kvfx asks for in CPU inference graphs (the user's own options win): no size / stride or alignment
+# assert after each ATen or kvfx op call in the generated wrapper (SmolLM2's step: ~700 calls, ~2 % of a step at 16k
+# tokens; kvfx's ops' shapes are checked by their fake kernels, tests/ops' opcheck; their outputs are fresh tensors).
+DECODE_PATCHES = {"size_asserts": False, "alignment_asserts": False}
 
 
 def inner_compiler(opts: CompileOptions) -> Callable:

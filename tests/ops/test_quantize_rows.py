@@ -78,9 +78,13 @@ def test_strided_rows_and_opcheck():
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8x2+int4x2|sinks1"])
-def test_cache_writes_many_rows_through_the_op(kind, monkeypatch):
-    """kvfx's cache encodes a prefill's rows with kvfx::quantize and a decode step's one row with quant.quantize's
-    ops (which Inductor fuses into the step); a read returns the same rounded latents either way."""
+@pytest.mark.parametrize("cpp_codec", [True, False])
+def test_cache_writes_many_rows_through_the_op(kind, cpp_codec, monkeypatch):
+    """kvfx's cache encodes a prefill's rows with kvfx::quantize, and a decode step's one row too where compiled
+    graphs call it as the C++ op (passes/decode_kernel.py); with KVFX_NO_CPP_CODEC=1 the step's row goes through
+    quant.quantize's ops (which Inductor fuses into the step). A read returns the same rounded latents either way."""
+    if not cpp_codec:
+        monkeypatch.setenv("KVFX_NO_CPP_CODEC", "1")
     calls = []
     real = torch.ops.kvfx.quantize
     monkeypatch.setattr(torch.ops.kvfx, "quantize", lambda x, k: calls.append(x.shape[-2]) or real(x, k))
@@ -89,7 +93,8 @@ def test_cache_writes_many_rows_through_the_op(kind, monkeypatch):
     k, v = torch.randn(2, 2, 13, 8), torch.randn(2, 2, 13, 8)
     layer.update(k[:, :, :12], v[:, :, :12])
     keys, _ = layer.update(k[:, :, 12:], v[:, :, 12:])
-    assert calls == [12, 12]  # keys and values of the prefill; none for the step
+    # keys and values of the prefill, then of the step where the C++ op takes it
+    assert calls == ([12, 12, 1, 1] if cpp_codec and la.kernel_available("cpu") else [12, 12])
     latent = k @ site.key_down
     want = quant.fake_quant(latent, kind) @ site.key_up.transpose(1, 2)
     torch.testing.assert_close(keys[:, :, 1:], want[:, :, 1:], rtol=1e-5, atol=1e-5)  # row 0: a sink, held exact

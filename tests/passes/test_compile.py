@@ -52,3 +52,24 @@ def test_inference_graphs_drop_the_wrappers_size_asserts_unless_the_user_keeps_t
     assert "assert_size_stride(" not in code({})
     assert "assert_size_stride(" in code({"size_asserts": True})
     assert "assert_size_stride(" in code({}, grad=True)
+
+
+def test_inference_graphs_drop_the_alignment_asserts_of_kvfx_ops_outputs():
+    """The low-bit cache's write (kvfx_lowbit_attention.encode, an int8 output) gets no assert_alignment in the
+    generated wrapper (DECODE_PATCHES) unless the user asks for Inductor's."""
+    import copy
+    from torch._inductor.utils import run_and_get_code
+    m = tiny_llama(layers=1)
+    proj = random_projections(m, rank=4)
+    ids = torch.randint(3, 60, (1, 6))
+
+    def code(options):
+        torch._dynamo.reset()
+        cm = kvfx.compress(torch.compile(copy.deepcopy(m), options=options), proj, quantize="int4")
+        with torch.no_grad():
+            _, sources = run_and_get_code(lambda: cm.generate(ids, max_new_tokens=2, do_sample=False,
+                                                              pad_token_id=0, eos_token_id=None))
+        return "\n".join(sources)
+
+    assert "kvfx_lowbit_attention.encode" in code({}) and "assert_alignment(" not in code({})
+    assert "assert_alignment(" in code({"alignment_asserts": True})

@@ -1,9 +1,11 @@
-"""Pass 5b — decode kernel: a CPU graph's kvfx::decode_attention calls the C++ op `attend` on the same kernel.
+"""Pass 5b — decode kernel: a CPU graph's kvfx::decode_attention calls the C++ op `attend` on the same kernel, and
+kvfx::quantize / dequantize call `encode` / `decode`.
 
-The op against the Python op it stands for (bit-equal: the same kernel and scale table, for every row format,
-masks, exact rows, bfloat16 queries; fake kernel via opcheck); the pass's counter (`decode_kernels`: one per call)
-beside numerics (Inductor's tokens and logits equal those with the switch KVFX_NO_DECODE_KERNEL=1, which keeps
-the Python op); kvfx's kept graphs still show kvfx.decode_attention; other devices leave it alone."""
+The ops against the Python ops they stand for (bit-equal: the same kernels and scale tables, for every row format,
+masks, exact rows, offsets, bfloat16 queries and rows; fake kernels via opcheck); the pass's counters
+(`decode_kernels`, `codec_kernels`: one per call) beside numerics (Inductor's tokens and logits equal those with the
+switches KVFX_NO_DECODE_KERNEL=1 / KVFX_NO_CPP_CODEC=1, which keep the Python ops); kvfx's kept graphs still show
+kvfx.decode_attention; other devices leave it alone."""
 import copy
 
 import pytest
@@ -101,3 +103,74 @@ def test_wanted_only_on_cpu_with_the_switch_off(monkeypatch):
     assert decode_kernel.wanted([torch.zeros(1)]) and not decode_kernel.wanted([torch.zeros(1, device="meta")])
     monkeypatch.setenv("KVFX_NO_DECODE_KERNEL", "1")
     assert not decode_kernel.wanted([torch.zeros(1)])
+
+
+def _ext():
+    return la._extension()
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 9), width=st.integers(1, 70), kind=st.sampled_from(KINDS[:-1]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), offset=st.booleans(),
+       exact=st.booleans(), strided=st.booleans(), seed=st.integers(0, 99))
+def test_codec_ops_are_the_python_ops(rows, width, kind, dtype, offset, exact, strided, seed):
+    """encode = kvfx::quantize and decode = kvfx::dequantize, bit for bit: any float dtype, strided rows, a whole-row
+    int5 / int3 / int2 band of the rows' width (-1 in its spec), offsets, exact rows at held positions."""
+    gen = torch.Generator().manual_seed(seed)
+    width = quant.width_of(kind) or width
+    x = (torch.randn(2, 3, rows, 2 * width, generator=gen) * 3)[..., ::2] if strided else \
+        torch.randn(2, 3, rows, width, generator=gen) * 3
+    x = x.to(dtype)
+    bits, spec = decode_kernel._encode_format(kind)
+    stored = _ext().encode(x, bits, spec)
+    assert torch.equal(stored, torch.ops.kvfx.quantize(x, kind))
+    torch.library.opcheck(_ext().encode.default, (x, bits, spec), test_utils=("test_schema", "test_faketensor"))
+    extra = [None, None, None]
+    if exact:
+        pos = torch.tensor([0, rows + 2, -1, rows - 1])
+        extra[:2] = torch.randn(2, 3, 4, width, generator=gen).to(torch.bfloat16), pos
+    if offset:
+        extra[2] = torch.randn(3, 1, width, generator=gen)
+    bits, spec, _ = la.kernel_format(kind, width, 0, True)
+    got = _ext().decode(stored, width, bits, spec, dtype, *extra)
+    want = torch.ops.kvfx.dequantize(stored, width, kind, dtype, *extra)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    torch.library.opcheck(_ext().decode.default, (stored, width, bits, spec, dtype, *extra),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("quantize", ["int4", "int3", "int8x2+int4x2"])
+def test_the_pass_binds_the_caches_writes_and_reads_and_changes_no_number(quantize, monkeypatch):
+    """Every kvfx::quantize (a prompt's rows and each step's one row) and kvfx::dequantize (a prompt's read) of the
+    compiled graphs becomes encode / decode; tokens and logits those of the Python ops (KVFX_NO_CPP_CODEC=1)."""
+    m = tiny_llama(2)
+    ids = model_inputs(m, batch=2, tokens=5)
+    P = random_projections(m, rank=4, seed=7)
+    gen = dict(do_sample=False, eos_token_id=None, pad_token_id=0, max_new_tokens=4, output_logits=True,
+               return_dict_in_generate=True)
+    seen = []
+    real = decode_kernel.decode_kernels
+    monkeypatch.setattr(decode_kernel, "decode_kernels", lambda gm: seen.append(real(gm)) or seen[-1])
+    with torch.no_grad():
+        out = kvfx.compress(torch.compile(copy.deepcopy(m)), P, quantize=quantize).generate(ids, **gen)
+        count = kvfx.counters["kvfx"]["codec_kernels"]
+        monkeypatch.setenv("KVFX_NO_CPP_CODEC", "1")
+        torch._dynamo.reset()
+        kvfx.counters.clear()
+        ref = kvfx.compress(torch.compile(copy.deepcopy(m)), P, quantize=quantize).generate(ids, **gen)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert torch.equal(torch.stack(out.logits), torch.stack(ref.logits))
+    # prompt: 2 layers × (quantize k, v + dequantize k, v); step: 2 layers × quantize k, v
+    assert count == 12 and kvfx.counters["kvfx"]["codec_kernels"] == 0
+    first = seen[:len(seen) // 2]
+    assert sum(_calls(g, _ext().encode.default) for g in first) == 8
+    assert sum(_calls(g, _ext().decode.default) for g in first) == 4
+    python_ops = (torch.ops.kvfx.quantize, torch.ops.kvfx.quantize.default, torch.ops.kvfx.dequantize,
+                  torch.ops.kvfx.dequantize.default)
+    assert not any(n.target in python_ops for g in first for n in g.graph.nodes if n.op == "call_function")
+
+
+def test_cpp_codec_switch(monkeypatch):
+    assert decode_kernel.cpp_codec()
+    monkeypatch.setenv("KVFX_NO_CPP_CODEC", "1")
+    assert not decode_kernel.cpp_codec()

@@ -131,3 +131,20 @@ def test_small_matmul_is_matmul(x_shape, c_shape, dtype):
         torch.testing.assert_close(got.double(), want, rtol=1e-5 if dtype == torch.float32 else 8e-3,
                                    atol=1e-4 if dtype == torch.float32 else 1e-2)
     torch.library.opcheck(op, (x, c))
+
+
+@pytest.mark.skipif(not la.kernel_available("cpu"), reason="no C++ compiler: the pass writes the multiply-sum")
+@pytest.mark.parametrize("x_shape, c_shape", [((1, 3, 3, 64), (3, 64, 360)), ((1, 3, 3, 320), (3, 320, 64)),
+                                              ((1, 1, 192), (192, 360)), ((2, 9, 1, 64), (9, 64, 70))])
+def test_small_matmul_rows_split_among_threads_change_no_number(x_shape, c_shape):
+    """Rows split among threads (each row's sums in one thread, in the same order): the numbers of one thread."""
+    op = la._extension().small_matmul.default
+    g = torch.Generator().manual_seed(c_shape[-1])
+    x, c = torch.randn(x_shape, generator=g), torch.randn(c_shape, generator=g)
+    one = op(x, c)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert torch.equal(op(x, c), one)
+    finally:
+        torch.set_num_threads(threads)

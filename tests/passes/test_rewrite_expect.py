@@ -180,16 +180,20 @@ attn_output = torch._C._nn.scaled_dot_product_attention(matmul, fake_quant, fake
         gm = decode_graph("dynamic", quantize="int4", means=True)
         # Look for: the cache writing latent - offset as int4 codes, and the decode kernel's output getting the
         # value offset back once (the key offset shifts every score of a query alike: softmax drops it).
-        write = graph_excerpt(gm, "k = torch.matmul", "v_1 = ")  # v·C folded into v_proj: value_states is v·C
+        # v·C folded into v_proj: value_states is v·C; kvfx::quantize encodes a step's row too (the C++ op `encode`
+        # in the graph handed to Inductor, passes/decode_kernel.py)
+        write = graph_excerpt(gm, "k = torch.matmul", "v_2 = ")
         step = graph_excerpt(gm, "decode_attention_default =", "reshape_3 =")
         self.assertExpectedInline(write + "\n...\n" + step, """\
 k = torch.matmul(k_embed, kvfx_key_down)
 k_1 = k - l_kwargs_cache_layers_0_kvfx_key_offset
 v_1 = value_states - l_kwargs_cache_layers_0_kvfx_value_offset
+k_2 = torch.ops.kvfx.quantize(k_1, 'int4')
+v_2 = torch.ops.kvfx.quantize(v_1, 'int4')
 ...
 decode_attention_default = torch.ops.kvfx.decode_attention.default(reshape_2, keys, values, 4, 4, 'int4', 0.3535533905932738, None, False)
-add_18 = torch.add(decode_attention_default, l_kwargs_cache_layers_0_kvfx_value_offset)
-reshape_3 = add_18.reshape(-1, 4, 1, 4)""")
+add_16 = torch.add(decode_attention_default, l_kwargs_cache_layers_0_kvfx_value_offset)
+reshape_3 = add_16.reshape(-1, 4, 1, 4)""")
 
     def test_gpt2_fused_qkv(self):
         m = tiny_gpt2(1)
