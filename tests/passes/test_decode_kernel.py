@@ -74,8 +74,10 @@ def _calls(gm, target):
     return sum(n.op == "call_function" and n.target is target for n in gm.graph.nodes)
 
 
-@pytest.mark.parametrize("quantize", ["int4", "int8x2+int4x2"])
-def test_the_pass_binds_every_call_and_changes_no_number(quantize, monkeypatch):
+def _generate_twice(quantize, switch, counter, monkeypatch):
+    """Generate with a compressed tiny llama, then again with the environment `switch` set (the Python ops kept):
+    tokens and logits equal (the same kernels, the same numbers). Returns the first run's model, the graphs the pass
+    made for it, and its `counter`."""
     m = tiny_llama(2)
     ids = model_inputs(m, batch=2, tokens=5)
     P = random_projections(m, rank=4, seed=7)
@@ -87,15 +89,21 @@ def test_the_pass_binds_every_call_and_changes_no_number(quantize, monkeypatch):
     with torch.no_grad():
         cm = kvfx.compress(torch.compile(copy.deepcopy(m)), P, quantize=quantize)
         out = cm.generate(ids, **gen)
-        monkeypatch.setenv("KVFX_NO_DECODE_KERNEL", "1")
+        count, first = kvfx.counters["kvfx"][counter], len(seen)
+        monkeypatch.setenv(switch, "1")
         torch._dynamo.reset()
         ref = kvfx.compress(torch.compile(copy.deepcopy(m)), P, quantize=quantize).generate(ids, **gen)
     assert torch.equal(out.sequences, ref.sequences)
-    assert torch.equal(torch.stack(out.logits), torch.stack(ref.logits))  # the same kernel, the same numbers
+    assert torch.equal(torch.stack(out.logits), torch.stack(ref.logits))
+    return cm, seen[:first], count
+
+
+@pytest.mark.parametrize("quantize", ["int4", "int8x2+int4x2"])
+def test_the_pass_binds_every_call_and_changes_no_number(quantize, monkeypatch):
+    cm, seen, count = _generate_twice(quantize, "KVFX_NO_DECODE_KERNEL", "decode_kernels", monkeypatch)
     decode = torch.ops.kvfx.decode_attention.default
-    graphs = cm._kvfx.backend.graphs
-    kept = sum(_calls(g, decode) for g in graphs)
-    assert kept == 2 and kvfx.counters["kvfx"]["decode_kernels"] == kept  # two layers' decode step
+    kept = sum(_calls(g, decode) for g in cm._kvfx.backend.graphs)
+    assert kept == 2 and count == kept  # two layers' decode step
     assert sum(_calls(g, _attend()) for g in seen) == kept and sum(_calls(g, decode) for g in seen) == 0
 
 
@@ -143,31 +151,14 @@ def test_codec_ops_are_the_python_ops(rows, width, kind, dtype, offset, exact, s
 def test_the_pass_binds_the_caches_writes_and_reads_and_changes_no_number(quantize, monkeypatch):
     """Every kvfx::quantize (a prompt's rows and each step's one row) and kvfx::dequantize (a prompt's read) of the
     compiled graphs becomes encode / decode; tokens and logits those of the Python ops (KVFX_NO_CPP_CODEC=1)."""
-    m = tiny_llama(2)
-    ids = model_inputs(m, batch=2, tokens=5)
-    P = random_projections(m, rank=4, seed=7)
-    gen = dict(do_sample=False, eos_token_id=None, pad_token_id=0, max_new_tokens=4, output_logits=True,
-               return_dict_in_generate=True)
-    seen = []
-    real = decode_kernel.decode_kernels
-    monkeypatch.setattr(decode_kernel, "decode_kernels", lambda gm: seen.append(real(gm)) or seen[-1])
-    with torch.no_grad():
-        out = kvfx.compress(torch.compile(copy.deepcopy(m)), P, quantize=quantize).generate(ids, **gen)
-        count = kvfx.counters["kvfx"]["codec_kernels"]
-        monkeypatch.setenv("KVFX_NO_CPP_CODEC", "1")
-        torch._dynamo.reset()
-        kvfx.counters.clear()
-        ref = kvfx.compress(torch.compile(copy.deepcopy(m)), P, quantize=quantize).generate(ids, **gen)
-    assert torch.equal(out.sequences, ref.sequences)
-    assert torch.equal(torch.stack(out.logits), torch.stack(ref.logits))
+    _, seen, count = _generate_twice(quantize, "KVFX_NO_CPP_CODEC", "codec_kernels", monkeypatch)
     # prompt: 2 layers × (quantize k, v + dequantize k, v); step: 2 layers × quantize k, v
-    assert count == 12 and kvfx.counters["kvfx"]["codec_kernels"] == 0
-    first = seen[:len(seen) // 2]
-    assert sum(_calls(g, _ext().encode.default) for g in first) == 8
-    assert sum(_calls(g, _ext().decode.default) for g in first) == 4
+    assert count == 12
+    assert sum(_calls(g, _ext().encode.default) for g in seen) == 8
+    assert sum(_calls(g, _ext().decode.default) for g in seen) == 4
     python_ops = (torch.ops.kvfx.quantize, torch.ops.kvfx.quantize.default, torch.ops.kvfx.dequantize,
                   torch.ops.kvfx.dequantize.default)
-    assert not any(n.target in python_ops for g in first for n in g.graph.nodes if n.op == "call_function")
+    assert not any(n.target in python_ops for g in seen for n in g.graph.nodes if n.op == "call_function")
 
 
 def test_cpp_codec_switch(monkeypatch):
