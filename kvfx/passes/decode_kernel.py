@@ -3,9 +3,9 @@
     kvfx.decode_attention(q, K, V, rk, rv, kind, scale, mask, shared, …)
         ==>  kvfx_lowbit_attention.attend(q, K, V, rk, rv, bits(kind), scale, mask, shared,
                                           bands(kind, rk), bands(kind, rv), …)
-    kvfx.quantize(x, kind)                          ==>  kvfx_lowbit_attention.encode(x, bits(kind), bands(kind, R))
-    kvfx.dequantize(rows, R, kind, dtype, …)        ==>  kvfx_lowbit_attention.decode(rows, R, bits(kind), bands(kind, R),
-                                                                                      dtype, …)
+    kvfx.quantize(x, kind)                    ==>  kvfx_lowbit_attention.encode(x, bits(kind), bands(kind, R))
+    kvfx.dequantize(rows, R, kind, dtype, …)  ==>  kvfx_lowbit_attention.decode(rows, R, bits(kind), bands(kind, R),
+                                                                                dtype, …)
 
 `kvfx::decode_attention` (ops/lowbit_attention.py) is a Python custom op: every call it picks the kernel for the
 device, reshapes the mask and turns the row format's name into the kernel's integers — ~100-250 µs of Python a
@@ -19,8 +19,8 @@ built, not in live mode (training), and not with KVFX_NO_DECODE_KERNEL=1.
 The cache's writes and a prompt's reads likewise: `kvfx::quantize` (each layer's new rows) and `kvfx::dequantize` (a
 prefill's or a chunk's read) are Python custom ops too, ~75 µs and ~100-250 µs of dispatch a call where the C++
 encoder takes ~6 µs for a decode step's row. Their C++ twins `encode` / `decode` do what the Python ops do around
-the same C++ functions (same bytes, same numbers). One counter per call (`codec_kernels`); KVFX_NO_CPP_CODEC=1 keeps them all there (and a decode step's row on
-quant.quantize's torch ops, as before these ops: an A/B switch).
+the same C++ functions (same bytes, same numbers). One counter per call (`codec_kernels`); KVFX_NO_CPP_CODEC=1
+keeps the Python ops (and a decode step's row on quant.quantize's torch ops, as before these ops: an A/B switch).
 """
 from __future__ import annotations
 
