@@ -82,16 +82,10 @@ def dequantize(stored: torch.Tensor, width: int, kind: str, dtype: torch.dtype, 
         out = quant.dequantize(stored, dtype, width, kind).contiguous()  # what the fake kernel promises
         out = out if positions is None else _put_exact(out, exact_rows, positions)
         return out if offset is None else out.add_(offset.to(out.dtype))
-    # the C++ reader: the offset added to each float32 row, the sum rounded once to float32 or bfloat16 (others: a
-    # cast after)
-    bits, direct = _BITS.get(kind, -1), dtype in (torch.float32, torch.bfloat16)
-    off = None if offset is None else offset.to(torch.float32).expand(*stored.shape[:-1], width)
-    out = ext.dequantize_rows_as(stored, width, bits, list(_band_spec(kind, width)) if bits < 0 else [], _scales(),
-                                 off, dtype if direct else torch.float32)
-    out = out if direct else out.to(dtype)
-    if positions is not None:
-        _put_exact(out, exact_rows if offset is None else exact_rows.float() + offset.float(), positions)
-    return out
+    # the C++ reader (the op `decode`, which compiled CPU graphs call directly: passes/decode_kernel.py): the offset
+    # added to each float32 row, the sum rounded once to float32 or bfloat16 (others: a cast after)
+    bits, spec, _ = kernel_format(kind, width, 0, True)
+    return ext.decode(stored, width, bits, spec, dtype, exact_rows, positions, offset)
 
 
 @torch.library.custom_op("kvfx::quantize", mutates_args=())
@@ -105,10 +99,8 @@ def quantize(x: torch.Tensor, kind: str) -> torch.Tensor:
     ext = _extension() if x.device.type == "cpu" and width > 0 else None
     if ext is None:
         return quant.quantize(x, kind)
-    bits = _BITS.get(kind, -1)
-    spec = list(_band_spec(kind, width)) if bits < 0 else []
-    rows = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()  # bfloat16: widened in the encoder
-    return ext.quantize_rows(rows.contiguous(), width, bits, spec, _scales(), _scales(-1))
+    bits, spec, _ = kernel_format(kind, width, 0, True)
+    return ext.encode(x, bits, spec)  # the op compiled CPU graphs call directly (bfloat16: widened in the encoder)
 
 
 @quantize.register_fake

@@ -121,6 +121,88 @@ def _ext():
 @given(rows=st.integers(1, 9), width=st.integers(1, 70), kind=st.sampled_from(KINDS[:-1]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), offset=st.booleans(),
        exact=st.booleans(), strided=st.booleans(), seed=st.integers(0, 99))
+def test_codec_ops_against_plain_torch(rows, width, kind, dtype, offset, exact, strided, seed):
+    """encode with the pass's arguments (a whole-row int5 / int3 / int2 band as -1: the rows' width) stores
+    quant.quantize's bytes for any float dtype and strided rows; decode reads the float32 reader's numbers plus the
+    offset, rounded once to the dtype, with the exact rows (plus the offset) at held positions. The Python ops
+    call the same C++ ops (no second copy of their logic)."""
+    gen = torch.Generator().manual_seed(seed)
+    width = quant.width_of(kind) or width
+    x = (torch.randn(2, 3, rows, 2 * width, generator=gen) * 3)[..., ::2] if strided else \
+        torch.randn(2, 3, rows, width, generator=gen) * 3
+    x = x.to(dtype)
+    stored = _ext().encode(x, *decode_kernel._encode_format(kind))
+    # quant.quantize's ceil(8·log2) may pick the next scale code within float round-off of an integer (~1e-5 of
+    # groups; tests/ops/test_quantize_rows.py); these draws have none
+    assert torch.equal(stored, quant.quantize(x.float(), kind))
+    torch.library.opcheck(_ext().encode.default, (x, *decode_kernel._encode_format(kind)),
+                          test_utils=("test_schema", "test_faketensor"))
+    extra = [None, None, None]
+    if exact:
+        extra[:2] = torch.randn(2, 3, 4, width, generator=gen).to(torch.bfloat16), torch.tensor([0, rows + 2, -1, 0])
+        extra[1][3] = rows - 1
+    if offset:
+        extra[2] = torch.randn(3, 1, width, generator=gen)
+    bits, spec, _ = la.kernel_format(kind, width, 0, True)
+    got = _ext().decode(stored, width, bits, spec, dtype, *extra)
+    off = extra[2] if offset else torch.zeros(1)
+    # the float32 reader tests/ops checks against quant.dequantize (to its exp2 table's last bits), then in torch
+    want = (_ext().dequantize_rows(stored, width, bits, spec, la._scales()) + off).to(dtype)
+    if exact:
+        want = la._put_exact(want, (extra[0].float() + off).to(dtype), extra[1])
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(torch.ops.kvfx.dequantize(stored, width, kind, dtype, *extra), got)
+    torch.library.opcheck(_ext().decode.default, (stored, width, bits, spec, dtype, *extra),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def _generate_twice(quantize, switch, counter, monkeypatch):
+    """Generate with a compressed tiny llama, then again with the environment `switch` set (the Python ops kept):
+    tokens and logits equal (the same kernels, the same numbers). Returns the first run's model, the graphs the pass
+    made for it, and its `counter`."""
+    m = tiny_llama(2)
+    ids = model_inputs(m, batch=2, tokens=5)
+    P = random_projections(m, rank=4, seed=7)
+    gen = dict(do_sample=False, eos_token_id=None, pad_token_id=0, max_new_tokens=4, output_logits=True,
+               return_dict_in_generate=True)
+    seen = []
+    real = decode_kernel.decode_kernels
+    monkeypatch.setattr(decode_kernel, "decode_kernels", lambda gm: seen.append(real(gm)) or seen[-1])
+    with torch.no_grad():
+        cm = kvfx.compress(torch.compile(copy.deepcopy(m)), P, quantize=quantize)
+        out = cm.generate(ids, **gen)
+        count, first = kvfx.counters["kvfx"][counter], len(seen)
+        monkeypatch.setenv(switch, "1")
+        torch._dynamo.reset()
+        ref = kvfx.compress(torch.compile(copy.deepcopy(m)), P, quantize=quantize).generate(ids, **gen)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert torch.equal(torch.stack(out.logits), torch.stack(ref.logits))
+    return cm, seen[:first], count
+
+
+@pytest.mark.parametrize("quantize", ["int4", "int8x2+int4x2"])
+def test_the_pass_binds_every_call_and_changes_no_number(quantize, monkeypatch):
+    cm, seen, count = _generate_twice(quantize, "KVFX_NO_DECODE_KERNEL", "decode_kernels", monkeypatch)
+    decode = torch.ops.kvfx.decode_attention.default
+    kept = sum(_calls(g, decode) for g in cm._kvfx.backend.graphs)
+    assert kept == 2 and count == kept  # two layers' decode step
+    assert sum(_calls(g, _attend()) for g in seen) == kept and sum(_calls(g, decode) for g in seen) == 0
+
+
+def test_wanted_only_on_cpu_with_the_switch_off(monkeypatch):
+    assert decode_kernel.wanted([torch.zeros(1)]) and not decode_kernel.wanted([torch.zeros(1, device="meta")])
+    monkeypatch.setenv("KVFX_NO_DECODE_KERNEL", "1")
+    assert not decode_kernel.wanted([torch.zeros(1)])
+
+
+def _ext():
+    return la._extension()
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 9), width=st.integers(1, 70), kind=st.sampled_from(KINDS[:-1]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), offset=st.booleans(),
+       exact=st.booleans(), strided=st.booleans(), seed=st.integers(0, 99))
 def test_codec_ops_are_the_python_ops(rows, width, kind, dtype, offset, exact, strided, seed):
     """encode = kvfx::quantize and decode = kvfx::dequantize, bit for bit: any float dtype, strided rows, a whole-row
     int5 / int3 / int2 band of the rows' width (-1 in its spec), offsets, exact rows at held positions."""
