@@ -6,11 +6,13 @@
 // SmolLM2's weights at ~9-12 GB/s on this machine's 2 cores against ~20-25 GB/s for a plain sum: the weights, not the
 // cache, are most of a compressed decode step's bytes. This reads W once, 4 output rows at a time (each row's 8-float
 // vectors against every x row in registers), the output rows split over the threads: ~17-19 GB/s on 2 cores (AMD
-// EPYC, AVX2). With AVX-512, 8 rows a step, a cache line of each and the lines two steps ahead prefetched (on the
-// Sapphire Rapids VM ~21 GB/s, where MKL's sgemv reads ~19-22). bfloat16 weights (a bfloat16 model) are read as
-// they are: with AVX512-BF16 by VDPBF16PS against x as stored (~16 GB/s, where ATen's bfloat16 linear reads ~7),
-// else widened in registers (a bfloat16 number is the top half of a float32: zero-extend, shift by 16) against x
-// widened once a call; summed in float32 and rounded to bfloat16 once at the end, as ATen's bfloat16 linear rounds.
+// EPYC, AVX2). With AVX-512, up to 4 rows one weight row at a time (each thread's weights one sequential stream:
+// ~29-31 GB/s float32 on the Zen 4 VM, a plain sum's rate), 5-8 rows 8 weight rows a step, a cache line of each (on
+// Intel the lines two steps ahead prefetched: the Sapphire Rapids VM ~21 GB/s, where MKL's sgemv reads ~19-22).
+// bfloat16 weights (a bfloat16 model) are read as they are: with AVX512-BF16 by VDPBF16PS against x as stored
+// (~27-33 GB/s one row at a time on the Zen 4 VM, where ATen's bfloat16 linear reads ~7-10), else widened in
+// registers (a bfloat16 number is the top half of a float32: zero-extend, shift by 16) against x widened once a call;
+// summed in float32 and rounded to bfloat16 once at the end, as ATen's bfloat16 linear rounds.
 // Pasted into lowbit_attention.cpp's build by kvfx/ops/lowbit_attention.py (one .so, one first-use build) and
 // registered there as the ops `linear` and `linears` (several weights of one x in one call; CPU and Meta kernels, no
 // Python on the way: a Python custom op cost ~100 us a call, 211 calls a SmolLM2 step); it takes the kernel for float32 or bfloat16 inputs (x and W of one dtype) of
@@ -18,6 +20,7 @@
 // graphs compiled without grad.
 
 constexpr int64_t kMaxRows = 8;  // rows (batch × tokens) a call takes; more are a prefill, ATen's GEMM is right there
+constexpr int64_t kOneRow = 4;   // up to this many rows, AVX-512 kernels read one weight row at a time (one_row_*)
 
 namespace decode_linear {
 
@@ -137,6 +140,83 @@ inline void eight_rows_bf16(const at::BFloat16* w, int64_t ws, int64_t n, const 
 }
 #endif
 
+#if defined(__AVX512F__)
+// float32 on CPUs with AVX-512, up to kOneRow x rows (a decode step of up to 4 sequences): one weight row at a time,
+// 32 weights (two cache lines) a step against each of the M x rows in registers, two sums a row. One row at a time
+// makes each thread's weights one sequential stream, which the hardware prefetchers follow at the memory's speed: on
+// the AMD EPYC Zen 4 VM SmolLM2's step read ~29-31 GB/s, a plain sum's rate, where eight_rows_f32 (8 streams a
+// thread, with or without software prefetches) read ~21-25 (benchmarks/linear.py; 1.17x at 1 row and 1.04x at 4 in
+// an interleaved scratch A/B, the whole float32 decode step 1.06x); at 8 rows eight_rows_f32 was faster (0.88x: each
+// weight line then meets 8 x lines, the loads, not the memory, bound it).
+template <int M>
+inline void row_f32(const float* w, int64_t n, const float* x, float* y) {
+  __m512 a[M][2];
+  for (int m = 0; m < M; ++m) a[m][0] = a[m][1] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 w0 = _mm512_loadu_ps(w + i), w1 = _mm512_loadu_ps(w + i + 16);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      a[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * n + i), a[m][0]);
+      a[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * n + i + 16), a[m][1]);
+    }
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 wv = _mm512_maskz_loadu_ps(k, w + i);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) a[m][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(k, x + m * n + i), a[m][0]);
+  }
+  for (int m = 0; m < M; ++m) y[m] = _mm512_reduce_add_ps(_mm512_add_ps(a[m][0], a[m][1]));
+}
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// bfloat16 with AVX512-BF16, up to kOneRow x rows: eight_rows_bf16's VDPBF16PS, one weight row at a time, 64
+// weights a step, as row_f32 (on the Zen 4 VM ~27-33 GB/s where eight_rows_bf16 read ~19: 1.8x at 1 and 4 rows, the
+// bfloat16 decode step 1.035x; at 8 rows 0.98x, so eight_rows_bf16 keeps those).
+template <int M>
+inline void row_bf16(const at::BFloat16* w, int64_t n, const at::BFloat16* x, float* y) {
+  __m512 a[M][2];
+  for (int m = 0; m < M; ++m) a[m][0] = a[m][1] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + i), w1 = (__m512bh)_mm512_loadu_si512(w + i + 32);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      a[m][0] = _mm512_dpbf16_ps(a[m][0], w0, (__m512bh)_mm512_loadu_si512(x + m * n + i));
+      a[m][1] = _mm512_dpbf16_ps(a[m][1], w1, (__m512bh)_mm512_loadu_si512(x + m * n + i + 32));
+    }
+  }
+  for (; i < n; i += 32) {
+    const __mmask32 k = n - i >= 32 ? ~__mmask32(0) : (__mmask32(1) << (n - i)) - 1;
+    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(k, w + i);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m)
+      a[m][0] = _mm512_dpbf16_ps(a[m][0], wv, (__m512bh)_mm512_maskz_loadu_epi16(k, x + m * n + i));
+  }
+  for (int m = 0; m < M; ++m) y[m] = _mm512_reduce_add_ps(_mm512_add_ps(a[m][0], a[m][1]));
+}
+#endif
+
+// by_rows' kernel of one output row (K = 1) from a row kernel templated on the number of x rows (1 .. kOneRow).
+#define KVFX_ONE_ROW(NAME, ROW, T)                                                                  \
+  inline void NAME(const T* w, int64_t, int64_t n, const T* x, int64_t rows, float* y) {            \
+    switch (rows) {                                                                                 \
+      case 1: return ROW<1>(w, n, x, y);                                                            \
+      case 2: return ROW<2>(w, n, x, y);                                                            \
+      case 3: return ROW<3>(w, n, x, y);                                                            \
+      default: return ROW<4>(w, n, x, y);                                                           \
+    }                                                                                               \
+  }
+#if defined(__AVX512F__)
+KVFX_ONE_ROW(one_row_f32, row_f32, float)
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+KVFX_ONE_ROW(one_row_bf16, row_bf16, at::BFloat16)
+#endif
+#undef KVFX_ONE_ROW
+
 }  // namespace decode_linear
 
 // One weight of a call: W [out_n, in] of T (unit column stride, row stride ws), its bias [out_n] of T or null, and
@@ -150,9 +230,9 @@ struct Part {
 };
 
 // y = x · Wᵀ (+ bias) for every part (several weights of one x: an attention's q, k, v, an MLP's gate and up):
-// `kernel` (four_rows, eight_rows_*) on K output rows at a time, the parts' rows split over the threads as one range
-// (one fork and join a call), each sum rounded to Y once, after the bias; x as the kernel takes it (xk) and as
-// float32 (xf, for the last out_n % K rows of a part; null when there are none: no float32 copy of a bfloat16 x).
+// `kernel` (four_rows, eight_rows_*, one_row_*) on K output rows at a time, the parts' rows split over the threads as
+// one range (one fork and join a call), each sum rounded to Y once, after the bias; x as the kernel takes it (xk) and
+// as float32 (xf, for the last out_n % K rows of a part; null when there are none: no float32 copy of a bfloat16 x).
 template <int K, typename X, typename T, typename Y, typename Kernel>
 void by_rows(Kernel kernel, const X* xk, const float* xf, const std::vector<Part<T, Y>>& parts, int64_t rows,
              int64_t n) {
@@ -216,9 +296,14 @@ std::vector<at::Tensor> linear_parts(const at::Tensor& x, at::TensorList weights
   if (bf16) {
     using B = at::BFloat16;
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-    const at::Tensor xf = tails ? xc.to(at::kFloat) : at::Tensor();  // float32 x only where it is read
-    by_rows<8>(dl::eight_rows_bf16, xc.data_ptr<B>(), xf.defined() ? xf.data_ptr<float>() : nullptr,
-               parts(static_cast<B*>(nullptr), static_cast<B*>(nullptr)), rows, n);
+    if (rows <= kOneRow) {
+      by_rows<1>(dl::one_row_bf16, xc.data_ptr<B>(), nullptr, parts(static_cast<B*>(nullptr), static_cast<B*>(nullptr)),
+                 rows, n);
+    } else {
+      const at::Tensor xf = tails ? xc.to(at::kFloat) : at::Tensor();  // float32 x only where it is read
+      by_rows<8>(dl::eight_rows_bf16, xc.data_ptr<B>(), xf.defined() ? xf.data_ptr<float>() : nullptr,
+                 parts(static_cast<B*>(nullptr), static_cast<B*>(nullptr)), rows, n);
+    }
 #else
     const at::Tensor xf = xc.to(at::kFloat);
     by_rows<4>(dl::four_rows<B>, xf.data_ptr<float>(), xf.data_ptr<float>(),
@@ -228,7 +313,9 @@ std::vector<at::Tensor> linear_parts(const at::Tensor& x, at::TensorList weights
     const float* xp = xc.data_ptr<float>();
 #if defined(__AVX512F__)
     static const bool amd = __builtin_cpu_is("amd");
-    if (amd)
+    if (rows <= kOneRow)
+      by_rows<1>(dl::one_row_f32, xp, xp, parts(static_cast<float*>(nullptr), static_cast<float*>(nullptr)), rows, n);
+    else if (amd)
       by_rows<8>(dl::eight_rows_f32<false>, xp, xp, parts(static_cast<float*>(nullptr), static_cast<float*>(nullptr)),
                  rows, n);
     else
