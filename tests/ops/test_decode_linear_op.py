@@ -50,12 +50,19 @@ def test_bfloat16_sums_in_float32_and_rounds_once(rows, out, width, bias, stride
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-2)
 
 
-def test_batched_decode_shape_and_a_model_sized_layer():
-    x = torch.randn(3, 1, 576)  # [batch, one token, hidden]
-    w = torch.randn(1536, 576)
-    got = dl.op()(x, w, None)
-    assert got.shape == (3, 1, 1536)
-    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3, 4, 5, 8])
+def test_batched_decode_shape_and_model_sized_layers(batch, dtype):
+    """SmolLM2's widths (576 in, 1536 in for its down projection): many full steps of the kernels' loops (up to 4
+    rows one weight row at a time, 5-8 rows eight; ops/decode_linear.h) and their tails (1536 / 64 = 24 steps)."""
+    for width, out in ((576, 1536), (1536, 576), (576, 200)):
+        x = torch.randn(batch, 1, width).to(dtype)  # [batch, one token, hidden]
+        w = torch.randn(out, width).to(dtype)
+        got = dl.op()(x, w, None)
+        assert got.shape == (batch, 1, out) and got.dtype == dtype
+        exact = F.linear(x.double(), w.double())
+        tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(torch.bfloat16).eps
+        torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol * width ** 0.5 * 4)
 
 
 @pytest.mark.parametrize("case", ["prefill", "float16", "float64", "empty"])
