@@ -5,7 +5,7 @@ filled with random full-width keys/values through `cache.update` (no 16k-token p
 the values), then one token per step is decoded through the torch.compile'd forward; the median step latency of
 --steps steps after --warmup steps (compiles) is reported with ratios against original-dynamic and
 original-static of the same (model, dtype, batch, N), the bytes-ideal ratio and the fraction of the read-bandwidth
-bound. Prefill is timed separately at --prefill-len; the longest context that fits --memory-budget is extrapolated
+bound (the read bandwidth probed again right after each row's timed steps: a VM's slow spells move both). Prefill is timed separately at --prefill-len; the longest context that fits --memory-budget is extrapolated
 from the measured bytes per cached token and memory overhead.
 
 Configurations: original-dynamic / original-static (transformers' DynamicCache / StaticCache under
@@ -150,9 +150,11 @@ def decode(applied: Applied, shape, dtype, batch: int, tokens: int, args, mem: M
                     f"{args.peer_residual} steps ({timed} of the timed steps)")
     step = statistics.median(times[args.warmup:])
     del cache
+    release_memory()
+    bw = read_bandwidth(device, args.bandwidth_gib)  # beside the row: a VM's slow and fast spells move both
     return dict(step_ms=step * 1e3, tokens_per_s=batch / step, cache_bytes=nbytes, cache_allocated=held,
                 rss_delta=max(row_peak, peak) - start, step_extra=max(0, peak - before), peak_timed=peak,
-                note="; ".join(note))
+                read_bw=bw, note="; ".join(note))
 
 
 def _residual(cache):
@@ -263,7 +265,7 @@ def ratios(rows: list[dict], prefills: list[dict], bw: float) -> None:
         r["vs_static"] = sta["step_ms"] / r["step_ms"] if sta else None
         W = r["weight_bytes"]
         r["bytes_ideal"] = (W + dyn["cache_bytes"]) / (W + r["cache_bytes"]) if dyn else None
-        r["bw_fraction"] = (W + r["cache_bytes"]) / bw / (r["step_ms"] / 1e3)
+        r["bw_fraction"] = (W + r["cache_bytes"]) / r.get("read_bw", bw) / (r["step_ms"] / 1e3)
     pref = {(p["model"], p["dtype"]): p for p in prefills if p["config"] == "original-dynamic"}
     for p in prefills:
         o = pref.get((p["model"], p["dtype"]))

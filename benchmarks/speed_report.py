@@ -20,13 +20,14 @@ def _x(v, fmt="{:.2f}×"):
 
 def tables(res: dict, args) -> str:
     lines = ["| model | dtype | config | cache | batch | N | cache MiB | ΔRSS peak MiB | step memory MiB | step ms | "
-             "tokens/s | vs orig-dynamic | vs orig-static | bytes-ideal | bandwidth bound | notes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "tokens/s | vs orig-dynamic | vs orig-static | bytes-ideal | read GB/s | bandwidth bound | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['model']} | {r['dtype']} | {r['config']} | {r['cache']} | {r['batch']} | {r['N']} | "
                      f"{r['cache_bytes'] / MiB:.1f} | {r['rss_delta'] / MiB:.0f} | {r['step_extra'] / MiB:.0f} | "
                      f"{r['step_ms']:.2f} | {r['tokens_per_s']:.1f} | {_x(r['vs_dynamic'])} | {_x(r['vs_static'])} | "
-                     f"{_x(r['bytes_ideal'])} | {r['bw_fraction']:.2f} | {r['note'] or ''} |")
+                     f"{_x(r['bytes_ideal'])} | {r.get('read_bw', res['bandwidth']) / 1e9:.1f} | "
+                     f"{r['bw_fraction']:.2f} | {r['note'] or ''} |")
     if res["prefill"]:
         lines += ["", f"Prefill ({args.prefill_len} tokens, batch 1, fresh cache, median of {args.prefill_runs} "
                   "after one warm-up):", "",
@@ -67,10 +68,12 @@ def header(res: dict, args) -> str:
             f"threads; torch {torch.__version__}, "
             f"transformers {__import__('transformers').__version__}, Python {platform.python_version()}; compile "
             f"backend {args.backend}{', mode ' + args.mode if args.mode else ''}\n"
-            f"Read bandwidth (torch.sum over {args.bandwidth_gib:g} GiB float32): {res['bandwidth'] / 1e9:.1f} GB/s; "
+            f"Read bandwidth (torch.sum over {args.bandwidth_gib:g} GiB float32): {res['bandwidth'] / 1e9:.1f} GB/s at "
+            "the start, and again right after each row's timed steps (read GB/s: its bandwidth bound's); "
             f"decode: median of {args.steps} steps after {args.warmup} warm-up steps; cache filled with random "
             "full-width keys/values through cache.update; bytes-ideal = (weights + original-dynamic cache) / "
-            "(weights + this cache); bandwidth bound = ((weights + cache) / read bandwidth) / step time; ΔRSS peak = "
+            "(weights + this cache); bandwidth bound = ((weights + cache) / the row's read bandwidth) / step time; "
+            "ΔRSS peak = "
             "peak RSS of the row (fill, warm-up with its compiling, timed steps) − RSS at its start (the first row "
             "of a configuration carries its compilation); step memory = peak RSS during the timed steps − RSS just "
             f"before them{' (CUDA: torch.cuda allocated memory, not RSS)' if args.device == 'cuda' else ''}\n")

@@ -58,9 +58,12 @@ def test_quick_rows_and_ratios(quick):
     for r in rows.values():
         assert (r["batch"], r["N"]) == (1, 256)
         for key in ("step_ms", "tokens_per_s", "cache_bytes", "vs_dynamic", "vs_static", "bytes_ideal",
-                    "bw_fraction"):
+                    "bw_fraction", "read_bw"):
             assert r[key] is not None and r[key] > 0, (r["config"], key, r[key])
         assert r["tokens_per_s"] == pytest.approx(1e3 / r["step_ms"])
+        # the bandwidth bound divides by the read bandwidth measured beside the row, not the run's first probe
+        assert r["bw_fraction"] == pytest.approx((r["weight_bytes"] + r["cache_bytes"]) / r["read_bw"]
+                                                 / (r["step_ms"] / 1e3))
     assert rows[("original-dynamic", "dynamic")]["vs_dynamic"] == 1.0
     assert rows[("original-static", "static")]["vs_static"] == 1.0
     full = rows[("original-dynamic", "dynamic")]["cache_bytes"]
