@@ -5,8 +5,9 @@ filled with random full-width keys/values through `cache.update` (no 16k-token p
 the values), then one token per step is decoded through the torch.compile'd forward; the median step latency of
 --steps steps after --warmup steps (compiles) is reported with ratios against original-dynamic and
 original-static of the same (model, dtype, batch, N), the bytes-ideal ratio and the fraction of the read-bandwidth
-bound (the read bandwidth probed again right after each row's timed steps: a VM's slow spells move both). Prefill is timed separately at --prefill-len; the longest context that fits --memory-budget is extrapolated
-from the measured bytes per cached token and memory overhead.
+bound (the read bandwidth probed again before and after each row, the higher of the two: a VM's slow spells move
+both, and the higher bandwidth gives the lower bound). Prefill is timed separately at --prefill-len; the longest
+context that fits --memory-budget is extrapolated from the measured bytes per cached token and memory overhead.
 
 Configurations: original-dynamic / original-static (transformers' DynamicCache / StaticCache under
 `model.forward = torch.compile(model.forward)`); kvfx-{head|layer|kv}-RANK[-int8|-int4]
@@ -106,6 +107,7 @@ def plan(args, parser, mem: Memory) -> list[dict]:
 def decode(applied: Applied, shape, dtype, batch: int, tokens: int, args, mem: Memory, device) -> dict:
     sync = synchronizer(device)
     release_memory()
+    bw_before = read_bandwidth(device, args.bandwidth_gib)  # beside the row: a VM's slow and fast spells move both
     start = mem.current()
     mem.reset_peak()
     max_len = tokens + args.warmup + args.steps
@@ -151,10 +153,10 @@ def decode(applied: Applied, shape, dtype, batch: int, tokens: int, args, mem: M
     step = statistics.median(times[args.warmup:])
     del cache
     release_memory()
-    bw = read_bandwidth(device, args.bandwidth_gib)  # beside the row: a VM's slow and fast spells move both
+    bw_after = read_bandwidth(device, args.bandwidth_gib)
     return dict(step_ms=step * 1e3, tokens_per_s=batch / step, cache_bytes=nbytes, cache_allocated=held,
                 rss_delta=max(row_peak, peak) - start, step_extra=max(0, peak - before), peak_timed=peak,
-                read_bw=bw, note="; ".join(note))
+                read_bw=max(bw_before, bw_after), read_bw_probes=(bw_before, bw_after), note="; ".join(note))
 
 
 def _residual(cache):

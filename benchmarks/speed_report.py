@@ -69,7 +69,7 @@ def header(res: dict, args) -> str:
             f"transformers {__import__('transformers').__version__}, Python {platform.python_version()}; compile "
             f"backend {args.backend}{', mode ' + args.mode if args.mode else ''}\n"
             f"Read bandwidth (torch.sum over {args.bandwidth_gib:g} GiB float32): {res['bandwidth'] / 1e9:.1f} GB/s at "
-            "the start, and again right after each row's timed steps (read GB/s: its bandwidth bound's); "
+            "the start, and again before and after each row (read GB/s: the higher of the two, its bandwidth bound's); "
             f"decode: median of {args.steps} steps after {args.warmup} warm-up steps; cache filled with random "
             "full-width keys/values through cache.update; bytes-ideal = (weights + original-dynamic cache) / "
             "(weights + this cache); bandwidth bound = ((weights + cache) / the row's read bandwidth) / step time; "
