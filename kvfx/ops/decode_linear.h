@@ -147,7 +147,8 @@ inline void eight_rows_bf16(const at::BFloat16* w, int64_t ws, int64_t n, const 
 // the AMD EPYC Zen 4 VM SmolLM2's step read ~29-31 GB/s, a plain sum's rate, where eight_rows_f32 (8 streams a
 // thread, with or without software prefetches) read ~21-25 (benchmarks/linear.py; 1.17x at 1 row and 1.04x at 4 in
 // an interleaved scratch A/B, the whole float32 decode step 1.06x); at 8 rows eight_rows_f32 was faster (0.88x: each
-// weight line then meets 8 x lines, the loads, not the memory, bound it).
+// weight line then meets 8 x lines, the loads, not the memory, bound it). Intel CPUs take it too, unmeasured there
+// (the Sapphire Rapids VM measured the 8-row kernel; one sequential stream is what their prefetchers follow best).
 template <int M>
 inline void row_f32(const float* w, int64_t n, const float* x, float* y) {
   __m512 a[M][2];
