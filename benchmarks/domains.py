@@ -61,7 +61,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kvfx  # noqa: E402
-from kvfx.calib.bits import check_levels  # noqa: E402
+from kvfx.calib.bits import check_levels, format_name  # noqa: E402
 from kvfx.calib.collect import collect_stats, fit  # noqa: E402
 from kvfx.calib.shrink import shrink  # noqa: E402
 from kvfx.data import DOMAINS, calibration_mix, domain_windows  # noqa: E402
@@ -298,7 +298,7 @@ def label(cfg: Config) -> str:
         return f"QuantizedCache {cfg.peer} int{cfg.bits}, group {cfg.group}, window {cfg.residual}"
     gran = "" if cfg.granularity == "head" else f"@{cfg.granularity}"
     if cfg.per_direction:
-        bands = "/".join(f"int{b}" for b in cfg.levels)
+        bands = "/".join(format_name(b) for b in cfg.levels)
         return (f"kvfx {cfg.method}{gran}, bits per direction ({bands} bands) in {cfg.rank:g} of the bytes"
                 + (", layers priced by measured sensitivity" if cfg.measured else "")
                 + (f" on {cfg.measured} windows" if cfg.measured not in (0, 2) else "")
@@ -353,7 +353,8 @@ def main(argv=None) -> None:
                    help="windows run side by side (the same numbers; HQQ, whose groups span the batch, runs one)")
     p.add_argument("--calib", default="mix", choices=SOURCES, help="kvfx's calibration text")
     p.add_argument("--calib-windows", type=int, default=8)
-    p.add_argument("--bit-levels", type=lambda s: tuple(int(b) for b in s.split(",")), default=(8, 4, 3, 2),
+    p.add_argument("--bit-levels", type=lambda s: tuple(b if b == "e8" else int(b) for b in s.split(",")),
+                   default=(8, 4, 3, 2),
                    help="band formats of the :bits configurations (8,4,2: as before int3 existed, session 16)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend under kvfx's passes")
     p.add_argument("--section", default="domains", help="RESULTS.md section the table is written to")

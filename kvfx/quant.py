@@ -18,6 +18,12 @@ spans 2^-16 … 2^15.9 in one byte and costs under 0.13 bit of precision against
 * "int5": 32 mid-rise levels x ≈ (q + ½)·2^(e/8), q in [-16, 15], one scale per 32 numbers, stored as int3 is: the
   low four bits of every code as int4 codes are packed, then the sign bits: ⌈R/2⌉ + ⌈R/8⌉ + ⌈R/32⌉ bytes. A band
   between int8 and int4 (a Gaussian's relative error 2.0e-3, against int4's 1.1e-2 and int8's 4e-5 for 3 more bits).
+* "e8": 2 bits a number as int2, at 0.72× int2's error: each 8 numbers one point of the E8 lattice within radius
+  √10 (kvfx.lattice, 56 881 points), stored as its index in two bytes, one scale code per 32 numbers: R/4 + ⌈R/32⌉
+  bytes (R a multiple of 8). The step is the group's rms, raised where needed so that its largest 8-vector lies
+  within the ball (its largest numbers keep their size: a step from the rms alone, letting them overflow the ball
+  and shrink, measured worse). Decoded by the torch codec
+  (kvfx's C++ and Triton kernels do not read it yet: rows of it are dequantized and attended as float latents).
 * bands, e.g. "int8x64+int4x224+int2x64": bits per latent direction. The row's columns, in order, are cut into
   bands stored in the formats named (the band "int8" with one scale per band); a row is the bands' rows one
   after the other. kvfx.allocate_bits chooses them (reverse water-filling over the calibrated directions).
@@ -53,7 +59,10 @@ from dataclasses import dataclass
 
 import torch
 
+from . import lattice
+
 SCALE_STEPS = 8  # scale codes per octave
+FIT = 1.02       # e8: a group's largest 8-vector at most √10 / FIT steps long (before the scale code's rounding)
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,7 @@ class Format:
     bits: int
     group: int | None  # numbers per scale code; None: one scale for the whole row (or band)
     midrise: bool = False  # levels (q + ½)·step, q in [-2^(bits-1), 2^(bits-1) - 1]; else q·step, |q| <= qmax
+    vq: bool = False  # 8 numbers a point of the E8 lattice (kvfx.lattice), stored as its 16-bit index
 
     @property
     def qmax(self) -> int:
@@ -70,6 +80,8 @@ class Format:
         return 1 if self.group is None else math.ceil(width / self.group)
 
     def code_bytes(self, width: int) -> int:
+        if self.vq:
+            return width // 4
         if self.bits in PLANES:  # two planes: the low bits (int2's / int4's layout), then the sign bits
             return math.ceil(width * (self.bits - 1) / 8) + math.ceil(width / 8)
         return math.ceil(width * self.bits / 8)
@@ -80,11 +92,12 @@ class Format:
 
 PLANES = (3, 5)  # formats stored as two bit planes: the low bits as int2 / int4 codes, then the sign bits
 FORMATS = {"int8": Format(8, None), "int5": Format(5, 32, midrise=True), "int4": Format(4, 32),
-           "int3": Format(3, 32, midrise=True), "int2": Format(2, 32, midrise=True)}
+           "int3": Format(3, 32, midrise=True), "int2": Format(2, 32, midrise=True),
+           "e8": Format(2, 32, vq=True)}
 QUANTIZE = (None, *FORMATS)
-_CHOICES = ("None (latents stored in the model's dtype), 'int8', 'int5', 'int4', 'int3', 'int2', bands such as "
+_CHOICES = ("None (latents stored in the model's dtype), 'int8', 'int5', 'int4', 'int3', 'int2', 'e8', bands such as "
             "'int8x64+int4x224+int2x64' (bits x columns, in column order) or a dict {site: format}")
-_BAND = re.compile(r"int([23458])x([1-9][0-9]*)")
+_BAND = re.compile(r"(int[23458]|e8)x([1-9][0-9]*)")
 _EXACT = re.compile(r"(sinks|recent)([0-9]+)")
 
 
@@ -116,7 +129,20 @@ def bands_of(kind: str) -> tuple[tuple[Format, int], ...] | None:
     parts = [_BAND.fullmatch(p) for p in kind.split("+")]
     if not all(parts):
         raise ValueError(f"quantize must be {_CHOICES}, got {kind!r}.")
-    return tuple((FORMATS[f"int{m[1]}"], int(m[2])) for m in parts)
+    out = tuple((FORMATS[m[1]], int(m[2])) for m in parts)
+    for fmt, w in out:
+        _check_vq(fmt, w, kind)
+    return out
+
+
+class _LatticeWidth(ValueError):
+    pass
+
+
+def _check_vq(fmt: Format, width: int, kind: str) -> None:
+    if fmt.vq and width % 8:
+        raise _LatticeWidth(f"e8 codes 8 numbers a lattice point: its columns must be a multiple of 8, got {width} in "
+                         f"{kind!r}; use int2 there (the same bytes a number) or widen the band.")
 
 
 def check(quantize, what: str = "quantize") -> None:
@@ -134,6 +160,8 @@ def check(quantize, what: str = "quantize") -> None:
 def _valid_bands(kind: str) -> bool:
     try:
         return bands_of(kind) is not None
+    except _LatticeWidth:
+        raise
     except ValueError:
         return False
 
@@ -156,6 +184,14 @@ def describe(quantize) -> str:
     return quantize or "16-bit"
 
 
+def lattice_coded(kind) -> bool:
+    """Whether a format has e8 codes (read by the torch codec only: kvfx's C++ and Triton kernels take the others)."""
+    codes = codes_of(kind)
+    if not isinstance(codes, str):
+        return False
+    return codes == "e8" or any(fmt.vq for fmt, _ in (bands_of(codes) or ()))
+
+
 def width_of(kind: str) -> int | None:
     """Columns a bands format spans (None: any width)."""
     bands = bands_of(kind)
@@ -166,6 +202,7 @@ def layout(kind: str, width: int) -> tuple[tuple[Format, int], ...]:
     """The (Format, columns) bands a row of `width` numbers is stored as."""
     bands = bands_of(kind)
     if bands is None:
+        _check_vq(FORMATS[codes_of(kind)], width, kind)
         return ((FORMATS[codes_of(kind)], width),)
     if sum(w for _, w in bands) != width:
         raise ValueError(f"format {kind!r} spans {sum(w for _, w in bands)} latent columns, but this latent has {width}; "
@@ -210,6 +247,8 @@ def _split(x: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, ...]:
 
 def _codes(x: torch.Tensor, fmt: Format) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per group of x [..., R]: (codes q [..., group], scale code e [..., 1]), float32 holding integers."""
+    if fmt.vq:
+        return [_lattice_codes(part) for part in _split(x.float(), fmt)]
     out = []
     top = 2 ** (fmt.bits - 1) if fmt.midrise else fmt.qmax  # steps from 0 to the group's largest |x|
     for part in _split(x.float(), fmt):
@@ -219,6 +258,20 @@ def _codes(x: torch.Tensor, fmt: Format) -> list[tuple[torch.Tensor, torch.Tenso
         q = torch.floor(y).clamp(-top, top - 1) if fmt.midrise else torch.round(y).clamp(-top, top)
         out.append((q, e))
     return out
+
+
+def _lattice_codes(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group of an e8 band [..., g] (g a multiple of 8): (its E8 points, float32, scale code e [..., 1]). The step
+    2^(e/8) is the group's rms, or where larger FIT / √10 of its largest 8-vector's length (so that it lies within
+    the ball, up to the code's rounding), rounded to the nearest code."""
+    d = part.detach()
+    rms = d.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
+    top = d.reshape(*d.shape[:-1], -1, 8).pow(2).sum(-1).amax(-1, keepdim=True).sqrt().clamp_min(1e-30)
+    step = torch.maximum(rms, top * (FIT / lattice.RADIUS2 ** 0.5))
+    e = torch.round(torch.log2(step) * SCALE_STEPS).clamp(-128, 127)
+    y = (part * torch.exp2(-e / SCALE_STEPS)).double()
+    q = lattice.nearest(y.reshape(*y.shape[:-1], -1, 8)).reshape(y.shape)
+    return q.float(), e
 
 
 def _scaled(groups, fmt: Format) -> torch.Tensor:
@@ -264,18 +317,33 @@ def _unpack_planes(b: torch.Tensor, bits: int, width: int) -> torch.Tensor:
     return torch.remainder(_unpack(b[..., :nlow], bits - 1, width), m) + m * _unpack(b[..., nlow:], 1, width)
 
 
+def _lattice_bytes(q: torch.Tensor) -> torch.Tensor:
+    """E8 points [..., w] -> their codebook indices as two bytes each, low then high (signed byte values, float)."""
+    i = lattice.index(q.reshape(*q.shape[:-1], -1, 8))
+    b = torch.stack((i % 256, i // 256), -1).flatten(-2)
+    return torch.where(b >= 128, b - 256, b).float()
+
+
+def _lattice_points(codes: torch.Tensor) -> torch.Tensor:
+    """Inverse of _lattice_bytes (float in, float out)."""
+    b = torch.remainder(codes, 256).long().reshape(*codes.shape[:-1], -1, 2)
+    p = lattice.points(b[..., 0] + 256 * b[..., 1])
+    return p.reshape(*p.shape[:-2], -1)
+
+
 def _quantize_band(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     groups = _codes(x, fmt)
     q = torch.cat([q for q, _ in groups], -1)
-    codes = q if fmt.bits == 8 else _pack_planes(q, fmt.bits) if fmt.bits in PLANES else _pack(q, fmt.bits)
+    codes = (_lattice_bytes(q) if fmt.vq else q if fmt.bits == 8 else _pack_planes(q, fmt.bits) if fmt.bits in PLANES
+             else _pack(q, fmt.bits))
     return torch.cat([codes] + [e for _, e in groups], -1)
 
 
 def _dequantize_band(stored: torch.Tensor, width: int, fmt: Format) -> torch.Tensor:
     nb = fmt.code_bytes(width)
     codes, e = stored[..., :nb].float(), stored[..., nb:].float()
-    q = (codes if fmt.bits == 8 else _unpack_planes(codes, fmt.bits, width) if fmt.bits in PLANES
-         else _unpack(codes, fmt.bits, width))
+    q = (_lattice_points(codes) if fmt.vq else codes if fmt.bits == 8 else _unpack_planes(codes, fmt.bits, width)
+         if fmt.bits in PLANES else _unpack(codes, fmt.bits, width))
     return _scaled(zip(_split(q, fmt), e.split(1, -1)), fmt)
 
 

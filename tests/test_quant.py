@@ -216,7 +216,7 @@ def test_budget_priced_in_stored_bytes():
 def test_bad_quantize_refused_and_nothing_applied(llama):
     m, projs = llama
     forward = m.forward
-    with pytest.raises(ValueError, match="quantize must be None .*'int2', bands .*, got 'int6'"):
+    with pytest.raises(ValueError, match="quantize must be None .*'int2', 'e8', bands .*, got 'int6'"):
         kvfx.compress(torch.compile(m, backend="eager"), projs["shared"], quantize="int6")
     assert getattr(m, "_kvfx", None) is None and m.forward == forward
     with pytest.raises(ValueError, match="Budget quantize must be None .*'int2'.*got 'fp8'"):
@@ -249,3 +249,60 @@ def test_identity_projections_make_a_plain_low_bit_cache(llama):
         out = run(cm, x, use_cache=False)
     assert rel_err(out, run(reference_model(m, ident, quantize="int4"), x, use_cache=False)) < 1e-4
     assert ident.kv_fraction("int4") == pytest.approx((8 + 1) / 32)  # 16 numbers: 8 code bytes + 1 scale byte
+
+
+@pytest.mark.parametrize("kind,width", [("e8", 48), ("e8", 8), ("int4x16+e8x32+int2x16", 64), ("int8x8+e8x40", 48)])
+def test_e8_stores_lattice_indices_and_rounds_as_the_written_out_rule(kind, width):
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(6, width, generator=g) * 3
+    stored = quant.quantize(x, kind)
+    assert stored.dtype == torch.int8 and stored.shape[-1] == quant.row_bytes(kind, width)
+    back = quant.dequantize(stored, torch.float32, width, kind)
+    assert torch.equal(back, quant.fake_quant(x, kind))
+    ref = low_bit_round(x.double(), kind).float()
+    assert rel_err(back, ref) < 1e-6  # float32 against float64: a near-tie may pick the other neighbour
+
+
+def test_e8_bytes_and_error_against_int2():
+    x = torch.randn(2048, 64, generator=torch.Generator().manual_seed(0))
+    assert quant.row_bytes("e8", 64) == quant.row_bytes("int2", 64) == 64 // 4 + 2  # 2 bits a number, a scale a 32
+    err = {k: float(((quant.fake_quant(x, k) - x) ** 2).mean()) for k in ("e8", "int2")}
+    assert 0.09 < err["e8"] < 0.1 and err["int2"] > 0.13
+    # the group's largest 8-vector keeps its length: no group's largest vector is shrunk by more than a step's rounding
+    vec = x.reshape(-1, 8, 8).norm(dim=-1)
+    out = quant.fake_quant(x, "e8").reshape(-1, 8, 8).norm(dim=-1)
+    top = vec.reshape(2048, 2, 4).amax(-1)
+    kept = out.reshape(2048, 2, 4).gather(-1, vec.reshape(2048, 2, 4).argmax(-1, keepdim=True)).squeeze(-1)
+    assert (kept / top).median() > 0.9
+
+
+def test_e8_widths_must_be_whole_lattice_points(llama):
+    m, projs = llama
+    for kind in ("e8x12", "int4x60+e8x4"):
+        with pytest.raises(ValueError, match="e8 codes 8 numbers a lattice point: its columns must be a multiple of 8"):
+            quant.check(kind)
+    with pytest.raises(ValueError, match="multiple of 8, got 12 in 'e8'"):
+        quant.row_bytes("e8", 12)
+    x = model_inputs(m, tokens=5)
+    before = run(m, x, use_cache=False)
+    with pytest.raises(ValueError, match="site .*: e8 codes 8 numbers.*got 9"):  # per-head rank 9
+        kvfx.compress(m, projs["head"], quantize="e8")
+    assert torch.equal(run(m, x, use_cache=False), before)  # nothing applied
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_e8_forward_and_generate_match_the_reference(llama, backend):
+    """e8 codes through the rewrite (fake_quant), kvfx's cache and the decode step (the C++ kernel's float path)."""
+    m, projs = llama
+    proj, x = projs["shared"], model_inputs(m, tokens=9)
+    ref = run(reference_model(m, proj, quantize="e8"), x, use_cache=False)
+    with compressed(m, proj, backend, quantize="e8") as cm:
+        assert rel_err(run(cm, x, use_cache=False), ref) < 1e-4
+    ids = model_inputs(m, tokens=6)
+    want = reference_greedy(m, proj, ids, 8, quantize="e8")
+    with compressed(m, proj, backend, quantize="e8") as cm, torch.no_grad():
+        kvfx.counters.clear()
+        out = cm.generate(ids, max_new_tokens=8, do_sample=False)
+        assert kvfx.counters["kvfx"]["lowbit_decode"] >= 2
+    n = out.shape[1]
+    assert torch.equal(out, want[:, :n]) and (n == want.shape[1] or out[0, -1] == m.generation_config.eos_token_id)

@@ -15,6 +15,7 @@ steps, all folded into the projections (no runtime cost):
    ~1.1e-2, int3 ~3.3e-2, int2 ~0.13: each bit between 2 and 5 buys ~3.4-5x less error, so int3 and int5 fill the
    steps a water-filling wants between int2, int4 and int8; int5 cut the predicted error of SmolLM2's layers by 30 %
    at 25 % of the bytes and 9 % at 12.5 %, RESULTS.md "domains-int5").
+   levels=(8, 5, 4, 3, "e8") takes kvfx.quant's E8 lattice codes (2 bits a number, ε ~0.096) in int2's place.
 3. **Rotate within each band** by a seeded random orthogonal matrix (kvfx.rotate's reason: a token's energy spread
    over the band's columns, so its group scales round less).
 
@@ -36,14 +37,20 @@ from ..rotate import check_unrotated, random_orthogonal, rotation_seeds
 from .shared import DEFAULT_KEY_WEIGHT, _blocks
 
 BITS = (8, 5, 4, 3, 2)   # the band formats, most precise first (0 bits: dropped)
+LEVELS = (8, 5, 4, 3, "e8", 2)  # what `levels` may name, most precise first ("e8": kvfx.quant's lattice codes)
 STEP = 16          # band edges at multiples of this many columns
 
 
+def format_name(level) -> str:
+    """kvfx.quant's name of a level: 4 -> "int4", "e8" -> "e8"."""
+    return level if isinstance(level, str) else f"int{level}"
+
+
 @functools.lru_cache(maxsize=None)
-def format_error(bits: int) -> float:
-    """Relative squared error of kvfx.quant's `int{bits}` rows on iid Gaussian numbers (64 wide; seeded)."""
+def format_error(bits) -> float:
+    """Relative squared error of kvfx.quant's `int{bits}` rows (or "e8"'s) on iid Gaussian numbers (64 wide; seeded)."""
     x = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0))
-    return float(((quant.fake_quant(x, f"int{bits}") - x) ** 2).mean() / (x ** 2).mean())
+    return float(((quant.fake_quant(x, format_name(bits)) - x) ** 2).mean() / (x ** 2).mean())
 
 
 def spectrum(st, proj, key_weight: float = DEFAULT_KEY_WEIGHT) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,19 +74,23 @@ def frontier(lam: torch.Tensor, bits=BITS, step: int = STEP) -> list[tuple[int, 
     root = torch.cat([lam.new_zeros(1), lam.sqrt().cumsum(0)]).tolist()
     cum = torch.cat([lam.new_zeros(1), lam.cumsum(0)]).tolist()
     edges = sorted(set(range(0, n + 1, step)) | {n})
-    row_bytes = {(b, w): quant.row_bytes(f"int{b}", w) for b in bits for w in range(1, n + 1)}
+    row_bytes = {(b, w): quant.row_bytes(format_name(b), w) for b in bits for w in range(1, n + 1)
+                 if not (b == "e8" and w % 8)}  # e8: whole lattice points of 8 columns
     points = {}
     for cuts in itertools.combinations_with_replacement(edges, len(bits)):
         nbytes, err, lo, bands = 0, 0.0, 0, []
         for b, hi in zip(bits, cuts):
             if hi > lo:
+                if (b, hi - lo) not in row_bytes:
+                    break
                 nbytes += row_bytes[b, hi - lo]
                 err += format_error(b) * (root[hi] - root[lo]) ** 2 / (hi - lo)
                 bands.append((b, hi - lo))
             lo = hi
-        err += cum[n] - cum[lo]
-        if bands and err < points.get(nbytes, (float("inf"),))[0]:
-            points[nbytes] = (err, tuple(bands))
+        else:
+            err += cum[n] - cum[lo]
+            if bands and err < points.get(nbytes, (float("inf"),))[0]:
+                points[nbytes] = (err, tuple(bands))
     front, best = [], float("inf")
     for nbytes in sorted(points):
         err, bands = points[nbytes]
@@ -96,7 +107,7 @@ def choose_bands(lam: torch.Tensor, budget_bytes: float, bits=BITS, step: int = 
     fits = [pt for pt in front if pt[0] <= budget_bytes]
     if not fits:
         raise ValueError(f"a budget of {budget_bytes:.1f} bytes per token and site is below the smallest band "
-                         f"({front[0][0]} bytes: {front[0][2][0][1]} columns at int{front[0][2][0][0]}); raise the "
+                         f"({front[0][0]} bytes: {front[0][2][0][1]} columns at {format_name(front[0][2][0][0])}); raise the "
                          "budget.")
     total = float(lam.double().clamp_min(0).sum())
     return fits[-1][2], fits[-1][1] / total if total > 0 else 0.0
@@ -146,8 +157,8 @@ def allocate_bits(stats: dict, projections: Projections, budget: float, seed: in
     stats: the collect_stats result the projections were fitted to. profile: a kvfx.sensitivity profile of the
     same projections; with it, bytes move between sites (layers) to where the model's output loses least, each
     site's predicted error priced by its measured KL per unit of error; without it, every site gets the same share
-    of its bytes. levels: the band formats to choose from (bits, a subset of BITS; (8, 4, 3, 2) is the allocation
-    before int5 existed, (8, 4, 2) before int3). exact=(sinks, recent): the formats also keep the latents of the first `sinks` and the last
+    of its bytes. levels: the band formats to choose from (bits, a subset of LEVELS; (8, 4, 3, 2) is the allocation
+    before int5 existed, (8, 4, 2) before int3; "e8" for int2: lattice codes). exact=(sinks, recent): the formats also keep the latents of the first `sinks` and the last
     `recent` tokens in 16 bits ("…|sinks4|recent32", kvfx.quant.exact_of); their bytes, a fixed amount a cache,
     are charged to each band choice at `context` tokens (16 bits × its width × the slots / context, rounded up to
     whole bytes a token), so a cache of `context` tokens holds no more than the budget. The result records its formats (report["quantize"], a dict
@@ -184,7 +195,7 @@ def allocate_bits(stats: dict, projections: Projections, budget: float, seed: in
                              key_up=turn(p.key_up, 1 / t), value_up=turn(p.value_up, 1 / t))
     lam_total = {n: float((v * w).clamp_min(0).sum()) for n, (v, w) in spectra.items()}
     report = dict(projections.report) | {
-        "quantize": {n: "+".join(f"int{b}x{c}" for b, c in plan[n][2]) + suffix for n in plan},
+        "quantize": {n: "+".join(f"{format_name(b)}x{c}" for b, c in plan[n][2]) + suffix for n in plan},
         "rotation": {"seeds": rotation_seeds(projections) + [seed]},
         "bits": {"budget": budget, "formats": list(levels), "step": STEP,
                  "across_sites": "measured KL per unit of error" if weights else None,
@@ -214,11 +225,11 @@ def _exact_cost(exact, context):
 
 
 def check_levels(levels) -> None:
-    """Refuse band formats allocate_bits cannot choose from (distinct, from BITS, most precise first)."""
-    if not (isinstance(levels, (tuple, list)) and levels and set(levels) <= set(BITS)
-            and list(levels) == sorted(set(levels), reverse=True)):
-        raise ValueError(f"levels must be distinct band formats from {BITS}, most precise first, e.g. (8, 4, 2); "
-                         f"got {levels!r}.")
+    """Refuse band formats allocate_bits cannot choose from (distinct, from LEVELS, most precise first)."""
+    if not (isinstance(levels, (tuple, list)) and levels and all(b in LEVELS for b in levels)
+            and list(levels) == sorted(set(levels), key=LEVELS.index)):
+        raise ValueError(f"levels must be distinct band formats from {LEVELS}, most precise first, e.g. (8, 4, 2) or "
+                         f"(8, 5, 4, 3, 'e8'); got {levels!r}.")
 
 
 def _plan(projections: Projections, spectra: dict, budget: float, weights: dict | None, levels=BITS,
@@ -236,7 +247,7 @@ def _plan(projections: Projections, spectra: dict, budget: float, weights: dict 
             if not fits:
                 exact = cost(step_cols(f))
                 raise ValueError(f"a budget of {budget:g} gives site {n} {shares[n]:.1f} bytes per token, below the "
-                                 f"smallest band ({f[0][0]} bytes: {step_cols(f)} columns of int{f[0][2][0][0]}"
+                                 f"smallest band ({f[0][0]} bytes: {step_cols(f)} columns of {format_name(f[0][2][0][0])}"
                                  + (f", {exact} of them its exact rows'" if exact else "") +
                                  "); raise the budget" + (", keep fewer exact rows or count them at a longer context."
                                                           if exact else "."))

@@ -73,7 +73,9 @@ constexpr auto kFloat32 = at::kFloat;
 #endif
 
 #include <algorithm>
+#include <array>
 #include <cstring>
+#include <functional>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -94,6 +96,8 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 enum Kind { kInt8, kInt4, kF32, kBF16, kF16, kBands };
 
+#include "lattice_e8.h"  // e8 codes (kvfx/lattice.py in C++), pasted in by lowbit_attention.py
+
 // One band of a bands row (kvfx/quant.py): `width` columns from column `col`, stored from byte `at` as codes of
 // `bits` bits (8: symmetric, one scale for the band; 4: symmetric, 5, 3 and 2: mid-rise, one scale per 32 numbers;
 // 5 and 3: two planes, the low four / two bits as int4 / int2 codes, then the sign bits).
@@ -110,7 +114,8 @@ struct Format {
   Format(const std::vector<int64_t>& spec) : kind(kBands), width(0), group(0), code_bytes(0), row_elems(0) {
     for (size_t i = 0; i + 1 < spec.size(); i += 2) {
       Band b{static_cast<int>(spec[i]), static_cast<int>(spec[i + 1]), width, row_elems, 0};
-      b.code_bytes = planes(b.bits) ? (b.width * (b.bits - 1) + 7) / 8 + (b.width + 7) / 8 : (b.width * b.bits + 7) / 8;
+      b.code_bytes = planes(b.bits) ? (b.width * (b.bits - 1) + 7) / 8 + (b.width + 7) / 8
+                   : b.bits == kE8Bits ? b.width / 4 : (b.width * b.bits + 7) / 8;
       bands.push_back(b);
       width += b.width;
       row_elems += b.code_bytes + (b.bits == 8 ? 1 : (b.width + 31) / 32);
@@ -251,6 +256,7 @@ inline void decode_band(const int8_t* __restrict row, const Band& b, const float
   const int8_t* codes = row + b.at;
   const int8_t* e = codes + b.code_bytes;
   int c = 0;
+  if (b.bits == kE8Bits) return e8_decode_band(codes, e, b.width, lut, out);
   if (b.bits == 8) {
     const float s = lut[e[0] + 128];
 #if defined(__AVX512F__)
@@ -914,8 +920,10 @@ torch::Tensor decode_attention_as(torch::Tensor q, torch::Tensor kc, torch::Tens
     return col < f.width ? col : -1;  // the padding nibble of an odd width
   };
   auto odd_planes = [](const Format& f) {
-    return std::any_of(f.bands.begin(), f.bands.end(), [](const Band& b) { return planes(b.bits) && b.width % 16; });
+    return std::any_of(f.bands.begin(), f.bands.end(),
+                       [](const Band& b) { return planes(b.bits) && b.width % 16; });
   };  // the AMX path transcodes int3 / int5 bands of whole 16-column runs (kvfx.allocate_bits' edges); others: float32
+      // (e8 bands of any width: transcoded a point at a time)
   // exact rows (16-bit latents a format keeps beside its codes, quant.exact_of): the code rows at their positions
   // are skipped (score -inf) and the exact rows make one more partial softmax, merged with the split-K chunks'
   torch::Tensor ek, ev, epos;

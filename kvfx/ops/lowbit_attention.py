@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from .. import quant
 
 log = logging.getLogger(__name__)
+E8_BITS = 9  # lattice_e8.h's kE8Bits
 _BITS = {"int8": 8, "int4": 4, "float": 0}  # "float": 16/32-bit latents as stored; others: bands (quant.layout)
 _EXT: dict = {}
 
@@ -155,13 +156,23 @@ def reference(q, kc, vc, rk: int, rv: int, kind: str, scale: float, mask=None, s
 def _band_spec(kind: str, width: int) -> tuple[int, ...]:
     """(bits, columns, bits, columns, …) of a bands format (or int2) for the C++ kernel (memoised: the op runs it
     every decode step and layer; Dynamo never traces it, the op is opaque to it)."""
-    return tuple(n for fmt, w in quant.layout(kind, width) for n in (fmt.bits, w))
+    return tuple(n for fmt, w in quant.layout(kind, width) for n in (band_code(fmt), w))
+
+
+def band_code(fmt: quant.Format) -> int:
+    """A band format's code in the C++ kernel's band specs: its bits, E8_BITS for e8 codes (lattice_e8.h)."""
+    return E8_BITS if fmt.vq else fmt.bits
+
+
+def row_bits(kind: str) -> int:
+    """The C++ kernel's `bits` for rows of format `kind`: 8, 4, 0 (16/32-bit latents) or -1 (bands)."""
+    return _BITS.get(kind, -1)
 
 
 def kernel_format(kind: str, rk: int, rv: int, shared: bool) -> tuple[int, list[int], list[int]]:
     """The C++ kernel's arguments for rows of format `kind`: bits (8, 4, 0 for 16/32-bit latents, -1 for bands;
     int2 is one band) and the key and value rows' band specs (empty unless bands; the values' empty when shared)."""
-    bits = _BITS.get(kind, -1)
+    bits = row_bits(kind)
     kbands = list(_band_spec(kind, rk)) if bits < 0 else []
     return bits, kbands, list(_band_spec(kind, rv)) if bits < 0 and not shared else []
 
@@ -180,7 +191,7 @@ def _build(arch: str = "native", stages: bool = False):
     for part in ("lowbit_attention_amx.h", "lowbit_attention_bands.h", "lowbit_attention_amx_bands.h",
                  "lowbit_attention_vnni.h", "lowbit_attention_vnni_bands.h",
                  "lowbit_attention_avx2i.h",
-                 "lowbit_attention_avx2_int4.h", "decode_linear.h", "decode_matmul.h", "quantize_rows.h"):
+                 "lowbit_attention_avx2_int4.h", "decode_linear.h", "decode_matmul.h", "quantize_rows.h", "lattice_e8.h"):
         src = src.replace(f'#include "{part}"', (here / part).read_text())
     flags = ["-O3", f"-march={arch}", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
              "-fno-trapping-math"]
@@ -230,7 +241,7 @@ def takes_integer_path(rounding: str | None, kind: str) -> bool:
     layout = quant.layout(kind, quant.width_of(kind) or 64)
     if rounding in ("amx", "vnni"):  # int3 / int5 runs are transcoded in whole 16-column runs (kvfx.allocate_bits' edges)
         return all(w % 16 == 0 for fmt, w in layout if fmt.bits in quant.PLANES)
-    return not {fmt.bits for fmt, _ in layout} & {8, 5}
+    return not {fmt.bits for fmt, _ in layout} & {8, 5} and not quant.lattice_coded(kind)  # AVX2: no e8
 
 
 def integer_rounding(device: str | torch.device = "cpu") -> str | None:

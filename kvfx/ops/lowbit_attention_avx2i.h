@@ -67,7 +67,9 @@ inline std::unique_ptr<Plan> plan_of(const Format& f) {
   if (f.kind == kInt4) bands.push_back(Band{4, f.width, 0, 0, f.code_bytes});
   else if (f.kind == kBands) bands = f.bands;
   else return nullptr;
-  if (std::any_of(bands.begin(), bands.end(), [](const Band& b) { return b.bits == 8 || b.bits == 5; })) return nullptr;
+  if (std::any_of(bands.begin(), bands.end(),
+                  [](const Band& b) { return b.bits == 8 || b.bits == 5 || b.bits == kE8Bits; }))
+    return nullptr;
   auto plan = std::make_unique<Plan>();
   for (const Band& b : bands) {
     for (int gi = 0; 32 * gi < b.width; ++gi) {

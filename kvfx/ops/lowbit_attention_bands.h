@@ -97,7 +97,7 @@ struct BandPlan {
         to = to2 + 64 * ((b.width + 63) / 64);
         continue;
       }
-      const bool t3 = b.bits == 3;  // transcoded to int4 nibbles
+      const bool t3 = b.bits == 3 || b.bits == kE8Bits;  // transcoded to int4 nibbles (e8: its points' u = 2x)
       const int bits = t3 ? 4 : b.bits, at = t3 ? to : b.at, cb = t3 ? b.width / 2 : b.code_bytes;
       runs.push_back({bits, at, cb, bits == 8 ? b.width : (b.width + 31) / 32, static_cast<int>(units.size()), ctiles,
                       t3});
@@ -120,7 +120,7 @@ struct BandPlan {
         }
         const float mult = (b.bits == 2 || t3 ? 0.5f : 1.0f) * (keys && has8 ? 16.0f : 1.0f);
         scales.push_back({sat, (b.width + 31) / 32, first, mult});
-        if (t3) trans.push_back({3, b.at, b.width, to, 0}), to += b.width / 2;
+        if (t3) trans.push_back({b.bits, b.at, b.width, to, 0}), to += b.width / 2;
       }
     }
     trans_bytes = static_cast<int>(round_up(to, 64));
@@ -206,6 +206,30 @@ inline __m512i value_z(int64_t at, int64_t bytes, const char* row) {  // the uni
   return _mm512_or_si512(_mm512_gf2p8affine_epi64_epi8(_mm512_broadcastq_epi64(x), m, 0), _mm512_set1_epi8(1));
 }
 
+// n rows' e8 band b (row(i): the stored row i) -> its points' u = 2x as int4 nibbles (k = u: x = k · 2^(e/8) / 2,
+// as int3's transcoded levels), row i's at out + b.to + i · ld: per 16 points one gather of their codebook dwords.
+template <class RowFn>
+inline void transcode_e8(const BandPlan::Trans& b, RowFn row, int n, int8_t* out, int64_t ld) {
+  const uint32_t* nib = e8_book().nibble.data();
+  const int pts = b.width / 8;
+  for (int i = 0; i < n; ++i) {
+    const char* codes = row(i) + b.at;
+    int8_t* o = out + b.to + i * ld;
+    int p = 0;
+    for (; p + 16 <= pts; p += 16) {
+      const __m512i idx = _mm512_min_epu32(  // (an index past the codebook, not written by kvfx: its last point)
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 2 * p))),
+          _mm512_set1_epi32(kE8Size - 1));
+      _mm512_storeu_si512(o + 4 * p, _mm512_i32gather_epi32(idx, nib, 4));
+    }
+    for (; p < pts; ++p) {
+      uint16_t idx;
+      std::memcpy(&idx, codes + 2 * p, 2);
+      std::memcpy(o + 4 * p, &nib[std::min<int>(idx, kE8Size - 1)], 4);
+    }
+  }
+}
+
 // n rows' int3 / int5 bands (row(i): the stored row i) -> their codes k = 2q + 1 (BandPlan::trans; widths multiples
 // of 16), row i's at out + i · ld. A chunk of a band (int3: 128 columns, int5: 64) becomes 64 output bytes: per
 // output qword a permute gathers its codes' low-plane dword and sign bits, two VPMULTISHIFTQB take each output
@@ -217,6 +241,10 @@ template <class RowFn>
 inline void transcode_rows(const TransCtl& t, const std::vector<BandPlan::Trans>& trans, RowFn row, int n,
                            int8_t* out, int64_t ld, bool keys, bool values) {
   for (const BandPlan::Trans& b : trans) {
+    if (b.bits == kE8Bits) {  // e8: each point's 8 numbers u = 2x in [-6, 6] as int4 nibbles, one dword a point
+      transcode_e8(b, row, n, out, ld);
+      continue;
+    }
     const bool three = b.bits == 3;
     const int per = three ? 128 : 64, lowb = three ? b.width / 4 : b.width / 2;  // columns a chunk, low-plane bytes
     const __m512i idx = three ? t.idx3 : t.idx5, sa = three ? t.a3 : t.a5, sb = three ? t.b3 : t.b5,

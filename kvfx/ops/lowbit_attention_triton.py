@@ -86,14 +86,15 @@ def _row_elems(kind: str, width: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def handles(kind: str) -> bool:
-    """Whether the kernel decodes rows of this format (every kvfx format: float latents, whole-row codes, bands)."""
+    """Whether the kernel decodes rows of this format (every kvfx format but e8 codes: float latents, whole-row codes,
+    bands)."""
     if kind in _KIND:
         return True
     try:
         quant.check(kind)
     except ValueError:
         return False
-    return "|" not in kind
+    return "|" not in kind and not quant.lattice_coded(kind)  # e8: dequantized and attended by the reference
 
 
 _TABLES: dict = {}

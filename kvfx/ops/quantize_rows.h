@@ -83,6 +83,11 @@ inline void encode_band(const float* __restrict x, const Band& b, const float* u
                         int8_t* __restrict row, int8_t* __restrict q) {
   int8_t* codes = row + b.at;
   int8_t* scale_codes = codes + b.code_bytes;
+  if (b.bits == kE8Bits) {  // lattice points of 8, a scale code per 32 numbers (lattice_e8.h)
+    for (int g0 = 0; g0 < b.width; g0 += 32)
+      scale_codes[g0 / 32] = e8_encode_group(x + g0, std::min(32, b.width - g0), down, codes + g0 / 4);
+    return;
+  }
   const int group = b.bits == 8 ? std::max(b.width, 1) : 32;
   const bool midrise = b.bits != 8 && b.bits != 4;
   const int top = midrise ? 1 << (b.bits - 1) : (1 << (b.bits - 1)) - 1;

@@ -71,8 +71,8 @@ def _encode_format(kind: str) -> tuple[int, list[int]]:
     bands = quant.bands_of(kind)
     if bands is not None:
         return ops.kernel_format(kind, quant.width_of(kind), 0, True)[:2]
-    bits = ops.kernel_format(kind, 1, 0, True)[0]
-    return (bits, []) if bits > 0 else (bits, [quant.FORMATS[quant.codes_of(kind)].bits, -1])
+    bits = ops.row_bits(kind)
+    return (bits, []) if bits > 0 else (bits, [ops.band_code(quant.FORMATS[quant.codes_of(kind)]), -1])
 
 
 def _to_cpp(node: fx.Node, ext) -> None:

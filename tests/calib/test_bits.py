@@ -31,6 +31,18 @@ def test_int5_fills_the_gap_between_int8_and_int4():
         assert any(b == 5 for b, _ in with5)
 
 
+def test_e8_takes_int2s_place_at_less_error():
+    """e8 lattice codes cost int2's bytes at ~0.72x its error: at equal bytes the allocation with them predicts less
+    error and keeps at least as many directions (a direction is worth more bits when they round it finer)."""
+    assert 0.09 < format_error("e8") < 0.1 < 0.13 < format_error(2)
+    lam = 0.96 ** torch.arange(128, dtype=torch.float64)
+    for budget in (24.0, 40.0, 60.0):
+        with_e8, err_e8 = choose_bands(lam, budget, bits=(8, 5, 4, 3, "e8"))
+        plain, err = choose_bands(lam, budget)
+        assert err_e8 < err and any(b == "e8" for b, _ in with_e8)
+        assert all(n % 8 == 0 for b, n in with_e8 if b == "e8")
+
+
 def test_int3_fills_the_gap_between_int4_and_int2():
     """A spectrum whose water-filling wants about 3 bits for its middle directions: int3 takes them, and the
     predicted error at equal bytes is below the int8 / int4 / int2 allocation's."""
@@ -160,6 +172,30 @@ def test_generate_and_decode_kernel_read_the_bands(setup):
     assert torch.equal(out, seq)
 
 
+def test_e8_bands_through_the_cache_and_the_decode_step(setup):
+    """allocate_bits with e8 in int2's place: formats with e8 bands, the budget's bytes in the cache, the cache's
+    rows what the plain path rounds to, the float64 reference's numbers, greedy tokens through the decode step."""
+    m, stats, full = setup
+    proj = kvfx.allocate_bits(stats, full, 0.125, levels=(8, 5, 4, 3, "e8"))
+    formats = proj.quantize
+    assert any("e8x" in f for f in formats.values()) and proj.kv_fraction(formats) <= 0.125
+    x = model_inputs(m, tokens=10)
+    with compressed(m, proj) as cm, torch.no_grad():
+        cache = kvfx.make_cache(cm)
+        via_cache = cm(x, **{cache_kwarg(cm): cache}, use_cache=True).logits
+        plain = cm(x, use_cache=False).logits
+        assert rel_err(via_cache, plain) < 1e-5
+        assert cache.nbytes() / (2 * 2 * 2 * 32 * 10 * 2) == pytest.approx(proj.kv_fraction(formats))
+        ids = model_inputs(m, tokens=6)
+        out = cm.generate(ids, max_new_tokens=6, do_sample=False)
+    assert rel_err(plain, run(reference_model(m, proj, quantize=formats), x, use_cache=False)) < 1e-3
+    ref, seq = reference_model(m, proj, quantize=formats), ids
+    with torch.no_grad():
+        for _ in range(out.shape[1] - ids.shape[1]):
+            seq = torch.cat([seq, ref(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+
+
 def test_saved_formats_come_back(setup, tmp_path):
     _, stats, full = setup
     proj = kvfx.allocate_bits(stats, full, 0.25)
@@ -178,7 +214,7 @@ def test_bad_input(setup):
         kvfx.allocate_bits(stats, full, 1.5)
     with pytest.raises(ValueError, match="below the smallest band"):
         kvfx.allocate_bits(stats, full, 0.01)
-    for bad in ((4, 8), (8, 6), (), (8, 8, 2)):
+    for bad in ((4, 8), (8, 6), (), (8, 8, 2), (8, 2, "e8"), (8, "e4")):
         with pytest.raises(ValueError, match="levels must be distinct band formats"):
             kvfx.allocate_bits(stats, full, 0.25, levels=bad)
     old = kvfx.allocate_bits(stats, full, 0.25, levels=(8, 4, 2))  # the allocation before int3 existed

@@ -303,11 +303,13 @@ def low_bit_round(x: torch.Tensor, kind: str = "int8") -> torch.Tensor:
     int4: the same per run of 32 consecutive numbers of a row (the last run shorter), with 7 for 127. int2: per run
     of 32, e the smallest with 2·s >= max|x|, x -> (floor(x / s) clipped to [-2, 1] + 1/2)·s; int3 the same with 4
     and [-4, 3], int5 with 16 and [-16, 15]. Bands
-    "int8x3+int4x40": the first 3 columns as int8 (one scale for the 3), the next 40 as int4."""
+    "int8x3+int4x40": the first 3 columns as int8 (one scale for the 3), the next 40 as int4. e8: _e8_round."""
     if "x" in kind:
         widths = [int(part.split("x")[1]) for part in kind.split("+")]
         kinds = [part.split("x")[0] for part in kind.split("+")]
         return torch.cat([low_bit_round(p, k) for p, k in zip(x.split(widths, -1), kinds)], -1)
+    if kind == "e8":
+        return torch.cat([_e8_round(part) for part in x.split(32, -1)], -1)
     top, group = {"int8": (127, x.shape[-1]), "int5": (16, 32), "int4": (7, 32), "int3": (4, 32), "int2": (2, 32)}[kind]
     out = []
     for part in x.split(group, -1):
@@ -318,6 +320,52 @@ def low_bit_round(x: torch.Tensor, kind: str = "int8") -> torch.Tensor:
         else:
             out.append(torch.round(part / s).clamp(-top, top) * s)
     return torch.cat(out, -1)
+
+
+def _e8_point(y: list[float]) -> list[float]:
+    """The point of E8 = D8 ∪ (D8 + ½) nearest the 8 numbers y, one vector at a time: for each coset, every
+    coordinate rounded half to even (after the shift), and where their sum is odd the coordinate with the largest
+    rounding error (the first of equals) moved one step the other way (up where it was exact); the nearer coset's
+    point (D8's on a tie)."""
+    best = None
+    for shift in (0.0, 0.5):
+        r = [round(v - shift) for v in y]  # Python's round: half to even
+        if sum(r) % 2:
+            d = [v - shift - ri for v, ri in zip(y, r)]
+            i = max(range(8), key=lambda j: (abs(d[j]), -j))
+            r[i] += -1 if d[i] < 0 else 1
+        p = [ri + shift for ri in r]
+        dist = sum((a - b) ** 2 for a, b in zip(p, y))
+        if best is None or dist < best[0]:
+            best = (dist, p)
+    return best[1]
+
+
+def _e8_round(part: torch.Tensor) -> torch.Tensor:
+    """kvfx.quant's e8 on a group of 32 (or fewer, a multiple of 8) numbers a row, written out: step s = 2^(e/8),
+    e the nearest integer to 8·log2 of max(the group's rms, 1.02 / √10 × its largest 8-vector's length); each
+    8-vector y = x / s goes to its nearest E8 point; a point outside the ball x·x <= 10 is found again for y·0.97
+    (up to 4 times), then for y drawn in to length 2.15."""
+    rows = part.double().reshape(-1, part.shape[-1])
+    out = torch.empty_like(rows)
+    for i, row in enumerate(rows):
+        vecs = row.reshape(-1, 8)
+        top = float(vecs.pow(2).sum(-1).max().sqrt())
+        rms = max(float(row.pow(2).mean().sqrt()), 1e-30)
+        s = 2.0 ** (max(min(round(8 * math.log2(max(rms, top * 1.02 / math.sqrt(10)))), 127), -128) / 8)
+        for j, v in enumerate(vecs):
+            y = [float(t) / s for t in v]
+            p = _e8_point(y)
+            for _ in range(4):
+                if sum(t * t for t in p) <= 10:
+                    break
+                y = [t * 0.97 for t in y]
+                p = _e8_point(y)
+            if sum(t * t for t in p) > 10:
+                n = math.sqrt(sum(t * t for t in y))
+                p = _e8_point([t * min(1.0, 2.15 / n) for t in y])
+            out[i, 8 * j:8 * j + 8] = torch.tensor(p, dtype=torch.float64) * s
+    return out.reshape(part.shape).to(part.dtype)
 
 
 def _mean_latents(proj, A, C, g):

@@ -377,7 +377,8 @@ def test_avx2_build_takes_its_integer_path(portable_builds, monkeypatch):
 # kinds × widths for kvfx::dequantize: int4 groups cut short, one column, int2 and bands with partial groups
 DEQUANT_CASES = [("int8", 192), ("int8", 7), ("int4", 360), ("int4", 45), ("int4", 1), ("int2", 70),
                  ("int8x6+int4x32+int2x32", 70), ("int8x16+int4x16", 32), ("int3", 70),
-                 ("int8x16+int4x32+int3x48+int2x16", 112), ("int5", 70), ("int8x16+int5x48+int4x32+int2x16", 112)]
+                 ("int8x16+int4x32+int3x48+int2x16", 112), ("int5", 70), ("int8x16+int5x48+int4x32+int2x16", 112),
+                 ("e8", 64), ("int8x16+e8x40+int2x8", 64)]
 
 
 def _stored_view(kind, width, seed):
@@ -826,3 +827,27 @@ def test_kernel_bench_prints_the_stage_split():
                                     "kv-bits5-0.25"]
     assert [r[1] for r in rows] == ["vnni"] * 3 + ["tile" if tile else "vnni"] * 2
     assert all(float(r[-1]) > 0 for r in rows)  # cycles per row, all stages
+
+
+@pytest.mark.parametrize("kind,rk", [("e8", 40), ("int5x16+int3x16+e8x32", 64), ("int8x16+e8x48", 64),
+                                     ("int4x32+e8x136", 168)])
+def test_e8_codes_read_by_the_kernel(kind, rk):
+    """e8 codes (kvfx/ops/lattice_e8.h): the C++ kernel reads them, on AMX / AVX-512 VNNI transcoded to int4 nibbles
+    (u = 2x, as int3's levels) on the integer path, elsewhere decoded to float32 (the AVX2 integer path and the
+    Triton kernel do not take them: float32 / the reference); the same bytes as quant.quantize."""
+    from kvfx.ops import lowbit_attention_triton as tri
+    for shared in (True, False):
+        q, kc, vc, m = _case(2, 2, 3, 300, rk, rk, kind, "bool", shared, 0)
+        out = torch.ops.kvfx.decode_attention(q, kc, vc, rk, rk, kind, 0.125, m, shared)
+        _assert_matches(out, q, kc, vc, rk, rk, kind, 0.125, m, shared)
+    x = torch.randn(2, 3, 5, rk)
+    assert torch.equal(torch.ops.kvfx.quantize(x, kind), quant.quantize(x, kind))
+    assert la.takes_integer_path("amx", kind) and la.takes_integer_path("vnni", kind)
+    assert not la.takes_integer_path("avx2", kind) and not tri.handles(kind)
+
+
+def test_e8_codes_on_the_float_path(monkeypatch):
+    monkeypatch.setenv("KVFX_NO_AMX", "1")
+    q, kc, vc, m = _case(1, 2, 9, 200, 64, 64, "int8x16+e8x48", None, True, 1)
+    out = torch.ops.kvfx.decode_attention(q, kc, vc, 64, 64, "int8x16+e8x48", 0.125, m, True)
+    _assert_matches(out, q, kc, vc, 64, 64, "int8x16+e8x48", 0.125, m, True, rounding="none")

@@ -48,6 +48,22 @@ def test_same_bytes_as_quant_quantize(kind, width, rows, dtype, seed):
     assert torch.equal(got, quant.quantize(x, kind))
 
 
+@settings(max_examples=30, deadline=None)
+@given(widths=st.lists(st.integers(1, 12).map(lambda n: 8 * n), min_size=1, max_size=3), rows=st.integers(1, 200),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2 ** 16))
+def test_e8_bytes_as_quant_quantize(widths, rows, dtype, seed):
+    """e8 codes (kvfx/ops/lattice_e8.h): the lattice points' indices and scale codes quant.quantize writes. A scale
+    code is 8·log2 of the group's rms (or of its largest 8-vector's length) rounded, computed in float32 in another
+    order of sums than torch's: rows whose code lands within round-off of a half step may differ (none in practice)."""
+    kind = "+".join(f"{f}x{w}" for f, w in zip(("e8", "int4", "e8"), widths))
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(2, rows, sum(widths), generator=gen) * torch.logspace(0, -3, sum(widths))).to(dtype)
+    x[0, 0] = 0
+    got, ref = torch.ops.kvfx.quantize(x, kind), quant.quantize(x, kind)
+    assert got.shape == ref.shape == (2, rows, quant.row_bytes(kind, sum(widths)))
+    assert (got == ref).all(-1).float().mean() >= 0.99
+
+
 @pytest.mark.parametrize("kind", KINDS + ["int8x64+int5x32+int4x128+int3x48+int2x88"])
 def test_unprepared_rows_differ_only_at_scale_edges(kind):
     """Raw Gaussian rows: a group's scale code is the smallest step covering it (the decoder's own table), where
