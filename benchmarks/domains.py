@@ -28,10 +28,11 @@ Configurations (--configs, comma-separated):
                                                           weighted by attention, f_t^G, 0 < G <= 1:
                                                           kvfx.calib.weights; :aw=G:vw weights value rows by
                                                           their own u_t^G, u_t = Σ_q p_qt²)
-    METHOD@kv:BUDGET:bits[:measured[=N]][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN]
+    METHOD@kv:BUDGET:bits[:e8][:measured[=N]][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN]
                                                           kvfx.allocate_bits: bits per latent direction (int8 /
                                                           int4 / int3 / int2 bands, --bit-levels) in BUDGET ×
-                                                          the 16-bit bytes;
+                                                          the 16-bit bytes; e8: e8 lattice codes (kvfx.lattice)
+                                                          in int2's place;
                                                           sinks / recent: the first S and last W tokens' latents
                                                           also held in 16 bits (their bytes reserved from BUDGET
                                                           at --window tokens);
@@ -89,6 +90,7 @@ class Config:
     quantize: str | None = None
     rotate: bool = False
     per_direction: bool = False      # kvfx.allocate_bits: RANK is the byte budget, bits per direction
+    lattice: bool = False            # :e8 — e8 lattice codes in int2's place among the levels
     measured: int = 0                # allocate_bits with a kvfx.sensitivity profile on this many calibration windows
     refine: int = 0                  # kvfx.refine steps through the bands after allocate_bits
     exact: tuple = (0, 0)            # allocate_bits' (sinks, recent): tokens whose latents are held in 16 bits
@@ -132,6 +134,8 @@ def parse(spec: str) -> Config:
                 cfg.rotate = True
             elif opt == "bits" and gran == "kv":
                 cfg.per_direction = True
+            elif opt == "e8" and cfg.per_direction:
+                cfg.lattice = True
             elif opt == "measured" and cfg.per_direction:
                 cfg.measured = 2
             elif opt.startswith("measured=") and cfg.per_direction and int(opt[9:]) > 0:
@@ -159,7 +163,7 @@ def parse(spec: str) -> Config:
     except (ValueError, IndexError):
         raise SystemExit(f"bad configuration {spec!r}: expected METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN]"
                          "[:uncentred][:shrink=A][:kw=W][:aw=G[:vw]], "
-                         f"METHOD@kv:BUDGET:bits[:measured[=N]][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN][:uncentred][:shrink=A][:aw=G[:vw]] "
+                         f"METHOD@kv:BUDGET:bits[:e8][:measured[=N]][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN][:uncentred][:shrink=A][:aw=G[:vw]] "
                          f"or quanto|hqq:BITS:gGROUP:rRESIDUAL (domains: {', '.join(DOMAINS)}, mix)") from None
 
 
@@ -222,7 +226,8 @@ def run(args) -> str:
         base[d] = out["cached_second_half"]
         print(f"original {d}: cache ppl {base[d]:.3f} (forward, 2nd half {out['forward_second_half']:.3f})", flush=True)
     stats_memo: dict = {}
-    configs = [replace(parse(s), levels=args.bit_levels) for s in args.configs]
+    configs = [replace(c, levels=tuple("e8" if b == 2 and c.lattice else b for b in args.bit_levels))
+               for c in (parse(s) for s in args.configs)]
     for cfg in configs:
         t1 = time.time()
         if cfg.peer:

@@ -41,7 +41,11 @@ SHAPES = {"head-0.5-float32": (3, 3, 32, False, "float32"), "kv-0.5-float32": (1
           "kv-bits3-0.125": (1, 9, 256, True, "int4x64+int3x64+int2x128"),
           # with int5 bands (the recipe's since session 26; docs/calibration.md's example row): on AMX the int3 / int5
           # bands are transcoded to their levels first
-          "kv-bits5-0.25": (1, 9, 368, True, "int8x16+int5x96+int4x160+int3x64+int2x32")}
+          "kv-bits5-0.25": (1, 9, 368, True, "int8x16+int5x96+int4x160+int3x64+int2x32"),
+          # kv-bits3-0.125 with e8 lattice codes in its int2 band's place (the same bytes; transcoded to int4 nibbles
+          # on AMX / VNNI), and an allocation with them at 12.5 % (allocate_bits(..., levels=(8, 5, 4, 3, "e8")))
+          "kv-bits3e8-0.125": (1, 9, 256, True, "int4x64+int3x64+e8x128"),
+          "kv-bits5e8-0.125": (1, 9, 288, True, "int5x16+int4x16+int3x32+e8x224")}
 
 
 def _rows(b, h, n, width, storage, spare=512):

@@ -153,9 +153,9 @@ class Config:
 
 _KVFX = re.compile(r"kvfx-(head|layer|kv)-([0-9]*\.?[0-9]+)(?:-(int8|int4))?(-decoded|-avx2int|-tile)?(-atenlinear)?(-pyattend)?"
                    r"(-bmm)?(-ungrouped)?(-pycodec)?")
-# allocate_bits' bands in BUDGET (842: no int3; 5: with int5), -sSrW: the first S and last W tokens also held in 16 bits
-_BITS = re.compile(r"kvfx-kv-bits(842|5)?-([0-9]*\.?[0-9]+)(?:-s([0-9]+)r([0-9]+))?(-decoded|-avx2int)?(-uncentred)?(-atenlinear)?(-pyattend)?(-pycodec)?")
-LEVELS = {None: (8, 4, 3, 2), "842": (8, 4, 2), "5": (8, 5, 4, 3, 2)}
+# allocate_bits' bands in BUDGET (842: no int3; 5: with int5; 5e8: with int5 and e8 lattice codes for int2), -sSrW: the first S and last W tokens also held in 16 bits
+_BITS = re.compile(r"kvfx-kv-bits(842|5e8|5)?-([0-9]*\.?[0-9]+)(?:-s([0-9]+)r([0-9]+))?(-decoded|-avx2int)?(-uncentred)?(-atenlinear)?(-pyattend)?(-pycodec)?")
+LEVELS = {None: (8, 4, 3, 2), "842": (8, 4, 2), "5": (8, 5, 4, 3, 2), "5e8": (8, 5, 4, 3, "e8")}
 EXACT_CONTEXT = 512  # exact rows' bytes reserved from the budget at the quality protocol's context (same layout)
 DEFAULT_CONFIGS = ["original-dynamic", "original-static", "kvfx-head-0.5", "kvfx-head-0.25", "kvfx-layer-0.5",
                    "kvfx-layer-0.25", "kvfx-kv-0.5", "kvfx-kv-0.25", "kvfx-kv-0.5-int8", "kvfx-kv-0.9375-int4",
@@ -187,7 +187,7 @@ def parse_config(name: str) -> Config:
                      "peer-quanto-int4, peer-quanto-int2, kvfx-{head|layer|kv}-RANK[-int8|-int4] with RANK in "
                      "(0, 1] (e.g. kvfx-kv-0.5-int8) or kvfx-kv-bits-BUDGET (allocate_bits, BUDGET in (0, 1); "
                      "kvfx-kv-bits842-BUDGET: int8/int4/int2 bands only, as before int3; kvfx-kv-bits5-BUDGET: "
-                     "int8/int5/int4/int3/int2 bands; + '-sSrW': the first S and "
+                     "int8/int5/int4/int3/int2 bands; kvfx-kv-bits5e8-BUDGET: int8/int5/int4/int3/e8 bands; + '-sSrW': the first S and "
                      "last W tokens also held in 16 bits, e.g. kvfx-kv-bits-0.125-s4r32; + '-uncentred': rounded around "
                      "zero, not the calibration mean); a low-bit kvfx "
                      "configuration + '-decoded': its rows decoded to float32 in the kernel (no integer path), "

@@ -31,9 +31,15 @@ SHRINKS = 4
 LAST = 2.15      # then y drawn in to this radius (√10 − 1, E8's covering radius, less a margin)
 
 
-@functools.lru_cache(maxsize=1)
-def codebook() -> tuple[torch.Tensor, torch.Tensor]:
-    """(points u = 2·x [SIZE, 8] int8, their keys [SIZE] int64 ascending)."""
+def codebook(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(points u = 2·x [SIZE, 8] int8, their keys [SIZE] int64 ascending), on `device`."""
+    return _codebook(str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=4)
+def _codebook(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if device != "cpu":
+        return tuple(t.to(device) for t in _codebook("cpu"))
     found = []
     for values in (torch.arange(-6, 7, 2), torch.arange(-5, 6, 2)):  # D8's points doubled, then D8 + ½'s
         u = values[:, None]
@@ -79,8 +85,8 @@ def nearest(y: torch.Tensor) -> torch.Tensor:
 def index(points: torch.Tensor) -> torch.Tensor:
     """Codebook indices (int64) of points x [..., 8] (each one of the codebook's)."""
     u = torch.round(points * 2).to(torch.int64)
-    keys = ((u + 6) * BASE ** torch.arange(8)).sum(-1)
-    book = codebook()[1]
+    keys = ((u + 6) * BASE ** torch.arange(8, device=u.device)).sum(-1)
+    book = codebook(u.device)[1]
     at = torch.searchsorted(book, keys).clamp_max(SIZE - 1)
     if not bool((book[at] == keys).all()):
         raise ValueError("E8 index: a vector is not a point of the codebook")
@@ -89,4 +95,4 @@ def index(points: torch.Tensor) -> torch.Tensor:
 
 def points(indices: torch.Tensor) -> torch.Tensor:
     """The points x (float32) [..., 8] of codebook indices [...] (int64)."""
-    return codebook()[0][indices].float() * 0.5
+    return codebook(indices.device)[0][indices].float() * 0.5

@@ -22,8 +22,9 @@ spans 2^-16 … 2^15.9 in one byte and costs under 0.13 bit of precision against
   √10 (kvfx.lattice, 56 881 points), stored as its index in two bytes, one scale code per 32 numbers: R/4 + ⌈R/32⌉
   bytes (R a multiple of 8). The step is the group's rms, raised where needed so that its largest 8-vector lies
   within the ball (its largest numbers keep their size: a step from the rms alone, letting them overflow the ball
-  and shrink, measured worse). Decoded by the torch codec
-  (kvfx's C++ and Triton kernels do not read it yet: rows of it are dequantized and attended as float latents).
+  and shrink, measured worse). kvfx's C++ kernel reads it (kvfx/ops/lattice_e8.h: on AMX / AVX-512 VNNI each point
+  transcoded to int4 nibbles u = 2x, as int3's levels; elsewhere decoded to float32); the Triton kernel does not yet
+  (on CUDA rows of it are dequantized and attended by the reference).
 * bands, e.g. "int8x64+int4x224+int2x64": bits per latent direction. The row's columns, in order, are cut into
   bands stored in the formats named (the band "int8" with one scale per band); a row is the bands' rows one
   after the other. kvfx.allocate_bits chooses them (reverse water-filling over the calibrated directions).

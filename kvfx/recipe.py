@@ -21,7 +21,10 @@ latents", "domains" and "domains-bits"):
 6. with bits per direction, the calibration Grams weight each token by the attention it receives:
    `collect_stats(..., attention_weight=0.5)`, kvfx.calib.weights ("domains-weighted": worst domain 1.254 → 1.192
    at 12.5 %, 1.015 → 1.012 at 25 %). With weighted Grams rounding around the mean pays at 25 % too (1.017 around
-   zero), so then bits per direction always round around the mean.
+   zero), so then bits per direction always round around the mean;
+7. below 12.5 % of the bytes, bits per direction take e8 lattice codes (kvfx.lattice: 8 numbers a point of E8, 2 bits
+   a number at 0.72× int2's error) in int2's place ("domains-e8": at 6.25 % every domain better, worst 3.04 → 2.69;
+   at 12.5 % a wash, worst 1.166 → 1.155 but fiction 1.078 → 1.095, so not there).
 
 The chosen formats are recorded (`projections.quantize`: one format, or {site: bands}), so
 `kvfx.compress(model, projections)` applies them, and the projections are stamped with their provenance
@@ -43,6 +46,7 @@ from .provenance import stamp
 
 METHOD, GRANULARITY = "kqsvd", "kv"
 INT8_FROM = 0.375         # step 2: below this budget, bits per latent direction (kvfx.allocate_bits)
+LATTICE_BELOW = 0.125     # step 7: below this budget, e8 lattice codes in int2's place
 CENTRE_BELOW = 0.25       # bits per direction below this budget round around the calibration mean (RESULTS.md
                           # "domains-centred": 12.5 % 1.271 -> 1.254 worst domain, every domain better; at 25 % no gain)
                           # with plain Grams; with attention-weighted ones at every budget (step 6)
@@ -63,6 +67,12 @@ def widest(quantize: str | None, budget: float, width: int) -> int:
 def check_budget(budget) -> None:
     if not isinstance(budget, (int, float)) or isinstance(budget, bool) or math.isnan(budget) or not 0 < budget <= 1:
         raise ValueError(f"budget must be a fraction of the 16-bit KV-cache bytes in (0, 1], got {budget!r}.")
+
+
+def levels_for(budget: float) -> tuple:
+    """allocate_bits' band formats at `budget` (step 7): e8 lattice codes for int2 below LATTICE_BELOW."""
+    from .calib.bits import BITS
+    return tuple("e8" if b == 2 else b for b in BITS) if budget < LATTICE_BELOW else BITS
 
 
 def choose_format(budget: float, width: int, per_direction: bool = True) -> str | None:
@@ -150,7 +160,8 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
     stats = collect_stats(module, windows.split(1), progress=progress, attention_weight=attention_weight)
     width = {n: 2 * st.kv_heads * st.head_dim for n, st in stats.items()}
     fmt = choose_format(budget, max(width.values()), per_direction)
-    say(f"latent format: {'int8 / int5 / int4 / int3 / int2 bands per direction' if fmt == 'bits' else fmt or '16-bit'} "
+    bands = " / ".join(f"int{b}" if isinstance(b, int) else b for b in levels_for(budget))
+    say(f"latent format: {bands + ' bands per direction' if fmt == 'bits' else fmt or '16-bit'} "
         f"({time.perf_counter() - t0:.0f} s so far)")
 
     if fmt == "bits":
@@ -161,7 +172,8 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
             say(f"measured sensitivity: {probes} forwards of one window, "
                 f"{_minutes(probes * _forward_seconds(module, windows[0]))} (estimate)")
             profile = sensitivity(module, full, windows[:1], ranks=PROBE_RANKS, progress=progress)
-        projections = allocate_bits(stats, full, budget, profile=profile, exact=tuple(exact), context=context)
+        projections = allocate_bits(stats, full, budget, profile=profile, exact=tuple(exact), context=context,
+                                    levels=levels_for(budget))
     elif measured and budget < 1:
         full = fit(stats, METHOD, rank=1.0, granularity=GRANULARITY)
         probes = sum(len(range(1, SENSITIVITY_STEPS)) for _ in stats)

@@ -2,6 +2,8 @@
 count), on a tiny Llama. The full table is a command (sweeps `domains`, `domains-calib`), not a test."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -37,13 +39,16 @@ def test_configurations_parse_and_bad_ones_are_refused(bench, monkeypatch):
     assert aw.attention_weight == 0.5 and bench.parse("kqsvd@kv:0.125:bits").attention_weight == 0
     assert bench.label(aw).endswith(", tokens weighted by attention^0.5") and not aw.own_value_weight
     assert bench.parse("kqsvd@kv:0.125:bits:aw=0.5:vw").own_value_weight
+    lattice = bench.parse("kqsvd@kv:0.125:bits:e8")
+    assert lattice.lattice and not bench.parse("kqsvd@kv:0.125:bits").lattice
+    assert "(int8/int5/int4/int3/e8 bands)" in bench.label(replace(lattice, levels=(8, 5, 4, 3, "e8")))
     held_out = bench.parse("kqsvd@kv:0.125:bits:calib=mix-code")
     assert held_out.calib == "mix-code" and bench.mixed("mix-code") == ("wikitext", "docs", "fiction")
     assert "calibrated on the mix without code" in bench.label(held_out) and bench.mixed("mix") == tuple(bench.DOMAINS)
     for bad in ["kqsvd:half", "kqsvd:0.5:shrink=1", "kqsvd:0.5:shrink=0", "kqsvd:0.5:calib=mix-poetry", "kqsvd:0.5:int6", "quanto:4:64:r32", "kqsvd:0.5:calib=poetry", "kqsvd@kv:0.25:measured",
                 "kqsvd@kv:0.25:bits:refine=0", "kqsvd@kv:0.25:refine=5", "kqsvd@kv:0.25:sinks=4",
                 "kqsvd:0.5:kw=8", "kqsvd@kv:0.5:kw=0", "kqsvd@kv:0.5:aw=0", "kqsvd@kv:0.5:aw=1.5", "kqsvd@kv:0.5:vw",
-                "kqsvd@kv:0.25:bits:measured=0"]:
+                "kqsvd@kv:0.25:bits:measured=0", "kqsvd@kv:0.25:e8"]:
         with pytest.raises(SystemExit, match="bad configuration"):
             bench.parse(bad)
     for spec in bench.DEFAULT:

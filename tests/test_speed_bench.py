@@ -162,6 +162,7 @@ def test_bits_configs_name_their_band_levels(speed):
     assert (now.quantize, now.rank, now.levels) == ("bits", 0.25, (8, 4, 3, 2))
     assert (before.quantize, before.rank, before.levels) == ("bits", 0.125, (8, 4, 2))  # as measured before int3
     assert parse_config("kvfx-kv-bits5-0.25").levels == (8, 5, 4, 3, 2)  # with int5, the recipe's bands
+    assert parse_config("kvfx-kv-bits5e8-0.125").levels == (8, 5, 4, 3, "e8")  # e8 lattice codes in int2's place
     assert now.exact == (0, 0) and parse_config("kvfx-kv-bits-0.125-s4r32-decoded").exact == (4, 32)
     assert parse_config("kvfx-kv-bits-0.125-s4r32-decoded").decoded  # exact rows: sinks 4, recent 32
     assert parse_config("kvfx-kv-bits-0.125-uncentred").uncentred and not now.uncentred

@@ -136,6 +136,14 @@ struct Format {
   }
 };
 
+// spec's widths of -1: the rows' width (a whole-row int5 / int3 / int2 / e8 format's one band; the
+// graph's width symbolic: kvfx/ops/lowbit_attention.py's _static)
+std::vector<int64_t> full_width(std::vector<int64_t> spec, int64_t width) {
+  for (size_t i = 1; i < spec.size(); i += 2)
+    if (spec[i] < 0) spec[i] = width;
+  return spec;
+}
+
 inline float bf16_to_float(uint16_t h) {
   const uint32_t bits = static_cast<uint32_t>(h) << 16;
   float x;
@@ -806,7 +814,7 @@ torch::Tensor dequantize_rows_as(torch::Tensor stored, int64_t width, int64_t bi
     if (w > 0) bands.push_back(Band{static_cast<int>(bits), w, 0, 0, cb});
     row_elems = w == 0 ? 0 : cb + (bits == 8 ? 1 : (w + 31) / 32);
   } else {
-    const Format f(spec);
+    const Format f(full_width(spec, width));
     TORCH_CHECK(f.width == width, "dequantize_rows: the bands span ", f.width, " columns, not ", width);
     bands = f.bands, row_elems = f.row_elems;
   }
@@ -873,9 +881,10 @@ torch::Tensor decode_attention_as(torch::Tensor q, torch::Tensor kc, torch::Tens
                                   c10::optional<torch::Tensor> epos_opt, at::ScalarType out_type) {
   TORCH_CHECK(q.dim() == 4 && kc.dim() == 4 && q.scalar_type() == torch::kFloat32, "q must be [B, H, G, R] float32");
   Kind kind;
-  if (bits == -1) {  // bands (kbands / vbands: bits, width, bits, width, …)
+  if (bits == -1) {  // bands (kbands / vbands: bits, width, bits, width, …; a width of -1: rk / rv)
     TORCH_CHECK(kc.scalar_type() == torch::kInt8, "codes must be int8");
     kind = kBands;
+    kbands = full_width(std::move(kbands), rk), vbands = full_width(std::move(vbands), shared ? rk : rv);
   } else if (bits == 8 || bits == 4) {
     TORCH_CHECK(kc.scalar_type() == torch::kInt8, "codes must be int8");
     kind = bits == 8 ? kInt8 : kInt4;
@@ -1330,13 +1339,6 @@ const torch::Tensor& default_down_scales() {  // 2^(-e/8): kvfx.ops.lowbit_atten
 int64_t row_bytes_of(int64_t width, int64_t bits, const std::vector<int64_t>& spec) {
   return bits == 8 || bits == 4 ? Format(bits == 8 ? kInt8 : kInt4, static_cast<int>(width)).row_elems
                                 : Format(spec).row_elems;
-}
-
-// spec's widths of -1: the rows' width (a whole-row int5 / int3 / int2 format's one band)
-std::vector<int64_t> full_width(std::vector<int64_t> spec, int64_t width) {
-  for (size_t i = 1; i < spec.size(); i += 2)
-    if (spec[i] < 0) spec[i] = width;
-  return spec;
 }
 
 torch::Tensor encode(const torch::Tensor& x, int64_t bits, std::vector<int64_t> spec) {

@@ -156,6 +156,8 @@ def reference(q, kc, vc, rk: int, rv: int, kind: str, scale: float, mask=None, s
 def _band_spec(kind: str, width: int) -> tuple[int, ...]:
     """(bits, columns, bits, columns, …) of a bands format (or int2) for the C++ kernel (memoised: the op runs it
     every decode step and layer; Dynamo never traces it, the op is opaque to it)."""
+    if width == -1 and quant.bands_of(kind) is None:
+        return band_code(quant.FORMATS[quant.codes_of(kind)]), -1
     return tuple(n for fmt, w in quant.layout(kind, width) for n in (band_code(fmt), w))
 
 
@@ -173,8 +175,17 @@ def kernel_format(kind: str, rk: int, rv: int, shared: bool) -> tuple[int, list[
     """The C++ kernel's arguments for rows of format `kind`: bits (8, 4, 0 for 16/32-bit latents, -1 for bands;
     int2 is one band) and the key and value rows' band specs (empty unless bands; the values' empty when shared)."""
     bits = row_bits(kind)
-    kbands = list(_band_spec(kind, rk)) if bits < 0 else []
-    return bits, kbands, list(_band_spec(kind, rv)) if bits < 0 and not shared else []
+    kbands = list(_band_spec(kind, _static(rk, kind))) if bits < 0 else []
+    return bits, kbands, list(_band_spec(kind, _static(rv, kind))) if bits < 0 and not shared else []
+
+
+def _static(width, kind: str) -> int:
+    """A latent width as an int for the band specs. A graph may hold it symbolic (Dynamo makes a cache's width
+    dynamic once two compressed models of one class have run with different widths): a bands format's columns are
+    its own (quant.width_of); a whole-row format's one band takes -1, the rows' width (read by the C++ kernel)."""
+    if isinstance(width, int):
+        return width
+    return quant.width_of(kind) or -1
 
 
 def _decoded(rows: torch.Tensor, width: int, kind: str) -> torch.Tensor:

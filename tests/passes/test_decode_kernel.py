@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import kvfx
-from helpers import model_inputs, random_projections, tiny_llama
+from helpers import model_inputs, random_projections, reference_greedy, tiny_llama
 from kvfx import quant
 from kvfx.ops import lowbit_attention as la
 from kvfx.passes import decode_kernel
@@ -174,3 +174,25 @@ def test_cpp_codec_switch(monkeypatch):
     assert decode_kernel.cpp_codec()
     monkeypatch.setenv("KVFX_NO_CPP_CODEC", "1")
     assert not decode_kernel.cpp_codec()
+
+
+@pytest.mark.parametrize("kinds", [("int4x8+int2x8", "int4x16+e8x8"), ("int2", "e8")])
+def test_two_models_of_other_widths_in_one_process(kinds):
+    """Two compressed models of one class whose latents differ in width, decoding in turn: Dynamo then makes the
+    cache's width symbolic in the graphs it compiles next (automatic dynamic shapes); the pass reads a bands format's
+    columns off the format and sends a whole-row format's band with the rows' width (-1)."""
+    m = tiny_llama(2, head_dim=32)
+    ids = model_inputs(m, tokens=5)
+    models = []
+    for rank, kind in zip((16, 24), kinds):
+        proj = random_projections(m, rank=rank, seed=rank)
+        models.append((kvfx.compress(torch.compile(copy.deepcopy(m), backend="inductor"), proj, quantize=kind),
+                       reference_greedy(m, proj, ids, 4, quantize=kind)))
+    kvfx.counters.clear()
+    for _ in range(2):
+        for cm, want in models:
+            with torch.no_grad():
+                out = cm.generate(ids, max_new_tokens=4, do_sample=False)
+            n = out.shape[1]
+            assert torch.equal(out, want[:, :n])
+    assert kvfx.counters["kvfx"]["decode_kernels"] >= 2
