@@ -33,13 +33,16 @@ LAST = 2.15      # then y drawn in to this radius (√10 − 1, E8's covering ra
 
 def codebook(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(points u = 2·x [SIZE, 8] int8, their keys [SIZE] int64 ascending), on `device`."""
-    return _codebook(str(torch.device(device)))
+    device = torch.device(device)
+    return _BOOK if device.type == "cpu" else _on(str(device))
 
 
 @functools.lru_cache(maxsize=4)
-def _codebook(device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if device != "cpu":
-        return tuple(t.to(device) for t in _codebook("cpu"))
+def _on(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(t.to(device) for t in _BOOK)
+
+
+def _build() -> tuple[torch.Tensor, torch.Tensor]:
     found = []
     for values in (torch.arange(-6, 7, 2), torch.arange(-5, 6, 2)):  # D8's points doubled, then D8 + ½'s
         u = values[:, None]
@@ -52,6 +55,9 @@ def _codebook(device: str) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.argsort(keys)
     assert u.shape[0] == SIZE, u.shape
     return u[order].to(torch.int8).contiguous(), keys[order].contiguous()
+
+
+_BOOK = _build()  # at import (~30 ms): never built inside a traced graph
 
 
 def _nearest_d8(y: torch.Tensor) -> torch.Tensor:
@@ -88,7 +94,7 @@ def index(points: torch.Tensor) -> torch.Tensor:
     keys = ((u + 6) * BASE ** torch.arange(8, device=u.device)).sum(-1)
     book = codebook(u.device)[1]
     at = torch.searchsorted(book, keys).clamp_max(SIZE - 1)
-    if not bool((book[at] == keys).all()):
+    if not torch.compiler.is_compiling() and not bool((book[at] == keys).all()):  # (no data-dependent branch traced)
         raise ValueError("E8 index: a vector is not a point of the codebook")
     return at
 
