@@ -306,3 +306,5 @@ def test_e8_forward_and_generate_match_the_reference(llama, backend):
         assert kvfx.counters["kvfx"]["lowbit_decode"] >= 2
     n = out.shape[1]
     assert torch.equal(out, want[:, :n]) and (n == want.shape[1] or out[0, -1] == m.generation_config.eos_token_id)
+    with compressed(m, proj, backend, cache="static", quantize="e8") as cm, torch.no_grad():
+        assert torch.equal(cm.generate(ids, max_new_tokens=8, do_sample=False), out)
