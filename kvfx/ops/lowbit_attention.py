@@ -14,7 +14,8 @@ and ninja; cached under ~/.cache/torch_extensions). It reads the cache's [:, :, 
 in place, a block of rows at a time, with an online softmax per split-K chunk. On CPUs with AMX-INT8 (Sapphire
 Rapids and later; `integer_path()`) int8 / int4 / int2 rows and bands of them (bits per direction:
 lowbit_attention_bands.h, lowbit_attention_amx_bands.h; int3 / int5 bands of whole 16-column runs are first transcoded, a block of rows at a
-time, to their levels k = 2q + 1 as int4 / int8 codes) never become floats: the tile unit computes the scores as int8
+time, to their levels k = 2q + 1 as int4 / int8 codes; e8 bands, a point at a time, to u = 2x as int4 codes,
+lattice_e8.h) never become floats: the tile unit computes the scores as int8
 dot products of the stored codes with the query, rounded once per call to integers (12 bits for int4, 16 for int8,
 one scale per query row), and the value sums as int8 dot products of the codes with the softmax weights times the
 rows' scales, rounded per block of rows to 16 bits; float arithmetic only applies the per-group scales and runs the
@@ -47,8 +48,8 @@ Exact rows (a format's "|sinksS|recentW", kvfx.quant.exact_of): both ops take th
 rows' own partial softmax with the split-K chunks' (on every CPU path, AMX's included; on CUDA the Triton kernel skips
 them and ops/exact_merge.py adds the exact rows' softmax).
 
-CUDA: a Triton split-K kernel (lowbit_attention_triton.py) for every format (whole-row codes, int2 / int3 / int5, bands,
-exact rows) when triton is installed, tested in Triton's interpreter on CPU (tests/ops/test_lowbit_attention_triton.py);
+CUDA: a Triton split-K kernel (lowbit_attention_triton.py) for every format but e8 codes (whole-row codes, int2 / int3 /
+int5, bands, exact rows) when triton is installed, tested in Triton's interpreter on CPU (tests/ops/test_lowbit_attention_triton.py);
 without triton, and on other devices, `reference`.
 """
 from __future__ import annotations
