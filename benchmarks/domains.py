@@ -62,7 +62,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kvfx  # noqa: E402
-from kvfx.calib.bits import check_levels, format_name  # noqa: E402
+from kvfx.calib.bits import check_levels, format_name, with_lattice  # noqa: E402
 from kvfx.calib.collect import collect_stats, fit  # noqa: E402
 from kvfx.calib.shrink import shrink  # noqa: E402
 from kvfx.data import DOMAINS, calibration_mix, domain_windows  # noqa: E402
@@ -226,7 +226,7 @@ def run(args) -> str:
         base[d] = out["cached_second_half"]
         print(f"original {d}: cache ppl {base[d]:.3f} (forward, 2nd half {out['forward_second_half']:.3f})", flush=True)
     stats_memo: dict = {}
-    configs = [replace(c, levels=tuple("e8" if b == 2 and c.lattice else b for b in args.bit_levels))
+    configs = [replace(c, levels=with_lattice(args.bit_levels) if c.lattice else args.bit_levels)
                for c in (parse(s) for s in args.configs)]
     for cfg in configs:
         t1 = time.time()

@@ -71,8 +71,8 @@ def check_budget(budget) -> None:
 
 def levels_for(budget: float) -> tuple:
     """allocate_bits' band formats at `budget` (step 7): e8 lattice codes for int2 below LATTICE_BELOW."""
-    from .calib.bits import BITS
-    return tuple("e8" if b == 2 else b for b in BITS) if budget < LATTICE_BELOW else BITS
+    from .calib.bits import BITS, with_lattice
+    return with_lattice(BITS) if budget < LATTICE_BELOW else BITS
 
 
 def choose_format(budget: float, width: int, per_direction: bool = True) -> str | None:
@@ -130,7 +130,7 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
     from .calib.refine import Refine, refine
     from .calib.sensitivity import allocate, sensitivity
     from .calib.allocate import Budget
-    from .calib.bits import _exact_cost, allocate_bits
+    from .calib.bits import _exact_cost, allocate_bits, format_name
     from .calib.weights import check_attention_weight
     from .passes.compile import options_of
     from .rotate import rotate_latents
@@ -160,7 +160,7 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
     stats = collect_stats(module, windows.split(1), progress=progress, attention_weight=attention_weight)
     width = {n: 2 * st.kv_heads * st.head_dim for n, st in stats.items()}
     fmt = choose_format(budget, max(width.values()), per_direction)
-    bands = " / ".join(f"int{b}" if isinstance(b, int) else b for b in levels_for(budget))
+    bands = " / ".join(format_name(b) for b in levels_for(budget))
     say(f"latent format: {bands + ' bands per direction' if fmt == 'bits' else fmt or '16-bit'} "
         f"({time.perf_counter() - t0:.0f} s so far)")
 

@@ -46,6 +46,11 @@ def format_name(level) -> str:
     return level if isinstance(level, str) else f"int{level}"
 
 
+def with_lattice(levels) -> tuple:
+    """`levels` with e8 lattice codes in int2's place: (8, 5, 4, 3, 2) -> (8, 5, 4, 3, "e8")."""
+    return tuple("e8" if b == 2 else b for b in levels)
+
+
 @functools.lru_cache(maxsize=None)
 def format_error(bits) -> float:
     """Relative squared error of kvfx.quant's `int{bits}` rows (or "e8"'s) on iid Gaussian numbers (64 wide; seeded)."""
