@@ -73,7 +73,10 @@ inline void weigh2(__m512i* acc, const uint8_t* w, __m512i a) {
   acc[1] = _mm512_dpbusd_epi32(acc[1], _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(w + BN)), a);
 }
 
-// Calls CALL(CG, g0) for each pass of G query rows (CG = its rows, 1 .. 4, a constant; g0 its first).
+// Calls CALL(CG, g0) for each pass of G query rows (CG = its rows, 1 .. 4, a constant; g0 its first). The passes'
+// loops over their CG rows carry `#pragma GCC unroll`: unrolled only late, GCC 12 keeps an array of accumulators in
+// memory (a 64-byte store after every VPDPBUSD, moves around it); the value sums ran 1.5-2x slower that way (Zen 4,
+// 16k rows of a 360-wide shared latent, scratch A/B of the two builds).
 #define KVFX_EACH_PASS(G, CALL)                                                  \
   for (int p_ = 0; p_ < passes_of(G); ++p_) {                                    \
     const int g0_ = pass_at(G, p_);                                              \
@@ -321,7 +324,9 @@ inline void VnniWorker::value_pass(const Rows& r, int n, const Codes& c, int g0,
   const __m512i i8lo = _mm512_load_si512(kRows4Bytes32), i8hi = _mm512_add_epi8(i8lo, _mm512_set1_epi8(16));
   const bool first = g0 == 0, keep = first && NP > 1, one = Bits == 8 && c.bytes <= 16;
   __m512i acc[CG][4];  // first C tile hi, lo; second C tile hi, lo
+#pragma GCC unroll 4
   for (int g = 0; g < CG; ++g)
+#pragma GCC unroll 4
     for (int k = 0; k < 4; ++k) acc[g][k] = _mm512_setzero_si512();
   for (int n0 = 0; n0 < n; n0 += 4) {
     __m512i ev, od;  // the two C tiles' operands
@@ -347,13 +352,18 @@ inline void VnniWorker::value_pass(const Rows& r, int n, const Codes& c, int g0,
     } else {
       ev = _mm512_load_si512(vop + n0 / 2), od = _mm512_load_si512(vop + n0 / 2 + 1);
     }
-    if (one)
+    if (one) {
+#pragma GCC unroll 4
       for (int g = 0; g < CG; ++g) weigh2(acc[g], wd + ((g0 + g) * P.ngv + c.j) * 2 * BN + n0, ev);
-    else
+    } else {
+#pragma GCC unroll 4
       for (int g = 0; g < CG; ++g) weigh4(acc[g], wd + ((g0 + g) * P.ngv + c.j) * 2 * BN + n0, ev, od);
+    }
   }
+#pragma GCC unroll 4
   for (int g = 0; g < CG; ++g) {  // columns as the tile path accumulates them (int4: the even, then odd columns)
     const __m512 f = _mm512_set1_ps(ps[(g0 + g) * P.ngv + c.j]);
+#pragma GCC unroll 4
     for (int k = 0; k < (one ? 1 : 2); ++k) {
       add_digit_sums(o + (g0 + g) * P.Rvp + c.col + 16 * k, acc[g][2 * k], acc[g][2 * k + 1], f);
     }
@@ -393,6 +403,7 @@ inline void VnniWorker::key_pass8(const __m512i* z, int64_t unit, int dwords, in
   __m512i ah[CG], al[CG];
   const int32_t* qh[CG];
   const int32_t* ql[CG];
+#pragma GCC unroll 4
   for (int g = 0; g < CG; ++g) {
     ah[g] = first ? _mm512_setzero_si512() : iacc[2 * (g0 + g)];
     al[g] = first ? _mm512_setzero_si512() : iacc[2 * (g0 + g) + 1];
@@ -400,11 +411,13 @@ inline void VnniWorker::key_pass8(const __m512i* z, int64_t unit, int dwords, in
   }
   for (int d = 0; d < dwords; ++d) {
     const __m512i u = _mm512_xor_si512(z[d], x80);
+#pragma GCC unroll 4
     for (int g = 0; g < CG; ++g) {
       ah[g] = dpbusd_b(ah[g], u, &qh[g][d]);
       al[g] = dpbusd_b(al[g], u, &ql[g][d]);
     }
   }
+#pragma GCC unroll 4
   for (int g = 0; g < CG; ++g) iacc[2 * (g0 + g)] = ah[g], iacc[2 * (g0 + g) + 1] = al[g];
 }
 

@@ -94,7 +94,10 @@ void VnniWorker::band_key_scores(const Rows& rr, const Rows& tr, int t, int64_t 
     if (!s.i8) {
       const BandPlan::Unit& un = K.units[s.u0];
       __m512i op[16];
-      (un.bits == 2 ? int2_operands : int4_operands)(un.tr ? x : r, un.at, un.bytes, op);
+      if (un.bits == 2)  // two calls, not one through a pointer: inlined, the operands stay in registers
+        int2_operands(un.tr ? x : r, un.at, un.bytes, op);
+      else
+        int4_operands(un.tr ? x : r, un.at, un.bytes, op);
 #define KVFX_KEY_PASS(CG, g0) key_pass<CG>(op, t, bh, s.u0, j, g0)
       KVFX_EACH_PASS(P.G, KVFX_KEY_PASS)
 #undef KVFX_KEY_PASS
