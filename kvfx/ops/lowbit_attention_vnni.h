@@ -363,10 +363,9 @@ inline void VnniWorker::value_pass(const Rows& r, int n, const Codes& c, int g0,
 #pragma GCC unroll 4
   for (int g = 0; g < CG; ++g) {  // columns as the tile path accumulates them (int4: the even, then odd columns)
     const __m512 f = _mm512_set1_ps(ps[(g0 + g) * P.ngv + c.j]);
-#pragma GCC unroll 4
-    for (int k = 0; k < (one ? 1 : 2); ++k) {
-      add_digit_sums(o + (g0 + g) * P.Rvp + c.col + 16 * k, acc[g][2 * k], acc[g][2 * k + 1], f);
-    }
+    float* og = o + (g0 + g) * P.Rvp + c.col;  // (constant indices into acc: it stays in registers)
+    add_digit_sums(og, acc[g][0], acc[g][1], f);
+    if (!one) add_digit_sums(og + 16, acc[g][2], acc[g][3], f);
   }
 }
 
