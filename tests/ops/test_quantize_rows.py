@@ -55,9 +55,9 @@ def test_e8_bytes_as_quant_quantize(widths, rows, dtype, seed):
     """e8 codes (kvfx/ops/lattice_e8.h): the lattice points' indices and scale codes quant.quantize writes. A scale
     code is 8·log2 of the group's rms (or of its largest 8-vector's length) rounded, computed in float32 in another
     order of sums than torch's: rows whose code lands within round-off of a half step may differ (none in practice).
-    An 8-vector equally near two lattice points (bfloat16 inputs make equal magnitudes common; seed 208 below) may
-    take either: the scaled vector is one multiply in float32 in both, by a step whose last bit may differ, and the
-    first of equals is taken after that round-off. Every other difference fails."""
+    An 8-vector exactly as near two lattice points (bfloat16 inputs make equal magnitudes common; seed 208 below) may
+    take either: the two encoders' tie-breaks (the first of equal D8 rounding errors, a ≤ between the two cosets) run
+    on doubles computed in other orders. Every other difference fails."""
     kind = "+".join(f"{f}x{w}" for f, w in zip(("e8", "int4", "e8"), widths))
     width = sum(widths)
     gen = torch.Generator().manual_seed(seed)
