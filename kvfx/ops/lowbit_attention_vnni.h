@@ -119,6 +119,8 @@ class VnniWorker {
     tv = reinterpret_cast<int8_t*>(base + o_tv);
     std::memset(zero, 0, zb);
     lut8 = lut8_of(P.lut);
+    qg_.resize(P.G);
+    qunit_ = P.qoffset(0, 0, 1, 0) - P.qoffset(0, 0, 0, 0), qdigit_ = P.qoffset(0, 0, 0, 1) - P.qoffset(0, 0, 0, 0);
   }
   void run(int64_t task);
 
@@ -135,6 +137,8 @@ class VnniWorker {
                      // int8: 128 · sum of each digit over the row, [g][digit]; bands: 4/2-bit groups, [g][group])
   int32_t* corr8;    // bands: 8-bit groups' 128 · sum of each digit over the group, [g][group][digit]
   int8_t *tk, *tv;   // bands: a block's rows with their int3 / int5 bands transcoded (keys; values if not shared)
+  std::vector<const int8_t*> qg_;  // query row g's digits of unit 0, digit 0, for the task's (b, h) (set_queries)
+  int64_t qunit_, qdigit_;         // qa's strides between a row's units and digits
 
   // rows r of the block: base + r · ld for r < rows, else the zero row
   struct Rows {
@@ -144,9 +148,14 @@ class VnniWorker {
     const char* zero;
     const char* operator[](int r) const { return r < rows ? base + r * ld : zero; }
   };
-  // query row g's digits of key unit j (int4: [hi | lo] of group j; int8: digit `digit` of chunk j), 64 bytes
-  const int32_t* qrow(int64_t bh, int64_t g, int64_t j, int digit) const {
-    return reinterpret_cast<const int32_t*>(P.qtile(bh, static_cast<int>(g / P.Gb), j, digit) + (g % P.Gb) * 64);
+  // query row g's digits of key unit j (int4: [hi | lo] of group j; int8: digit `digit` of chunk j), 64 bytes, of
+  // the task's (b, h) (bh: run's, whose start sets qg_): no division in the passes (g / Gb cost ~1/4 of the key
+  // scores of a shared latent, an IDIV a query row, group and 16 rows)
+  const int32_t* qrow(int64_t /*bh*/, int64_t g, int64_t j, int digit) const {
+    return reinterpret_cast<const int32_t*>(qg_[g] + j * qunit_ + digit * qdigit_);
+  }
+  void set_queries(int64_t bh) {
+    for (int64_t g = 0; g < P.G; ++g) qg_[g] = P.qtile(bh, static_cast<int>(g / P.Gb), 0, 0) + (g % P.Gb) * 64;
   }
   // a pair of C tiles' codes: `bytes` from byte `at` of each row (4-bit: a group's 32 columns; 2-bit: a bands
   // unit's; 8-bit: 32 columns, 16 a tile), weighted by group j, into the accumulated columns col .. col + 31
@@ -436,6 +445,7 @@ void VnniWorker::run(int64_t task) {
   const int64_t G = P.G, bh = T0.bh, b = T0.b, n0 = T0.n0, n1 = T0.n1;
   const char *krows = T0.krows, *vrows = T0.vrows;
   float *m = T0.m, *l = T0.l, *o = T0.o;
+  set_queries(bh);
   if (P.plan) {
     band_corrections(bh);
   } else if (P.kind == kInt4) {
