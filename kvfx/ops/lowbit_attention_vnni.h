@@ -149,9 +149,9 @@ class VnniWorker {
     const char* operator[](int r) const { return r < rows ? base + r * ld : zero; }
   };
   // query row g's digits of key unit j (int4: [hi | lo] of group j; int8: digit `digit` of chunk j), 64 bytes, of
-  // the task's (b, h) (bh: run's, whose start sets qg_): no division in the passes (g / Gb cost ~1/4 of the key
+  // the task's (b, h) (run's start sets them, set_queries): no division in the passes (g / Gb cost ~1/4 of the key
   // scores of a shared latent, an IDIV a query row, group and 16 rows)
-  const int32_t* qrow(int64_t /*bh*/, int64_t g, int64_t j, int digit) const {
+  const int32_t* qrow(int64_t g, int64_t j, int digit) const {
     return reinterpret_cast<const int32_t*>(qg_[g] + j * qunit_ + digit * qdigit_);
   }
   void set_queries(int64_t bh) {
@@ -164,16 +164,16 @@ class VnniWorker {
   };
   void scales(const Rows& r, int64_t cb, int64_t ng, float* out) const;
   void key_scores(const Rows& r, int t, int64_t bh, const float* add);
-  template <int CG> void key_pass(const __m512i* op, int t, int64_t bh, int64_t unit, int64_t j, int g0);
+  template <int CG> void key_pass(const __m512i* op, int t, int64_t unit, int64_t j, int g0);
   void key_scores8(const Rows& r, int t, int64_t bh, const float* add);
-  template <int CG> void key_pass8(const __m512i* z, int64_t unit, int dwords, int64_t bh, int g0, bool first);
+  template <int CG> void key_pass8(const __m512i* z, int64_t unit, int dwords, int g0, bool first);
   void weights();
   void value_sums(const Rows& r, int n, float* o);
   template <int CG, int Bits> void value_pass(const Rows& r, int n, const Codes& c, int g0, float* o);
   void value_sums8(const Rows& r, int n, float* o);
   void block(const Rows& kr, const Rows& vr, int64_t bh, const float* add, float* m, float* l, float* o);
   // bands (lowbit_attention_vnni_bands.h)
-  void band_corrections(int64_t bh);
+  void band_corrections();
   void band_scales(const Rows& r, const BandPlan& plan, float* out) const;
   Rows transcode(const Rows& r, const BandPlan& plan, int8_t* buf) const;
   void band_key_scores(const Rows& r, const Rows& tr, int t, int64_t bh, const float* add);
@@ -244,7 +244,7 @@ void VnniWorker::key_scores(const Rows& rr, int t, int64_t bh, const float* add)
   for (int64_t j = 0; j < P.ngk; ++j) {
     __m512i op[16];
     int4_operands(r, 16 * j, P.cbk - 16 * j, op);
-#define KVFX_KEY_PASS(CG, g0) key_pass<CG>(op, t, bh, j, j, g0)
+#define KVFX_KEY_PASS(CG, g0) key_pass<CG>(op, t, j, j, g0)
     KVFX_EACH_PASS(P.G, KVFX_KEY_PASS)
 #undef KVFX_KEY_PASS
   }
@@ -259,10 +259,10 @@ void VnniWorker::key_scores(const Rows& rr, int t, int64_t bh, const float* add)
 // s_ (16 rows of query rows g0 .. g0 + CG - 1) += group j's int32 sums (the hi and lo digits' chains, against the
 // digits of key unit `unit`) times the rows' key scales.
 template <int CG>
-inline void VnniWorker::key_pass(const __m512i* op, int t, int64_t bh, int64_t unit, int64_t j, int g0) {
+inline void VnniWorker::key_pass(const __m512i* op, int t, int64_t unit, int64_t j, int g0) {
   __m512i ah[CG], al[CG];
   const int32_t* q[CG];  // [hi | lo] digits
-  for (int g = 0; g < CG; ++g) ah[g] = al[g] = _mm512_setzero_si512(), q[g] = qrow(bh, g0 + g, unit, 0);
+  for (int g = 0; g < CG; ++g) ah[g] = al[g] = _mm512_setzero_si512(), q[g] = qrow(g0 + g, unit, 0);
   for (int d = 0; d < 4; ++d)
     for (int g = 0; g < CG; ++g) {
       ah[g] = dpbusd_b(ah[g], op[4 * d], &q[g][2 * d]);
@@ -390,7 +390,7 @@ void VnniWorker::key_scores8(const Rows& rr, int t, int64_t bh, const float* add
     for (int r = 0; r < 16; ++r) z[r] = _mm512_maskz_loadu_epi8(m, rr[16 * t + r] + 64 * c);
     transpose16(z);  // z[d] lane n: row n's columns 64c + 4d .. 64c + 4d + 3
     const int dwords = static_cast<int>((bytes + 3) / 4);
-#define KVFX_KEY_PASS8(CG, g0) key_pass8<CG>(z, c, dwords, bh, g0, c == 0)
+#define KVFX_KEY_PASS8(CG, g0) key_pass8<CG>(z, c, dwords, g0, c == 0)
     KVFX_EACH_PASS(P.G, KVFX_KEY_PASS8)
 #undef KVFX_KEY_PASS8
   }
@@ -406,7 +406,7 @@ void VnniWorker::key_scores8(const Rows& rr, int t, int64_t bh, const float* add
 // Key unit `unit`'s sums (z: its dwords, 16 rows transposed) of query rows g0 .. g0 + CG - 1, added to iacc
 // (started at the first unit of the sum).
 template <int CG>
-inline void VnniWorker::key_pass8(const __m512i* z, int64_t unit, int dwords, int64_t bh, int g0, bool first) {
+inline void VnniWorker::key_pass8(const __m512i* z, int64_t unit, int dwords, int g0, bool first) {
   const __m512i x80 = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512i ah[CG], al[CG];
   const int32_t* qh[CG];
@@ -415,7 +415,7 @@ inline void VnniWorker::key_pass8(const __m512i* z, int64_t unit, int dwords, in
   for (int g = 0; g < CG; ++g) {
     ah[g] = first ? _mm512_setzero_si512() : iacc[2 * (g0 + g)];
     al[g] = first ? _mm512_setzero_si512() : iacc[2 * (g0 + g) + 1];
-    qh[g] = qrow(bh, g0 + g, unit, 0), ql[g] = qrow(bh, g0 + g, unit, 1);
+    qh[g] = qrow(g0 + g, unit, 0), ql[g] = qrow(g0 + g, unit, 1);
   }
   for (int d = 0; d < dwords; ++d) {
     const __m512i u = _mm512_xor_si512(z[d], x80);
@@ -447,11 +447,11 @@ void VnniWorker::run(int64_t task) {
   float *m = T0.m, *l = T0.l, *o = T0.o;
   set_queries(bh);
   if (P.plan) {
-    band_corrections(bh);
+    band_corrections();
   } else if (P.kind == kInt4) {
     for (int64_t g = 0; g < G; ++g)  // 8 · sum of x = 16·hi + lo over each group's columns
       for (int64_t j = 0; j < P.ngk; ++j) {
-        const int8_t* q = reinterpret_cast<const int8_t*>(qrow(bh, g, j, 0));
+        const int8_t* q = reinterpret_cast<const int8_t*>(qrow(g, j, 0));
         int32_t sx = 0;
         for (int i = 0; i < 32; ++i) sx += 16 * q[i] + q[32 + i];
         corr[g * P.ngk + j] = 8 * sx;
@@ -461,7 +461,7 @@ void VnniWorker::run(int64_t task) {
       for (int digit = 0; digit < 2; ++digit) {
         int32_t sx = 0;
         for (int64_t c = 0; c < P.ktiles; ++c) {
-          const int8_t* q = reinterpret_cast<const int8_t*>(qrow(bh, g, c, digit));
+          const int8_t* q = reinterpret_cast<const int8_t*>(qrow(g, c, digit));
           for (int i = 0; i < 64; ++i) sx += q[i];
         }
         corr[2 * g + digit] = 128 * sx;

@@ -39,9 +39,10 @@ inline void int2_operands(const char* const* r, int64_t at, int64_t bytes, __m51
     }
 }
 
-// What the codes' offsets add to each int32 sum of (b, h) = bh's query rows: a 4-bit group's 8 · sum x, a 2-bit
-// group's 4 · sum x (x = 16·hi + lo) into corr, an 8-bit group's 128 · sum of each digit over its units into corr8.
-void VnniWorker::band_corrections(int64_t bh) {
+// What the codes' offsets add to each int32 sum of the task's query rows (set_queries): a 4-bit group's 8 · sum x,
+// a 2-bit group's 4 · sum x (x = 16·hi + lo) into corr, an 8-bit group's 128 · sum of each digit over its units into
+// corr8.
+void VnniWorker::band_corrections() {
   const BandPlan& K = *P.plan;
   for (int64_t g = 0; g < P.G; ++g)
     for (int64_t j = 0; j < P.ngk; ++j) {
@@ -50,13 +51,13 @@ void VnniWorker::band_corrections(int64_t bh) {
         for (int digit = 0; digit < 2; ++digit) {
           int32_t sx = 0;
           for (int u = s.u0; u < s.u1; ++u) {
-            const int8_t* q = reinterpret_cast<const int8_t*>(qrow(bh, g, u, digit));
+            const int8_t* q = reinterpret_cast<const int8_t*>(qrow(g, u, digit));
             for (int i = 0; i < 64; ++i) sx += q[i];
           }
           corr8[(g * P.ngk + j) * 2 + digit] = 128 * sx;
         }
       } else {
-        const int8_t* q = reinterpret_cast<const int8_t*>(qrow(bh, g, s.u0, 0));
+        const int8_t* q = reinterpret_cast<const int8_t*>(qrow(g, s.u0, 0));
         int32_t sx = 0;
         for (int i = 0; i < 32; ++i) sx += 16 * q[i] + q[32 + i];
         corr[g * P.ngk + j] = (K.units[s.u0].bits == 2 ? 4 : 8) * sx;
@@ -98,7 +99,7 @@ void VnniWorker::band_key_scores(const Rows& rr, const Rows& tr, int t, int64_t 
         int2_operands(un.tr ? x : r, un.at, un.bytes, op);
       else
         int4_operands(un.tr ? x : r, un.at, un.bytes, op);
-#define KVFX_KEY_PASS(CG, g0) key_pass<CG>(op, t, bh, s.u0, j, g0)
+#define KVFX_KEY_PASS(CG, g0) key_pass<CG>(op, t, s.u0, j, g0)
       KVFX_EACH_PASS(P.G, KVFX_KEY_PASS)
 #undef KVFX_KEY_PASS
       continue;
@@ -117,7 +118,7 @@ void VnniWorker::band_key_scores(const Rows& rr, const Rows& tr, int t, int64_t 
         for (int i = 0; i < 16; ++i) z[i] = _mm512_maskz_loadu_epi8(first_bytes(un.bytes), src[i] + un.at);
         transpose16(z);
       }
-#define KVFX_KEY_PASS8(CG, g0) key_pass8<CG>(z, u, dwords, bh, g0, u == s.u0)
+#define KVFX_KEY_PASS8(CG, g0) key_pass8<CG>(z, u, dwords, g0, u == s.u0)
       KVFX_EACH_PASS(P.G, KVFX_KEY_PASS8)
 #undef KVFX_KEY_PASS8
     }
