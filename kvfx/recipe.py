@@ -22,9 +22,10 @@ latents", "domains" and "domains-bits"):
    `collect_stats(..., attention_weight=0.5)`, kvfx.calib.weights ("domains-weighted": worst domain 1.254 → 1.192
    at 12.5 %, 1.015 → 1.012 at 25 %). With weighted Grams rounding around the mean pays at 25 % too (1.017 around
    zero), so then bits per direction always round around the mean;
-7. below 12.5 % of the bytes, bits per direction take e8 lattice codes (kvfx.lattice: 8 numbers a point of E8, 2 bits
+7. up to 12.5 % of the bytes, bits per direction take e8 lattice codes (kvfx.lattice: 8 numbers a point of E8, 2 bits
    a number at 0.72× int2's error) in int2's place ("domains-e8": at 6.25 % every domain better, worst 3.04 → 2.69;
-   at 12.5 % a wash, worst 1.166 → 1.155 but fiction 1.078 → 1.095, so not there).
+   at 12.5 % worst 1.166 → 1.155 calibrated on 32 windows, 1.159 → 1.130 on 128 ("domains-calib128"), fiction
+   worse in both (1.078 → 1.095, 1.072 → 1.085); the 12.5 % step 1.05× slower, step_ab.py, float32 16k).
 
 The chosen formats are recorded (`projections.quantize`: one format, or {site: bands}), so
 `kvfx.compress(model, projections)` applies them, and the projections are stamped with their provenance
@@ -46,7 +47,7 @@ from .provenance import stamp
 
 METHOD, GRANULARITY = "kqsvd", "kv"
 INT8_FROM = 0.375         # step 2: below this budget, bits per latent direction (kvfx.allocate_bits)
-LATTICE_BELOW = 0.125     # step 7: below this budget, e8 lattice codes in int2's place
+LATTICE_UP_TO = 0.125     # step 7: at and below this budget, e8 lattice codes in int2's place
 CENTRE_BELOW = 0.25       # bits per direction below this budget round around the calibration mean (RESULTS.md
                           # "domains-centred": 12.5 % 1.271 -> 1.254 worst domain, every domain better; at 25 % no gain)
                           # with plain Grams; with attention-weighted ones at every budget (step 6)
@@ -70,9 +71,9 @@ def check_budget(budget) -> None:
 
 
 def levels_for(budget: float) -> tuple:
-    """allocate_bits' band formats at `budget` (step 7): e8 lattice codes for int2 below LATTICE_BELOW."""
+    """allocate_bits' band formats at `budget` (step 7): e8 lattice codes for int2 up to LATTICE_UP_TO."""
     from .calib.bits import BITS, with_lattice
-    return with_lattice(BITS) if budget < LATTICE_BELOW else BITS
+    return with_lattice(BITS) if budget <= LATTICE_UP_TO + 1e-9 else BITS
 
 
 def choose_format(budget: float, width: int, per_direction: bool = True) -> str | None:

@@ -110,12 +110,15 @@ def test_exact_rows_on_request():
         kvfx.best_config(m, windows(), 0.25, progress=False, exact=(4, 0))
 
 
-def test_lattice_codes_below_an_eighth():
-    """Step 7: below 12.5 % of the bytes, e8 lattice codes in int2's place (RESULTS.md "domains-e8"); at 12.5 % int2."""
+def test_lattice_codes_up_to_an_eighth():
+    """Step 7: up to 12.5 % of the bytes, e8 lattice codes in int2's place (RESULTS.md "domains-e8",
+    "domains-calib128"); above, int2."""
     from kvfx.recipe import levels_for
-    assert levels_for(0.0625) == (8, 5, 4, 3, "e8") and levels_for(0.125) == levels_for(0.25) == (8, 5, 4, 3, 2)
+    assert levels_for(0.0625) == levels_for(0.125) == (8, 5, 4, 3, "e8")
+    assert levels_for(0.13) == levels_for(0.25) == (8, 5, 4, 3, 2)
     m = tiny_llama(2, head_dim=32)
     low = kvfx.best_config(m, windows(), 0.0625, progress=False)
     assert low.report["bits"]["formats"] == [8, 5, 4, 3, "e8"] and low.kv_fraction(low.quantize) <= 0.0625
     assert all("int2" not in f for f in low.quantize.values()) and any("e8x" in f for f in low.quantize.values())
-    assert kvfx.best_config(m, windows(), 0.125, progress=False).report["bits"]["formats"] == [8, 5, 4, 3, 2]
+    assert kvfx.best_config(m, windows(), 0.125, progress=False).report["bits"]["formats"] == [8, 5, 4, 3, "e8"]
+    assert kvfx.best_config(m, windows(), 0.25, progress=False).report["bits"]["formats"] == [8, 5, 4, 3, 2]

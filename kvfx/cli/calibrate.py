@@ -37,7 +37,7 @@ def add_arguments(p) -> None:
                    help="price each layer by the model's measured sensitivity (2 forwards per layer below 37.5 %% "
                         "of the bytes, 7 above); default: on when refining")
     p.add_argument("--per-direction", action=argparse.BooleanOptionalAction, default=True,
-                   help="below 37.5 %% of the bytes, bits per latent direction (int8/int5/int4/int3/int2 bands, below "
+                   help="below 37.5 %% of the bytes, bits per latent direction (int8/int5/int4/int3/int2 bands, up to "
                         "12.5 %% e8 lattice codes for int2; the default: best per byte, decoded on the integer "
                         "path); --no-per-direction: one int4 format for "
                         "every row")
