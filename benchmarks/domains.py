@@ -28,11 +28,13 @@ Configurations (--configs, comma-separated):
                                                           weighted by attention, f_t^G, 0 < G <= 1:
                                                           kvfx.calib.weights; :aw=G:vw weights value rows by
                                                           their own u_t^G, u_t = Σ_q p_qt²)
-    METHOD@kv:BUDGET:bits[:e8][:measured[=N]][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN]
+    METHOD@kv:BUDGET:bits[:e8][:rw=R][:measured[=N]][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN]
                                                           kvfx.allocate_bits: bits per latent direction (int8 /
                                                           int4 / int3 / int2 bands, --bit-levels) in BUDGET ×
                                                           the 16-bit bytes; e8: e8 lattice codes (kvfx.lattice)
-                                                          in int2's place;
+                                                          in int2's place; rw: rounding error priced R × a
+                                                          dropped direction's (allocate_bits' rounding_weight;
+                                                          default 1);
                                                           sinks / recent: the first S and last W tokens' latents
                                                           also held in 16 bits (their bytes reserved from BUDGET
                                                           at --window tokens);
@@ -91,6 +93,7 @@ class Config:
     rotate: bool = False
     per_direction: bool = False      # kvfx.allocate_bits: RANK is the byte budget, bits per direction
     lattice: bool = False            # :e8 — e8 lattice codes in int2's place among the levels
+    rounding_weight: float = 1.0     # :rw=R — allocate_bits' rounding_weight
     measured: int = 0                # allocate_bits with a kvfx.sensitivity profile on this many calibration windows
     refine: int = 0                  # kvfx.refine steps through the bands after allocate_bits
     exact: tuple = (0, 0)            # allocate_bits' (sinks, recent): tokens whose latents are held in 16 bits
@@ -101,6 +104,7 @@ class Config:
     key_weight: float | None = None  # the shared fit's key_weight (key-logit against value error; None: kvfx's 4)
     attention_weight: float = 0.0    # collect_stats' attention_weight: γ of the attention-aware token weights
     own_value_weight: bool = False   # collect_stats' own_value_weight: values weighted by Σ_q p² (:aw=G:vw)
+    refine_fell_back: bool = False   # kvfx.refine returned its start (held-out KL not lowered, or NaN)
     ratios: dict = field(default_factory=dict)
     kv_bytes: float = math.nan
 
@@ -136,6 +140,8 @@ def parse(spec: str) -> Config:
                 cfg.per_direction = True
             elif opt == "e8" and cfg.per_direction:
                 cfg.lattice = True
+            elif opt.startswith("rw=") and cfg.per_direction and 0 < float(opt[3:]) <= 1:
+                cfg.rounding_weight = float(opt[3:])
             elif opt == "measured" and cfg.per_direction:
                 cfg.measured = 2
             elif opt.startswith("measured=") and cfg.per_direction and int(opt[9:]) > 0:
@@ -163,7 +169,7 @@ def parse(spec: str) -> Config:
     except (ValueError, IndexError):
         raise SystemExit(f"bad configuration {spec!r}: expected METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN]"
                          "[:uncentred][:shrink=A][:kw=W][:aw=G[:vw]], "
-                         f"METHOD@kv:BUDGET:bits[:e8][:measured[=N]][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN][:uncentred][:shrink=A][:aw=G[:vw]] "
+                         f"METHOD@kv:BUDGET:bits[:e8][:rw=R][:measured[=N]][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN][:uncentred][:shrink=A][:aw=G[:vw]] "
                          f"or quanto|hqq:BITS:gGROUP:rRESIDUAL (domains: {', '.join(DOMAINS)}, mix)") from None
 
 
@@ -240,6 +246,7 @@ def run(args) -> str:
             cfg.kv_bytes = peer_bytes(rec.last, rec.residuals, cfg)
         else:
             proj = projections(model, tok, cfg, args, stats_memo)
+            cfg.refine_fell_back = bool(proj.report.get("refine", {}).get("fallback"))
             if cfg.per_direction:
                 err = proj.report["bits"]["predicted_error"]
                 print(f"{cfg.spec}: mean predicted error {sum(err.values()) / len(err):.4g} of the layers' objective",
@@ -288,7 +295,7 @@ def projections(model, tok, cfg: Config, args, memo: dict):
                                              ranks=(0.75, 0.875, 1.0), progress=False)
         proj = kvfx.allocate_bits(stats, full, cfg.rank, levels=cfg.levels,
                                   profile=memo[profile] if cfg.measured else None,
-                                  exact=cfg.exact, context=args.window, **kw)
+                                  exact=cfg.exact, context=args.window, rounding_weight=cfg.rounding_weight, **kw)
         if cfg.refine:
             proj = kvfx.refine(model, proj, memo[source, "windows"],
                                kvfx.Refine(steps=cfg.refine, lr=2e-4, quantize=proj.quantize), progress=False)
@@ -305,10 +312,12 @@ def label(cfg: Config) -> str:
     if cfg.per_direction:
         bands = "/".join(format_name(b) for b in cfg.levels)
         return (f"kvfx {cfg.method}{gran}, bits per direction ({bands} bands) in {cfg.rank:g} of the bytes"
+                + (f", rounding priced {cfg.rounding_weight:g} × a dropped direction" if cfg.rounding_weight != 1 else "")
                 + (", layers priced by measured sensitivity" if cfg.measured else "")
                 + (f" on {cfg.measured} windows" if cfg.measured not in (0, 2) else "")
                 + (f", first {cfg.exact[0]} and last {cfg.exact[1]} tokens in 16 bits" if sum(cfg.exact) else "")
                 + (f", refined {cfg.refine} steps" if cfg.refine else "")
+                + (" (fell back to its start: held-out KL not lowered)" if cfg.refine_fell_back else "")
                 + (f", calibrated on {source_label(cfg.calib)}" if cfg.calib else "")
                 + (", rounded around zero (uncentred)" if cfg.uncentred else "") + _grams(cfg) + _weighted(cfg))
     store = f", {cfg.quantize}" if cfg.quantize else ", float32 latents"

@@ -137,6 +137,7 @@ class Config:
     tile: bool = False               # per-head int4 / int8 rows on AMX's tile unit, not VNNI (KVFX_NO_VNNI=1)
     exact: tuple = (0, 0)            # "bits": (sinks, recent) tokens held in 16 bits (reserved at EXACT_CONTEXT)
     uncentred: bool = False          # "bits": latents rounded around zero (Projections.uncentred: an ablation)
+    rounding_weight: float = 1.0     # "bits": allocate_bits' rounding_weight (-rwR)
     aten_linear: bool = False        # kvfx: linears left to ATen (KVFX_NO_DECODE_LINEAR=1)
     kvfx_linear: bool = False        # original: compiled with kvfx's decode-linear pass alone (passes/decode_linear.py)
     py_attend: bool = False          # kvfx: decode attention through the Python op (KVFX_NO_DECODE_KERNEL=1)
@@ -153,8 +154,9 @@ class Config:
 
 _KVFX = re.compile(r"kvfx-(head|layer|kv)-([0-9]*\.?[0-9]+)(?:-(int8|int4))?(-decoded|-avx2int|-tile)?(-atenlinear)?(-pyattend)?"
                    r"(-bmm)?(-ungrouped)?(-pycodec)?")
-# allocate_bits' bands in BUDGET (842: no int3; 5: with int5; 5e8: with int5 and e8 lattice codes for int2), -sSrW: the first S and last W tokens also held in 16 bits
-_BITS = re.compile(r"kvfx-kv-bits(842|5e8|5)?-([0-9]*\.?[0-9]+)(?:-s([0-9]+)r([0-9]+))?(-decoded|-avx2int)?(-uncentred)?(-atenlinear)?(-pyattend)?(-pycodec)?")
+# allocate_bits' bands in BUDGET (842: no int3; 5: with int5; 5e8: with int5 and e8 lattice codes for int2), -sSrW: the first S and last W tokens also held in 16 bits, -rwR: rounding_weight R
+_BITS = re.compile(r"kvfx-kv-bits(842|5e8|5)?-([0-9]*\.?[0-9]+)(?:-s([0-9]+)r([0-9]+))?(-decoded|-avx2int)?(-uncentred)?(-atenlinear)?(-pyattend)?(-pycodec)?"
+                   r"(?:-rw([0-9]*\.?[0-9]+))?")
 LEVELS = {None: (8, 4, 3, 2), "842": (8, 4, 2), "5": (8, 5, 4, 3, 2), "5e8": (8, 5, 4, 3, "e8")}
 EXACT_CONTEXT = 512  # exact rows' bytes reserved from the budget at the quality protocol's context (same layout)
 DEFAULT_CONFIGS = ["original-dynamic", "original-static", "kvfx-head-0.5", "kvfx-head-0.25", "kvfx-layer-0.5",
@@ -172,11 +174,12 @@ def parse_config(name: str) -> Config:
     if name in ("peer-quanto-int4", "peer-quanto-int2"):
         return Config(name, "peer", nbits=int(name[-1]))
     m = _BITS.fullmatch(name)
-    if m and 0 < float(m.group(2)) < 1:
+    if m and 0 < float(m.group(2)) < 1 and (m.group(10) is None or 0 < float(m.group(10)) <= 1):
         return Config(name, "kvfx", "kv", float(m.group(2)), "bits", levels=LEVELS[m.group(1)],
                       decoded=m.group(5) == "-decoded", avx2_integer=m.group(5) == "-avx2int",
                       exact=(int(m.group(3) or 0), int(m.group(4) or 0)), uncentred=bool(m.group(6)),
-                      aten_linear=bool(m.group(7)), py_attend=bool(m.group(8)), py_codec=bool(m.group(9)))
+                      aten_linear=bool(m.group(7)), py_attend=bool(m.group(8)), py_codec=bool(m.group(9)),
+                      rounding_weight=float(m.group(10) or 1.0))
     m = _KVFX.fullmatch(name)
     if m and 0 < float(m.group(2)) <= 1 and not (m.group(4) and not m.group(3)):
         return Config(name, "kvfx", m.group(1), float(m.group(2)), m.group(3), decoded=m.group(4) == "-decoded",
@@ -189,7 +192,7 @@ def parse_config(name: str) -> Config:
                      "kvfx-kv-bits842-BUDGET: int8/int4/int2 bands only, as before int3; kvfx-kv-bits5-BUDGET: "
                      "int8/int5/int4/int3/int2 bands; kvfx-kv-bits5e8-BUDGET: int8/int5/int4/int3/e8 bands; + '-sSrW': the first S and "
                      "last W tokens also held in 16 bits, e.g. kvfx-kv-bits-0.125-s4r32; + '-uncentred': rounded around "
-                     "zero, not the calibration mean); a low-bit kvfx "
+                     "zero, not the calibration mean; + '-rwR' (last): allocate_bits' rounding_weight R in (0, 1]); a low-bit kvfx "
                      "configuration + '-decoded': its rows decoded to float32 in the kernel (no integer path), "
                      "+ '-avx2int': the kernel's opt-in AVX2 integer path (KVFX_AVX2_INTEGER=1), + '-tile': per-head "
                      "int4 / int8 rows on AMX's tile unit, not VNNI (KVFX_NO_VNNI=1); a kvfx configuration "
@@ -292,7 +295,7 @@ def projections_for(model, config: Config, memo: dict):
     arithmetic a step does) depend on the statistics: on SmolLM2 they are calibrated on 4 windows of the shipped
     calibration mix, the layout a quality run gets; on random-weight models, on the random tokens."""
     key = (config.method, config.granularity, config.rank, config.quantize is not None, config.levels, config.exact,
-           config.uncentred)
+           config.uncentred, config.rounding_weight)
     if key not in memo:
         device = next(model.parameters()).device
         ids = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
@@ -302,7 +305,8 @@ def projections_for(model, config: Config, memo: dict):
             stats = collect_stats(model, [w.to(device) for w in windows], progress=False)
             full = fit(stats, config.method, 1.0, granularity="kv")
             memo[key] = kvfx.allocate_bits(stats, full.uncentred() if config.uncentred else full, config.rank,
-                                           levels=config.levels, exact=config.exact, context=EXACT_CONTEXT)
+                                           levels=config.levels, exact=config.exact, context=EXACT_CONTEXT,
+                                           rounding_weight=config.rounding_weight)
             return memo[key]
         proj = kvfx.calibrate(model, [ids.to(device)], method=config.method, rank=config.rank,
                               granularity=config.granularity, progress=False)

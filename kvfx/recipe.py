@@ -25,7 +25,13 @@ latents", "domains" and "domains-bits"):
 7. up to 12.5 % of the bytes, bits per direction take e8 lattice codes (kvfx.lattice: 8 numbers a point of E8, 2 bits
    a number at 0.72× int2's error) in int2's place ("domains-e8": at 6.25 % every domain better, worst 3.04 → 2.69;
    at 12.5 % worst 1.166 → 1.155 calibrated on 32 windows, 1.159 → 1.130 on 128 ("domains-calib128"), fiction
-   worse in both (1.078 → 1.095, 1.072 → 1.085); the 12.5 % step 1.05× slower, step_ab.py, float32 16k).
+   worse in both (1.078 → 1.095, 1.072 → 1.085); the 12.5 % step 1.05× slower, step_ab.py, float32 16k);
+8. between 6.25 % and 25 % of the bytes (exclusive), the band choice prices rounding error at ROUNDING_WEIGHT × a
+   dropped direction's (allocate_bits' rounding_weight), so it keeps more directions in coarser bands ("domains-
+   rounding": at 12.5 % calibrated on 32 windows every domain better, worst 1.155 → 1.132, on 128 1.130 → 1.119;
+   at 25 % no gain and at 6.25 % worse, so there the price stays 1; the 12.5 % step 1.07× slower). Not before
+   refine: from that allocation 480 steps did not lower the held-out KL (refine fell back to its start, 1.120 worst
+   domain, "domains-rounding-refine64") where from the plain one they reach 1.078 ("domains-e8-refine64-eighth").
 
 The chosen formats are recorded (`projections.quantize`: one format, or {site: bands}), so
 `kvfx.compress(model, projections)` applies them, and the projections are stamped with their provenance
@@ -48,6 +54,8 @@ from .provenance import stamp
 METHOD, GRANULARITY = "kqsvd", "kv"
 INT8_FROM = 0.375         # step 2: below this budget, bits per latent direction (kvfx.allocate_bits)
 LATTICE_UP_TO = 0.125     # step 7: at and below this budget, e8 lattice codes in int2's place
+ROUNDING_WEIGHT = 0.5     # step 8: allocate_bits' rounding_weight strictly between these budgets (RESULTS.md
+ROUNDING_BETWEEN = (0.0625, 0.25)  # "domains-rounding": measured better at 12.5 %, not at 6.25 % nor 25 %)
 CENTRE_BELOW = 0.25       # bits per direction below this budget round around the calibration mean (RESULTS.md
                           # "domains-centred": 12.5 % 1.271 -> 1.254 worst domain, every domain better; at 25 % no gain)
                           # with plain Grams; with attention-weighted ones at every budget (step 6)
@@ -74,6 +82,13 @@ def levels_for(budget: float) -> tuple:
     """allocate_bits' band formats at `budget` (step 7): e8 lattice codes for int2 up to LATTICE_UP_TO."""
     from .calib.bits import BITS, with_lattice
     return with_lattice(BITS) if budget <= LATTICE_UP_TO + 1e-9 else BITS
+
+
+def rounding_weight_for(budget: float, refining: bool = False) -> float:
+    """allocate_bits' rounding_weight at `budget` (step 8): ROUNDING_WEIGHT strictly inside ROUNDING_BETWEEN when
+    not refining, else 1."""
+    low, high = ROUNDING_BETWEEN
+    return ROUNDING_WEIGHT if not refining and low + 1e-9 < budget < high - 1e-9 else 1.0
 
 
 def choose_format(budget: float, width: int, per_direction: bool = True) -> str | None:
@@ -174,7 +189,8 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
                 f"{_minutes(probes * _forward_seconds(module, windows[0]))} (estimate)")
             profile = sensitivity(module, full, windows[:1], ranks=PROBE_RANKS, progress=progress)
         projections = allocate_bits(stats, full, budget, profile=profile, exact=tuple(exact), context=context,
-                                    levels=levels_for(budget))
+                                    levels=levels_for(budget),
+                                    rounding_weight=rounding_weight_for(budget, refine_steps > 0))
     elif measured and budget < 1:
         full = fit(stats, METHOD, rank=1.0, granularity=GRANULARITY)
         probes = sum(len(range(1, SENSITIVITY_STEPS)) for _ in stats)
@@ -206,5 +222,6 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
                                              "window": int(windows.shape[1]), "tokens": int(windows.numel())},
                  recipe={"measured": bool(measured and budget < 1), "rotated": fmt is not None, "centred": centred,
                          "attention_weight": attention_weight,
+                         "rounding_weight": rounding_weight_for(budget, refine_steps > 0) if isinstance(fmt, dict) else None,
                          "refine_steps": refine_steps, "refine_lr": REFINE_LR if refine_steps else None}
                  | ({"exact": {"sinks": exact[0], "recent": exact[1], "context": context}} if sum(exact) else {}))

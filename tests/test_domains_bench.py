@@ -42,13 +42,20 @@ def test_configurations_parse_and_bad_ones_are_refused(bench, monkeypatch):
     lattice = bench.parse("kqsvd@kv:0.125:bits:e8")
     assert lattice.lattice and not bench.parse("kqsvd@kv:0.125:bits").lattice
     assert "(int8/int5/int4/int3/e8 bands)" in bench.label(replace(lattice, levels=(8, 5, 4, 3, "e8")))
+    cheap = bench.parse("kqsvd@kv:0.125:bits:e8:rw=0.5")
+    assert cheap.rounding_weight == 0.5 and bench.parse("kqsvd@kv:0.125:bits").rounding_weight == 1.0
+    assert ", rounding priced 0.5 × a dropped direction" in bench.label(cheap)
+    assert "rounding priced" not in bench.label(bench.parse("kqsvd@kv:0.125:bits"))
+    fell = replace(bench.parse("kqsvd@kv:0.125:bits:refine=60"), refine_fell_back=True)
+    assert ", refined 60 steps (fell back to its start: held-out KL not lowered)" in bench.label(fell)
     held_out = bench.parse("kqsvd@kv:0.125:bits:calib=mix-code")
     assert held_out.calib == "mix-code" and bench.mixed("mix-code") == ("wikitext", "docs", "fiction")
     assert "calibrated on the mix without code" in bench.label(held_out) and bench.mixed("mix") == tuple(bench.DOMAINS)
     for bad in ["kqsvd:half", "kqsvd:0.5:shrink=1", "kqsvd:0.5:shrink=0", "kqsvd:0.5:calib=mix-poetry", "kqsvd:0.5:int6", "quanto:4:64:r32", "kqsvd:0.5:calib=poetry", "kqsvd@kv:0.25:measured",
                 "kqsvd@kv:0.25:bits:refine=0", "kqsvd@kv:0.25:refine=5", "kqsvd@kv:0.25:sinks=4",
                 "kqsvd:0.5:kw=8", "kqsvd@kv:0.5:kw=0", "kqsvd@kv:0.5:aw=0", "kqsvd@kv:0.5:aw=1.5", "kqsvd@kv:0.5:vw",
-                "kqsvd@kv:0.25:bits:measured=0", "kqsvd@kv:0.25:e8"]:
+                "kqsvd@kv:0.25:bits:measured=0", "kqsvd@kv:0.25:e8", "kqsvd@kv:0.25:rw=0.5",
+                "kqsvd@kv:0.25:bits:rw=0", "kqsvd@kv:0.25:bits:rw=1.5"]:
         with pytest.raises(SystemExit, match="bad configuration"):
             bench.parse(bad)
     for spec in bench.DEFAULT:

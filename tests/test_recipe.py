@@ -71,7 +71,7 @@ def test_measured_and_refined():
     assert P.report["bits"]["across_sites"] == "measured KL per unit of error"  # layers priced by the model's KL
     assert P.report["refine"]["steps"] == 2 and P.report["refine"]["quantize"] == P.quantize
     assert P.provenance["recipe"] == {"measured": True, "rotated": True, "centred": True, "attention_weight": 0.5,
-                                      "refine_steps": 2, "refine_lr": 2e-4}
+                                      "rounding_weight": 1.0, "refine_steps": 2, "refine_lr": 2e-4}
     assert all(p.means() for p in P.sites.values())  # 12.5 %: rounded around the calibration means, after refine too
     assert P.method.endswith("+refine")
 
@@ -122,3 +122,19 @@ def test_lattice_codes_up_to_an_eighth():
     assert all("int2" not in f for f in low.quantize.values()) and any("e8x" in f for f in low.quantize.values())
     assert kvfx.best_config(m, windows(), 0.125, progress=False).report["bits"]["formats"] == [8, 5, 4, 3, "e8"]
     assert kvfx.best_config(m, windows(), 0.25, progress=False).report["bits"]["formats"] == [8, 5, 4, 3, 2]
+
+
+def test_rounding_priced_below_dropping_at_an_eighth():
+    """Step 8: strictly between 6.25 % and 25 % of the bytes the band choice prices rounding at ROUNDING_WEIGHT × a
+    dropped direction (RESULTS.md "domains-rounding"); at and outside those budgets, and before refine, alike (1)."""
+    from kvfx.recipe import ROUNDING_WEIGHT, rounding_weight_for
+    assert rounding_weight_for(0.125) == rounding_weight_for(0.1) == ROUNDING_WEIGHT == 0.5
+    assert rounding_weight_for(0.0625) == rounding_weight_for(0.25) == rounding_weight_for(0.05) == 1.0
+    assert rounding_weight_for(0.125, refining=True) == 1.0
+    m = tiny_llama(2, head_dim=32)
+    eighth = kvfx.best_config(m, windows(), 0.125, progress=False)
+    assert eighth.report["bits"]["rounding_weight"] == 0.5 and eighth.provenance["recipe"]["rounding_weight"] == 0.5
+    assert eighth.kv_fraction(eighth.quantize) <= 0.125
+    quarter = kvfx.best_config(m, windows(), 0.25, progress=False)
+    assert quarter.report["bits"]["rounding_weight"] == 1.0
+    assert kvfx.best_config(m, windows(), 0.5, progress=False).provenance["recipe"]["rounding_weight"] is None

@@ -166,7 +166,9 @@ def test_bits_configs_name_their_band_levels(speed):
     assert now.exact == (0, 0) and parse_config("kvfx-kv-bits-0.125-s4r32-decoded").exact == (4, 32)
     assert parse_config("kvfx-kv-bits-0.125-s4r32-decoded").decoded  # exact rows: sinks 4, recent 32
     assert parse_config("kvfx-kv-bits-0.125-uncentred").uncentred and not now.uncentred
-    for bad in ("kvfx-kv-bits842-1.5", "kvfx-kv-bits-0.125-s4", "kvfx-kv-0.5-int4-s4r32"):
+    assert parse_config("kvfx-kv-bits5e8-0.125-rw0.5").rounding_weight == 0.5 and now.rounding_weight == 1.0
+    for bad in ("kvfx-kv-bits842-1.5", "kvfx-kv-bits-0.125-s4", "kvfx-kv-0.5-int4-s4r32", "kvfx-kv-bits5-0.25-rw1.5",
+                "kvfx-kv-bits5-0.25-rw0", "kvfx-kv-0.5-int4-rw0.5"):
         with pytest.raises(ValueError, match="unknown configuration"):
             parse_config(bad)
 

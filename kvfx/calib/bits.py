@@ -70,10 +70,12 @@ def spectrum(st, proj, key_weight: float = DEFAULT_KEY_WEIGHT) -> tuple[torch.Te
     return torch.einsum("ir,ij,jr->r", a, g_in, a), torch.einsum("ir,ij,jr->r", b, g_out, b)
 
 
-def frontier(lam: torch.Tensor, bits=BITS, step: int = STEP) -> list[tuple[int, float, tuple]]:
+def frontier(lam: torch.Tensor, bits=BITS, step: int = STEP,
+             rounding_weight: float = 1.0) -> list[tuple[int, float, tuple]]:
     """Every band choice worth having for importances `lam` (descending): (row bytes, predicted error in units of
     lam, ((bits, columns), …)), bytes ascending and error strictly descending (the Pareto front over the band
-    edges, multiples of `step` columns; error Σ_bands ε_b (Σ_band √λ)² / n_band + Σ_dropped λ)."""
+    edges, multiples of `step` columns; error ρ·Σ_bands ε_b (Σ_band √λ)² / n_band + Σ_dropped λ, ρ =
+    `rounding_weight`: the price of a unit of rounding error against a unit of dropped-direction error)."""
     lam = lam.double().clamp_min(0)
     n = lam.numel()
     root = torch.cat([lam.new_zeros(1), lam.sqrt().cumsum(0)]).tolist()
@@ -89,7 +91,7 @@ def frontier(lam: torch.Tensor, bits=BITS, step: int = STEP) -> list[tuple[int, 
                 if (b, hi - lo) not in row_bytes:
                     break
                 nbytes += row_bytes[b, hi - lo]
-                err += format_error(b) * (root[hi] - root[lo]) ** 2 / (hi - lo)
+                err += rounding_weight * format_error(b) * (root[hi] - root[lo]) ** 2 / (hi - lo)
                 bands.append((b, hi - lo))
             lo = hi
         else:
@@ -156,7 +158,7 @@ def step_cols(front) -> int:
 def allocate_bits(stats: dict, projections: Projections, budget: float, seed: int = 0,
                   key_weight: float = DEFAULT_KEY_WEIGHT, profile: dict | None = None,
                   levels: tuple[int, ...] = BITS, exact: tuple[int, int] = (0, 0),
-                  context: int | None = None) -> Projections:
+                  context: int | None = None, rounding_weight: float = 1.0) -> Projections:
     """Shared K+V latents (fit(stats, "kqsvd", rank=1.0, granularity="kv")) cut, balanced, banded and rotated so
     that the cached rows take `budget` × the bytes of the sites' 16-bit keys and values (module docstring).
     stats: the collect_stats result the projections were fitted to. profile: a kvfx.sensitivity profile of the
@@ -166,13 +168,20 @@ def allocate_bits(stats: dict, projections: Projections, budget: float, seed: in
     before int5 existed, (8, 4, 2) before int3; "e8" for int2: lattice codes). exact=(sinks, recent): the formats also keep the latents of the first `sinks` and the last
     `recent` tokens in 16 bits ("…|sinks4|recent32", kvfx.quant.exact_of); their bytes, a fixed amount a cache,
     are charged to each band choice at `context` tokens (16 bits × its width × the slots / context, rounded up to
-    whole bytes a token), so a cache of `context` tokens holds no more than the budget. The result records its formats (report["quantize"], a dict
-    {site: bands}) and the predicted relative error and bytes per site (report["bits"])."""
+    whole bytes a token), so a cache of `context` tokens holds no more than the budget. rounding_weight (ρ, in
+    (0, 1]): the price of a unit of rounding error against a unit of dropped-direction error in the band choice;
+    below 1 the allocation keeps more directions in coarser bands (at 12.5 % on SmolLM2 0.5 measured better on
+    every domain than 1, RESULTS.md "domains-rounding"; kvfx.best_config passes its ROUNDING_WEIGHT). The result
+    records its formats (report["quantize"], a dict {site: bands}) and the predicted relative error (of the
+    ρ-priced objective) and bytes per site (report["bits"])."""
     if not isinstance(projections, Projections):
         raise TypeError(f"allocate_bits needs kvfx.Projections, got {type(projections).__name__}.")
     if not (isinstance(budget, (int, float)) and 0 < budget < 1):
         raise ValueError(f"budget must be a fraction of the 16-bit KV-cache bytes in (0, 1), got {budget!r}.")
     check_levels(levels)
+    if isinstance(rounding_weight, bool) or not isinstance(rounding_weight, (int, float)) or not 0 < rounding_weight <= 1:
+        raise ValueError("rounding_weight must be in (0, 1] (the price of rounding error against dropped-direction "
+                         f"error; 1 prices them alike), got {rounding_weight!r}.")
     check_unrotated(projections, "allocate_bits")
     not_shared = [n for n, p in projections.sites.items() if not p.shared]
     if not_shared:
@@ -185,7 +194,8 @@ def allocate_bits(stats: dict, projections: Projections, budget: float, seed: in
     suffix, cost = _exact_cost(exact, context)
     spectra = {n: spectrum(stats[n], p, key_weight) for n, p in projections.sites.items()}
     weights = None if profile is None else kl_per_error(projections, spectra, profile)
-    plan = _plan(projections, spectra, budget, weights, tuple(levels), cost)  # every site before any is built
+    plan = _plan(projections, spectra, budget, weights, tuple(levels), cost,  # every site before any is built
+                 float(rounding_weight))
     gen = torch.Generator().manual_seed(seed)
     sites = {}
     for name, p in projections.sites.items():
@@ -204,6 +214,7 @@ def allocate_bits(stats: dict, projections: Projections, budget: float, seed: in
         "rotation": {"seeds": rotation_seeds(projections) + [seed]},
         "bits": {"budget": budget, "formats": list(levels), "step": STEP,
                  "across_sites": "measured KL per unit of error" if weights else None,
+                 "rounding_weight": float(rounding_weight),
                  "row_bytes": {n: plan[n][0] - cost(_width(plan[n][2])) for n in plan},
                  "exact": {"sinks": exact[0], "recent": exact[1], "context": context,
                            "bytes_per_token": {n: cost(_width(plan[n][2])) for n in plan}},
@@ -238,12 +249,13 @@ def check_levels(levels) -> None:
 
 
 def _plan(projections: Projections, spectra: dict, budget: float, weights: dict | None, levels=BITS,
-          cost=lambda width: 0) -> dict:
+          cost=lambda width: 0, rounding_weight: float = 1.0) -> dict:
     """{site: (row bytes, predicted error in λ units, bands)} within budget × the sites' 16-bit row bytes; `cost`:
     bytes a token that come with a latent of that width (exact rows), added to each band choice's row bytes."""
     shares = {n: budget * 4 * s.kv_heads * s.head_dim for n, s in projections.shapes.items()}
     fronts = {n: [(b + cost(_width(bands)), e, bands)
-                  for b, e, bands in frontier(torch.sort(v * w, descending=True).values, levels)]
+                  for b, e, bands in frontier(torch.sort(v * w, descending=True).values, levels,
+                                                rounding_weight=rounding_weight)]
               for n, (v, w) in spectra.items()}
     if weights is None:
         plan = {}

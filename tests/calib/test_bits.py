@@ -31,6 +31,21 @@ def test_int5_fills_the_gap_between_int8_and_int4():
         assert any(b == 5 for b, _ in with5)
 
 
+def test_rounding_priced_below_dropping_keeps_more_directions():
+    """rounding_weight ρ < 1 prices a band's rounding error at ρ × a dropped direction's: at the same bytes the
+    chosen bands keep at least as many directions (more here), in coarser formats, and ρ = 1 is the plain price."""
+    lam = 0.97 ** torch.arange(128, dtype=torch.float64)
+    for budget in (40.0, 60.0, 90.0):
+        plain = [pt for pt in frontier(lam) if pt[0] <= budget][-1]
+        cheap = [pt for pt in frontier(lam, rounding_weight=0.5) if pt[0] <= budget][-1]
+        width = lambda pt: sum(n for _, n in pt[2])  # noqa: E731
+        assert width(cheap) >= width(plain) and cheap[0] <= budget
+        if budget == 40.0:
+            assert width(cheap) > width(plain)
+    same = frontier(lam, rounding_weight=1.0)
+    assert same == frontier(lam)
+
+
 def test_e8_takes_int2s_place_at_less_error():
     """e8 lattice codes cost int2's bytes at ~0.72x its error: at equal bytes the allocation with them predicts less
     error and keeps at least as many directions (a direction is worth more bits when they round it finer)."""
@@ -214,6 +229,14 @@ def test_bad_input(setup):
         kvfx.allocate_bits(stats, full, 1.5)
     with pytest.raises(ValueError, match="below the smallest band"):
         kvfx.allocate_bits(stats, full, 0.01)
+    for bad in (0, 0.0, 1.5, -0.5, True, "0.5", float("nan")):
+        with pytest.raises(ValueError, match="rounding_weight must be in \\(0, 1\\]"):
+            kvfx.allocate_bits(stats, full, 0.25, rounding_weight=bad)
+    cheap = kvfx.allocate_bits(stats, full, 0.125, rounding_weight=0.5)
+    plain = kvfx.allocate_bits(stats, full, 0.125)
+    assert cheap.report["bits"]["rounding_weight"] == 0.5 and plain.report["bits"]["rounding_weight"] == 1.0
+    assert cheap.kv_fraction(cheap.quantize) <= 0.125
+    assert sum(p.key_rank for p in cheap.sites.values()) >= sum(p.key_rank for p in plain.sites.values())
     for bad in ((4, 8), (8, 6), (), (8, 8, 2), (8, 2, "e8"), (8, "e4")):
         with pytest.raises(ValueError, match="levels must be distinct band formats"):
             kvfx.allocate_bits(stats, full, 0.25, levels=bad)
