@@ -180,6 +180,7 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
     say(f"latent format: {bands + ' bands per direction' if fmt == 'bits' else fmt or '16-bit'} "
         f"({time.perf_counter() - t0:.0f} s so far)")
 
+    rounding = rounding_weight_for(budget, refine_steps > 0) if fmt == "bits" else None
     if fmt == "bits":
         full = fit(stats, METHOD, rank=1.0, granularity=GRANULARITY)
         profile = None
@@ -189,8 +190,7 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
                 f"{_minutes(probes * _forward_seconds(module, windows[0]))} (estimate)")
             profile = sensitivity(module, full, windows[:1], ranks=PROBE_RANKS, progress=progress)
         projections = allocate_bits(stats, full, budget, profile=profile, exact=tuple(exact), context=context,
-                                    levels=levels_for(budget),
-                                    rounding_weight=rounding_weight_for(budget, refine_steps > 0))
+                                    levels=levels_for(budget), rounding_weight=rounding)
     elif measured and budget < 1:
         full = fit(stats, METHOD, rank=1.0, granularity=GRANULARITY)
         probes = sum(len(range(1, SENSITIVITY_STEPS)) for _ in stats)
@@ -222,6 +222,6 @@ def best_config(model: torch.nn.Module, batches: Iterable, budget: float, refine
                                              "window": int(windows.shape[1]), "tokens": int(windows.numel())},
                  recipe={"measured": bool(measured and budget < 1), "rotated": fmt is not None, "centred": centred,
                          "attention_weight": attention_weight,
-                         "rounding_weight": rounding_weight_for(budget, refine_steps > 0) if isinstance(fmt, dict) else None,
+                         "rounding_weight": rounding,
                          "refine_steps": refine_steps, "refine_lr": REFINE_LR if refine_steps else None}
                  | ({"exact": {"sinks": exact[0], "recent": exact[1], "context": context}} if sum(exact) else {}))

@@ -179,7 +179,8 @@ def allocate_bits(stats: dict, projections: Projections, budget: float, seed: in
     if not (isinstance(budget, (int, float)) and 0 < budget < 1):
         raise ValueError(f"budget must be a fraction of the 16-bit KV-cache bytes in (0, 1), got {budget!r}.")
     check_levels(levels)
-    if isinstance(rounding_weight, bool) or not isinstance(rounding_weight, (int, float)) or not 0 < rounding_weight <= 1:
+    if (isinstance(rounding_weight, bool) or not isinstance(rounding_weight, (int, float))
+            or not 0 < rounding_weight <= 1):
         raise ValueError("rounding_weight must be in (0, 1] (the price of rounding error against dropped-direction "
                          f"error; 1 prices them alike), got {rounding_weight!r}.")
     check_unrotated(projections, "allocate_bits")
