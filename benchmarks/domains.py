@@ -28,7 +28,7 @@ Configurations (--configs, comma-separated):
                                                           weighted by attention, f_t^G, 0 < G <= 1:
                                                           kvfx.calib.weights; :aw=G:vw weights value rows by
                                                           their own u_t^G, u_t = Σ_q p_qt²)
-    METHOD@kv:BUDGET:bits[:e8][:rw=R][:measured[=N]][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN]
+    METHOD@kv:BUDGET:bits[:e8][:rw=R][:measured[=N]][:refine=STEPS[:lr=LR]][:sinks=S][:recent=W][:calib=DOMAIN]
                                                           kvfx.allocate_bits: bits per latent direction (int8 /
                                                           int4 / int3 / int2 bands, --bit-levels) in BUDGET ×
                                                           the 16-bit bytes; e8: e8 lattice codes (kvfx.lattice)
@@ -42,7 +42,8 @@ Configurations (--configs, comma-separated):
                                                           kvfx.sensitivity profile (N calibration windows,
                                                           default 2);
                                                           refine: then STEPS of kvfx.refine through the bands
-                                                          (lr 2e-4, the calibration windows, last 2 held out)
+                                                          (lr 2e-4 or LR, the calibration windows, last 2 held
+                                                          out; its training curve is printed)
     quanto|hqq:BITS:gGROUP:rRESIDUAL                      transformers' QuantizedCache
 
     python benchmarks/domains.py                               # default configurations (~40 min)
@@ -79,6 +80,9 @@ DEFAULT = ["kqsvd@kv:0.9375:int4:rot", "quanto:4:g64:r128", "kqsvd@kv:0.9375:int
            "hqq:2:g32:r32", "kqsvd@kv:0.25:int4:rot"]
 
 
+REFINE_LR = 2e-4
+
+
 @dataclass
 class Config:
     spec: str
@@ -96,6 +100,7 @@ class Config:
     rounding_weight: float = 1.0     # :rw=R — allocate_bits' rounding_weight
     measured: int = 0                # allocate_bits with a kvfx.sensitivity profile on this many calibration windows
     refine: int = 0                  # kvfx.refine steps through the bands after allocate_bits
+    refine_lr: float = REFINE_LR     # :lr=LR — kvfx.refine's learning rate
     exact: tuple = (0, 0)            # allocate_bits' (sinks, recent): tokens whose latents are held in 16 bits
     calib: str | None = None
     uncentred: bool = False          # Projections.uncentred(): latents rounded around zero (an ablation)
@@ -148,6 +153,8 @@ def parse(spec: str) -> Config:
                 cfg.measured = int(opt[9:])
             elif opt.startswith("refine=") and cfg.per_direction and int(opt[7:]) > 0:
                 cfg.refine = int(opt[7:])
+            elif opt.startswith("lr=") and cfg.refine and float(opt[3:]) > 0:
+                cfg.refine_lr = float(opt[3:])
             elif opt.startswith(("sinks=", "recent=")) and cfg.per_direction:
                 n = int(opt.split("=")[1])
                 cfg.exact = (n, cfg.exact[1]) if opt[0] == "s" else (cfg.exact[0], n)
@@ -169,7 +176,7 @@ def parse(spec: str) -> Config:
     except (ValueError, IndexError):
         raise SystemExit(f"bad configuration {spec!r}: expected METHOD[@GRAN]:RANK[:int8|int4][:rot][:calib=DOMAIN]"
                          "[:uncentred][:shrink=A][:kw=W][:aw=G[:vw]], "
-                         f"METHOD@kv:BUDGET:bits[:e8][:rw=R][:measured[=N]][:refine=STEPS][:sinks=S][:recent=W][:calib=DOMAIN][:uncentred][:shrink=A][:aw=G[:vw]] "
+                         f"METHOD@kv:BUDGET:bits[:e8][:rw=R][:measured[=N]][:refine=STEPS[:lr=LR]][:sinks=S][:recent=W][:calib=DOMAIN][:uncentred][:shrink=A][:aw=G[:vw]] "
                          f"or quanto|hqq:BITS:gGROUP:rRESIDUAL (domains: {', '.join(DOMAINS)}, mix)") from None
 
 
@@ -298,7 +305,11 @@ def projections(model, tok, cfg: Config, args, memo: dict):
                                   exact=cfg.exact, context=args.window, rounding_weight=cfg.rounding_weight, **kw)
         if cfg.refine:
             proj = kvfx.refine(model, proj, memo[source, "windows"],
-                               kvfx.Refine(steps=cfg.refine, lr=2e-4, quantize=proj.quantize), progress=False)
+                               kvfx.Refine(steps=cfg.refine, lr=cfg.refine_lr, quantize=proj.quantize), progress=False)
+            r = proj.report["refine"]
+            print(f"{cfg.spec}: refine training KL by tenths of the steps " + " ".join(f"{x:.4f}" for x in r["train_kl"])
+                  + f"; held-out KL {r['kl_before']:.4f} before, {r['kl_trained']:.4f} trained",
+                  flush=True)
         return proj
     proj = fit(stats, cfg.method, cfg.rank, granularity=cfg.granularity, **kw)
     proj = proj.uncentred() if cfg.uncentred else proj
@@ -317,6 +328,7 @@ def label(cfg: Config) -> str:
                 + (f" on {cfg.measured} windows" if cfg.measured not in (0, 2) else "")
                 + (f", first {cfg.exact[0]} and last {cfg.exact[1]} tokens in 16 bits" if sum(cfg.exact) else "")
                 + (f", refined {cfg.refine} steps" if cfg.refine else "")
+                + (f" at lr {cfg.refine_lr:g}" if cfg.refine and cfg.refine_lr != REFINE_LR else "")
                 + (" (fell back to its start: held-out KL not lowered)" if cfg.refine_fell_back else "")
                 + (f", calibrated on {source_label(cfg.calib)}" if cfg.calib else "")
                 + (", rounded around zero (uncentred)" if cfg.uncentred else "") + _grams(cfg) + _weighted(cfg))

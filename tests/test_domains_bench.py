@@ -48,6 +48,9 @@ def test_configurations_parse_and_bad_ones_are_refused(bench, monkeypatch):
     assert "rounding priced" not in bench.label(bench.parse("kqsvd@kv:0.125:bits"))
     fell = replace(bench.parse("kqsvd@kv:0.125:bits:refine=60"), refine_fell_back=True)
     assert ", refined 60 steps (fell back to its start: held-out KL not lowered)" in bench.label(fell)
+    slow = bench.parse("kqsvd@kv:0.125:bits:refine=60:lr=5e-05")
+    assert slow.refine_lr == 5e-5 and bench.parse("kqsvd@kv:0.125:bits:refine=60").refine_lr == bench.REFINE_LR
+    assert ", refined 60 steps at lr 5e-05" in bench.label(slow) and " at lr" not in bench.label(fell)
     held_out = bench.parse("kqsvd@kv:0.125:bits:calib=mix-code")
     assert held_out.calib == "mix-code" and bench.mixed("mix-code") == ("wikitext", "docs", "fiction")
     assert "calibrated on the mix without code" in bench.label(held_out) and bench.mixed("mix") == tuple(bench.DOMAINS)
@@ -55,7 +58,8 @@ def test_configurations_parse_and_bad_ones_are_refused(bench, monkeypatch):
                 "kqsvd@kv:0.25:bits:refine=0", "kqsvd@kv:0.25:refine=5", "kqsvd@kv:0.25:sinks=4",
                 "kqsvd:0.5:kw=8", "kqsvd@kv:0.5:kw=0", "kqsvd@kv:0.5:aw=0", "kqsvd@kv:0.5:aw=1.5", "kqsvd@kv:0.5:vw",
                 "kqsvd@kv:0.25:bits:measured=0", "kqsvd@kv:0.25:e8", "kqsvd@kv:0.25:rw=0.5",
-                "kqsvd@kv:0.25:bits:rw=0", "kqsvd@kv:0.25:bits:rw=1.5"]:
+                "kqsvd@kv:0.25:bits:rw=0", "kqsvd@kv:0.25:bits:rw=1.5", "kqsvd@kv:0.25:bits:lr=1e-4",
+                "kqsvd@kv:0.25:bits:refine=9:lr=0"]:
         with pytest.raises(SystemExit, match="bad configuration"):
             bench.parse(bad)
     for spec in bench.DEFAULT:

@@ -21,6 +21,9 @@ rank per site from the nested set and trains the leading columns only (the other
 equals truncation and keeps one graph for every draw), so every leading sub-basis stays a good projection:
 start from full-rank projections (`rank=1.0`) and cut the result with `kvfx.calib.matryoshka.truncate`.
 
+The report records the training curve: `train_kl`, the mean training KL over each tenth of the steps, and
+`kl_trained`, the held-out KL of the trained projections (returned or not): a start whose training raises them is
+worth a lower lr or another start.
 Bad runs never return silently wrong projections: a NaN/inf loss stops training (logged) and the start is
 returned with `fallback: 1` in the report, as it is when training did not lower the held-out KL.
 """
@@ -123,7 +126,7 @@ def refine(model: torch.nn.Module, projections: Projections, batches: Iterable, 
             return total / len(eval_ranks)
 
         before = held_out()
-        trained = _train(cfg, student, live.kl, len(train), projections, progress)
+        trained, losses = _train(cfg, student, live.kl, len(train), projections, progress)
         after = held_out() if trained else float("nan")
     fallback = not after < before
     if fallback:
@@ -136,7 +139,8 @@ def refine(model: torch.nn.Module, projections: Projections, batches: Iterable, 
     report["refine"] = {**{k: v for k, v in asdict(cfg).items() if k != "rank_set"},
                         "rank_set": list(cfg.rank_set) if cfg.rank_set else None, "orthonormal": orthonormal,
                         "train_tokens": int(train.numel()), "seconds": round(time.time() - t0, 1),
-                        "kl_before": before, "kl_after": before if fallback else after, "fallback": float(fallback)}
+                        "kl_before": before, "kl_after": before if fallback else after, "fallback": float(fallback),
+                        "kl_trained": after, "train_kl": curve(losses)}
     return Projections(dict(sites), dict(projections.shapes), projections.method + "+refine", report)
 
 
@@ -163,12 +167,21 @@ def _schedule(i: int, steps: int, warmup: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * t))
 
 
-def _train(cfg: Refine, student: Student, kl, n_train: int, start: Projections, progress: bool) -> bool:
-    """Adam over the student's parameters; False at the first non-finite loss (logged)."""
+def curve(losses: list[float], parts: int = 10) -> list[float]:
+    """Mean of each of `parts` consecutive slices of the per-step losses (fewer when there are fewer steps)."""
+    n = len(losses)
+    cuts = sorted({round(i * n / parts) for i in range(parts + 1)})
+    return [sum(losses[a:b]) / (b - a) for a, b in zip(cuts, cuts[1:])]
+
+
+def _train(cfg: Refine, student: Student, kl, n_train: int, start: Projections,
+           progress: bool) -> tuple[bool, list[float]]:
+    """Adam over the student's parameters: (False at the first non-finite loss (logged), else True; each step's loss)."""
     rng = random.Random(cfg.seed)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _schedule(i, cfg.steps, cfg.warmup))
     order: list[int] = []
+    losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="kvfx refine", disable=not progress)
     with torch.enable_grad():
         for step in bar:
@@ -181,11 +194,12 @@ def _train(cfg: Refine, student: Student, kl, n_train: int, start: Projections, 
             loss = kl([order.pop() for _ in range(min(cfg.batch, n_train))])
             if not torch.isfinite(loss):
                 log.warning("kvfx refine: non-finite loss at step %d of %d; training stopped", step, cfg.steps)
-                return False
+                return False, losses
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
             opt.step()
             sched.step()
-            bar.set_postfix(kl=f"{loss.item():.4f}")
+            losses.append(loss.item())
+            bar.set_postfix(kl=f"{losses[-1]:.4f}")
     student.set_ranks(None)
-    return True
+    return True, losses

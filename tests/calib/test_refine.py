@@ -81,6 +81,8 @@ def test_refine_lowers_held_out_kl_and_compresses_to_it(setup, method, granulari
     rep = out.report["refine"]
     assert rep["fallback"] == 0.0 and rep["kl_after"] < 0.9 * rep["kl_before"]
     assert rep["orthonormal"] == (method == "pca") and rep["train_tokens"] == (len(ids) - HELD) * 24
+    # the curve: 10 tenths of the 20 steps, falling; the trained KL is what was returned
+    assert len(rep["train_kl"]) == 10 and rep["train_kl"][-1] < rep["train_kl"][0] and rep["kl_trained"] == rep["kl_after"]
     assert out.method == f"{method}+refine" and out.ranks == start.ranks
     assert all(p.shared == (granularity == "kv") for p in out.sites.values())  # a shared latent stays shared
     assert "sites" not in out.report and out.report["start_sites"] == start.report["sites"]  # errors of the start
@@ -144,6 +146,7 @@ def test_diverging_training_falls_back_to_start(setup, caplog):
     start = kvfx.calibrate(m, ids.split(1), method="kqsvd", rank=0.5, progress=False)
     out = refine(m, start, ids, Refine(steps=3, lr=math.inf), progress=False)
     assert out.report["refine"]["fallback"] == 1.0
+    assert math.isnan(out.report["refine"]["kl_trained"])  # training stopped: nothing trained to measure
     assert all(torch.equal(out.sites[n].key_down, start.sites[n].key_down) for n in start.sites)
     assert "refine" in caplog.text
     assert counters["kvfx"]["rewritten"] > 0
@@ -157,6 +160,12 @@ def test_diverging_training_falls_back_to_start(setup, caplog):
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Refine(**kwargs)
+
+
+def test_training_curve_takes_tenths():
+    from kvfx.calib.refine import curve
+    assert curve([float(i) for i in range(20)]) == [0.5 + 2 * i for i in range(10)]
+    assert curve([1.0, 3.0, 5.0]) == [1.0, 3.0, 5.0] and curve([]) == []
 
 
 def test_bad_inputs(setup):
