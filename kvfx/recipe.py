@@ -30,8 +30,11 @@ latents", "domains" and "domains-bits"):
    dropped direction's (allocate_bits' rounding_weight), so it keeps more directions in coarser bands ("domains-
    rounding": at 12.5 % calibrated on 32 windows every domain better, worst 1.155 → 1.132, on 128 1.130 → 1.119;
    at 25 % no gain and at 6.25 % worse, so there the price stays 1; the 12.5 % step 1.07× slower). Not before
-   refine: from that allocation 480 steps did not lower the held-out KL (refine fell back to its start, 1.120 worst
-   domain, "domains-rounding-refine64") where from the plain one they reach 1.078 ("domains-e8-refine64-eighth").
+   refine at REFINE_LR: from that allocation 480 steps did not lower the held-out KL (refine fell back to its start,
+   1.120 worst domain, "domains-rounding-refine64") where from the plain one they reach 1.078 ("domains-e8-refine64-
+   eighth"): at 2e-4 training first undoes its start and relearns to the same place from either; at 5e-5 it keeps
+   the wider allocation's start and improves on it (120 steps: worst 1.066, "domains-refine-curve"; one run, so the
+   recipe's refine path is unchanged).
 
 The chosen formats are recorded (`projections.quantize`: one format, or {site: bands}), so
 `kvfx.compress(model, projections)` applies them, and the projections are stamped with their provenance
