@@ -80,7 +80,7 @@ DEFAULT = ["kqsvd@kv:0.9375:int4:rot", "quanto:4:g64:r128", "kqsvd@kv:0.9375:int
            "hqq:2:g32:r32", "kqsvd@kv:0.25:int4:rot"]
 
 
-REFINE_LR = 2e-4
+REFINE_LR = kvfx.recipe.REFINE_LR  # the rate every earlier refine row used, best_config's
 
 
 @dataclass
